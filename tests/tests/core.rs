@@ -1,0 +1,160 @@
+//! End-to-end tests of the VMM core: the real `blip` binary booting the real embedded guest on
+//! the real /dev/kvm. Assertions are about behaviour and output, never about time.
+
+use blip_tests::{run_blip, stderr, stdout};
+
+fn one_line_error(o: &std::process::Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert_eq!(o.status.code(), Some(2), "blip errors exit with 2; stderr: {err}");
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err:?}");
+    assert!(lines[0].starts_with("blip: error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn hello_prints_and_exits_zero() {
+    let o = run_blip(&["run", "--cmdline", "hello"]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("hello from blip guest"), "stdout: {}", stdout(&o));
+}
+
+#[test]
+fn empty_cmdline_is_hello() {
+    let o = run_blip(&["run", "--cmdline", ""]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("hello from blip guest"));
+}
+
+#[test]
+fn hello_on_memfd_backing_and_four_vcpus() {
+    let o = run_blip(&["run", "--mem-backing", "memfd", "--vcpus", "4", "--mem", "32M"]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o).matches("hello from blip guest").count(), 1);
+}
+
+#[test]
+fn guest_exit_code_propagates() {
+    // A bad guest command line makes the guest write 2 to the exit port: (2 << 1) | 1 = 5.
+    let o = run_blip(&["run", "--cmdline", "frobnicate"]);
+    assert_eq!(o.status.code(), Some(5), "stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("error: bad command line: frobnicate"));
+    // A working set that does not fit: exit port 3 -> 7.
+    let o = run_blip(&["run", "--mem", "16M", "--cmdline", "dirty ws=64 rate=max"]);
+    assert_eq!(o.status.code(), Some(7), "stdout: {}", stdout(&o));
+}
+
+#[test]
+fn serial_to_file_and_none() {
+    let dir = std::env::temp_dir().join(format!("blip-serial-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("com1.txt");
+    let o = run_blip(&["run", "--serial", f.to_str().unwrap()]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert!(std::fs::read_to_string(&f).unwrap().contains("hello from blip guest"));
+    assert!(!stdout(&o).contains("hello from blip guest"));
+    let o = run_blip(&["run", "--serial", "none"]);
+    assert!(o.status.success());
+    assert!(!stdout(&o).contains("hello"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn vcpu_gens(out: &str) -> Vec<(u32, u64)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("check: vcpu "))
+        .map(|l| {
+            let w: Vec<_> = l.split_whitespace().collect();
+            (w[0].parse().unwrap(), w[2].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn two_vcpus_both_run_the_dirty_workload() {
+    let o = run_blip(&["run", "--vcpus", "2", "--cmdline", "dirty ws=2 rate=max sweeps=2"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "stdout: {out} stderr: {}", stderr(&o));
+    assert!(out.contains("check: ok pages=512"), "{out}");
+    let gens = vcpu_gens(&out);
+    assert_eq!(gens.len(), 2, "{out}");
+    for (v, g) in gens {
+        assert!(g >= 2, "vcpu {v} did not advance: gen {g}\n{out}");
+    }
+}
+
+#[test]
+fn heartbeats_are_recorded() {
+    let o = run_blip(&["run", "--cmdline", "heartbeat period=200 dirty ws=1 rate=max sweeps=4"]);
+    assert!(o.status.success(), "stdout: {} stderr: {}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    let n: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("blip: heartbeats: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no heartbeat summary in {err:?}"));
+    assert!(n > 0, "{err}");
+}
+
+#[test]
+fn check_alone_passes() {
+    let o = run_blip(&["run", "--cmdline", "check"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("check: ok"));
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    let o = run_blip(&["run", "--cmdline", "crash"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("triple fault") && err.contains("vcpu 0") && err.contains("rip 0x"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("blip-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("not-elf");
+    std::fs::write(&text, b"this is not an ELF file").unwrap();
+    let elf32 = dir.join("elf32");
+    let mut h = vec![0u8; 128];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 1;
+    std::fs::write(&elf32, &h).unwrap();
+
+    one_line_error(&run_blip(&["run", "--kernel", "/nonexistent/guest.elf"]), "cannot open kernel image");
+    one_line_error(&run_blip(&["run", "--kernel", text.to_str().unwrap()]), "not an ELF");
+    one_line_error(&run_blip(&["run", "--kernel", elf32.to_str().unwrap()]), "32-bit ELF");
+    // A real ELF64 executable without a PVH note.
+    one_line_error(&run_blip(&["run", "--kernel", "/bin/true"]), "no PVH entry note");
+    one_line_error(&run_blip(&["run", "--mem", "2M"]), "needs memory up to");
+    one_line_error(&run_blip(&["run", "--mem", "lots"]), "is not a size");
+    one_line_error(&run_blip(&["run", "--mem", "8G"]), "out of range");
+    one_line_error(&run_blip(&["run", "--vcpus", "0"]), "--vcpus 0 is out of range");
+    one_line_error(&run_blip(&["run", "--vcpus", "1000"]), "--vcpus 1000 is out of range");
+    one_line_error(&run_blip(&["run", "--frobnicate"]), "--frobnicate");
+    one_line_error(&run_blip(&["run", "--serial", "/nonexistent/dir/out"]), "cannot create serial output");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_or_forbidden_kvm_is_one_line() {
+    let o = blip_tests::blip(&["run"]).env("BLIP_KVM_DEVICE", "/nonexistent/kvm").output().unwrap();
+    one_line_error(&o, "cannot open /nonexistent/kvm");
+    // /dev/kvm is mode 0600 root on CI machines: an unprivileged user must get a clear refusal.
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::fs::metadata("/dev/kvm").map(|m| m.permissions().mode() & 0o006 == 0);
+    if private.unwrap_or(false) {
+        let o = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(blip_tests::blip_bin())
+            .arg("run")
+            .output()
+            .expect("setpriv (util-linux) runs");
+        one_line_error(&o, "cannot open /dev/kvm");
+        assert!(stderr(&o).contains("ermission denied"), "{}", stderr(&o));
+    }
+}

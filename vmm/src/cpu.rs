@@ -1,0 +1,218 @@
+//! Architectural vCPU set-up for the PVH entry: CPUID, boot MSRs, registers and segments.
+//!
+//! Every vCPU, the BSP and the APs alike, starts at the PVH 32-bit entry in the same state:
+//! protected mode, paging off, flat 4 GiB code and data segments, `%ebx` = `hvm_start_info`.
+//! blip does not bring APs up through INIT/SIPI: that would need a real-mode trampoline in every
+//! guest and an in-kernel LAPIC whose state then has to travel in every migration. Instead the
+//! APs are made runnable directly at the entry the guest names in its PVH note, and the guest
+//! tells vCPUs apart by the initial APIC ID CPUID reports (leaf 1 EBX[31:24], leaf 0xB EDX),
+//! which blip sets to the vCPU index. The consequence (documented in the guest ABI) is that a
+//! guest's PVH entry must be re-entrant for all vCPUs; QEMU runs such guests with one vCPU.
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::VcpuFd;
+
+use crate::loader::{Boot, BOOT_GDT};
+
+/// Boot GDT descriptors written by the loader at [`BOOT_GDT`]: null, code32, data, TSS.
+pub const BOOT_GDT_ENTRIES: [u64; 4] = [
+    0,
+    gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
+
+/// Hypervisor CPUID leaf (VMware convention, read by Linux too) that carries the TSC frequency.
+pub const CPUID_TSC_LEAF: u32 = 0x4000_0010;
+
+const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((flags as u64 & 0x0000_f0ff) << 40)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+}
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("KVM refused to set {what}")]
+    Set {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM accepted only {set} of {total} boot MSRs")]
+    PartialMsrs { set: usize, total: usize },
+}
+
+fn set(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
+    move |source| CpuError::Set { what, source }
+}
+
+/// Adapts KVM's supported CPUID for vCPU `index` of `count`.
+pub fn cpuid_for(base: &CpuId, index: u8, count: u8, tsc_khz: u32) -> CpuId {
+    let mut entries: Vec<_> = base.as_slice().to_vec();
+    let mut has_tsc_leaf = false;
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                if count > 1 {
+                    e.edx |= 1 << 28; // HTT: more than one logical processor
+                }
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            0xb | 0x1f => e.edx = u32::from(index),
+            0x4000_0000 => e.eax = e.eax.max(CPUID_TSC_LEAF),
+            CPUID_TSC_LEAF => {
+                has_tsc_leaf = true;
+                e.eax = tsc_khz;
+            }
+            _ => {}
+        }
+    }
+    if !has_tsc_leaf {
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: CPUID_TSC_LEAF,
+            eax: tsc_khz,
+            ebx: 1_000_000, // APIC bus frequency in kHz (no LAPIC timer is used)
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&entries).unwrap_or_else(|_| base.clone())
+}
+
+/// MSR values every vCPU starts with (as Firecracker's boot MSRs).
+pub fn boot_msrs() -> Vec<kvm_msr_entry> {
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    vec![
+        msr(0x174, 0),                 // IA32_SYSENTER_CS
+        msr(0x175, 0),                 // IA32_SYSENTER_ESP
+        msr(0x176, 0),                 // IA32_SYSENTER_EIP
+        msr(0xc000_0081, 0),           // STAR
+        msr(0xc000_0082, 0),           // LSTAR
+        msr(0xc000_0083, 0),           // CSTAR
+        msr(0xc000_0084, 0),           // SYSCALL_MASK
+        msr(0xc000_0102, 0),           // KERNEL_GS_BASE
+        msr(0x10, 0),                  // IA32_TSC
+        msr(0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
+        msr(0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+        msr(0x277, 0x0007_0406_0007_0406), // IA32_PAT: power-on default
+    ]
+}
+
+fn segment(selector: u16, type_: u8, s: u8, limit: u32, g: u8, db: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s,
+        l: 0,
+        g,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Puts a fresh vCPU into the PVH entry state.
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    cpuid: &CpuId,
+    boot: &Boot,
+) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    let entries = boot_msrs();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::PartialMsrs {
+        set: 0,
+        total: entries.len(),
+    })?;
+    let n = vcpu.set_msrs(&msrs).map_err(set("boot MSRs"))?;
+    if n != entries.len() {
+        return Err(CpuError::PartialMsrs {
+            set: n,
+            total: entries.len(),
+        });
+    }
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(set("FPU state"))?;
+
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(set("segment registers"))?;
+    let code = segment(0x08, 0xb, 1, 0xffff_ffff, 1, 1);
+    let data = segment(0x10, 0x3, 1, 0xffff_ffff, 1, 1);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(0x18, 0xb, 0, 0x67, 0, 0);
+    sregs.gdt.base = BOOT_GDT;
+    sregs.gdt.limit = (BOOT_GDT_ENTRIES.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = 0x1 | 0x10; // PE | ET
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(set("segment registers"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: boot.entry,
+        rbx: boot.start_info,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(set("registers"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_decode_as_flat_segments() {
+        // Code: base 0, limit 0xfffff, access 0x9b, flags 0xc (4 KiB granularity, 32-bit).
+        assert_eq!(BOOT_GDT_ENTRIES[1], 0x00cf_9b00_0000_ffff);
+        assert_eq!(BOOT_GDT_ENTRIES[2], 0x00cf_9300_0000_ffff);
+        assert_eq!(BOOT_GDT_ENTRIES[3], 0x0000_8b00_0000_0067);
+    }
+
+    #[test]
+    fn cpuid_carries_apic_id_and_tsc() {
+        let base = CpuId::from_entries(&[
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xffff_0800,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0xb,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let c = cpuid_for(&base, 3, 4, 2_500_000);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 3);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
+        assert_eq!(s[0].ebx & 0xffff, 0x0800);
+        assert_eq!(s[1].edx, 3);
+        assert_eq!(s[2].function, CPUID_TSC_LEAF);
+        assert_eq!(s[2].eax, 2_500_000);
+    }
+}

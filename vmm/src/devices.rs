@@ -1,0 +1,222 @@
+//! The three devices a blip guest has, and no more.
+//!
+//! - **COM1** (16550 UART at 0x3f8, vm-superio): output goes to the chosen sink. Interrupts are
+//!   not wired (blip creates no irqchip), guests poll the line status register.
+//! - **Exit port** at 0xf4, compatible with QEMU's `isa-debug-exit,iobase=0xf4,iosize=4`: the
+//!   guest writes `v`, blip exits with `(v << 1) | 1`.
+//! - **Heartbeat port**: the guest writes the high half of a 64-bit counter to 0xfc (when it
+//!   changes) and the low half to 0xf8; each low write is one heartbeat, timestamped here with
+//!   CLOCK_MONOTONIC and kept in a small ring. The largest gap between consecutive heartbeats is
+//!   the guest-observed blackout of a migration.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+
+/// First port of COM1.
+pub const COM1: u16 = 0x3f8;
+/// QEMU-compatible debug exit port.
+pub const EXIT_PORT: u16 = 0xf4;
+/// Heartbeat counter, low 32 bits (a write records a heartbeat).
+pub const HEARTBEAT_LO: u16 = 0xf8;
+/// Heartbeat counter, high 32 bits.
+pub const HEARTBEAT_HI: u16 = 0xfc;
+/// How many heartbeats the ring keeps.
+pub const HEARTBEAT_RING: usize = 4096;
+
+/// Current CLOCK_MONOTONIC time in nanoseconds (the clock every blip timestamp uses).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// UART interrupts go nowhere: blip's guests poll.
+pub struct NoIrq;
+
+impl Trigger for NoIrq {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// One recorded heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// The guest's counter.
+    pub counter: u64,
+    /// CLOCK_MONOTONIC at the VMM when the write exited.
+    pub t_ns: u64,
+}
+
+/// Heartbeat history.
+#[derive(Default)]
+pub struct Heartbeats {
+    ring: VecDeque<Beat>,
+    /// Heartbeats seen since this VMM started.
+    pub total: u64,
+}
+
+impl Heartbeats {
+    /// Records one heartbeat.
+    pub fn record(&mut self, beat: Beat) {
+        if self.ring.len() == HEARTBEAT_RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(beat);
+        self.total += 1;
+    }
+
+    /// The most recent heartbeat.
+    pub fn last(&self) -> Option<Beat> {
+        self.ring.back().copied()
+    }
+
+    /// The beats in order, oldest first.
+    pub fn beats(&self) -> Vec<Beat> {
+        self.ring.iter().copied().collect()
+    }
+}
+
+/// The device set shared by all vCPU threads.
+pub struct Devices {
+    serial: Mutex<Serial<NoIrq, NoEvents, Box<dyn Write + Send>>>,
+    heartbeat_hi: Vec<AtomicU32>,
+    /// Heartbeat history (read by the control API and the migration report).
+    pub heartbeats: Mutex<Heartbeats>,
+}
+
+impl Devices {
+    /// Creates the devices with COM1 writing to `serial_out`.
+    pub fn new(serial_out: Box<dyn Write + Send>, vcpus: u8) -> Self {
+        Devices {
+            serial: Mutex::new(Serial::new(NoIrq, serial_out)),
+            heartbeat_hi: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
+            heartbeats: Mutex::new(Heartbeats::default()),
+        }
+    }
+
+    /// A port write; returns the guest's exit code if it asked to exit.
+    pub fn port_write(&self, vcpu: u8, port: u16, data: &[u8]) -> Option<i32> {
+        let value = le_value(data);
+        match port {
+            COM1..=0x3ff => {
+                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                // The sink failing (a closed pipe) must not stop the guest.
+                let _ = serial.write((port - COM1) as u8, data.first().copied().unwrap_or(0));
+                if port == COM1 {
+                    let _ = serial.writer_mut().flush();
+                }
+            }
+            EXIT_PORT => return Some(((value << 1) | 1) as i32),
+            HEARTBEAT_HI => {
+                if let Some(h) = self.heartbeat_hi.get(vcpu as usize) {
+                    h.store(value as u32, Ordering::Relaxed);
+                }
+            }
+            HEARTBEAT_LO => {
+                let t_ns = now_ns();
+                let hi = self
+                    .heartbeat_hi
+                    .get(vcpu as usize)
+                    .map_or(0, |h| h.load(Ordering::Relaxed));
+                let counter = (u64::from(hi) << 32) | (value & 0xffff_ffff);
+                self.heartbeats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(Beat { counter, t_ns });
+            }
+            _ => {} // unknown ports are ignored, as on real hardware
+        }
+        None
+    }
+
+    /// A port read; fills `data`.
+    pub fn port_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            COM1..=0x3ff => {
+                let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let v = serial.read((port - COM1) as u8);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
+            }
+            _ => data.fill(0xff), // floating bus
+        }
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_output_reaches_sink() {
+        let sink = Sink::default();
+        let d = Devices::new(Box::new(sink.clone()), 1);
+        for b in b"hi\n" {
+            assert_eq!(d.port_write(0, COM1, &[*b]), None);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        let mut lsr = [0u8];
+        d.port_read(COM1 + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn exit_port_is_qemu_compatible() {
+        let d = Devices::new(Box::new(std::io::sink()), 1);
+        assert_eq!(d.port_write(0, EXIT_PORT, &[0, 0, 0, 0]), Some(1));
+        assert_eq!(d.port_write(0, EXIT_PORT, &[3, 0, 0, 0]), Some(7));
+    }
+
+    #[test]
+    fn heartbeats_combine_halves_and_ring_is_bounded() {
+        let d = Devices::new(Box::new(std::io::sink()), 2);
+        d.port_write(1, HEARTBEAT_HI, &1u32.to_le_bytes());
+        d.port_write(1, HEARTBEAT_LO, &5u32.to_le_bytes());
+        d.port_write(0, HEARTBEAT_LO, &6u32.to_le_bytes());
+        let hb = d.heartbeats.lock().unwrap();
+        let beats = hb.beats();
+        assert_eq!(beats[0].counter, (1 << 32) | 5);
+        assert_eq!(beats[1].counter, 6);
+        assert!(beats[1].t_ns >= beats[0].t_ns);
+        drop(hb);
+        for i in 0..(HEARTBEAT_RING as u32 + 10) {
+            d.port_write(0, HEARTBEAT_LO, &i.to_le_bytes());
+        }
+        let hb = d.heartbeats.lock().unwrap();
+        assert_eq!(hb.beats().len(), HEARTBEAT_RING);
+        assert_eq!(hb.total, HEARTBEAT_RING as u64 + 12);
+    }
+}

@@ -1,0 +1,13 @@
+//! blip: a minimal, unikernel-style VMM on KVM built for live migration with a blackout in
+//! microseconds. This crate is the `blip` binary's engine: KVM VM and vCPU threads, guest
+//! memory, the PVH loader, the three devices, and (in later modules) dirty tracking and the
+//! migration engine. See `../shared/DESIGN.md` for the big picture.
+
+pub mod cli;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

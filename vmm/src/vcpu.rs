@@ -1,0 +1,261 @@
+//! One thread per vCPU, run as an explicit state machine: Paused ⇄ Running → Exited.
+//!
+//! The thread owns its `VcpuFd`. Other threads talk to it only through a command channel and a
+//! *kick*: the controller queues a command, then sends `SIGRTMIN` to the thread. The signal
+//! handler sets `kvm_run.immediate_exit`, so whether the thread is inside `KVM_RUN` (it returns
+//! `EINTR`) or about to enter it (it returns at once), it comes back to user space and reads its
+//! commands. This is Firecracker's scheme; it needs no signal masks and no locks around KVM_RUN.
+//!
+//! State can be read or written only while Paused ([`Command::With`] runs a closure on the
+//! thread's `VcpuFd` in that state), which is what migration needs for save and restore.
+//! Threads start Paused, so a VM (a migration destination in particular) can be fully prepared
+//! before its first instruction runs.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use kvm_ioctls::VcpuFd;
+
+use crate::devices::{now_ns, Devices};
+use crate::exit::{handle_exit, Action};
+
+/// A closure run on the vCPU thread with its file descriptor while Paused.
+pub type VcpuFn = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// Messages to a vCPU thread.
+pub enum Command {
+    /// Leave KVM_RUN and wait.
+    Pause,
+    /// Run the guest (from Paused).
+    Resume,
+    /// Run a closure on the vCPU fd (only honoured while Paused).
+    With(VcpuFn),
+    /// Terminate the thread.
+    Stop,
+}
+
+/// The states of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Paused,
+    Exited,
+}
+
+/// Why a vCPU thread ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The vCPU halted with nothing that could wake it (clean power-off).
+    Halted,
+    /// The guest wrote the exit port.
+    GuestExit(i32),
+    /// The guest or KVM failed; `rip` is where the vCPU stood.
+    Fault { reason: String, rip: u64 },
+    /// The VMM asked it to stop.
+    Stopped,
+}
+
+/// Messages from vCPU threads to the VM controller.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Entered Paused; `t_ns` is CLOCK_MONOTONIC when it left the guest.
+    Paused { vcpu: u8, t_ns: u64 },
+    /// About to re-enter the guest; `t_ns` is CLOCK_MONOTONIC just before KVM_RUN.
+    Resumed { vcpu: u8, t_ns: u64 },
+    /// A [`Command::With`] closure ran.
+    Done { vcpu: u8 },
+    /// The thread ended.
+    Exited { vcpu: u8, outcome: Outcome },
+}
+
+thread_local! {
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer was set by this very thread to the `immediate_exit` byte of its
+        // own kvm_run mapping, which stays mapped until the thread clears the pointer before
+        // dropping the VcpuFd. A volatile byte store is async-signal-safe.
+        unsafe { p.write_volatile(1) };
+    }
+}
+
+/// The kick signal (SIGRTMIN).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), std::io::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// The controller's handle on one vCPU thread.
+pub struct VcpuHandle {
+    pub index: u8,
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Queues a command and kicks the thread out of the guest.
+    pub fn send(&self, cmd: Command) {
+        // A closed channel means the thread already exited; nothing to do.
+        if self.commands.send(cmd).is_ok() {
+            self.kick();
+        }
+    }
+
+    /// Forces the thread out of KVM_RUN so it reads its commands.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it
+            // is valid; sending a signal has no memory-safety preconditions.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Spawns the thread for `vcpu`, starting in Paused.
+pub fn spawn(
+    index: u8,
+    vcpu: VcpuFd,
+    devices: Arc<Devices>,
+    events: Sender<Event>,
+) -> std::io::Result<VcpuHandle> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let mut runner = Runner {
+                index,
+                vcpu,
+                devices,
+                events,
+                commands: rx,
+                state: State::Paused,
+            };
+            let outcome = runner.run();
+            runner.state = State::Exited;
+            IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+            let _ = runner.events.send(Event::Exited {
+                vcpu: index,
+                outcome,
+            });
+        })?;
+    Ok(VcpuHandle {
+        index,
+        commands: tx,
+        thread: Some(thread),
+    })
+}
+
+struct Runner {
+    index: u8,
+    vcpu: VcpuFd,
+    devices: Arc<Devices>,
+    events: Sender<Event>,
+    commands: Receiver<Command>,
+    state: State,
+}
+
+impl Runner {
+    fn run(&mut self) -> Outcome {
+        let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        IMMEDIATE_EXIT.with(|c| c.set(p));
+        loop {
+            match self.state {
+                State::Paused => match self.commands.recv() {
+                    Ok(Command::Resume) => {
+                        self.state = State::Running;
+                        self.vcpu.set_kvm_immediate_exit(0);
+                        let _ = self.events.send(Event::Resumed {
+                            vcpu: self.index,
+                            t_ns: now_ns(),
+                        });
+                    }
+                    Ok(Command::Pause) => self.paused(),
+                    Ok(Command::With(f)) => {
+                        f(&mut self.vcpu);
+                        let _ = self.events.send(Event::Done { vcpu: self.index });
+                    }
+                    Ok(Command::Stop) | Err(_) => return Outcome::Stopped,
+                },
+                State::Running => {
+                    if let Some(outcome) = self.poll_commands() {
+                        return outcome;
+                    }
+                    if self.state != State::Running {
+                        continue;
+                    }
+                    if let Some(outcome) = self.run_once() {
+                        return outcome;
+                    }
+                }
+                State::Exited => return Outcome::Stopped,
+            }
+        }
+    }
+
+    fn paused(&mut self) {
+        self.state = State::Paused;
+        let _ = self.events.send(Event::Paused {
+            vcpu: self.index,
+            t_ns: now_ns(),
+        });
+    }
+
+    /// Handles queued commands while Running. Returns an outcome when told to stop.
+    fn poll_commands(&mut self) -> Option<Outcome> {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Pause => {
+                    self.paused();
+                    return None;
+                }
+                Command::Stop => return Some(Outcome::Stopped),
+                Command::Resume => {}
+                // State access is refused while running; the controller pauses first.
+                Command::With(_) => {}
+            }
+        }
+        None
+    }
+
+    fn run_once(&mut self) -> Option<Outcome> {
+        let action = match self.vcpu.run() {
+            Ok(exit) => handle_exit(exit, self.index, &self.devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.vcpu.set_kvm_immediate_exit(0);
+                return None;
+            }
+            Err(e) => Action::Fault(format!("KVM_RUN failed: {e}")),
+        };
+        match action {
+            Action::Continue => None,
+            Action::Halt => Some(Outcome::Halted),
+            Action::GuestExit(code) => Some(Outcome::GuestExit(code)),
+            // No dirty ring is enabled yet; a ring-full exit here is a KVM anomaly.
+            Action::DirtyRingFull => Some(self.fault("dirty ring full without a dirty ring".into())),
+            Action::Fault(reason) => Some(self.fault(reason)),
+        }
+    }
+
+    fn fault(&self, reason: String) -> Outcome {
+        let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        Outcome::Fault { reason, rip }
+    }
+}

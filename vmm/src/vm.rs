@@ -1,0 +1,388 @@
+//! The VM object: KVM VM, guest memory, devices and vCPU threads, with pause-all / resume-all as
+//! its API (live migration's stop-and-copy is built on it).
+//!
+//! blip creates no in-kernel irqchip and no PIT: its guests poll and never take interrupts, and
+//! every piece of interrupt-controller state we do not create is state that does not have to
+//! be saved, sent and restored inside a migration blackout. A vCPU that executes HLT therefore
+//! can never wake up; blip treats it as powered off.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::cpu::{self, CpuError};
+use crate::devices::Devices;
+use crate::loader::{Image, LoaderError};
+use crate::memory::{self, Backing, GuestMem, MemoryError};
+use crate::vcpu::{self, Command, Event, Outcome, VcpuHandle};
+
+/// Most vCPUs a blip guest may have (the guest gives each its own stack).
+pub const MAX_VCPUS: u8 = 64;
+
+/// Errors creating or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open {path}")]
+    OpenKvm {
+        path: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM API version {0} is not supported (blip needs 12)")]
+    KvmApi(i32),
+    #[error("--vcpus {asked} is out of range: this host's KVM allows 1 to {max}")]
+    VcpuCount { asked: u32, max: u32 },
+    #[error("KVM could not {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("cannot set up vCPU {index}")]
+    Cpu {
+        index: u8,
+        #[source]
+        source: CpuError,
+    },
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU {0} exited while it was being paused or resumed")]
+    VcpuGone(u8),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens the KVM device: `/dev/kvm`, or `$BLIP_KVM_DEVICE` when set (tests use it to show the
+/// error a host without KVM gives).
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var("BLIP_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let c = std::ffi::CString::new(path.clone()).map_err(|_| VmError::OpenKvm {
+        path: path.clone(),
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    Kvm::new_with_path(&c).map_err(|source| VmError::OpenKvm { path, source })
+}
+
+/// What to boot.
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub cmdline: String,
+    pub backing: Backing,
+    pub image: Image,
+    pub serial: Box<dyn Write + Send>,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// Every vCPU halted: exit code 0.
+    PoweredOff,
+    /// The guest wrote the exit port.
+    GuestExit(i32),
+    /// A vCPU failed.
+    Fault { vcpu: u8, reason: String, rip: u64 },
+    /// Stopped from outside (Ctrl-C).
+    Interrupted,
+}
+
+/// Timing of one pause-all or resume-all, in nanoseconds of CLOCK_MONOTONIC.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Transition {
+    /// When the controller asked.
+    pub requested_ns: u64,
+    /// When the first vCPU reached the new state.
+    pub first_ns: u64,
+    /// When the last vCPU reached it (the call returned after this).
+    pub last_ns: u64,
+}
+
+/// A running (or paused) blip VM.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: Arc<VmFd>,
+    mem: GuestMem,
+    mem_size: u64,
+    devices: Arc<Devices>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<Event>,
+    exited: Vec<Option<Outcome>>,
+    tsc_khz: u32,
+}
+
+impl Vm {
+    /// Creates the VM, loads the image and prepares every vCPU, all Paused.
+    pub fn create(cfg: VmConfig) -> Result<Vm, VmError> {
+        let kvm = open_kvm()?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::KvmApi(api));
+        }
+        let max = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS));
+        if cfg.vcpus == 0 || cfg.vcpus > max {
+            return Err(VmError::VcpuCount {
+                asked: cfg.vcpus,
+                max,
+            });
+        }
+        let nvcpus = cfg.vcpus as u8;
+        // Check the image before allocating anything large.
+        let end = cfg.image.check()?;
+        if end > cfg.mem_size {
+            return Err(LoaderError::TooLarge {
+                end,
+                mem: cfg.mem_size,
+            }
+            .into());
+        }
+        let mem = memory::create(cfg.mem_size, cfg.backing)?;
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        fd.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("set the TSS address"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| VmError::Memory(MemoryError::Unaligned(0)))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+            // `mem`, which the Vm keeps alive for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("register guest memory"))?;
+        }
+
+        let mut fds = Vec::with_capacity(nvcpus as usize);
+        for i in 0..nvcpus {
+            fds.push(fd.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU"))?);
+        }
+        let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
+        let boot = cfg
+            .image
+            .load(&mem, cfg.mem_size, &cfg.cmdline, nvcpus, tsc_khz)?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report supported CPUID"))?;
+        for (i, v) in fds.iter().enumerate() {
+            let index = i as u8;
+            let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
+            cpu::setup_boot_vcpu(v, &cpuid, &boot).map_err(|source| VmError::Cpu { index, source })?;
+            if index > 0 {
+                // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI.
+                v.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kvm_err("make an AP runnable"))?;
+            }
+        }
+
+        vcpu::install_kick_handler().map_err(VmError::Thread)?;
+        let devices = Arc::new(Devices::new(cfg.serial, nvcpus));
+        let (etx, erx) = crossbeam_channel::unbounded();
+        let mut vcpus = Vec::with_capacity(nvcpus as usize);
+        for (i, v) in fds.into_iter().enumerate() {
+            vcpus.push(vcpu::spawn(i as u8, v, devices.clone(), etx.clone()).map_err(VmError::Thread)?);
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            fd: Arc::new(fd),
+            mem,
+            mem_size: cfg.mem_size,
+            devices,
+            exited: vec![None; vcpus.len()],
+            vcpus,
+            events: erx,
+            tsc_khz,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Guest memory size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// The devices (heartbeats live there).
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The TSC frequency KVM gave the vCPUs, in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Writes the info-page command word (1 = stop workloads, check memory, exit).
+    pub fn send_guest_command(&self, command: u64) -> Result<(), vm_memory::GuestMemoryError> {
+        use vm_memory::Bytes;
+        self.mem
+            .write_obj(command, GuestAddress(crate::loader::INFO_COMMAND))
+    }
+
+    fn live(&self) -> Vec<u8> {
+        (0..self.vcpus.len() as u8)
+            .filter(|i| self.exited[*i as usize].is_none())
+            .collect()
+    }
+
+    fn note(&mut self, ev: &Event) {
+        if let Event::Exited { vcpu, outcome } = ev {
+            self.exited[*vcpu as usize] = Some(outcome.clone());
+        }
+    }
+
+    /// Starts (or restarts) every live vCPU and waits until all are back in the guest.
+    pub fn resume_all(&mut self) -> Result<Transition, VmError> {
+        self.transition(Command::Resume, |e| matches!(e, Event::Resumed { .. }))
+    }
+
+    /// Stops every live vCPU and waits until all are Paused.
+    pub fn pause_all(&mut self) -> Result<Transition, VmError> {
+        self.transition(Command::Pause, |e| matches!(e, Event::Paused { .. }))
+    }
+
+    fn transition(
+        &mut self,
+        cmd: Command,
+        is_ack: impl Fn(&Event) -> bool,
+    ) -> Result<Transition, VmError> {
+        let live = self.live();
+        let requested_ns = crate::devices::now_ns();
+        for &i in &live {
+            let c = match cmd {
+                Command::Pause => Command::Pause,
+                Command::Resume => Command::Resume,
+                _ => unreachable!("only pause and resume are transitions"),
+            };
+            self.vcpus[i as usize].send(c);
+        }
+        let mut t = Transition {
+            requested_ns,
+            first_ns: u64::MAX,
+            last_ns: 0,
+        };
+        let mut pending = live.len();
+        while pending > 0 {
+            let ev = self.events.recv().map_err(|_| VmError::VcpuGone(0))?;
+            self.note(&ev);
+            match &ev {
+                Event::Paused { t_ns, .. } | Event::Resumed { t_ns, .. } if is_ack(&ev) => {
+                    t.first_ns = t.first_ns.min(*t_ns);
+                    t.last_ns = t.last_ns.max(*t_ns);
+                    pending -= 1;
+                }
+                Event::Exited { vcpu, .. } => return Err(VmError::VcpuGone(*vcpu)),
+                _ => {}
+            }
+        }
+        if t.first_ns == u64::MAX {
+            t.first_ns = requested_ns;
+            t.last_ns = requested_ns;
+        }
+        Ok(t)
+    }
+
+    /// Runs `f` on vCPU `index`'s fd; the vCPU must be Paused.
+    pub fn with_vcpu(&mut self, index: u8, f: vcpu::VcpuFn) -> Result<(), VmError> {
+        self.vcpus[index as usize].send(Command::With(f));
+        loop {
+            let ev = self.events.recv().map_err(|_| VmError::VcpuGone(index))?;
+            self.note(&ev);
+            match ev {
+                Event::Done { vcpu } if vcpu == index => return Ok(()),
+                Event::Exited { vcpu, .. } if vcpu == index => return Err(VmError::VcpuGone(index)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the guest ends (or `stop` is raised), then stops every vCPU thread.
+    pub fn wait(&mut self, stop: &AtomicBool) -> VmExit {
+        let exit = loop {
+            if let Some(e) = self.decided() {
+                break e;
+            }
+            if stop.load(Ordering::Relaxed) {
+                break VmExit::Interrupted;
+            }
+            if let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) {
+                self.note(&ev);
+            }
+        };
+        self.shutdown();
+        exit
+    }
+
+    /// The VM's fate, once it is known.
+    fn decided(&self) -> Option<VmExit> {
+        for (i, o) in self.exited.iter().enumerate() {
+            match o {
+                Some(Outcome::GuestExit(code)) => return Some(VmExit::GuestExit(*code)),
+                Some(Outcome::Fault { reason, rip }) => {
+                    return Some(VmExit::Fault {
+                        vcpu: i as u8,
+                        reason: reason.clone(),
+                        rip: *rip,
+                    })
+                }
+                _ => {}
+            }
+        }
+        if self.exited.iter().all(|o| matches!(o, Some(Outcome::Halted))) {
+            return Some(VmExit::PoweredOff);
+        }
+        if self.exited.iter().all(|o| o.is_some()) {
+            return Some(VmExit::Interrupted);
+        }
+        None
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn shutdown(&mut self) {
+        for v in &self.vcpus {
+            v.send(Command::Stop);
+        }
+        for v in &mut self.vcpus {
+            v.join();
+        }
+        while let Ok(ev) = self.events.try_recv() {
+            self.note(&ev);
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
