@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR not set"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR not set"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR not set"));
     let guest_dir = manifest_dir.join("guest");
     let main_rs = guest_dir.join("main.rs");
@@ -26,29 +27,39 @@ fn main() {
 
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let mut cmd = Command::new(&rustc);
-    cmd.args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "blip_guest"])
-        .args(["-C", "opt-level=2"])
-        .args(["-C", "panic=abort"])
-        .args(["-C", "relocation-model=static"])
-        .args(["-C", "target-cpu=x86-64"])
-        .args(["-C", "debuginfo=0"])
-        .args(["-C", "strip=debuginfo"])
-        .args(["-C", "codegen-units=1"])
-        .args(["-C", "force-unwind-tables=no"])
-        .args(["-C", "relro-level=off"])
-        .args(["-C", "overflow-checks=off"])
-        .args(["-C", "debug-assertions=off"])
-        .args(["-C", "link-arg=-nostartfiles"])
-        .args(["-C", "link-arg=-nostdlib"])
-        .args(["-C", "link-arg=-static"])
-        .args(["-C", "link-arg=-no-pie"])
-        .arg("-C")
-        .arg(format!("link-arg=-T{}", link_ld.display()))
-        .args(["-C", "link-arg=-Wl,--build-id=none"])
-        .args(["-C", "link-arg=-Wl,-z,noexecstack"])
-        .arg(&main_rs)
-        .arg("-o")
-        .arg(&elf);
+    cmd.args([
+        "--edition",
+        "2021",
+        "--crate-type",
+        "bin",
+        "--crate-name",
+        "blip_guest",
+    ])
+    .args(["-C", "opt-level=2"])
+    .args(["-C", "panic=abort"])
+    .args(["-C", "relocation-model=static"])
+    .args(["-C", "target-cpu=x86-64"])
+    // KVM's instruction emulator (kvm_pvm hosts) cannot run SSE arithmetic: no SSE
+    // codegen. rustc warns that this changes the float ABI; the guest has no floats.
+    .args(["-C", "target-feature=-sse,-sse2"])
+    .args(["-C", "debuginfo=0"])
+    .args(["-C", "strip=debuginfo"])
+    .args(["-C", "codegen-units=1"])
+    .args(["-C", "force-unwind-tables=no"])
+    .args(["-C", "relro-level=off"])
+    .args(["-C", "overflow-checks=off"])
+    .args(["-C", "debug-assertions=off"])
+    .args(["-C", "link-arg=-nostartfiles"])
+    .args(["-C", "link-arg=-nostdlib"])
+    .args(["-C", "link-arg=-static"])
+    .args(["-C", "link-arg=-no-pie"])
+    .arg("-C")
+    .arg(format!("link-arg=-T{}", link_ld.display()))
+    .args(["-C", "link-arg=-Wl,--build-id=none"])
+    .args(["-C", "link-arg=-Wl,-z,noexecstack"])
+    .arg(&main_rs)
+    .arg("-o")
+    .arg(&elf);
     // Keep the outer cargo invocation out of this rustc: no wrappers, flags or jobserver.
     for var in [
         "RUSTC_WRAPPER",
@@ -65,7 +76,10 @@ fn main() {
 
     let output = match cmd.output() {
         Ok(output) => output,
-        Err(e) => fail(&format!("cannot run `{}` to build the blip guest: {e}", rustc.to_string_lossy())),
+        Err(e) => fail(&format!(
+            "cannot run `{}` to build the blip guest: {e}",
+            rustc.to_string_lossy()
+        )),
     };
     if !output.status.success() {
         fail(&format!(
@@ -79,7 +93,10 @@ fn main() {
     }
     // Surface guest warnings in the cargo output.
     for line in String::from_utf8_lossy(&output.stderr).lines() {
-        if line.starts_with("warning") {
+        if line.starts_with("warning")
+            && !line.contains("target feature")
+            && !line.contains(" emitted")
+        {
             println!("cargo:warning=blip guest: {line}");
         }
     }

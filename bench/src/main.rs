@@ -65,7 +65,13 @@ fn boot(n: u32) {
             .spawn()
             .expect("spawn blip (build it with cargo build --release first)");
         let mut b = [0u8; 1];
-        let got = child.stdout.as_mut().map(|o| o.read(&mut b)).transpose().ok().flatten();
+        let got = child
+            .stdout
+            .as_mut()
+            .map(|o| o.read(&mut b))
+            .transpose()
+            .ok()
+            .flatten();
         let dt = t0.elapsed().as_nanos() as u64;
         let _ = child.wait();
         if got == Some(1) {
@@ -127,8 +133,15 @@ fn pause(vcpus: u32, cycles: u32) {
 fn main() {
     let a = Args::parse();
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
-    let (cycles, boots) = if a.quick { (100, 3) } else { (a.cycles, a.boots) };
-    println!("blip-bench: reproduce with `cargo run --release -p blip-bench -- {}`", std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    let (cycles, boots) = if a.quick {
+        (100, 3)
+    } else {
+        (a.cycles, a.boots)
+    };
+    println!(
+        "blip-bench: reproduce with `cargo run --release -p blip-bench -- {}`",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
     if want("boot") {
         boot(boots);
     }

@@ -29,7 +29,10 @@ pub fn blip_bin() -> PathBuf {
 /// A `Command` for the blip binary with `args`.
 pub fn blip(args: &[&str]) -> Command {
     let mut c = Command::new(blip_bin());
-    c.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
 }
 

@@ -5,8 +5,15 @@ use blip_tests::{run_blip, stderr, stdout};
 
 fn one_line_error(o: &std::process::Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert_eq!(o.status.code(), Some(2), "blip errors exit with 2; stderr: {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "blip errors exit with 2; stderr: {err}"
+    );
     let lines: Vec<_> = err.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err:?}");
     assert!(lines[0].starts_with("blip: error: "), "{err}");
@@ -18,7 +25,11 @@ fn one_line_error(o: &std::process::Output, needle: &str) {
 fn hello_prints_and_exits_zero() {
     let o = run_blip(&["run", "--cmdline", "hello"]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
-    assert!(stdout(&o).contains("hello from blip guest"), "stdout: {}", stdout(&o));
+    assert!(
+        stdout(&o).contains("hello from blip guest"),
+        "stdout: {}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -30,7 +41,15 @@ fn empty_cmdline_is_hello() {
 
 #[test]
 fn hello_on_memfd_backing_and_four_vcpus() {
-    let o = run_blip(&["run", "--mem-backing", "memfd", "--vcpus", "4", "--mem", "32M"]);
+    let o = run_blip(&[
+        "run",
+        "--mem-backing",
+        "memfd",
+        "--vcpus",
+        "4",
+        "--mem",
+        "32M",
+    ]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
     assert_eq!(stdout(&o).matches("hello from blip guest").count(), 1);
 }
@@ -53,7 +72,9 @@ fn serial_to_file_and_none() {
     let f = dir.join("com1.txt");
     let o = run_blip(&["run", "--serial", f.to_str().unwrap()]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
-    assert!(std::fs::read_to_string(&f).unwrap().contains("hello from blip guest"));
+    assert!(std::fs::read_to_string(&f)
+        .unwrap()
+        .contains("hello from blip guest"));
     assert!(!stdout(&o).contains("hello from blip guest"));
     let o = run_blip(&["run", "--serial", "none"]);
     assert!(o.status.success());
@@ -73,7 +94,13 @@ fn vcpu_gens(out: &str) -> Vec<(u32, u64)> {
 
 #[test]
 fn two_vcpus_both_run_the_dirty_workload() {
-    let o = run_blip(&["run", "--vcpus", "2", "--cmdline", "dirty ws=2 rate=max sweeps=2"]);
+    let o = run_blip(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "dirty ws=2 rate=max sweeps=2",
+    ]);
     let out = stdout(&o);
     assert!(o.status.success(), "stdout: {out} stderr: {}", stderr(&o));
     assert!(out.contains("check: ok pages=512"), "{out}");
@@ -86,8 +113,17 @@ fn two_vcpus_both_run_the_dirty_workload() {
 
 #[test]
 fn heartbeats_are_recorded() {
-    let o = run_blip(&["run", "--cmdline", "heartbeat period=200 dirty ws=1 rate=max sweeps=4"]);
-    assert!(o.status.success(), "stdout: {} stderr: {}", stdout(&o), stderr(&o));
+    let o = run_blip(&[
+        "run",
+        "--cmdline",
+        "heartbeat period=200 dirty ws=1 rate=max sweeps=4",
+    ]);
+    assert!(
+        o.status.success(),
+        "stdout: {} stderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
     let err = stderr(&o);
     let n: u64 = err
         .lines()
@@ -110,7 +146,10 @@ fn triple_fault_is_reported() {
     let o = run_blip(&["run", "--cmdline", "crash"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(4), "{err}");
-    assert!(err.contains("triple fault") && err.contains("vcpu 0") && err.contains("rip 0x"), "{err}");
+    assert!(
+        err.contains("triple fault") && err.contains("vcpu 0") && err.contains("rip 0x"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -125,24 +164,48 @@ fn bad_inputs_give_one_line_errors() {
     h[4] = 1;
     std::fs::write(&elf32, &h).unwrap();
 
-    one_line_error(&run_blip(&["run", "--kernel", "/nonexistent/guest.elf"]), "cannot open kernel image");
-    one_line_error(&run_blip(&["run", "--kernel", text.to_str().unwrap()]), "not an ELF");
-    one_line_error(&run_blip(&["run", "--kernel", elf32.to_str().unwrap()]), "32-bit ELF");
+    one_line_error(
+        &run_blip(&["run", "--kernel", "/nonexistent/guest.elf"]),
+        "cannot open kernel image",
+    );
+    one_line_error(
+        &run_blip(&["run", "--kernel", text.to_str().unwrap()]),
+        "not an ELF",
+    );
+    one_line_error(
+        &run_blip(&["run", "--kernel", elf32.to_str().unwrap()]),
+        "32-bit ELF",
+    );
     // A real ELF64 executable without a PVH note.
-    one_line_error(&run_blip(&["run", "--kernel", "/bin/true"]), "no PVH entry note");
+    one_line_error(
+        &run_blip(&["run", "--kernel", "/bin/true"]),
+        "no PVH entry note",
+    );
     one_line_error(&run_blip(&["run", "--mem", "2M"]), "needs memory up to");
     one_line_error(&run_blip(&["run", "--mem", "lots"]), "is not a size");
     one_line_error(&run_blip(&["run", "--mem", "8G"]), "out of range");
-    one_line_error(&run_blip(&["run", "--vcpus", "0"]), "--vcpus 0 is out of range");
-    one_line_error(&run_blip(&["run", "--vcpus", "1000"]), "--vcpus 1000 is out of range");
+    one_line_error(
+        &run_blip(&["run", "--vcpus", "0"]),
+        "--vcpus 0 is out of range",
+    );
+    one_line_error(
+        &run_blip(&["run", "--vcpus", "1000"]),
+        "--vcpus 1000 is out of range",
+    );
     one_line_error(&run_blip(&["run", "--frobnicate"]), "--frobnicate");
-    one_line_error(&run_blip(&["run", "--serial", "/nonexistent/dir/out"]), "cannot create serial output");
+    one_line_error(
+        &run_blip(&["run", "--serial", "/nonexistent/dir/out"]),
+        "cannot create serial output",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn missing_or_forbidden_kvm_is_one_line() {
-    let o = blip_tests::blip(&["run"]).env("BLIP_KVM_DEVICE", "/nonexistent/kvm").output().unwrap();
+    let o = blip_tests::blip(&["run"])
+        .env("BLIP_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .unwrap();
     one_line_error(&o, "cannot open /nonexistent/kvm");
     // /dev/kvm is mode 0600 root on CI machines: an unprivileged user must get a clear refusal.
     use std::os::unix::fs::PermissionsExt;

@@ -20,9 +20,20 @@
 //!    indices >= 64 halt at once;
 //! 2. loads CR3 with static page tables (assembled into `.data`: PML4 + PDPT + 4 PDs of
 //!    2 MiB pages identity-mapping the first 4 GiB), sets CR4.PAE|OSFXSR|OSXMMEXCPT,
-//!    EFER.LME, CR0.PG|MP (EM and TS clear), loads a 64-bit GDT and far-jumps to 64-bit code;
+//!    EFER.LME, CR0.PG|MP (EM and TS clear), loads a 64-bit GDT and far-jumps to 64-bit code
+//!    (no SSE code runs, see below);
 //! 3. takes its own 32 KiB stack (`STACKS[cpu]`, in `.bss`) and calls
 //!    `rust_main(start_info, cpu)`.
+//!
+//! # SSE
+//!
+//! On the kvm_pvm hosts we build on, the guest runs inside KVM's instruction emulator,
+//! which cannot execute SSE arithmetic (`pxor`, `movd`, ...: "KVM internal error,
+//! suberror 1, emulation failure"). The entry code still enables SSE (CR0.MP, CR4.OSFXSR),
+//! but the crate is compiled with `-C target-feature=-sse,-sse2` (see `vmm/build.rs`) and
+//! avoids `core::fmt` and other precompiled libcore code that uses SSE (the panic handler
+//! prints only static messages). Keep it that way: after changes, `objdump -d` of the ELF
+//! may show `xmm` only in `core::fmt` functions that never run.
 //!
 //! Nothing zeroes `.bss` at run time (guest RAM starts zeroed); no vCPU writes shared
 //! state before it is needed, so the APs may start at the same moment as the BSP.
@@ -72,6 +83,7 @@
 //!   deadlines. With `sweeps=N`, once every vCPU has completed N sweeps the check runs.
 //! * `heartbeat period=<µs>` — every period each working vCPU increments a shared counter
 //!   (`lock xadd`) and writes the new value to the heartbeat ports.
+//! * `crash` — the BSP executes `ud2` with no IDT: a triple fault (blip must report it).
 //! * `check` — run the check at once (at boot, memory all zero: it succeeds).
 //!
 //! Workloads combine; every working vCPU runs all of them interleaved in one loop. Options
@@ -93,7 +105,6 @@
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
-use core::fmt::{self, Write};
 use core::panic::PanicInfo;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -350,11 +361,64 @@ impl Serial {
     }
 }
 
-impl Write for Serial {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        s.bytes().for_each(Serial::put);
-        Ok(())
+/// One piece of an output line (the guest avoids `core::fmt`: see "SSE" in the module doc).
+enum Arg<'a> {
+    /// Raw bytes; non-printable ones are shown as `?`.
+    S(&'a [u8]),
+    /// Unsigned decimal.
+    D(u64),
+    /// 16 hex digits, zero padded.
+    H16(u64),
+    /// `0x` and minimal hex digits.
+    X(u64),
+}
+
+fn put_bytes(s: &[u8]) {
+    for &b in s {
+        Serial::put(if b.is_ascii_graphic() || b == b' ' { b } else { b'?' });
     }
+}
+
+fn put_hex(v: u64, min_digits: u32) {
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(min_digits);
+    for i in (0..digits).rev() {
+        Serial::put(b"0123456789abcdef"[((v >> (i * 4)) & 0xf) as usize]);
+    }
+}
+
+fn put_dec(mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put_bytes(&buf[i..]);
+}
+
+fn put_args(parts: &[Arg<'_>]) {
+    for part in parts {
+        match *part {
+            Arg::S(s) => put_bytes(s),
+            Arg::D(v) => put_dec(v),
+            Arg::H16(v) => put_hex(v, 16),
+            Arg::X(v) => {
+                put_bytes(b"0x");
+                put_hex(v, 1);
+            }
+        }
+    }
+    Serial::put(b'\n');
+}
+
+/// Print one line atomically with respect to other vCPUs.
+fn println(parts: &[Arg<'_>]) {
+    let _guard = SerialGuard::lock();
+    put_args(parts);
 }
 
 /// Holds the serial lock; released on drop.
@@ -393,32 +457,22 @@ impl Drop for SerialGuard {
     }
 }
 
-/// Print one line atomically with respect to other vCPUs.
-macro_rules! println {
-    ($($arg:tt)*) => {{
-        let _guard = SerialGuard::lock();
-        let _ = writeln!(Serial, $($arg)*);
-    }};
-}
-
-/// Displays raw command-line bytes (not necessarily UTF-8).
-struct Bytes<'a>(&'a [u8]);
-
-impl fmt::Display for Bytes<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for &b in self.0 {
-            let c = if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' };
-            f.write_char(c)?;
-        }
-        Ok(())
-    }
-}
-
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
     {
         let _guard = SerialGuard::lock_or_steal();
-        let _ = writeln!(Serial, "panic: {info}");
+        let msg = info.message().as_str().unwrap_or("(formatted message)");
+        match info.location() {
+            Some(l) => put_args(&[
+                Arg::S(b"panic: "),
+                Arg::S(msg.as_bytes()),
+                Arg::S(b" at "),
+                Arg::S(l.file().as_bytes()),
+                Arg::S(b":"),
+                Arg::D(l.line() as u64),
+            ]),
+            None => put_args(&[Arg::S(b"panic: "), Arg::S(msg.as_bytes())]),
+        }
     }
     exit(EXIT_PANIC)
 }
@@ -634,6 +688,8 @@ struct DirtyCfg {
 #[derive(Clone, Copy, Default)]
 struct Config {
     hello: bool,
+    /// `crash`: the BSP executes `ud2` with no IDT loaded, a triple fault (tests use it).
+    crash: bool,
     check: bool,
     dirty: Option<DirtyCfg>,
     /// Heartbeat period in µs.
@@ -690,6 +746,10 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
         match word {
             b"hello" if !cfg.hello => {
                 cfg.hello = true;
+                section = Section::None;
+            }
+            b"crash" if !cfg.crash => {
+                cfg.crash = true;
                 section = Section::None;
             }
             b"check" if !cfg.check => {
@@ -849,7 +909,14 @@ fn fnv1a(mut h: u64, word: u64) -> u64 {
 fn run_check(m: &Machine, cfg: &Config) -> ! {
     let n = m.nr_vcpus;
     for k in 0..n as usize {
-        println!("check: vcpu {} gen {} idx {}", k, PROGRESS[k].gen.get(), PROGRESS[k].idx.get());
+        println(&[
+            Arg::S(b"check: vcpu "),
+            Arg::D(k as u64),
+            Arg::S(b" gen "),
+            Arg::D(PROGRESS[k].gen.get()),
+            Arg::S(b" idx "),
+            Arg::D(PROGRESS[k].idx.get()),
+        ]);
     }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut pages = 0;
@@ -859,7 +926,14 @@ fn run_check(m: &Machine, cfg: &Config) -> ! {
             let (first, count) = share(total, n, k);
             let (gen, idx) = (PROGRESS[k as usize].gen.get(), PROGRESS[k as usize].idx.get());
             if gen == 0 || idx >= count {
-                println!("check: FAILED vcpu {k} bad progress gen {gen} idx {idx}");
+                println(&[
+                    Arg::S(b"check: FAILED vcpu "),
+                    Arg::D(k as u64),
+                    Arg::S(b" bad progress gen "),
+                    Arg::D(gen),
+                    Arg::S(b" idx "),
+                    Arg::D(idx),
+                ]);
                 exit(EXIT_CHECK_FAILED);
             }
             for j in 0..count {
@@ -867,10 +941,16 @@ fn run_check(m: &Machine, cfg: &Config) -> ! {
                 let expected = if j < idx { gen } else { gen - 1 };
                 let found = read_page(gpa);
                 if found != page_words(gpa, expected) {
-                    println!(
-                        "check: FAILED vcpu {k} page gpa={gpa:#x} expected gen {expected} found {}",
-                        found[1]
-                    );
+                    println(&[
+                        Arg::S(b"check: FAILED vcpu "),
+                        Arg::D(k as u64),
+                        Arg::S(b" page gpa="),
+                        Arg::X(gpa),
+                        Arg::S(b" expected gen "),
+                        Arg::D(expected),
+                        Arg::S(b" found "),
+                        Arg::D(found[1]),
+                    ]);
                     exit(EXIT_CHECK_FAILED);
                 }
                 hash = found.iter().fold(hash, |h, &w| fnv1a(h, w));
@@ -878,7 +958,7 @@ fn run_check(m: &Machine, cfg: &Config) -> ! {
         }
         pages = total;
     }
-    println!("check: ok pages={pages} checksum={hash:016x}");
+    println(&[Arg::S(b"check: ok pages="), Arg::D(pages), Arg::S(b" checksum="), Arg::H16(hash)]);
     halt()
 }
 
@@ -896,14 +976,19 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
     let cfg = match parse_cmdline(m.cmdline) {
         Ok(cfg) => cfg,
         Err(word) if bsp => {
-            println!("error: bad command line: {}", Bytes(word));
+            println(&[Arg::S(b"error: bad command line: "), Arg::S(word)]);
             exit(EXIT_BAD_CMDLINE)
         }
         Err(_) => halt(),
     };
 
     if cfg.hello && bsp {
-        println!("hello from blip guest");
+        println(&[Arg::S(b"hello from blip guest")]);
+    }
+    if cfg.crash && bsp {
+        // SAFETY: deliberately raises #UD; with no IDT this escalates to a triple fault, which
+        // is the point of the `crash` workload.
+        unsafe { core::arch::asm!("ud2", options(noreturn)) };
     }
     if cfg.dirty.is_none() && cfg.heartbeat.is_none() && !cfg.check {
         halt();
@@ -915,7 +1000,7 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
             let total = d.ws_mib * MIB / PAGE_SIZE;
             if !m.ram_covers(WS_BASE, WS_BASE + total * PAGE_SIZE) {
                 if bsp {
-                    println!("error: working set does not fit in memory");
+                    println(&[Arg::S(b"error: working set does not fit in memory")]);
                     exit(EXIT_NO_FIT);
                 }
                 halt();

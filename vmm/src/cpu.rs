@@ -91,17 +91,17 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         ..Default::default()
     };
     vec![
-        msr(0x174, 0),                 // IA32_SYSENTER_CS
-        msr(0x175, 0),                 // IA32_SYSENTER_ESP
-        msr(0x176, 0),                 // IA32_SYSENTER_EIP
-        msr(0xc000_0081, 0),           // STAR
-        msr(0xc000_0082, 0),           // LSTAR
-        msr(0xc000_0083, 0),           // CSTAR
-        msr(0xc000_0084, 0),           // SYSCALL_MASK
-        msr(0xc000_0102, 0),           // KERNEL_GS_BASE
-        msr(0x10, 0),                  // IA32_TSC
-        msr(0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
-        msr(0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+        msr(0x174, 0),                     // IA32_SYSENTER_CS
+        msr(0x175, 0),                     // IA32_SYSENTER_ESP
+        msr(0x176, 0),                     // IA32_SYSENTER_EIP
+        msr(0xc000_0081, 0),               // STAR
+        msr(0xc000_0082, 0),               // LSTAR
+        msr(0xc000_0083, 0),               // CSTAR
+        msr(0xc000_0084, 0),               // SYSCALL_MASK
+        msr(0xc000_0102, 0),               // KERNEL_GS_BASE
+        msr(0x10, 0),                      // IA32_TSC
+        msr(0x1a0, 1),                     // IA32_MISC_ENABLE: fast strings
+        msr(0x2ff, (1 << 11) | 6),         // MTRRdefType: enabled, write-back
         msr(0x277, 0x0007_0406_0007_0406), // IA32_PAT: power-on default
     ]
 }
@@ -125,11 +125,7 @@ fn segment(selector: u16, type_: u8, s: u8, limit: u32, g: u8, db: u8) -> kvm_se
 }
 
 /// Puts a fresh vCPU into the PVH entry state.
-pub fn setup_boot_vcpu(
-    vcpu: &VcpuFd,
-    cpuid: &CpuId,
-    boot: &Boot,
-) -> Result<(), CpuError> {
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::PartialMsrs {

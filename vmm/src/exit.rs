@@ -47,10 +47,12 @@ pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u8, devices: &Devices) -> Action {
         VcpuExit::FailEntry(reason, cpu) => Action::Fault(format!(
             "VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, host cpu {cpu})"
         )),
-        VcpuExit::InternalError => Action::Fault("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-        VcpuExit::SystemEvent(kind, _) => {
-            Action::Fault(format!("unexpected system event {kind} (KVM_EXIT_SYSTEM_EVENT)"))
+        VcpuExit::InternalError => {
+            Action::Fault("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
         }
+        VcpuExit::SystemEvent(kind, _) => Action::Fault(format!(
+            "unexpected system event {kind} (KVM_EXIT_SYSTEM_EVENT)"
+        )),
         other => Action::Fault(format!("unhandled exit {other:?}")),
     }
 }
@@ -65,21 +67,39 @@ mod tests {
 
     #[test]
     fn exit_port_exits_with_qemu_code() {
-        assert_eq!(handle_exit(VcpuExit::IoOut(0xf4, &[2, 0, 0, 0]), 0, &devices()), Action::GuestExit(5));
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0xf4, &[2, 0, 0, 0]), 0, &devices()),
+            Action::GuestExit(5)
+        );
     }
 
     #[test]
     fn io_and_mmio_continue() {
         let d = devices();
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, b"x"), 0, &d), Action::Continue);
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x80, &[1]), 0, &d), Action::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"x"), 0, &d),
+            Action::Continue
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x80, &[1]), 0, &d),
+            Action::Continue
+        );
         let mut buf = [0u8; 4];
-        assert_eq!(handle_exit(VcpuExit::IoIn(0x60, &mut buf), 0, &d), Action::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x60, &mut buf), 0, &d),
+            Action::Continue
+        );
         assert_eq!(buf, [0xff; 4]);
         let mut buf = [0u8; 8];
-        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut buf), 0, &d), Action::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut buf), 0, &d),
+            Action::Continue
+        );
         assert_eq!(buf, [0xff; 8]);
-        assert_eq!(handle_exit(VcpuExit::MmioWrite(0xd000_0000, &[1]), 0, &d), Action::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioWrite(0xd000_0000, &[1]), 0, &d),
+            Action::Continue
+        );
         assert_eq!(handle_exit(VcpuExit::Intr, 0, &d), Action::Continue);
     }
 
@@ -87,11 +107,26 @@ mod tests {
     fn halt_ring_full_and_faults() {
         let d = devices();
         assert_eq!(handle_exit(VcpuExit::Hlt, 0, &d), Action::Halt);
-        assert_eq!(handle_exit(VcpuExit::Unsupported(31), 0, &d), Action::DirtyRingFull);
-        assert!(matches!(handle_exit(VcpuExit::Shutdown, 0, &d), Action::Fault(m) if m.contains("triple fault")));
-        assert!(matches!(handle_exit(VcpuExit::FailEntry(7, 1), 0, &d), Action::Fault(m) if m.contains("0x7")));
-        assert!(matches!(handle_exit(VcpuExit::InternalError, 0, &d), Action::Fault(_)));
-        assert!(matches!(handle_exit(VcpuExit::Unsupported(99), 0, &d), Action::Fault(m) if m.contains("99")));
-        assert!(matches!(handle_exit(VcpuExit::Exception, 0, &d), Action::Fault(_)));
+        assert_eq!(
+            handle_exit(VcpuExit::Unsupported(31), 0, &d),
+            Action::DirtyRingFull
+        );
+        assert!(
+            matches!(handle_exit(VcpuExit::Shutdown, 0, &d), Action::Fault(m) if m.contains("triple fault"))
+        );
+        assert!(
+            matches!(handle_exit(VcpuExit::FailEntry(7, 1), 0, &d), Action::Fault(m) if m.contains("0x7"))
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::InternalError, 0, &d),
+            Action::Fault(_)
+        ));
+        assert!(
+            matches!(handle_exit(VcpuExit::Unsupported(99), 0, &d), Action::Fault(m) if m.contains("99"))
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::Exception, 0, &d),
+            Action::Fault(_)
+        ));
     }
 }

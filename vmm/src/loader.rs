@@ -75,7 +75,9 @@ pub enum LoaderError {
     WrongMachine(u16),
     #[error("kernel image is truncated or its program headers are corrupt")]
     Corrupt,
-    #[error("kernel image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); blip boots PVH images only")]
+    #[error(
+        "kernel image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); blip boots PVH images only"
+    )]
     NoPvhNote,
     #[error("kernel image loads at {0:#x}, below 1 MiB, where blip keeps its boot structures")]
     LoadsTooLow(u64),
@@ -154,13 +156,18 @@ impl Image {
                 .checked_add(i * phentsize)
                 .filter(|o| o + 56 <= b.len())
                 .ok_or(LoaderError::Corrupt)?;
-            let word = |off: usize| u64::from_le_bytes(b[o + off..o + off + 8].try_into().unwrap_or_default());
+            let word = |off: usize| {
+                u64::from_le_bytes(b[o + off..o + off + 8].try_into().unwrap_or_default())
+            };
             let p_type = u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
             if p_type != PT_LOAD && p_type != PT_NOTE {
                 continue;
             }
             let (offset, paddr, filesz, memsz) = (word(8), word(24), word(32), word(40));
-            if offset.checked_add(filesz).is_none_or(|e| e > b.len() as u64) {
+            if offset
+                .checked_add(filesz)
+                .is_none_or(|e| e > b.len() as u64)
+            {
                 return Err(LoaderError::Corrupt);
             }
             if p_type == PT_NOTE {
@@ -199,7 +206,9 @@ impl Image {
             return Err(LoaderError::CmdlineTooLong(cmdline.len()));
         }
         let mut cursor = std::io::Cursor::new(&self.bytes[..]);
-        cursor.seek(SeekFrom::Start(0)).map_err(|_| LoaderError::Corrupt)?;
+        cursor
+            .seek(SeekFrom::Start(0))
+            .map_err(|_| LoaderError::Corrupt)?;
         let loaded = Elf::load(mem, None, &mut cursor, None).map_err(LoaderError::Load)?;
         let entry = match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => addr.0,
@@ -248,14 +257,19 @@ impl Image {
 fn has_pvh_note(mut notes: &[u8]) -> bool {
     let align4 = |n: usize| n.div_ceil(4) * 4;
     while notes.len() >= 12 {
-        let u = |o: usize| u32::from_le_bytes([notes[o], notes[o + 1], notes[o + 2], notes[o + 3]]) as usize;
+        let u = |o: usize| {
+            u32::from_le_bytes([notes[o], notes[o + 1], notes[o + 2], notes[o + 3]]) as usize
+        };
         let (namesz, descsz, kind) = (u(0), u(4), u(8) as u32);
         let name_end = 12usize.saturating_add(align4(namesz));
         let next = name_end.saturating_add(align4(descsz));
         if next > notes.len() {
             return false;
         }
-        if kind == XEN_ELFNOTE_PHYS32_ENTRY && notes[12..12 + namesz].starts_with(b"Xen") && descsz >= 4 {
+        if kind == XEN_ELFNOTE_PHYS32_ENTRY
+            && notes[12..12 + namesz].starts_with(b"Xen")
+            && descsz >= 4
+        {
             return true;
         }
         notes = &notes[next..];
@@ -275,7 +289,10 @@ mod tests {
 
     #[test]
     fn rejects_non_elf() {
-        assert!(matches!(img(b"hello world").check(), Err(LoaderError::NotElf)));
+        assert!(matches!(
+            img(b"hello world").check(),
+            Err(LoaderError::NotElf)
+        ));
         assert!(matches!(img(b"").check(), Err(LoaderError::NotElf)));
     }
 
@@ -301,9 +318,14 @@ mod tests {
         let end = Image::embedded().check().unwrap();
         assert!(end > IMAGE_MIN);
         let mem = crate::memory::create(16 << 20, crate::memory::Backing::Anon).unwrap();
-        let boot = Image::embedded().load(&mem, 16 << 20, "hello", 1, 1000).unwrap();
+        let boot = Image::embedded()
+            .load(&mem, 16 << 20, "hello", 1, 1000)
+            .unwrap();
         assert!(boot.entry >= IMAGE_MIN);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(INFO_PAGE)).unwrap(), INFO_MAGIC);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(INFO_PAGE)).unwrap(),
+            INFO_MAGIC
+        );
     }
 
     #[test]

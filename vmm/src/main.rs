@@ -39,7 +39,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
@@ -74,14 +79,14 @@ fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
         Some(p) => Image::from_file(p)?,
         None => Image::embedded(),
     };
-    let serial: Box<dyn Write + Send> = match &g.serial {
-        Serial::Stdout => Box::new(std::io::stdout()),
-        Serial::None => Box::new(std::io::sink()),
-        Serial::File(p) => Box::new(
-            std::fs::File::create(p)
-                .map_err(|e| Failure(format!("cannot create serial output {}: {e}", p.display())))?,
-        ),
-    };
+    let serial: Box<dyn Write + Send> =
+        match &g.serial {
+            Serial::Stdout => Box::new(std::io::stdout()),
+            Serial::None => Box::new(std::io::sink()),
+            Serial::File(p) => Box::new(std::fs::File::create(p).map_err(|e| {
+                Failure(format!("cannot create serial output {}: {e}", p.display()))
+            })?),
+        };
     Ok(VmConfig {
         mem_size: g.mem,
         vcpus: g.vcpus,
@@ -118,12 +123,20 @@ fn run(g: &GuestArgs) -> Result<i32, Failure> {
 
 /// One stderr line about the guest's heartbeats, when it sent any.
 fn report_heartbeats(vm: &Vm) {
-    let hb = vm.devices().heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+    let hb = vm
+        .devices()
+        .heartbeats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if hb.total == 0 {
         return;
     }
     let beats = hb.beats();
-    let gap = beats.windows(2).map(|w| w[1].t_ns - w[0].t_ns).max().unwrap_or(0);
+    let gap = beats
+        .windows(2)
+        .map(|w| w[1].t_ns - w[0].t_ns)
+        .max()
+        .unwrap_or(0);
     eprintln!(
         "blip: heartbeats: {} received, last counter {}, largest gap {:.1} us (over the last {})",
         hb.total,
@@ -143,7 +156,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 fn demo(a: &DemoArgs) -> Result<i32, Failure> {
     let cmdline = "dirty ws=8 rate=max heartbeat period=2000".to_string();
-    println!("blip demo: booting the embedded guest, {} vCPUs, 64 MiB, cmdline \"{cmdline}\"", a.vcpus);
+    println!(
+        "blip demo: booting the embedded guest, {} vCPUs, 64 MiB, cmdline \"{cmdline}\"",
+        a.vcpus
+    );
     let t0 = Instant::now();
     let mut vm = Vm::create(VmConfig {
         mem_size: 64 << 20,
@@ -155,7 +171,10 @@ fn demo(a: &DemoArgs) -> Result<i32, Failure> {
     })?;
     let created = t0.elapsed();
     vm.resume_all()?;
-    println!("blip demo: VM created in {:.1} ms; guest running", created.as_secs_f64() * 1e3);
+    println!(
+        "blip demo: VM created in {:.1} ms; guest running",
+        created.as_secs_f64() * 1e3
+    );
     // Let the guest get going (it is slow under emulated KVM), then time pause/resume cycles.
     let deadline = Instant::now() + Duration::from_secs(30);
     while vm.devices().heartbeats.lock().map(|h| h.total).unwrap_or(0) < 3 {

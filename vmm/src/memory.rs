@@ -97,16 +97,29 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(create(4097, Backing::Anon), Err(MemoryError::Unaligned(_))));
-        assert!(matches!(create(4096, Backing::Anon), Err(MemoryError::OutOfRange { .. })));
-        assert!(matches!(create(4 << 30, Backing::Anon), Err(MemoryError::OutOfRange { .. })));
+        assert!(matches!(
+            create(4097, Backing::Anon),
+            Err(MemoryError::Unaligned(_))
+        ));
+        assert!(matches!(
+            create(4096, Backing::Anon),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            create(4 << 30, Backing::Anon),
+            Err(MemoryError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn memfd_backing_is_usable() {
         let mem = create(4 << 20, Backing::Memfd).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(mem.num_regions(), 1);
     }
 }

@@ -249,9 +249,29 @@ impl Runner {
             Action::Halt => Some(Outcome::Halted),
             Action::GuestExit(code) => Some(Outcome::GuestExit(code)),
             // No dirty ring is enabled yet; a ring-full exit here is a KVM anomaly.
-            Action::DirtyRingFull => Some(self.fault("dirty ring full without a dirty ring".into())),
+            Action::DirtyRingFull => {
+                Some(self.fault("dirty ring full without a dirty ring".into()))
+            }
+            Action::Fault(reason) if reason.contains("KVM_EXIT_INTERNAL_ERROR") => {
+                let detail = self.internal_error_detail();
+                Some(self.fault(format!("{reason} {detail}")))
+            }
             Action::Fault(reason) => Some(self.fault(reason)),
         }
+    }
+
+    /// Suberror and data words of a KVM_EXIT_INTERNAL_ERROR, for the fault report.
+    fn internal_error_detail(&mut self) -> String {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in; it is plain data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        format!(
+            "suberror {} data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
     }
 
     fn fault(&self, reason: String) -> Outcome {

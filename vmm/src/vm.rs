@@ -164,13 +164,15 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
             // `mem`, which the Vm keeps alive for as long as the VM fd exists.
-            unsafe { fd.set_user_memory_region(r) }
-                .map_err(kvm_err("register guest memory"))?;
+            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
 
         let mut fds = Vec::with_capacity(nvcpus as usize);
         for i in 0..nvcpus {
-            fds.push(fd.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU"))?);
+            fds.push(
+                fd.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("create a vCPU"))?,
+            );
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
         let boot = cfg
@@ -182,7 +184,8 @@ impl Vm {
         for (i, v) in fds.iter().enumerate() {
             let index = i as u8;
             let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
-            cpu::setup_boot_vcpu(v, &cpuid, &boot).map_err(|source| VmError::Cpu { index, source })?;
+            cpu::setup_boot_vcpu(v, &cpuid, &boot)
+                .map_err(|source| VmError::Cpu { index, source })?;
             if index > 0 {
                 // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI.
                 v.set_mp_state(kvm_bindings::kvm_mp_state {
@@ -197,7 +200,9 @@ impl Vm {
         let (etx, erx) = crossbeam_channel::unbounded();
         let mut vcpus = Vec::with_capacity(nvcpus as usize);
         for (i, v) in fds.into_iter().enumerate() {
-            vcpus.push(vcpu::spawn(i as u8, v, devices.clone(), etx.clone()).map_err(VmError::Thread)?);
+            vcpus.push(
+                vcpu::spawn(i as u8, v, devices.clone(), etx.clone()).map_err(VmError::Thread)?,
+            );
         }
         Ok(Vm {
             _kvm: kvm,
@@ -291,17 +296,22 @@ impl Vm {
             first_ns: u64::MAX,
             last_ns: 0,
         };
-        let mut pending = live.len();
-        while pending > 0 {
-            let ev = self.events.recv().map_err(|_| VmError::VcpuGone(0))?;
+        // A vCPU may halt or fail during the transition; it then counts as done (its outcome is
+        // recorded and `wait` reports it).
+        let mut pending: Vec<u8> = live;
+        while !pending.is_empty() {
+            let ev = self
+                .events
+                .recv()
+                .map_err(|_| VmError::VcpuGone(pending[0]))?;
             self.note(&ev);
             match &ev {
-                Event::Paused { t_ns, .. } | Event::Resumed { t_ns, .. } if is_ack(&ev) => {
+                Event::Paused { vcpu, t_ns } | Event::Resumed { vcpu, t_ns } if is_ack(&ev) => {
                     t.first_ns = t.first_ns.min(*t_ns);
                     t.last_ns = t.last_ns.max(*t_ns);
-                    pending -= 1;
+                    pending.retain(|v| v != vcpu);
                 }
-                Event::Exited { vcpu, .. } => return Err(VmError::VcpuGone(*vcpu)),
+                Event::Exited { vcpu, .. } => pending.retain(|v| v != vcpu),
                 _ => {}
             }
         }
@@ -320,7 +330,9 @@ impl Vm {
             self.note(&ev);
             match ev {
                 Event::Done { vcpu } if vcpu == index => return Ok(()),
-                Event::Exited { vcpu, .. } if vcpu == index => return Err(VmError::VcpuGone(index)),
+                Event::Exited { vcpu, .. } if vcpu == index => {
+                    return Err(VmError::VcpuGone(index))
+                }
                 _ => {}
             }
         }
@@ -358,7 +370,11 @@ impl Vm {
                 _ => {}
             }
         }
-        if self.exited.iter().all(|o| matches!(o, Some(Outcome::Halted))) {
+        if self
+            .exited
+            .iter()
+            .all(|o| matches!(o, Some(Outcome::Halted)))
+        {
             return Some(VmExit::PoweredOff);
         }
         if self.exited.iter().all(|o| o.is_some()) {
