@@ -83,7 +83,7 @@ fn boot(n: u32) {
             vcpus: 1,
             cmdline: "hello".into(),
             backing: Backing::Anon,
-            image: Image::embedded(),
+            image: Some(Image::embedded()),
             serial: Box::new(std::io::sink()),
         })
         .expect("create VM");
@@ -106,7 +106,7 @@ fn pause(vcpus: u32, cycles: u32) {
         vcpus,
         cmdline: "dirty ws=8 rate=max".into(),
         backing: Backing::Anon,
-        image: Image::embedded(),
+        image: Some(Image::embedded()),
         serial: Box::new(std::io::sink()),
     })
     .expect("create VM");

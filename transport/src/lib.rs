@@ -1,6 +1,15 @@
-//! How bytes move between a migration's source and destination: the wire protocol (headers,
-//! messages, versions, CRC), the TCP transport, the RDMA transport (safe wrappers over
-//! rdma-sys) and authentication of the control channel.
+//! How bytes move between a migration's source and destination.
 //!
-//! This crate must not know about KVM. It is filled by the live-migration issues; until then it
-//! is deliberately empty rather than holding placeholder code.
+//! - [`protocol`]: the wire protocol — the fixed 16-byte header (magic, version, kind, length,
+//!   CRC32C), the message set of a migration with its sequence diagram, zero-copy page runs
+//!   ([`protocol::write_pages`] / [`protocol::PagesReceipt`]), and the decoder's bounds.
+//! - [`tcp`]: endpoints (`tcp://HOST:PORT`, `rdma://HOST:PORT`) and TCP socket set-up
+//!   (connect with timeout, listen, `TCP_NODELAY`).
+//!
+//! Still to come here: the RDMA transport (safe wrappers over rdma-sys) and authentication of
+//! the control channel.
+//!
+//! This crate must not know about KVM: it sees only bytes, addresses and counts.
+
+pub mod protocol;
+pub mod tcp;

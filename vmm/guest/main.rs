@@ -83,6 +83,10 @@
 //!   deadlines. With `sweeps=N`, once every vCPU has completed N sweeps the check runs.
 //! * `heartbeat period=<µs>` — every period each working vCPU increments a shared counter
 //!   (`lock xadd`) and writes the new value to the heartbeat ports.
+//! * `scatter ws=<MiB> seed=<n>` — each vCPU writes pseudo-random pages of its share of the
+//!   working set (at 8 MiB) as fast as it can: write c (c = 1, 2, ...) of vCPU k stores c at
+//!   offset 16 of page `first_k + splitmix64(seed ^ (k << 56) ^ c) % count_k`, then stores c at
+//!   info page + 0x100 + 8k. The VMM's dirty-tracking tests recompute the written pages from it.
 //! * `crash` — the BSP executes `ud2` with no IDT: a triple fault (blip must report it).
 //! * `check` — run the check at once (at boot, memory all zero: it succeeds).
 //!
@@ -694,6 +698,8 @@ struct Config {
     dirty: Option<DirtyCfg>,
     /// Heartbeat period in µs.
     heartbeat: Option<u64>,
+    /// `scatter ws=<MiB> seed=<n>`: (working set MiB, seed).
+    scatter: Option<(u64, u64)>,
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -716,11 +722,13 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
         None,
         Dirty,
         Heartbeat,
+        Scatter,
     }
     let mut cfg = Config::default();
     let mut section = Section::None;
     // Options seen so far (`rate`: Some(None) = max).
     let (mut ws, mut rate, mut sweeps, mut period) = (None, None, None, None);
+    let (mut scatter_ws, mut seed) = (None, None);
     let mut any = false;
 
     for word in cmdline.split(|c| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
@@ -736,6 +744,10 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
                     rate = Some(if val == b"max" { None } else { Some(positive.ok_or(word)?) });
                 }
                 (Section::Dirty, b"sweeps") if sweeps.is_none() => sweeps = Some(positive.ok_or(word)?),
+                (Section::Scatter, b"ws") if scatter_ws.is_none() => {
+                    scatter_ws = Some(positive.filter(|&v| v <= 1 << 20).ok_or(word)?);
+                }
+                (Section::Scatter, b"seed") if seed.is_none() => seed = Some(parse_u64(val).ok_or(word)?),
                 (Section::Heartbeat, b"period") if period.is_none() => {
                     period = Some(positive.filter(|&v| v <= 1 << 40).ok_or(word)?);
                 }
@@ -761,6 +773,10 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
                 // Placeholder marking `dirty` as seen; filled in below.
                 cfg.dirty = Some(DirtyCfg { ws_mib: 0, rate: None, sweeps: None });
             }
+            b"scatter" if cfg.scatter.is_none() => {
+                section = Section::Scatter;
+                cfg.scatter = Some((0, 0));
+            }
             b"heartbeat" if cfg.heartbeat.is_none() => {
                 section = Section::Heartbeat;
                 cfg.heartbeat = Some(0);
@@ -776,6 +792,10 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
     if cfg.heartbeat.is_some() {
         cfg.heartbeat = Some(period.ok_or(&b"heartbeat"[..])?);
     }
+    if cfg.scatter.is_some() {
+        let (Some(w), Some(sd)) = (scatter_ws, seed) else { return Err(b"scatter") };
+        cfg.scatter = Some((w, sd));
+    }
     if !any {
         cfg.hello = true;
     }
@@ -785,6 +805,45 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
 // ---------------------------------------------------------------------------------------
 // Workloads
 // ---------------------------------------------------------------------------------------
+
+/// Where vCPU k publishes its scatter counter: info page + 0x100 + 8k.
+const SCATTER_COUNTERS: u64 = INFO_PAGE + 0x100;
+
+fn scatter_counter(cpu: u64) -> u64 {
+    // SAFETY: the info page is guest RAM below the image, identity-mapped; volatile read.
+    unsafe { ((SCATTER_COUNTERS + 8 * cpu) as *const u64).read_volatile() }
+}
+
+/// `scatter`: each vCPU writes pseudo-random pages of its share, publishing a counter after
+/// every write, so the VMM can recompute exactly which pages were written between two pauses:
+/// write number c (c = 1, 2, ...) of vCPU k goes to page
+/// `first_k + splitmix64(seed ^ (k << 56) ^ c) % count_k` (u64 at offset 16 := c), and only then
+/// is the counter at info page + 0x100 + 8k set to c. Used by the dirty-tracking tests.
+struct ScatterState {
+    cpu: u64,
+    first: u64,
+    count: u64,
+    seed: u64,
+    counter: u64,
+}
+
+impl ScatterState {
+    fn step(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let c = self.counter + 1;
+        let page = self.first + splitmix64(self.seed ^ (self.cpu << 56) ^ c) % self.count;
+        let gpa = WS_BASE + page * PAGE_SIZE;
+        // SAFETY: gpa lies in this vCPU's share of the working set, checked to be inside RAM
+        // and identity-mapped; the counter slot is in the info page. Volatile: the VMM reads.
+        unsafe {
+            ((gpa + 16) as *mut u64).write_volatile(c);
+            ((SCATTER_COUNTERS + 8 * self.cpu) as *mut u64).write_volatile(c);
+        }
+        self.counter = c;
+    }
+}
 
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(GOLDEN);
@@ -990,7 +1049,7 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
         // is the point of the `crash` workload.
         unsafe { core::arch::asm!("ud2", options(noreturn)) };
     }
-    if cfg.dirty.is_none() && cfg.heartbeat.is_none() && !cfg.check {
+    if cfg.dirty.is_none() && cfg.heartbeat.is_none() && cfg.scatter.is_none() && !cfg.check {
         halt();
     }
 
@@ -1016,6 +1075,21 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
                 sweeps_left: d.sweeps,
                 pacer: d.rate.map(|r| Pacer::new(m.tsc_khz * 1000 / r, now)),
             })
+        }
+        None => None,
+    };
+    let mut scatter = match cfg.scatter {
+        Some((ws_mib, seed)) => {
+            let total = ws_mib * MIB / PAGE_SIZE;
+            if !m.ram_covers(WS_BASE, WS_BASE + total * PAGE_SIZE) {
+                if bsp {
+                    println(&[Arg::S(b"error: working set does not fit in memory")]);
+                    exit(EXIT_NO_FIT);
+                }
+                halt();
+            }
+            let (first, count) = share(total, m.nr_vcpus, cpu);
+            Some(ScatterState { cpu: cpu as u64, first, count, seed, counter: scatter_counter(cpu as u64) })
         }
         None => None,
     };
@@ -1049,6 +1123,9 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
                     }
                 }
             }
+        }
+        if let Some(sc) = scatter.as_mut() {
+            sc.step();
         }
         if let Some(h) = heartbeat.as_mut() {
             if h.pacer.due(now) {

@@ -14,7 +14,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// First port of COM1.
@@ -25,6 +26,8 @@ pub const EXIT_PORT: u16 = 0xf4;
 pub const HEARTBEAT_LO: u16 = 0xf8;
 /// Heartbeat counter, high 32 bits.
 pub const HEARTBEAT_HI: u16 = 0xfc;
+/// Receive FIFO size of vm-superio's 16550A (its constant is private).
+const UART_FIFO: usize = 0x40;
 /// How many heartbeats the ring keeps.
 pub const HEARTBEAT_RING: usize = 4096;
 
@@ -87,6 +90,74 @@ impl Heartbeats {
     }
 }
 
+/// COM1's registers and receive FIFO (a serde mirror of vm-superio's `SerialState`, which has
+/// no serde derive). The output sink is not state: each VM keeps its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialRegs {
+    fn from(s: SerialState) -> Self {
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegs> for SerialState {
+    fn from(s: &SerialRegs) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// The device state a migration carries: COM1's registers and each vCPU's last heartbeat high
+/// half (the guest writes the high half only when it changes, so the destination must know it).
+/// The heartbeat ring is history, not state: it stays with the VMM that recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialRegs,
+    pub heartbeat_hi: Vec<u32>,
+}
+
+/// Errors restoring device state.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error("saved COM1 receive FIFO holds {0} bytes, more than the UART's FIFO")]
+    SerialFifo(usize),
+    #[error("saved device state is for {saved} vCPUs but this VM has {here}")]
+    VcpuCount { saved: usize, here: usize },
+}
+
 /// The device set shared by all vCPU threads.
 pub struct Devices {
     serial: Mutex<Serial<NoIrq, NoEvents, Box<dyn Write + Send>>>,
@@ -103,6 +174,46 @@ impl Devices {
             heartbeat_hi: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
             heartbeats: Mutex::new(Heartbeats::default()),
         }
+    }
+
+    /// Snapshot of the device state (call with the vCPUs paused).
+    pub fn save_state(&self) -> DevicesState {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        DevicesState {
+            serial: serial.state().into(),
+            heartbeat_hi: self
+                .heartbeat_hi
+                .iter()
+                .map(|h| h.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    /// Loads device state saved by [`Devices::save_state`] (vCPUs paused); COM1 keeps this VM's
+    /// output sink.
+    pub fn restore_state(&self, st: &DevicesState) -> Result<(), DevicesError> {
+        if st.heartbeat_hi.len() != self.heartbeat_hi.len() {
+            return Err(DevicesError::VcpuCount {
+                saved: st.heartbeat_hi.len(),
+                here: self.heartbeat_hi.len(),
+            });
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let placeholder: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(&mut *serial, Serial::new(NoIrq, placeholder));
+        let out = old.into_writer();
+        // `from_state` fails only on an oversized FIFO (the trigger is infallible); check first
+        // so the sink is never lost.
+        if st.serial.in_buffer.len() > UART_FIFO {
+            *serial = Serial::new(NoIrq, out);
+            return Err(DevicesError::SerialFifo(st.serial.in_buffer.len()));
+        }
+        *serial = Serial::from_state(&SerialState::from(&st.serial), NoIrq, NoEvents, out)
+            .map_err(|_| DevicesError::SerialFifo(st.serial.in_buffer.len()))?;
+        for (h, v) in self.heartbeat_hi.iter().zip(&st.heartbeat_hi) {
+            h.store(*v, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// A port write; returns the guest's exit code if it asked to exit.

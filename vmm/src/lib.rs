@@ -6,8 +6,10 @@
 pub mod cli;
 pub mod cpu;
 pub mod devices;
+pub mod dirty;
 pub mod exit;
 pub mod loader;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 pub mod vm;

@@ -92,7 +92,7 @@ fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
         vcpus: g.vcpus,
         cmdline: g.cmdline.clone(),
         backing: g.mem_backing,
-        image,
+        image: Some(image),
         serial,
     })
 }
@@ -166,7 +166,7 @@ fn demo(a: &DemoArgs) -> Result<i32, Failure> {
         vcpus: a.vcpus,
         cmdline,
         backing: blip_vmm::memory::Backing::Anon,
-        image: Image::embedded(),
+        image: Some(Image::embedded()),
         serial: Box::new(std::io::stdout()),
     })?;
     let created = t0.elapsed();

@@ -135,6 +135,7 @@ pub fn spawn(
     vcpu: VcpuFd,
     devices: Arc<Devices>,
     events: Sender<Event>,
+    dirty: Option<Arc<crate::dirty::Shared>>,
 ) -> std::io::Result<VcpuHandle> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let thread = std::thread::Builder::new()
@@ -147,6 +148,7 @@ pub fn spawn(
                 events,
                 commands: rx,
                 state: State::Paused,
+                dirty,
             };
             let outcome = runner.run();
             runner.state = State::Exited;
@@ -170,6 +172,7 @@ struct Runner {
     events: Sender<Event>,
     commands: Receiver<Command>,
     state: State,
+    dirty: Option<Arc<crate::dirty::Shared>>,
 }
 
 impl Runner {
@@ -249,9 +252,14 @@ impl Runner {
             Action::Halt => Some(Outcome::Halted),
             Action::GuestExit(code) => Some(Outcome::GuestExit(code)),
             // No dirty ring is enabled yet; a ring-full exit here is a KVM anomaly.
-            Action::DirtyRingFull => {
-                Some(self.fault("dirty ring full without a dirty ring".into()))
-            }
+            // Drain our own ring before re-entering (KVM refuses to run a vCPU with a full ring).
+            Action::DirtyRingFull => match &self.dirty {
+                Some(d) => {
+                    d.ring_full(self.index);
+                    None
+                }
+                None => Some(self.fault("dirty ring full without a dirty ring".into())),
+            },
             Action::Fault(reason) if reason.contains("KVM_EXIT_INTERNAL_ERROR") => {
                 let detail = self.internal_error_detail();
                 Some(self.fault(format!("{reason} {detail}")))

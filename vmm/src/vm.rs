@@ -18,6 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cpu::{self, CpuError};
 use crate::devices::Devices;
+use crate::dirty::{self, Tracker};
 use crate::loader::{Image, LoaderError};
 use crate::memory::{self, Backing, GuestMem, MemoryError};
 use crate::vcpu::{self, Command, Event, Outcome, VcpuHandle};
@@ -56,8 +57,10 @@ pub enum VmError {
     },
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
-    #[error("vCPU {0} exited while it was being paused or resumed")]
+    #[error("vCPU {0} thread is gone")]
     VcpuGone(u8),
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -81,8 +84,26 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub cmdline: String,
     pub backing: Backing,
-    pub image: Image,
+    /// The guest to boot; `None` makes a blank VM (zeroed memory, vCPUs with no state set)
+    /// that a migration or restore fills in.
+    pub image: Option<Image>,
     pub serial: Box<dyn Write + Send>,
+}
+
+/// How dirty pages are tracked (fixed at VM creation: KVM wants rings before vCPUs).
+#[derive(Clone, Copy, Debug)]
+pub struct DirtyConfig {
+    pub mode: dirty::Mode,
+    pub ring_entries: u32,
+}
+
+impl Default for DirtyConfig {
+    fn default() -> Self {
+        DirtyConfig {
+            mode: dirty::Mode::Ring,
+            ring_entries: dirty::DEFAULT_RING_ENTRIES,
+        }
+    }
 }
 
 /// How a VM ended.
@@ -120,11 +141,18 @@ pub struct Vm {
     events: Receiver<Event>,
     exited: Vec<Option<Outcome>>,
     tsc_khz: u32,
+    tracker: Tracker,
 }
 
 impl Vm {
-    /// Creates the VM, loads the image and prepares every vCPU, all Paused.
+    /// Creates the VM, loads the image and prepares every vCPU, all Paused, with the default
+    /// dirty tracking (ring, bitmap where KVM has no ring).
     pub fn create(cfg: VmConfig) -> Result<Vm, VmError> {
+        Self::create_with(cfg, DirtyConfig::default())
+    }
+
+    /// [`Vm::create`] with an explicit dirty-tracking choice.
+    pub fn create_with(cfg: VmConfig, dirty_cfg: DirtyConfig) -> Result<Vm, VmError> {
         let kvm = open_kvm()?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -139,13 +167,15 @@ impl Vm {
         }
         let nvcpus = cfg.vcpus as u8;
         // Check the image before allocating anything large.
-        let end = cfg.image.check()?;
-        if end > cfg.mem_size {
-            return Err(LoaderError::TooLarge {
-                end,
-                mem: cfg.mem_size,
+        if let Some(image) = &cfg.image {
+            let end = image.check()?;
+            if end > cfg.mem_size {
+                return Err(LoaderError::TooLarge {
+                    end,
+                    mem: cfg.mem_size,
+                }
+                .into());
             }
-            .into());
         }
         let mem = memory::create(cfg.mem_size, cfg.backing)?;
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
@@ -167,6 +197,8 @@ impl Vm {
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
 
+        let active = dirty::enable(&fd, dirty_cfg.mode, dirty_cfg.ring_entries)?;
+        let fd = Arc::new(fd);
         let mut fds = Vec::with_capacity(nvcpus as usize);
         for i in 0..nvcpus {
             fds.push(
@@ -175,38 +207,46 @@ impl Vm {
             );
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
-        let boot = cfg
-            .image
-            .load(&mem, cfg.mem_size, &cfg.cmdline, nvcpus, tsc_khz)?;
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("report supported CPUID"))?;
-        for (i, v) in fds.iter().enumerate() {
-            let index = i as u8;
-            let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
-            cpu::setup_boot_vcpu(v, &cpuid, &boot)
-                .map_err(|source| VmError::Cpu { index, source })?;
-            if index > 0 {
-                // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI.
-                v.set_mp_state(kvm_bindings::kvm_mp_state {
-                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(kvm_err("make an AP runnable"))?;
+        if let Some(image) = &cfg.image {
+            let boot = image.load(&mem, cfg.mem_size, &cfg.cmdline, nvcpus, tsc_khz)?;
+            let supported = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("report supported CPUID"))?;
+            for (i, v) in fds.iter().enumerate() {
+                let index = i as u8;
+                let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
+                cpu::setup_boot_vcpu(v, &cpuid, &boot)
+                    .map_err(|source| VmError::Cpu { index, source })?;
+                if index > 0 {
+                    // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI.
+                    v.set_mp_state(kvm_bindings::kvm_mp_state {
+                        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                    })
+                    .map_err(kvm_err("make an AP runnable"))?;
+                }
             }
         }
 
+        let tracker = Tracker::new(fd.clone(), active, &fds, &mem)?;
         vcpu::install_kick_handler().map_err(VmError::Thread)?;
         let devices = Arc::new(Devices::new(cfg.serial, nvcpus));
         let (etx, erx) = crossbeam_channel::unbounded();
         let mut vcpus = Vec::with_capacity(nvcpus as usize);
         for (i, v) in fds.into_iter().enumerate() {
             vcpus.push(
-                vcpu::spawn(i as u8, v, devices.clone(), etx.clone()).map_err(VmError::Thread)?,
+                vcpu::spawn(
+                    i as u8,
+                    v,
+                    devices.clone(),
+                    etx.clone(),
+                    Some(tracker.shared().clone()),
+                )
+                .map_err(VmError::Thread)?,
             );
         }
         Ok(Vm {
             _kvm: kvm,
-            fd: Arc::new(fd),
+            fd,
             mem,
             mem_size: cfg.mem_size,
             devices,
@@ -214,12 +254,23 @@ impl Vm {
             vcpus,
             events: erx,
             tsc_khz,
+            tracker,
         })
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMem {
         &self.mem
+    }
+
+    /// Dirty tracking.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Dirty tracking, mutably (start/stop).
+    pub fn tracker_mut(&mut self) -> (&mut Tracker, &GuestMem) {
+        (&mut self.tracker, &self.mem)
     }
 
     /// Guest memory size in bytes.

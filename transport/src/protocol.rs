@@ -1,0 +1,1334 @@
+//! The blip migration wire protocol: a fixed 16-byte header followed by a payload, read and
+//! written over `&mut dyn Read` / `&mut dyn Write`.
+//!
+//! A migration runs over one control stream plus `streams` data streams (TCP connections today).
+//!
+//! ```text
+//! source (blip run --api)                      destination (blip receive --listen)
+//!   control stream connect  ------------------>
+//!   Hello{role=Source, session, nonce} ------->
+//!                           <------------------ Hello{role=Destination, session, nonce}
+//!   Offer{layout, vcpus, cpu, tsc, streams,..}->
+//!                           <------------------ Accept | Refuse{reason}
+//!   data streams 1..N connect, each: StreamHello{session, index} ->
+//!   round r: Pages{gpa,count}+data on data streams ... RoundEnd{round, pages} on every data stream
+//!            RoundEnd{round, pages_total} on control
+//!                           <------------------ RoundAck{round}   (all streams drained)
+//!   ... last round (vCPUs paused = blackout) ...
+//!   State{opaque bytes} on control ---------->
+//!                           <------------------ Ready             (holds complete state)
+//!   Commit ------------------------------------>
+//!                           <------------------ Resumed{t_ns}
+//!   (any time before Commit: Abort{reason} either way; source keeps running its guest)
+//! ```
+//!
+//! # Framing
+//!
+//! Every message is a [`Header`] (16 bytes, little-endian: magic `b"BLIP"`, version, kind,
+//! payload length, CRC32C of the payload) followed by `len` payload bytes. Payload fields are
+//! little-endian and fixed-size; strings and byte blobs are a `u32` length followed by the
+//! bytes. A payload must be consumed exactly: trailing or missing bytes are
+//! [`ProtocolError::Malformed`]. Payloads are capped at [`MAX_PAYLOAD`], checked before anything
+//! is allocated.
+//!
+//! # Pages
+//!
+//! [`Message::Pages`] is special so that page data never passes through an intermediate buffer:
+//! its payload is 16 fixed bytes (`gpa: u64`, `count: u32`, `reserved: u32` = 0) followed by
+//! `count * 4096` bytes of page data; `len` and the CRC cover both. The sender uses
+//! [`write_pages`] (vectored writes straight from guest memory). [`read_message`] reads only the
+//! 16 fixed bytes and returns a [`PagesReceipt`] in the [`Frame`]; the caller then reads exactly
+//! [`PagesReceipt::data_len`] bytes straight into guest memory, folding them into the CRC with
+//! [`crc32c_append`] starting from [`PagesReceipt::partial_crc`], and calls
+//! [`PagesReceipt::verify`]. [`PagesReceipt::read_into`] does all of that for a plain byte
+//! slice.
+
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+
+/// Re-exported so receivers of [`Message::Pages`] can fold the page data they placed into the
+/// CRC (`crc = crc32c_append(crc, chunk)`), starting from [`PagesReceipt::partial_crc`].
+pub use crc32c::crc32c_append;
+
+/// `b"BLIP"` read as a little-endian `u32`.
+pub const MAGIC: u32 = 0x5049_4c42;
+/// The protocol version this build speaks; the peer must speak the same one.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the encoded [`Header`].
+pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted or sent (64 MiB).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// Page size of [`Message::Pages`] data.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of the fixed part of a [`Message::Pages`] payload (gpa, count, reserved).
+pub const PAGES_FIXED_LEN: usize = 16;
+/// Most pages one [`Message::Pages`] can carry within [`MAX_PAYLOAD`].
+pub const MAX_PAGES_PER_MESSAGE: u32 = (MAX_PAYLOAD - PAGES_FIXED_LEN as u32) / PAGE_SIZE as u32;
+
+/// Errors of the wire protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The underlying stream failed (including EOF inside a message).
+    #[error("migration stream I/O failed")]
+    Io(#[from] io::Error),
+    /// The peer closed the stream cleanly between messages.
+    #[error("peer closed the migration stream")]
+    Closed,
+    /// The header does not start with `b"BLIP"`.
+    #[error("bad magic {0:#010x}: peer does not speak the blip migration protocol")]
+    BadMagic(u32),
+    /// The peer speaks another protocol version.
+    #[error(
+        "protocol version mismatch: this build speaks version {ours}, the peer speaks {theirs}"
+    )]
+    VersionMismatch {
+        /// [`PROTOCOL_VERSION`].
+        ours: u16,
+        /// The version in the peer's header.
+        theirs: u16,
+    },
+    /// The header names a message kind this build does not know.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    /// A payload length above [`MAX_PAYLOAD`] (saturated to `u32::MAX` when sending).
+    #[error("message payload of {0} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
+    TooLarge(u32),
+    /// The payload does not match its CRC32C.
+    #[error(
+        "CRC mismatch in {kind} message: header says {expected:#010x}, payload has {actual:#010x}"
+    )]
+    Crc {
+        /// Kind of the damaged message.
+        kind: MessageKind,
+        /// CRC from the header.
+        expected: u32,
+        /// CRC computed over the received payload.
+        actual: u32,
+    },
+    /// The payload does not decode as its kind.
+    #[error("malformed {kind} message: {what}")]
+    Malformed {
+        /// Kind of the malformed message.
+        kind: MessageKind,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+    /// A well-formed message arrived where the caller's state machine expected another.
+    #[error("unexpected {got} message (expected {expected})")]
+    Unexpected {
+        /// What the caller was waiting for.
+        expected: &'static str,
+        /// What arrived.
+        got: MessageKind,
+    },
+    /// The destination refused the offer.
+    #[error("peer refused the migration: {0}")]
+    Refused(String),
+    /// The peer aborted the migration.
+    #[error("peer aborted the migration: {0}")]
+    Aborted(String),
+}
+
+type Result<T> = std::result::Result<T, ProtocolError>;
+
+/// Message kinds, as carried in [`Header::kind`].
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// [`Message::Hello`]
+    Hello = 1,
+    /// [`Message::Offer`]
+    Offer = 2,
+    /// [`Message::Accept`]
+    Accept = 3,
+    /// [`Message::Refuse`]
+    Refuse = 4,
+    /// [`Message::StreamHello`]
+    StreamHello = 5,
+    /// [`Message::Pages`]
+    Pages = 6,
+    /// [`Message::RoundEnd`]
+    RoundEnd = 7,
+    /// [`Message::RoundAck`]
+    RoundAck = 8,
+    /// [`Message::State`]
+    State = 9,
+    /// [`Message::Ready`]
+    Ready = 10,
+    /// [`Message::Commit`]
+    Commit = 11,
+    /// [`Message::Resumed`]
+    Resumed = 12,
+    /// [`Message::Abort`]
+    Abort = 13,
+}
+
+impl MessageKind {
+    /// Every kind, in wire order.
+    pub const ALL: [MessageKind; 13] = [
+        MessageKind::Hello,
+        MessageKind::Offer,
+        MessageKind::Accept,
+        MessageKind::Refuse,
+        MessageKind::StreamHello,
+        MessageKind::Pages,
+        MessageKind::RoundEnd,
+        MessageKind::RoundAck,
+        MessageKind::State,
+        MessageKind::Ready,
+        MessageKind::Commit,
+        MessageKind::Resumed,
+        MessageKind::Abort,
+    ];
+
+    /// The kind with wire value `v`, if there is one.
+    pub fn from_u16(v: u16) -> Option<MessageKind> {
+        Self::ALL.iter().copied().find(|k| *k as u16 == v)
+    }
+
+    /// The name used in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Hello => "Hello",
+            MessageKind::Offer => "Offer",
+            MessageKind::Accept => "Accept",
+            MessageKind::Refuse => "Refuse",
+            MessageKind::StreamHello => "StreamHello",
+            MessageKind::Pages => "Pages",
+            MessageKind::RoundEnd => "RoundEnd",
+            MessageKind::RoundAck => "RoundAck",
+            MessageKind::State => "State",
+            MessageKind::Ready => "Ready",
+            MessageKind::Commit => "Commit",
+            MessageKind::Resumed => "Resumed",
+            MessageKind::Abort => "Abort",
+        }
+    }
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The fixed header in front of every message (16 bytes, little-endian on the wire).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// [`MAGIC`].
+    pub magic: u32,
+    /// [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// What the payload is.
+    pub kind: MessageKind,
+    /// Payload bytes after the header (for Pages: fixed part plus page data).
+    pub len: u32,
+    /// CRC32C of the payload.
+    pub crc: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
+
+impl Header {
+    /// A header of this build's magic and version.
+    pub fn new(kind: MessageKind, len: u32, crc: u32) -> Header {
+        Header {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            kind,
+            len,
+            crc,
+        }
+    }
+
+    /// The wire form.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&self.magic.to_le_bytes());
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates a header: magic, version, known kind, `len <= MAX_PAYLOAD`.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header> {
+        let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
+        let raw_kind = u16::from_le_bytes([b[6], b[7]]);
+        let kind = MessageKind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge(len));
+        }
+        let crc = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        Ok(Header {
+            magic,
+            version,
+            kind,
+            len,
+            crc,
+        })
+    }
+}
+
+/// Which end of a migration a [`Message::Hello`] comes from.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The side whose guest is being migrated away.
+    Source = 1,
+    /// The side receiving the guest.
+    Destination = 2,
+}
+
+/// What the source proposes to send; the destination accepts or refuses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Page size of the transfer (4096).
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// CPUID.0 vendor string (EBX, EDX, ECX).
+    pub cpu_vendor: [u8; 12],
+    /// CPUID.1 EAX.
+    pub cpu_signature: u32,
+    /// Hash of the guest CPUID the VMM computes.
+    pub cpu_features: u64,
+    /// Guest TSC frequency.
+    pub tsc_khz: u32,
+    /// Number of data streams that will connect.
+    pub streams: u32,
+    /// Bitmask of the optional vCPU state pieces that travel.
+    pub state_pieces: u64,
+    /// Name of the guest, for logs.
+    pub guest_name: String,
+}
+
+/// A protocol message. See the module documentation for the sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// First message on the control stream, each way.
+    Hello {
+        /// Who is speaking.
+        role: Role,
+        /// Migration session id.
+        session: u64,
+        /// Fresh random bytes of the speaker.
+        nonce: [u8; 32],
+    },
+    /// Source → destination: what will be migrated.
+    Offer(Offer),
+    /// Destination → source: offer accepted.
+    Accept,
+    /// Destination → source: offer refused.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// First message on each data stream.
+    StreamHello {
+        /// Session of the control stream.
+        session: u64,
+        /// Data stream index, 1..=streams.
+        index: u32,
+    },
+    /// Page run header; `count * 4096` bytes of page data follow it on the stream. Sent with
+    /// [`write_pages`], received with [`read_message`] + [`PagesReceipt`].
+    Pages {
+        /// Guest physical address of the first page.
+        gpa: u64,
+        /// Number of pages.
+        count: u32,
+    },
+    /// End of a round: on every data stream (pages sent on it) and on control (total).
+    RoundEnd {
+        /// Round number.
+        round: u32,
+        /// Pages sent in the round (on this stream, or in total on control).
+        pages: u64,
+    },
+    /// Destination → source: every stream of the round is drained.
+    RoundAck {
+        /// Round number.
+        round: u32,
+    },
+    /// Source → destination: the opaque vCPU/device state.
+    State(Vec<u8>),
+    /// Destination → source: complete state held, ready to resume.
+    Ready,
+    /// Source → destination: resume the guest; the source will not.
+    Commit,
+    /// Destination → source: the guest runs again.
+    Resumed {
+        /// Destination CLOCK_MONOTONIC at resume, in nanoseconds.
+        t_ns: u64,
+    },
+    /// Either way, before Commit: stop the migration.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// The kind of this message.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello { .. } => MessageKind::Hello,
+            Message::Offer(_) => MessageKind::Offer,
+            Message::Accept => MessageKind::Accept,
+            Message::Refuse { .. } => MessageKind::Refuse,
+            Message::StreamHello { .. } => MessageKind::StreamHello,
+            Message::Pages { .. } => MessageKind::Pages,
+            Message::RoundEnd { .. } => MessageKind::RoundEnd,
+            Message::RoundAck { .. } => MessageKind::RoundAck,
+            Message::State(_) => MessageKind::State,
+            Message::Ready => MessageKind::Ready,
+            Message::Commit => MessageKind::Commit,
+            Message::Resumed { .. } => MessageKind::Resumed,
+            Message::Abort { .. } => MessageKind::Abort,
+        }
+    }
+
+    /// The error for a state machine that waited for `expected` and got `self`:
+    /// [`ProtocolError::Refused`] for Refuse, [`ProtocolError::Aborted`] for Abort,
+    /// [`ProtocolError::Unexpected`] otherwise.
+    pub fn unexpected(self, expected: &'static str) -> ProtocolError {
+        match self {
+            Message::Refuse { reason } => ProtocolError::Refused(reason),
+            Message::Abort { reason } => ProtocolError::Aborted(reason),
+            other => ProtocolError::Unexpected {
+                expected,
+                got: other.kind(),
+            },
+        }
+    }
+}
+
+/// What [`read_message`] returns: the message and, for [`Message::Pages`], the receipt for the
+/// page data still in the stream.
+#[derive(Debug)]
+pub struct Frame {
+    /// The decoded message.
+    pub msg: Message,
+    /// `Some` exactly when `msg` is [`Message::Pages`]: the caller must then read
+    /// `data_len` bytes of page data from the same stream before the next message.
+    pub pages: Option<PagesReceipt>,
+}
+
+/// The page data of a [`Message::Pages`] still to be read, and how to check it.
+#[must_use = "the page data is still in the stream and must be read and verified"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagesReceipt {
+    /// CRC from the header (over the fixed part and the page data).
+    pub expected_crc: u32,
+    /// CRC32C over the 16 fixed bytes: fold the page data into this with [`crc32c_append`].
+    pub partial_crc: u32,
+    /// Bytes of page data that follow in the stream (`count * 4096`).
+    pub data_len: usize,
+}
+
+impl PagesReceipt {
+    /// Checks `crc` = `partial_crc` with all page data appended against the header's CRC.
+    pub fn verify(&self, crc: u32) -> Result<()> {
+        if crc == self.expected_crc {
+            Ok(())
+        } else {
+            Err(ProtocolError::Crc {
+                kind: MessageKind::Pages,
+                expected: self.expected_crc,
+                actual: crc,
+            })
+        }
+    }
+
+    /// Reads the page data into `dst` (which must be exactly `data_len` bytes long) and
+    /// verifies the CRC.
+    pub fn read_into(&self, r: &mut dyn Read, dst: &mut [u8]) -> Result<()> {
+        if dst.len() != self.data_len {
+            return Err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "destination buffer length differs from the page data length",
+            )));
+        }
+        r.read_exact(dst)?;
+        self.verify(crc32c_append(self.partial_crc, dst))
+    }
+}
+
+/// Writes one message (header and payload in a single `write_all`). Page runs go through
+/// [`write_pages`]; passing [`Message::Pages`] here is [`ProtocolError::Malformed`]. Does not
+/// flush.
+pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
+    let mut e = Enc(Vec::with_capacity(HEADER_LEN + 64));
+    e.0.resize(HEADER_LEN, 0);
+    match msg {
+        Message::Hello {
+            role,
+            session,
+            nonce,
+        } => {
+            e.u32(*role as u32);
+            e.u64(*session);
+            e.raw(nonce);
+        }
+        Message::Offer(o) => {
+            e.u64(o.mem_size);
+            e.u32(o.page_size);
+            e.u32(o.vcpus);
+            e.raw(&o.cpu_vendor);
+            e.u32(o.cpu_signature);
+            e.u64(o.cpu_features);
+            e.u32(o.tsc_khz);
+            e.u32(o.streams);
+            e.u64(o.state_pieces);
+            e.bytes(o.guest_name.as_bytes())?;
+        }
+        Message::Accept | Message::Ready | Message::Commit => {}
+        Message::Refuse { reason } | Message::Abort { reason } => e.bytes(reason.as_bytes())?,
+        Message::StreamHello { session, index } => {
+            e.u64(*session);
+            e.u32(*index);
+        }
+        Message::Pages { .. } => {
+            return Err(ProtocolError::Malformed {
+                kind: MessageKind::Pages,
+                what: "page runs must be sent with write_pages",
+            })
+        }
+        Message::RoundEnd { round, pages } => {
+            e.u32(*round);
+            e.u64(*pages);
+        }
+        Message::RoundAck { round } => e.u32(*round),
+        Message::State(bytes) => e.bytes(bytes)?,
+        Message::Resumed { t_ns } => e.u64(*t_ns),
+    }
+    let mut buf = e.0;
+    let payload_len = buf.len() - HEADER_LEN;
+    let len = u32::try_from(payload_len).unwrap_or(u32::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let header = Header::new(msg.kind(), len, crc32c::crc32c(&buf[HEADER_LEN..]));
+    buf[..HEADER_LEN].copy_from_slice(&header.encode());
+    w.write_all(&buf)?;
+    Ok(())
+}
+
+/// Most I/O vectors handed to one `write_vectored` call by [`write_pages`].
+const IOV_BATCH: usize = 64;
+
+/// Writes a [`Message::Pages`] for the pages at `gpa` whose data is `data` (concatenated; the
+/// total must be a multiple of 4096 and at most [`MAX_PAGES_PER_MESSAGE`] pages). The data is
+/// written straight from the slices with vectored writes, never copied. Does not flush.
+pub fn write_pages(w: &mut dyn Write, gpa: u64, data: &[IoSlice<'_>]) -> Result<()> {
+    let total: usize = data.iter().map(|s| s.len()).sum();
+    if total % PAGE_SIZE != 0 {
+        return Err(ProtocolError::Malformed {
+            kind: MessageKind::Pages,
+            what: "page data is not a multiple of 4096 bytes",
+        });
+    }
+    let len = u32::try_from(total + PAGES_FIXED_LEN).unwrap_or(u32::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    // Cannot truncate: total <= MAX_PAYLOAD.
+    let count = (total / PAGE_SIZE) as u32;
+
+    let mut head = [0u8; HEADER_LEN + PAGES_FIXED_LEN];
+    head[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&gpa.to_le_bytes());
+    head[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&count.to_le_bytes());
+    // reserved u32 stays zero.
+    let crc = data
+        .iter()
+        .fold(crc32c::crc32c(&head[HEADER_LEN..]), |crc, s| {
+            crc32c_append(crc, s)
+        });
+    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::Pages, len, crc).encode());
+
+    let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+    iov[0] = IoSlice::new(&head);
+    let mut n = 1;
+    for s in data {
+        iov[n] = *s;
+        n += 1;
+        if n == IOV_BATCH {
+            write_all_vectored(w, &mut iov[..n])?;
+            n = 0;
+        }
+    }
+    if n > 0 {
+        write_all_vectored(w, &mut iov[..n])?;
+    }
+    Ok(())
+}
+
+fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "stream accepted no more bytes in the middle of a message",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one message. Returns [`ProtocolError::Closed`] on a clean EOF before the header. For
+/// [`Message::Pages`] only the 16 fixed bytes are read: the page data stays in the stream and
+/// [`Frame::pages`] says how much of it there is and how to verify it.
+pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
+    let mut hb = [0u8; HEADER_LEN];
+    match read_full(r, &mut hb)? {
+        0 => return Err(ProtocolError::Closed),
+        HEADER_LEN => {}
+        _ => return Err(eof("stream ended inside a message header")),
+    }
+    let h = Header::decode(&hb)?;
+    let kind = h.kind;
+    let len = h.len as usize;
+
+    if kind == MessageKind::Pages {
+        if len < PAGES_FIXED_LEN || (len - PAGES_FIXED_LEN) % PAGE_SIZE != 0 {
+            return Err(ProtocolError::Malformed {
+                kind,
+                what: "length is not 16 plus a multiple of 4096",
+            });
+        }
+        let mut fixed = [0u8; PAGES_FIXED_LEN];
+        if read_full(r, &mut fixed)? != PAGES_FIXED_LEN {
+            return Err(eof("stream ended inside a Pages header"));
+        }
+        let mut d = Dec { kind, buf: &fixed };
+        let gpa = d.u64()?;
+        let count = d.u32()?;
+        let reserved = d.u32()?;
+        if reserved != 0 {
+            return Err(ProtocolError::Malformed {
+                kind,
+                what: "reserved field is not zero",
+            });
+        }
+        let data_len = len - PAGES_FIXED_LEN;
+        if count as usize * PAGE_SIZE != data_len {
+            return Err(ProtocolError::Malformed {
+                kind,
+                what: "page count does not match the length",
+            });
+        }
+        return Ok(Frame {
+            msg: Message::Pages { gpa, count },
+            pages: Some(PagesReceipt {
+                expected_crc: h.crc,
+                partial_crc: crc32c::crc32c(&fixed),
+                data_len,
+            }),
+        });
+    }
+
+    let payload = read_payload(r, len)?;
+    let actual = crc32c::crc32c(&payload);
+    if actual != h.crc {
+        return Err(ProtocolError::Crc {
+            kind,
+            expected: h.crc,
+            actual,
+        });
+    }
+    let mut d = Dec {
+        kind,
+        buf: &payload,
+    };
+    let msg = match kind {
+        MessageKind::Hello => {
+            let role = match d.u32()? {
+                1 => Role::Source,
+                2 => Role::Destination,
+                _ => {
+                    return Err(ProtocolError::Malformed {
+                        kind,
+                        what: "unknown role",
+                    })
+                }
+            };
+            Message::Hello {
+                role,
+                session: d.u64()?,
+                nonce: d.array()?,
+            }
+        }
+        MessageKind::Offer => Message::Offer(Offer {
+            mem_size: d.u64()?,
+            page_size: d.u32()?,
+            vcpus: d.u32()?,
+            cpu_vendor: d.array()?,
+            cpu_signature: d.u32()?,
+            cpu_features: d.u64()?,
+            tsc_khz: d.u32()?,
+            streams: d.u32()?,
+            state_pieces: d.u64()?,
+            guest_name: d.string()?,
+        }),
+        MessageKind::Accept => Message::Accept,
+        MessageKind::Refuse => Message::Refuse {
+            reason: d.string()?,
+        },
+        MessageKind::StreamHello => Message::StreamHello {
+            session: d.u64()?,
+            index: d.u32()?,
+        },
+        MessageKind::Pages => unreachable!("handled above"),
+        MessageKind::RoundEnd => Message::RoundEnd {
+            round: d.u32()?,
+            pages: d.u64()?,
+        },
+        MessageKind::RoundAck => Message::RoundAck { round: d.u32()? },
+        MessageKind::State => Message::State(d.bytes()?.to_vec()),
+        MessageKind::Ready => Message::Ready,
+        MessageKind::Commit => Message::Commit,
+        MessageKind::Resumed => Message::Resumed { t_ns: d.u64()? },
+        MessageKind::Abort => Message::Abort {
+            reason: d.string()?,
+        },
+    };
+    if !d.buf.is_empty() {
+        return Err(ProtocolError::Malformed {
+            kind,
+            what: "trailing bytes after the payload",
+        });
+    }
+    Ok(Frame { msg, pages: None })
+}
+
+fn eof(what: &'static str) -> ProtocolError {
+    ProtocolError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, what))
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Largest payload buffer capacity `read_payload` ever held on this thread.
+    static LARGEST_PAYLOAD_ALLOC: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads a payload of `len` (already checked against [`MAX_PAYLOAD`]) bytes. The buffer grows
+/// with the bytes that actually arrive, so a lying length costs at most twice what was sent,
+/// and never more than `len`.
+fn read_payload(r: &mut dyn Read, len: usize) -> Result<Vec<u8>> {
+    const FIRST_STEP: usize = 64 * 1024;
+    let mut buf = Vec::new();
+    while buf.len() < len {
+        let filled = buf.len();
+        let step = (len - filled).min(filled.max(FIRST_STEP));
+        buf.reserve_exact(step);
+        buf.resize(filled + step, 0);
+        #[cfg(test)]
+        LARGEST_PAYLOAD_ALLOC.with(|m| m.set(m.get().max(buf.capacity())));
+        if read_full(r, &mut buf[filled..])? != step {
+            return Err(eof("stream ended inside a message payload"));
+        }
+    }
+    Ok(buf)
+}
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn raw(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn u32(&mut self, v: u32) {
+        self.raw(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.raw(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) -> Result<()> {
+        let n = u32::try_from(b.len())
+            .ok()
+            .filter(|n| *n <= MAX_PAYLOAD)
+            .ok_or(ProtocolError::TooLarge(
+                u32::try_from(b.len()).unwrap_or(u32::MAX),
+            ))?;
+        self.u32(n);
+        self.raw(b);
+        Ok(())
+    }
+}
+
+struct Dec<'a> {
+    kind: MessageKind,
+    buf: &'a [u8],
+}
+
+impl<'a> Dec<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                what: "payload is shorter than its fields",
+            });
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > self.buf.len() {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                what: "byte string is longer than the payload",
+            });
+        }
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String> {
+        let kind = self.kind;
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::Malformed {
+                kind,
+                what: "string is not UTF-8",
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn offer() -> Offer {
+        Offer {
+            mem_size: 256 << 20,
+            page_size: 4096,
+            vcpus: 2,
+            cpu_vendor: *b"AuthenticAMD",
+            cpu_signature: 0x00a2_0f12,
+            cpu_features: 0xdead_beef_cafe_f00d,
+            tsc_khz: 2_994_000,
+            streams: 4,
+            state_pieces: 0b1011,
+            guest_name: "demo-guest ✓".to_owned(),
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                role: Role::Source,
+                session: 0x0123_4567_89ab_cdef,
+                nonce: [7; 32],
+            },
+            Message::Hello {
+                role: Role::Destination,
+                session: 1,
+                nonce: std::array::from_fn(|i| i as u8),
+            },
+            Message::Offer(offer()),
+            Message::Accept,
+            Message::Refuse {
+                reason: "CPU vendor differs".to_owned(),
+            },
+            Message::Refuse {
+                reason: String::new(),
+            },
+            Message::StreamHello {
+                session: 42,
+                index: 3,
+            },
+            Message::RoundEnd {
+                round: 9,
+                pages: u64::MAX,
+            },
+            Message::RoundAck { round: 9 },
+            Message::State(vec![1, 2, 3, 4, 5]),
+            Message::State(Vec::new()),
+            Message::Ready,
+            Message::Commit,
+            Message::Resumed { t_ns: 123_456_789 },
+            Message::Abort {
+                reason: "operator cancelled".to_owned(),
+            },
+        ]
+    }
+
+    fn page_data(pages: usize, seed: u8) -> Vec<u8> {
+        (0..pages * PAGE_SIZE)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// A stream of every sample plus one Pages message (with its data) in the middle.
+    fn stream() -> (Vec<u8>, Vec<u8>) {
+        let data = page_data(2, 5);
+        let mut buf = Vec::new();
+        let s = samples();
+        for m in &s[..5] {
+            write_message(&mut buf, m).unwrap();
+        }
+        write_pages(
+            &mut buf,
+            0x10_0000,
+            &[IoSlice::new(&data[..100]), IoSlice::new(&data[100..])],
+        )
+        .unwrap();
+        for m in &s[5..] {
+            write_message(&mut buf, m).unwrap();
+        }
+        (buf, data)
+    }
+
+    #[test]
+    fn header_is_16_bytes_and_round_trips() {
+        let h = Header::new(MessageKind::Resumed, 8, 0x1234_5678);
+        let b = h.encode();
+        assert_eq!(&b[..4], b"BLIP");
+        assert_eq!(Header::decode(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let mut kinds = std::collections::HashSet::new();
+        for m in samples() {
+            let mut buf = Vec::new();
+            write_message(&mut buf, &m).unwrap();
+            let mut r = Cursor::new(&buf);
+            let f = read_message(&mut r).unwrap();
+            assert_eq!(f.msg, m);
+            assert!(f.pages.is_none());
+            assert_eq!(r.position() as usize, buf.len());
+            assert!(matches!(read_message(&mut r), Err(ProtocolError::Closed)));
+            kinds.insert(m.kind());
+        }
+        kinds.insert(MessageKind::Pages); // covered by the pages tests
+        assert_eq!(kinds.len(), MessageKind::ALL.len());
+        for k in MessageKind::ALL {
+            assert_eq!(MessageKind::from_u16(k as u16), Some(k));
+        }
+    }
+
+    #[test]
+    fn pages_from_many_slices_are_received_and_verified() {
+        let data = page_data(3, 1);
+        let slices: Vec<IoSlice<'_>> = data.chunks(1000).map(IoSlice::new).collect();
+        let mut buf = Vec::new();
+        write_pages(&mut buf, 0xfee0_0000, &slices).unwrap();
+        write_message(&mut buf, &Message::Commit).unwrap();
+        assert_eq!(buf.len(), 2 * HEADER_LEN + PAGES_FIXED_LEN + data.len());
+
+        let mut r = Cursor::new(&buf);
+        let f = read_message(&mut r).unwrap();
+        assert_eq!(
+            f.msg,
+            Message::Pages {
+                gpa: 0xfee0_0000,
+                count: 3
+            }
+        );
+        let receipt = f.pages.unwrap();
+        assert_eq!(receipt.data_len, data.len());
+        // Receive in odd chunks, folding the CRC as a guest-memory receiver would.
+        let mut got = vec![0u8; receipt.data_len];
+        let mut crc = receipt.partial_crc;
+        for chunk in got.chunks_mut(777) {
+            r.read_exact(chunk).unwrap();
+            crc = crc32c_append(crc, chunk);
+        }
+        receipt.verify(crc).unwrap();
+        assert_eq!(got, data);
+        assert_eq!(read_message(&mut r).unwrap().msg, Message::Commit);
+    }
+
+    #[test]
+    fn pages_more_slices_than_one_batch_and_partial_writes() {
+        /// Accepts at most 7 bytes per call (default write_vectored: first buffer only).
+        struct Trickle(Vec<u8>);
+        impl Write for Trickle {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let n = b.len().min(7);
+                self.0.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let data = page_data(5, 9);
+        let mut slices: Vec<IoSlice<'_>> = data.chunks(64).map(IoSlice::new).collect();
+        slices.insert(3, IoSlice::new(&[]));
+        assert!(slices.len() > 3 * IOV_BATCH);
+        let mut w = Trickle(Vec::new());
+        write_pages(&mut w, 4096, &slices).unwrap();
+        let mut r = Cursor::new(&w.0);
+        let f = read_message(&mut r).unwrap();
+        let receipt = f.pages.unwrap();
+        let mut got = vec![0u8; receipt.data_len];
+        receipt.read_into(&mut r, &mut got).unwrap();
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn empty_pages_message_is_valid() {
+        let mut buf = Vec::new();
+        write_pages(&mut buf, 0, &[]).unwrap();
+        let f = read_message(&mut Cursor::new(&buf)).unwrap();
+        assert_eq!(f.msg, Message::Pages { gpa: 0, count: 0 });
+        let receipt = f.pages.unwrap();
+        receipt.read_into(&mut io::empty(), &mut []).unwrap();
+    }
+
+    #[test]
+    fn pages_rejects_partial_page_and_write_message() {
+        let mut buf = Vec::new();
+        let err = write_pages(&mut buf, 0, &[IoSlice::new(&[0u8; 100])]).unwrap_err();
+        assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+        let err = write_message(&mut buf, &Message::Pages { gpa: 0, count: 1 }).unwrap_err();
+        assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn corrupted_page_data_fails_crc() {
+        let data = page_data(1, 3);
+        let mut buf = Vec::new();
+        write_pages(&mut buf, 0, &[IoSlice::new(&data)]).unwrap();
+        let last = buf.len() - 1;
+        buf[last] ^= 0x40;
+        let mut r = Cursor::new(&buf);
+        let receipt = read_message(&mut r).unwrap().pages.unwrap();
+        let mut got = vec![0u8; PAGE_SIZE];
+        let err = receipt.read_into(&mut r, &mut got).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::Crc {
+                    kind: MessageKind::Pages,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn corrupted_payload_byte_fails_crc() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, &Message::Offer(offer())).unwrap();
+        for i in HEADER_LEN..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 1;
+            let err = read_message(&mut Cursor::new(&b)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ProtocolError::Crc {
+                        kind: MessageKind::Offer,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_magic_version_and_kind() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, &Message::Ready).unwrap();
+
+        let mut b = buf.clone();
+        b[0] = b'X';
+        assert!(matches!(
+            read_message(&mut Cursor::new(&b)),
+            Err(ProtocolError::BadMagic(_))
+        ));
+
+        let mut b = buf.clone();
+        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let err = read_message(&mut Cursor::new(&b)).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::VersionMismatch { ours: 1, theirs: 2 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("version"));
+
+        let mut b = buf.clone();
+        b[6..8].copy_from_slice(&99u16.to_le_bytes());
+        assert!(matches!(
+            read_message(&mut Cursor::new(&b)),
+            Err(ProtocolError::UnknownKind(99))
+        ));
+    }
+
+    #[test]
+    fn huge_length_is_rejected_before_allocating() {
+        for len in [u32::MAX, MAX_PAYLOAD + 1] {
+            let h = Header::new(MessageKind::State, len, 0).encode();
+            LARGEST_PAYLOAD_ALLOC.with(|m| m.set(0));
+            let err = read_message(&mut Cursor::new(&h)).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::TooLarge(l) if l == len),
+                "{err}"
+            );
+            assert_eq!(LARGEST_PAYLOAD_ALLOC.with(|m| m.get()), 0);
+        }
+        // A length within the cap but with nothing behind it allocates only a first step.
+        let h = Header::new(MessageKind::State, MAX_PAYLOAD, 0).encode();
+        LARGEST_PAYLOAD_ALLOC.with(|m| m.set(0));
+        let err = read_message(&mut Cursor::new(&h)).unwrap_err();
+        assert!(matches!(err, ProtocolError::Io(_)), "{err}");
+        assert!(LARGEST_PAYLOAD_ALLOC.with(|m| m.get()) <= 64 * 1024);
+    }
+
+    /// Header + payload with a correct CRC, for decoder checks past the CRC.
+    fn framed(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
+        let h = Header::new(kind, payload.len() as u32, crc32c::crc32c(payload));
+        let mut v = h.encode().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn malformed_payloads() {
+        let cases: [(MessageKind, &[u8]); 7] = [
+            (MessageKind::Accept, &[0]),                     // trailing byte
+            (MessageKind::RoundAck, &[1, 2, 3]),             // short
+            (MessageKind::Refuse, &[10, 0, 0, 0, b'a']),     // string longer than payload
+            (MessageKind::Abort, &[2, 0, 0, 0, 0xff, 0xfe]), // not UTF-8
+            (MessageKind::Hello, &[3; 44]),                  // unknown role
+            (MessageKind::Pages, &[0; 15]),                  // bad length
+            (MessageKind::State, &[0xff, 0xff, 0xff, 0xff]), // blob length u32::MAX
+        ];
+        for (kind, payload) in cases {
+            let err = read_message(&mut Cursor::new(framed(kind, payload))).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::Malformed { kind: k, .. } if k == kind),
+                "{kind}: {err}"
+            );
+        }
+        // Pages: count disagreeing with len, and non-zero reserved.
+        let mut fixed = [0u8; 16];
+        fixed[8] = 2;
+        let mut b = Header::new(MessageKind::Pages, 16 + 4096, 0)
+            .encode()
+            .to_vec();
+        b.extend_from_slice(&fixed);
+        assert!(matches!(
+            read_message(&mut Cursor::new(&b)),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        fixed[8] = 1;
+        fixed[12] = 1;
+        b.truncate(HEADER_LEN);
+        b.extend_from_slice(&fixed);
+        assert!(matches!(
+            read_message(&mut Cursor::new(&b)),
+            Err(ProtocolError::Malformed { .. })
+        ));
+    }
+
+    /// Reads every message of `buf`, page data included, until the first error.
+    fn drain(buf: &[u8]) -> (usize, ProtocolError) {
+        let mut r = Cursor::new(buf);
+        let mut n = 0;
+        let mut chunk = [0u8; PAGE_SIZE];
+        loop {
+            let f = match read_message(&mut r) {
+                Ok(f) => f,
+                Err(e) => return (n, e),
+            };
+            n += 1;
+            if let Some(receipt) = f.pages {
+                let mut crc = receipt.partial_crc;
+                let mut left = receipt.data_len;
+                while left > 0 {
+                    let c = &mut chunk[..left.min(PAGE_SIZE)];
+                    if let Err(e) = r.read_exact(c) {
+                        return (n, e.into());
+                    }
+                    crc = crc32c_append(crc, c);
+                    left -= c.len();
+                }
+                if let Err(e) = receipt.verify(crc) {
+                    return (n, e);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_offset_is_an_error() {
+        let (buf, _) = stream();
+        let total = samples().len() + 1;
+        let (n, e) = drain(&buf);
+        assert_eq!(n, total);
+        assert!(matches!(e, ProtocolError::Closed));
+
+        let mut boundaries = 0;
+        for cut in 0..buf.len() {
+            let (n, e) = drain(&buf[..cut]);
+            assert!(n < total);
+            match e {
+                ProtocolError::Closed => boundaries += 1,
+                ProtocolError::Io(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+                other => panic!("cut at {cut}: {other}"),
+            }
+        }
+        assert_eq!(boundaries, total); // every message start, including offset 0
+    }
+
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn fuzz_decoder_never_panics_or_overallocates() {
+        let (base, _) = stream();
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        LARGEST_PAYLOAD_ALLOC.with(|m| m.set(0));
+        let mut decoded = 0usize;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            let mut buf = match rng.below(4) {
+                // Pure garbage, sometimes with a valid magic and version in front.
+                0 => {
+                    let len = rng.below(256);
+                    let mut v: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    if len >= 6 && rng.below(2) == 0 {
+                        v[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                        v[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                    }
+                    v
+                }
+                // A valid stream with a few flipped bytes.
+                1 => {
+                    let mut v = base.clone();
+                    for _ in 0..1 + rng.below(8) {
+                        let i = rng.below(v.len());
+                        v[i] = rng.next() as u8;
+                    }
+                    v
+                }
+                // A valid stream cut short at a random point.
+                2 => base[..rng.below(base.len())].to_vec(),
+                // A single message whose header fields are randomised, CRC recomputed.
+                _ => {
+                    let kind = MessageKind::ALL[rng.below(MessageKind::ALL.len())];
+                    let len = rng.below(96);
+                    let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    let mut v = framed(kind, &payload);
+                    if rng.below(4) == 0 {
+                        let l = rng.next() as u32;
+                        v[8..12].copy_from_slice(&l.to_le_bytes());
+                    }
+                    v
+                }
+            };
+            if rng.below(8) == 0 {
+                buf.extend_from_slice(&base);
+            }
+            let (n, e) = drain(&buf);
+            decoded += n;
+            seen.insert(std::mem::discriminant(&e));
+        }
+        assert!(decoded > 0);
+        // The inputs reach every decoder error, not just the header checks.
+        let crc = ProtocolError::Crc {
+            kind: MessageKind::Ready,
+            expected: 0,
+            actual: 0,
+        };
+        let malformed = ProtocolError::Malformed {
+            kind: MessageKind::Ready,
+            what: "",
+        };
+        for e in [
+            ProtocolError::Closed,
+            ProtocolError::BadMagic(0),
+            ProtocolError::TooLarge(0),
+            ProtocolError::UnknownKind(0),
+            crc,
+            malformed,
+            ProtocolError::Io(io::ErrorKind::Other.into()),
+        ] {
+            assert!(seen.contains(&std::mem::discriminant(&e)), "never hit: {e}");
+        }
+        let largest = LARGEST_PAYLOAD_ALLOC.with(|m| m.get());
+        assert!(largest <= MAX_PAYLOAD as usize, "allocated {largest} bytes");
+    }
+
+    #[test]
+    fn unexpected_maps_refuse_and_abort() {
+        assert!(matches!(
+            Message::Refuse { reason: "no".into() }.unexpected("Accept"),
+            ProtocolError::Refused(r) if r == "no"
+        ));
+        assert!(matches!(
+            Message::Abort { reason: "x".into() }.unexpected("Ready"),
+            ProtocolError::Aborted(_)
+        ));
+        let e = Message::Ready.unexpected("RoundAck");
+        assert_eq!(
+            e.to_string(),
+            "unexpected Ready message (expected RoundAck)"
+        );
+    }
+}

@@ -1,0 +1,1263 @@
+//! Saving and restoring the state of a paused VM: every vCPU's architectural state, the KVM
+//! clock and the devices.
+//!
+//! Why: live migration moves guest memory page by page while the guest runs, but the CPU and
+//! device state can only be taken once the vCPUs are paused, inside the blackout. That state is
+//! what this module carries (snapshots will carry it too). Memory is not part of it: it travels
+//! separately, straight into the destination's guest RAM.
+//!
+//! What: only state that KVM reports. Each optional piece (XSAVE, XCRs, vCPU events, debug
+//! registers, TSC frequency, KVM clock) is saved only when this host's KVM has the capability,
+//! and [`VcpuState::pieces`] / [`Caps::pieces`] say which pieces travel so the migration handshake
+//! can refuse a destination that lacks one. There is no local APIC state (blip creates no
+//! irqchip) and no nested state (`KVM_CAP_NESTED_STATE` is 0 on our hosts). MSRs are the ones in
+//! `KVM_GET_MSR_INDEX_LIST` that `KVM_GET_MSRS` can actually read on this host, probed once per
+//! VM ([`Vm::persist_caps`]) so the blackout path asks only for readable ones.
+//!
+//! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope:
+//!
+//! | offset | size | field |
+//! |--------|------|-------|
+//! | 0      | 8    | magic `BLIPSTAT` |
+//! | 8      | 4    | format version (u32 LE), [`FORMAT_VERSION`] — not the crate version |
+//! | 12     | 8    | payload length (u64 LE), at most [`MAX_STATE_SIZE`] |
+//! | 20     | 4    | CRC32C of the payload (u32 LE) |
+//! | 24     | len  | payload |
+//!
+//! There is one format version; a reader rejects any other with a clear error rather than
+//! guessing. The size cap is checked before anything is allocated, and bincode is given the
+//! same limit, so a hostile length inside the payload cannot allocate without bound.
+
+use std::io::Read;
+use std::sync::{mpsc, Arc};
+
+use bincode::Options;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::{DevicesError, DevicesState};
+use crate::vm::{Vm, VmError};
+
+/// Envelope magic.
+pub const MAGIC: [u8; 8] = *b"BLIPSTAT";
+/// The one format version this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Envelope header size.
+pub const HEADER_LEN: usize = 24;
+/// Largest payload accepted (and produced).
+pub const MAX_STATE_SIZE: u64 = 64 << 20;
+
+/// Optional state pieces (bits of [`VcpuState::pieces`], [`VmState::pieces`], [`Caps::pieces`]).
+/// CPUID, regs, sregs, FPU, MSRs and MP state always travel.
+pub const PIECE_XSAVE: u64 = 1 << 0;
+/// Extended control registers (KVM_CAP_XCRS).
+pub const PIECE_XCRS: u64 = 1 << 1;
+/// Pending exceptions, NMI, interrupt shadow (KVM_CAP_VCPU_EVENTS).
+pub const PIECE_VCPU_EVENTS: u64 = 1 << 2;
+/// Debug registers (KVM_CAP_DEBUGREGS).
+pub const PIECE_DEBUGREGS: u64 = 1 << 3;
+/// vCPU TSC frequency (KVM_CAP_GET_TSC_KHZ).
+pub const PIECE_TSC_KHZ: u64 = 1 << 4;
+/// KVM clock (KVM_CAP_ADJUST_CLOCK, VM-wide).
+pub const PIECE_CLOCK: u64 = 1 << 5;
+/// Every piece this code knows.
+pub const ALL_PIECES: u64 = (1 << 6) - 1;
+
+const PIECE_NAMES: [(u64, &str); 6] = [
+    (PIECE_XSAVE, "xsave"),
+    (PIECE_XCRS, "xcrs"),
+    (PIECE_VCPU_EVENTS, "vcpu-events"),
+    (PIECE_DEBUGREGS, "debugregs"),
+    (PIECE_TSC_KHZ, "tsc-khz"),
+    (PIECE_CLOCK, "clock"),
+];
+
+/// Names of the pieces in `pieces`, comma-separated (unknown bits as hex).
+pub fn piece_names(pieces: u64) -> String {
+    let mut names: Vec<String> = PIECE_NAMES
+        .iter()
+        .filter(|(bit, _)| pieces & bit != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect();
+    if pieces & !ALL_PIECES != 0 {
+        names.push(format!("unknown {:#x}", pieces & !ALL_PIECES));
+    }
+    names.join(",")
+}
+
+/// Errors saving, restoring, encoding or decoding VM state.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("KVM could not {what} on vCPU {vcpu}")]
+    Kvm {
+        what: &'static str,
+        vcpu: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM could not {what} for the VM")]
+    VmKvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot open /dev/kvm to list MSRs")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("vCPU {vcpu}: KVM read only {read} of {total} MSRs (MSR {index:#x} failed)")]
+    MsrRead {
+        vcpu: u8,
+        read: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("vCPU {vcpu}: KVM accepted only {set} of {total} MSRs (MSR {index:#x} refused)")]
+    MsrWrite {
+        vcpu: u8,
+        set: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("vCPU {vcpu}: {count} {what} entries exceed KVM's limit of {max}")]
+    TooManyEntries {
+        vcpu: u8,
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("vCPU {vcpu}: saved XSAVE area is {bytes} bytes, this host's KVM takes {max}")]
+    XsaveTooLarge { vcpu: u8, bytes: usize, max: usize },
+    #[error("saved state needs pieces this host's KVM lacks: {0}")]
+    MissingPieces(String),
+    #[error("saved state has {saved} vCPUs but this VM has {here}")]
+    VcpuCount { saved: usize, here: usize },
+    #[error("saved state has {saved} bytes of guest memory but this VM has {here}")]
+    MemSize { saved: u64, here: u64 },
+    #[error("saved state for vCPU {index} is the state of vCPU {saved}")]
+    VcpuOrder { index: usize, saved: u8 },
+    #[error("cannot reach a vCPU thread")]
+    Vm(#[source] VmError),
+    #[error("vCPU {0} did not return its state")]
+    NoReply(u8),
+    #[error("cannot restore device state")]
+    Devices(#[source] DevicesError),
+    #[error("not a blip state (bad magic)")]
+    NotBlipState,
+    #[error("unsupported blip state format version {found} (this blip reads {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u32 },
+    #[error("blip state is truncated: {have} of {need} bytes")]
+    Truncated { need: u64, have: u64 },
+    #[error("blip state has {0} bytes after its payload")]
+    Trailing(u64),
+    #[error("blip state is corrupt: CRC32C {actual:#010x}, header says {expected:#010x}")]
+    Crc { expected: u32, actual: u32 },
+    #[error("blip state payload of {size} bytes exceeds the {MAX_STATE_SIZE}-byte limit")]
+    TooLarge { size: u64 },
+    #[error("blip state payload cannot be decoded")]
+    Undecodable(#[source] bincode::Error),
+    #[error("cannot encode blip state")]
+    Encode(#[source] bincode::Error),
+    #[error("cannot read blip state")]
+    Io(#[source] std::io::Error),
+}
+
+/// `kvm_fpu` mirrored for serde (kvm-bindings gives it no serde impl).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FpuState {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&FpuState> for kvm_fpu {
+    fn from(f: &FpuState) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
+/// The KVM clock (`kvm_clock_data`), VM-wide.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockState {
+    /// kvmclock nanoseconds when saved.
+    pub clock: u64,
+    /// Flags KVM returned (KVM_CLOCK_TSC_STABLE, _REALTIME, _HOST_TSC).
+    pub flags: u32,
+    /// Host CLOCK_REALTIME ns when saved (if KVM_CLOCK_REALTIME).
+    pub realtime: u64,
+    /// Host TSC when saved (if KVM_CLOCK_HOST_TSC).
+    pub host_tsc: u64,
+}
+
+/// One vCPU's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU's index (APIC ID).
+    pub index: u8,
+    /// Optional pieces present (`PIECE_*`).
+    pub pieces: u64,
+    /// CPUID the vCPU runs with: a blank destination vCPU needs it before any other state.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: FpuState,
+    /// (index, value) of every readable MSR.
+    pub msrs: Vec<(u32, u64)>,
+    /// The XSAVE area as 32-bit words (4096 bytes, more with KVM_CAP_XSAVE2).
+    pub xsave: Option<Vec<u32>>,
+    pub xcrs: Option<kvm_xcrs>,
+    pub events: Option<kvm_vcpu_events>,
+    pub mp_state: u32,
+    pub debugregs: Option<kvm_debugregs>,
+    pub tsc_khz: Option<u32>,
+}
+
+/// The whole VM's state (guest memory excluded: it travels separately).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Guest memory size in bytes; the destination must have the same.
+    pub mem_size: u64,
+    /// Optional pieces present (`PIECE_*`, union of the vCPUs' and the VM's).
+    pub pieces: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub clock: Option<ClockState>,
+    pub devices: DevicesState,
+}
+
+/// What this host's KVM lets a VM save and restore; computed once per VM, before any blackout.
+#[derive(Clone, Debug, Default)]
+pub struct Caps {
+    /// Optional pieces this KVM supports (`PIECE_*`).
+    pub pieces: u64,
+    /// MSRs `KVM_GET_MSRS` reads on this host (a subset of the KVM MSR index list). Empty when
+    /// computed for a restore, which sets exactly the MSRs that were saved.
+    pub msr_indices: Vec<u32>,
+    /// Size in bytes of the XSAVE area (KVM_CAP_XSAVE2, or 4096 without it).
+    pub xsave_size: usize,
+    /// KVM can change a vCPU's TSC frequency (KVM_CAP_TSC_CONTROL).
+    pub tsc_control: bool,
+}
+
+impl Caps {
+    /// The optional pieces and XSAVE size KVM reports for `vm` (no MSR list).
+    pub fn of_vm(vm: &VmFd) -> Caps {
+        let mut pieces = 0;
+        for (cap, bit) in [
+            (Cap::Xsave, PIECE_XSAVE),
+            (Cap::Xcrs, PIECE_XCRS),
+            (Cap::VcpuEvents, PIECE_VCPU_EVENTS),
+            (Cap::Debugregs, PIECE_DEBUGREGS),
+            (Cap::GetTscKhz, PIECE_TSC_KHZ),
+            (Cap::AdjustClock, PIECE_CLOCK),
+        ] {
+            if vm.check_extension(cap) {
+                pieces |= bit;
+            }
+        }
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2))
+            .unwrap_or(0)
+            .max(legacy);
+        Caps {
+            pieces,
+            msr_indices: Vec::new(),
+            xsave_size,
+            tsc_control: vm.check_extension(Cap::TscControl),
+        }
+    }
+}
+
+/// The MSRs worth saving on this host: those in KVM's MSR index list that KVM can both read
+/// and write back. The list names some MSRs KVM reads but refuses to set in a VM without an
+/// in-kernel LAPIC (`MSR_KVM_ASYNC_PF_INT`, for one); saving those would make every restore
+/// fail. Writability is probed on a throwaway VM so the guest's own vCPUs are not touched.
+pub fn restorable_msrs() -> Result<Vec<u32>, PersistError> {
+    // The Vm keeps its Kvm handle private; opening /dev/kvm again is cheap.
+    let kvm = Kvm::new().map_err(PersistError::OpenKvm)?;
+    let vm_kvm = |what| move |source| PersistError::VmKvm { what, source };
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(vm_kvm("list MSRs"))?
+        .as_slice()
+        .to_vec();
+    let vm = kvm
+        .create_vm()
+        .map_err(vm_kvm("create a VM to probe MSRs"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(vm_kvm("create a vCPU to probe MSRs"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(vm_kvm("report supported CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(vm_kvm("set CPUID on the MSR probe vCPU"))?;
+
+    let mut ok = Vec::with_capacity(list.len());
+    let mut rest = &list[..];
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let mut msrs = msrs_of(0, &msr_entries(chunk))?;
+        let read = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(vm_kvm("read MSRs on the probe vCPU"))?
+            .min(chunk.len());
+        let mut written = 0;
+        if read > 0 {
+            let back = msrs_of(0, &msrs.as_slice()[..read])?;
+            written = vcpu
+                .set_msrs(&back)
+                .map_err(vm_kvm("write MSRs on the probe vCPU"))?
+                .min(read);
+            ok.extend_from_slice(&chunk[..written]);
+        }
+        // KVM stops at the first MSR it cannot read (or write): skip that one and go on.
+        let consumed = if written == chunk.len() {
+            written
+        } else {
+            written + 1
+        };
+        rest = &rest[consumed..];
+    }
+    Ok(ok)
+}
+
+fn kvm(what: &'static str, vcpu: u8) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
+    move |source| PersistError::Kvm { what, vcpu, source }
+}
+
+fn msrs_of(vcpu: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, PersistError> {
+    Msrs::from_entries(entries).map_err(|_| PersistError::TooManyEntries {
+        vcpu,
+        what: "MSR",
+        count: entries.len(),
+        max: KVM_MAX_MSR_ENTRIES,
+    })
+}
+
+fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
+    indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Those of `candidates` that `KVM_GET_MSRS` reads on `fd`. KVM stops at the first MSR it
+/// cannot read and returns how many it read, so each call skips one unreadable MSR.
+pub fn readable_msrs(fd: &VcpuFd, vcpu: u8, candidates: &[u32]) -> Result<Vec<u32>, PersistError> {
+    let mut readable = Vec::with_capacity(candidates.len());
+    let mut rest = candidates;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let mut msrs = msrs_of(vcpu, &msr_entries(chunk))?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm("read MSRs (probe)", vcpu))?
+            .min(chunk.len());
+        readable.extend_from_slice(&chunk[..n]);
+        // A short count means chunk[n] stopped KVM: skip it.
+        let consumed = if n == chunk.len() { n } else { n + 1 };
+        rest = &rest[consumed..];
+    }
+    Ok(readable)
+}
+
+/// Saves vCPU `index`'s state from its fd (the vCPU must be paused).
+pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, PersistError> {
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("read CPUID", index))?
+        .as_slice()
+        .to_vec();
+    let regs = fd.get_regs().map_err(kvm("read registers", index))?;
+    let sregs = fd
+        .get_sregs()
+        .map_err(kvm("read segment registers", index))?;
+    let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("read FPU state", index))?);
+
+    let mut msrs = Vec::with_capacity(caps.msr_indices.len());
+    for chunk in caps.msr_indices.chunks(KVM_MAX_MSR_ENTRIES) {
+        let mut m = msrs_of(index, &msr_entries(chunk))?;
+        let n = fd.get_msrs(&mut m).map_err(kvm("read MSRs", index))?;
+        if n != chunk.len() {
+            return Err(PersistError::MsrRead {
+                vcpu: index,
+                read: msrs.len() + n,
+                total: caps.msr_indices.len(),
+                index: chunk[n.min(chunk.len() - 1)],
+            });
+        }
+        msrs.extend(m.as_slice().iter().map(|e| (e.index, e.data)));
+    }
+
+    let mut pieces = 0;
+    let xsave = if caps.pieces & PIECE_XSAVE != 0 {
+        pieces |= PIECE_XSAVE;
+        Some(get_xsave(fd, index, caps.xsave_size)?)
+    } else {
+        None
+    };
+    let xcrs = if caps.pieces & PIECE_XCRS != 0 {
+        pieces |= PIECE_XCRS;
+        Some(fd.get_xcrs().map_err(kvm("read XCRs", index))?)
+    } else {
+        None
+    };
+    let events = if caps.pieces & PIECE_VCPU_EVENTS != 0 {
+        pieces |= PIECE_VCPU_EVENTS;
+        Some(
+            fd.get_vcpu_events()
+                .map_err(kvm("read vCPU events", index))?,
+        )
+    } else {
+        None
+    };
+    let mp_state = fd
+        .get_mp_state()
+        .map_err(kvm("read MP state", index))?
+        .mp_state;
+    let debugregs = if caps.pieces & PIECE_DEBUGREGS != 0 {
+        pieces |= PIECE_DEBUGREGS;
+        Some(
+            fd.get_debug_regs()
+                .map_err(kvm("read debug registers", index))?,
+        )
+    } else {
+        None
+    };
+    let tsc_khz = if caps.pieces & PIECE_TSC_KHZ != 0 {
+        pieces |= PIECE_TSC_KHZ;
+        Some(
+            fd.get_tsc_khz()
+                .map_err(kvm("read the TSC frequency", index))?,
+        )
+    } else {
+        None
+    };
+    Ok(VcpuState {
+        index,
+        pieces,
+        cpuid,
+        regs,
+        sregs,
+        fpu,
+        msrs,
+        xsave,
+        xcrs,
+        events,
+        mp_state,
+        debugregs,
+        tsc_khz,
+    })
+}
+
+fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, PersistError> {
+    let legacy = std::mem::size_of::<kvm_xsave>();
+    if size <= legacy {
+        let x = fd.get_xsave().map_err(kvm("read XSAVE state", index))?;
+        return Ok(x.region.to_vec());
+    }
+    let fam = (size - legacy).div_ceil(std::mem::size_of::<u32>());
+    let mut x = Xsave::new(fam).map_err(|_| PersistError::XsaveTooLarge {
+        vcpu: index,
+        bytes: size,
+        max: legacy,
+    })?;
+    // SAFETY: `x` holds `size` bytes, the XSAVE size KVM reported (KVM_CAP_XSAVE2) for this VM;
+    // blip never enables XSTATE features dynamically, so KVM writes at most that much.
+    unsafe { fd.get_xsave2(&mut x) }.map_err(kvm("read XSAVE state", index))?;
+    let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
+    words.extend_from_slice(x.as_slice());
+    Ok(words)
+}
+
+fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], size: usize) -> Result<(), PersistError> {
+    let legacy = std::mem::size_of::<kvm_xsave>();
+    let max = size.max(legacy);
+    if words.len() * 4 > max {
+        return Err(PersistError::XsaveTooLarge {
+            vcpu: index,
+            bytes: words.len() * 4,
+            max,
+        });
+    }
+    let region_len = legacy / 4;
+    if max <= legacy {
+        let mut x = kvm_xsave::default();
+        x.region[..words.len()].copy_from_slice(words);
+        // SAFETY: this host's XSAVE size (KVM_CAP_XSAVE2, or none) is at most
+        // size_of::<kvm_xsave>(), so KVM reads no further than the struct we pass.
+        return unsafe { fd.set_xsave(&x) }.map_err(kvm("set XSAVE state", index));
+    }
+    let fam = (max - legacy).div_ceil(4);
+    let mut x = Xsave::new(fam).map_err(|_| PersistError::XsaveTooLarge {
+        vcpu: index,
+        bytes: words.len() * 4,
+        max: legacy,
+    })?;
+    let head = words.len().min(region_len);
+    // SAFETY: only plain data is written into the FAM struct's fixed part.
+    unsafe { x.as_mut_fam_struct() }.xsave.region[..head].copy_from_slice(&words[..head]);
+    if words.len() > region_len {
+        x.as_mut_slice()[..words.len() - region_len].copy_from_slice(&words[region_len..]);
+    }
+    // SAFETY: `x` holds `max` bytes, the XSAVE size KVM reported for this VM.
+    unsafe { fd.set_xsave2(&x) }.map_err(kvm("set XSAVE state", index))
+}
+
+/// A vCPU whose TSC frequency could not be made what it was on the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TscNote {
+    pub vcpu: u8,
+    /// kHz when saved.
+    pub saved_khz: u32,
+    /// kHz the vCPU runs at here.
+    pub here_khz: u32,
+    /// Why it was not scaled.
+    pub reason: String,
+}
+
+impl std::fmt::Display for TscNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vCPU {}: TSC runs at {} kHz here, {} kHz when saved ({}); guest timing is off by \
+             that ratio",
+            self.vcpu, self.here_khz, self.saved_khz, self.reason
+        )
+    }
+}
+
+/// Restores `st` into a blank, paused vCPU, in the order KVM needs: CPUID first, then TSC
+/// frequency (before the TSC MSR is written), sregs before regs, FPU, MSRs, XSAVE, XCRs,
+/// events, MP state, debug registers. Returns a note when the TSC frequency differs and KVM
+/// could not scale it (the guest still runs).
+pub fn restore_vcpu(
+    fd: &VcpuFd,
+    st: &VcpuState,
+    caps: &Caps,
+) -> Result<Option<TscNote>, PersistError> {
+    let i = st.index;
+    let cpuid = CpuId::from_entries(&st.cpuid).map_err(|_| PersistError::TooManyEntries {
+        vcpu: i,
+        what: "CPUID",
+        count: st.cpuid.len(),
+        max: KVM_MAX_CPUID_ENTRIES,
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID", i))?;
+
+    let mut note = None;
+    if let Some(saved) = st.tsc_khz {
+        let here = fd.get_tsc_khz().map_err(kvm("read the TSC frequency", i))?;
+        if here != saved {
+            let reason = if !caps.tsc_control {
+                Some("KVM_CAP_TSC_CONTROL is absent".to_string())
+            } else {
+                fd.set_tsc_khz(saved)
+                    .err()
+                    .map(|e| format!("KVM_SET_TSC_KHZ failed: {e}"))
+            };
+            note = reason.map(|reason| TscNote {
+                vcpu: i,
+                saved_khz: saved,
+                here_khz: here,
+                reason,
+            });
+        }
+    }
+
+    fd.set_sregs(&st.sregs)
+        .map_err(kvm("set segment registers", i))?;
+    fd.set_regs(&st.regs).map_err(kvm("set registers", i))?;
+    fd.set_fpu(&kvm_fpu::from(&st.fpu))
+        .map_err(kvm("set FPU state", i))?;
+
+    let mut done = 0;
+    for chunk in st.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let n = fd
+            .set_msrs(&msrs_of(i, &entries)?)
+            .map_err(kvm("set MSRs", i))?;
+        if n != chunk.len() {
+            return Err(PersistError::MsrWrite {
+                vcpu: i,
+                set: done + n,
+                total: st.msrs.len(),
+                index: chunk[n.min(chunk.len() - 1)].0,
+            });
+        }
+        done += n;
+    }
+
+    if let Some(words) = &st.xsave {
+        set_xsave(fd, i, words, caps.xsave_size)?;
+    }
+    if let Some(xcrs) = &st.xcrs {
+        fd.set_xcrs(xcrs).map_err(kvm("set XCRs", i))?;
+    }
+    if let Some(events) = &st.events {
+        let mut ev = *events;
+        // GET does not mark the NMI fields valid; SET ignores them unless told.
+        ev.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        fd.set_vcpu_events(&ev).map_err(kvm("set vCPU events", i))?;
+    }
+    fd.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: st.mp_state,
+    })
+    .map_err(kvm("set MP state", i))?;
+    if let Some(d) = &st.debugregs {
+        fd.set_debug_regs(d)
+            .map_err(kvm("set debug registers", i))?;
+    }
+    Ok(note)
+}
+
+fn bincode_opts() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(MAX_STATE_SIZE)
+        .reject_trailing_bytes()
+}
+
+/// Wraps `state` in the envelope.
+pub fn encode(state: &VmState) -> Result<Vec<u8>, PersistError> {
+    let size = bincode_opts()
+        .serialized_size(state)
+        .map_err(|e| match *e {
+            bincode::ErrorKind::SizeLimit => PersistError::TooLarge {
+                size: MAX_STATE_SIZE + 1,
+            },
+            _ => PersistError::Encode(e),
+        })?;
+    if size > MAX_STATE_SIZE {
+        return Err(PersistError::TooLarge { size });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + size as usize);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    bincode_opts()
+        .serialize_into(&mut out, state)
+        .map_err(PersistError::Encode)?;
+    let crc = crc32c::crc32c(&out[HEADER_LEN..]);
+    out[20..24].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// A checked envelope header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    len: u64,
+    crc: u32,
+}
+
+/// Checks magic, version and length of a header (`h` may be shorter than a header).
+fn parse_header(h: &[u8]) -> Result<Header, PersistError> {
+    let have = h.len() as u64;
+    let truncated = PersistError::Truncated {
+        need: HEADER_LEN as u64,
+        have,
+    };
+    let m = h.len().min(MAGIC.len());
+    if h[..m] != MAGIC[..m] {
+        return Err(PersistError::NotBlipState);
+    }
+    if h.len() < 12 {
+        return Err(truncated);
+    }
+    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(PersistError::UnsupportedVersion { found: version });
+    }
+    if h.len() < 20 {
+        return Err(truncated);
+    }
+    let len = u64::from_le_bytes(h[12..20].try_into().expect("8 bytes"));
+    if len > MAX_STATE_SIZE {
+        return Err(PersistError::TooLarge { size: len });
+    }
+    if h.len() < HEADER_LEN {
+        return Err(truncated);
+    }
+    let crc = u32::from_le_bytes(h[20..24].try_into().expect("4 bytes"));
+    Ok(Header { len, crc })
+}
+
+fn decode_payload(h: Header, payload: &[u8]) -> Result<VmState, PersistError> {
+    let actual = crc32c::crc32c(payload);
+    if actual != h.crc {
+        return Err(PersistError::Crc {
+            expected: h.crc,
+            actual,
+        });
+    }
+    bincode_opts()
+        .deserialize(payload)
+        .map_err(PersistError::Undecodable)
+}
+
+/// Unwraps and checks the envelope, then decodes the state.
+pub fn decode(bytes: &[u8]) -> Result<VmState, PersistError> {
+    let h = parse_header(&bytes[..bytes.len().min(HEADER_LEN)])?;
+    let need = HEADER_LEN as u64 + h.len;
+    let have = bytes.len() as u64;
+    if have < need {
+        return Err(PersistError::Truncated { need, have });
+    }
+    if have > need {
+        return Err(PersistError::Trailing(have - need));
+    }
+    decode_payload(h, &bytes[HEADER_LEN..])
+}
+
+/// Reads one envelope from `r` (header first: the payload buffer is allocated only once its
+/// length passed the size cap) and decodes it.
+pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
+    let mut head = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PersistError::Io(e)),
+        }
+    }
+    let h = parse_header(&head[..got])?;
+    let mut payload = Vec::with_capacity(h.len as usize);
+    let read = r
+        .take(h.len)
+        .read_to_end(&mut payload)
+        .map_err(PersistError::Io)?;
+    if (read as u64) < h.len {
+        return Err(PersistError::Truncated {
+            need: HEADER_LEN as u64 + h.len,
+            have: (HEADER_LEN + read) as u64,
+        });
+    }
+    decode_payload(h, &payload)
+}
+
+impl Vm {
+    /// What this VM can save: KVM's optional pieces and the MSRs that are restorable on this
+    /// host ([`restorable_msrs`]) and readable on vCPU 0. Call once per VM while it is paused,
+    /// before the blackout (the probes make a throwaway VM and a few KVM calls per MSR that
+    /// fails).
+    pub fn persist_caps(&mut self) -> Result<Caps, PersistError> {
+        let mut caps = Caps::of_vm(self.fd());
+        let candidates = restorable_msrs()?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.with_vcpu(
+            0,
+            Box::new(move |fd| {
+                let _ = tx.send(readable_msrs(fd, 0, &candidates));
+            }),
+        )
+        .map_err(PersistError::Vm)?;
+        caps.msr_indices = rx.try_recv().map_err(|_| PersistError::NoReply(0))??;
+        Ok(caps)
+    }
+
+    /// Saves the state of a paused VM (call only after `pause_all`). Probes the capabilities
+    /// first; the migration path probes once with [`Vm::persist_caps`] and calls
+    /// [`Vm::save_state_with`] inside the blackout.
+    pub fn save_state(&mut self) -> Result<VmState, PersistError> {
+        let caps = self.persist_caps()?;
+        self.save_state_with(&caps)
+    }
+
+    /// Saves the state of a paused VM with capabilities probed earlier.
+    pub fn save_state_with(&mut self, caps: &Caps) -> Result<VmState, PersistError> {
+        let caps = Arc::new(caps.clone());
+        let n = self.vcpu_count();
+        let mut vcpus = Vec::with_capacity(n);
+        let mut pieces = 0;
+        for i in 0..n as u8 {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let c = caps.clone();
+            self.with_vcpu(
+                i,
+                Box::new(move |fd| {
+                    let _ = tx.send(save_vcpu(fd, i, &c));
+                }),
+            )
+            .map_err(PersistError::Vm)?;
+            let st = rx.try_recv().map_err(|_| PersistError::NoReply(i))??;
+            pieces |= st.pieces;
+            vcpus.push(st);
+        }
+        let clock = if caps.pieces & PIECE_CLOCK != 0 {
+            pieces |= PIECE_CLOCK;
+            let c = self
+                .fd()
+                .get_clock()
+                .map_err(|source| PersistError::VmKvm {
+                    what: "read the KVM clock",
+                    source,
+                })?;
+            Some(ClockState {
+                clock: c.clock,
+                flags: c.flags,
+                realtime: c.realtime,
+                host_tsc: c.host_tsc,
+            })
+        } else {
+            None
+        };
+        Ok(VmState {
+            mem_size: self.mem_size(),
+            pieces,
+            vcpus,
+            clock,
+            devices: self.devices().save_state(),
+        })
+    }
+
+    /// Restores `st` into this VM, which must be blank (`image: None`) and paused, with guest
+    /// memory already in place. The KVM clock is set to the saved value, so guest time
+    /// continues from where it stopped. Returns notes on vCPUs whose TSC frequency could not be
+    /// matched (the VM still runs).
+    pub fn restore_state(&mut self, st: &VmState) -> Result<Vec<TscNote>, PersistError> {
+        if st.vcpus.len() != self.vcpu_count() {
+            return Err(PersistError::VcpuCount {
+                saved: st.vcpus.len(),
+                here: self.vcpu_count(),
+            });
+        }
+        if st.mem_size != self.mem_size() {
+            return Err(PersistError::MemSize {
+                saved: st.mem_size,
+                here: self.mem_size(),
+            });
+        }
+        for (index, v) in st.vcpus.iter().enumerate() {
+            if usize::from(v.index) != index {
+                return Err(PersistError::VcpuOrder {
+                    index,
+                    saved: v.index,
+                });
+            }
+        }
+        let caps = Arc::new(Caps::of_vm(self.fd()));
+        let missing = st.pieces & !caps.pieces;
+        if missing != 0 {
+            return Err(PersistError::MissingPieces(piece_names(missing)));
+        }
+        let mut notes = Vec::new();
+        for (i, v) in st.vcpus.iter().enumerate() {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let c = caps.clone();
+            let v = v.clone();
+            self.with_vcpu(
+                i as u8,
+                Box::new(move |fd| {
+                    let _ = tx.send(restore_vcpu(fd, &v, &c));
+                }),
+            )
+            .map_err(PersistError::Vm)?;
+            if let Some(n) = rx
+                .try_recv()
+                .map_err(|_| PersistError::NoReply(i as u8))??
+            {
+                notes.push(n);
+            }
+        }
+        if let Some(c) = &st.clock {
+            let data = kvm_bindings::kvm_clock_data {
+                clock: c.clock,
+                ..Default::default()
+            };
+            self.fd()
+                .set_clock(&data)
+                .map_err(|source| PersistError::VmKvm {
+                    what: "set the KVM clock",
+                    source,
+                })?;
+        }
+        self.devices()
+            .restore_state(&st.devices)
+            .map_err(PersistError::Devices)?;
+        Ok(notes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::SerialRegs;
+    use crate::loader::Image;
+    use crate::memory::{Backing, GuestMem};
+    use crate::vm::{VmConfig, VmExit};
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const CMDLINE: &str = "dirty ws=4 rate=max heartbeat period=500";
+
+    fn config(mem_size: u64, vcpus: u32, image: Option<Image>, serial: Sink) -> VmConfig {
+        VmConfig {
+            mem_size,
+            vcpus,
+            cmdline: CMDLINE.into(),
+            backing: Backing::Anon,
+            image,
+            serial: Box::new(serial),
+        }
+    }
+
+    fn boot(vcpus: u32, run: Duration) -> Vm {
+        let mut vm = Vm::create(config(
+            32 << 20,
+            vcpus,
+            Some(Image::embedded()),
+            Sink::default(),
+        ))
+        .expect("create source VM");
+        vm.resume_all().unwrap();
+        std::thread::sleep(run);
+        vm.pause_all().unwrap();
+        vm
+    }
+
+    fn sample_state() -> VmState {
+        let vcpu = VcpuState {
+            index: 0,
+            pieces: PIECE_XSAVE | PIECE_TSC_KHZ,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x1234,
+                ..Default::default()
+            }],
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                rax: 42,
+                ..Default::default()
+            },
+            sregs: kvm_sregs {
+                cr0: 0x8000_0011,
+                ..Default::default()
+            },
+            fpu: FpuState {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            },
+            msrs: vec![(0x10, 99), (0xc000_0080, 0x500)],
+            xsave: Some(vec![7; 1024]),
+            xcrs: None,
+            events: Some(kvm_vcpu_events::default()),
+            mp_state: 0,
+            debugregs: None,
+            tsc_khz: Some(2_000_000),
+        };
+        VmState {
+            mem_size: 32 << 20,
+            pieces: PIECE_XSAVE | PIECE_TSC_KHZ | PIECE_CLOCK,
+            vcpus: vec![vcpu],
+            clock: Some(ClockState {
+                clock: 123,
+                flags: 2,
+                realtime: 4,
+                host_tsc: 5,
+            }),
+            devices: DevicesState {
+                serial: SerialRegs {
+                    line_status: 0x60,
+                    in_buffer: vec![1, 2, 3],
+                    ..Default::default()
+                },
+                heartbeat_hi: vec![3],
+            },
+        }
+    }
+
+    #[test]
+    fn persist_envelope_round_trips() {
+        let st = sample_state();
+        let bytes = encode(&st).unwrap();
+        assert_eq!(&bytes[..8], b"BLIPSTAT");
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.mem_size, st.mem_size);
+        assert_eq!(back.pieces, st.pieces);
+        assert_eq!(back.clock, st.clock);
+        assert_eq!(back.devices, st.devices);
+        let (a, b) = (&back.vcpus[0], &st.vcpus[0]);
+        assert_eq!(a.cpuid, b.cpuid);
+        assert_eq!(a.regs, b.regs);
+        assert_eq!(a.sregs, b.sregs);
+        assert_eq!(a.fpu, b.fpu);
+        assert_eq!(a.msrs, b.msrs);
+        assert_eq!(a.xsave, b.xsave);
+        assert_eq!(a.tsc_khz, b.tsc_khz);
+        // The same through a reader.
+        let back = decode_from(&mut &bytes[..]).unwrap();
+        assert_eq!(back.vcpus[0].msrs, st.vcpus[0].msrs);
+    }
+
+    #[test]
+    fn persist_envelope_rejects_corruption() {
+        let bytes = encode(&sample_state()).unwrap();
+
+        let mut flipped = bytes.clone();
+        flipped[HEADER_LEN + 10] ^= 0x40;
+        assert!(matches!(decode(&flipped), Err(PersistError::Crc { .. })));
+
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        assert!(matches!(decode(&magic), Err(PersistError::NotBlipState)));
+        assert!(matches!(
+            decode(b"GIF89a....."),
+            Err(PersistError::NotBlipState)
+        ));
+
+        let mut v2 = bytes.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let e = decode(&v2).unwrap_err();
+        assert!(matches!(e, PersistError::UnsupportedVersion { found: 2 }));
+        assert_eq!(
+            e.to_string(),
+            "unsupported blip state format version 2 (this blip reads 1)"
+        );
+
+        for cut in [
+            0,
+            3,
+            8,
+            11,
+            12,
+            19,
+            20,
+            23,
+            24,
+            25,
+            bytes.len() / 2,
+            bytes.len() - 1,
+        ] {
+            match decode(&bytes[..cut]) {
+                Err(PersistError::Truncated { have, .. }) => assert_eq!(have, cut as u64),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+            assert!(matches!(
+                decode_from(&mut &bytes[..cut]),
+                Err(PersistError::Truncated { .. })
+            ));
+        }
+
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer), Err(PersistError::Trailing(1))));
+
+        // A huge length is refused from the header alone: nothing is allocated or read.
+        let mut huge = bytes[..HEADER_LEN].to_vec();
+        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&huge),
+            Err(PersistError::TooLarge { size: u64::MAX })
+        ));
+        assert!(matches!(
+            decode_from(&mut &huge[..]),
+            Err(PersistError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn persist_payload_with_hostile_inner_length_is_refused() {
+        // A valid envelope whose payload claims a 2^60-element vector.
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&(32u64 << 20).to_le_bytes()); // mem_size
+        payload.extend_from_slice(&0u64.to_le_bytes()); // pieces
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes()); // vcpus.len()
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(decode(&bytes), Err(PersistError::Undecodable(_))));
+    }
+
+    fn copy_memory(src: &GuestMem, dst: &GuestMem, size: u64) {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < size {
+            let n = buf.len().min((size - at) as usize);
+            src.read_slice(&mut buf[..n], GuestAddress(at)).unwrap();
+            dst.write_slice(&buf[..n], GuestAddress(at)).unwrap();
+            at += n as u64;
+        }
+    }
+
+    #[test]
+    fn persist_in_process_migration_continues_the_guest() {
+        let mem = 32u64 << 20;
+        let mut src = boot(2, Duration::from_millis(300));
+        let last_src = src
+            .devices()
+            .heartbeats
+            .lock()
+            .unwrap()
+            .last()
+            .expect("source guest sent heartbeats");
+
+        let t = Instant::now();
+        let caps = src.persist_caps().unwrap();
+        let caps_time = t.elapsed();
+        let listed = Kvm::new().unwrap().get_msr_index_list().unwrap();
+        let dropped: Vec<String> = listed
+            .as_slice()
+            .iter()
+            .filter(|i| !caps.msr_indices.contains(i))
+            .map(|i| format!("{i:#x}"))
+            .collect();
+        eprintln!(
+            "persist: caps probe {caps_time:?}: pieces [{}], {} of {} listed MSRs saved \
+             (dropped {dropped:?}), xsave {} bytes, tsc_control {}",
+            piece_names(caps.pieces),
+            caps.msr_indices.len(),
+            listed.as_slice().len(),
+            caps.xsave_size,
+            caps.tsc_control
+        );
+        let t = Instant::now();
+        let st = src.save_state_with(&caps).unwrap();
+        let save_time = t.elapsed();
+        let bytes = encode(&st).unwrap();
+        let decoded = decode(&bytes).unwrap();
+
+        let out = Sink::default();
+        let mut dst = Vm::create(config(mem, 2, None, out.clone())).expect("create destination");
+        copy_memory(src.memory(), dst.memory(), mem);
+        let t = Instant::now();
+        let notes = dst.restore_state(&decoded).unwrap();
+        let restore_time = t.elapsed();
+        for n in &notes {
+            eprintln!("persist: {n}");
+        }
+        eprintln!(
+            "persist: 2 vCPUs: encoded {} bytes, save_state {:?} (+ caps probe before), \
+             restore_state {:?}",
+            bytes.len(),
+            save_time,
+            restore_time
+        );
+        drop(src);
+
+        dst.resume_all().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        dst.send_guest_command(1).unwrap();
+        let exit = dst.wait(&AtomicBool::new(false));
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        assert_eq!(exit, VmExit::PoweredOff, "serial output:\n{text}");
+        assert!(text.contains("check: ok"), "serial output:\n{text}");
+
+        let hb = dst.devices().heartbeats.lock().unwrap();
+        assert!(hb.total as usize <= crate::devices::HEARTBEAT_RING);
+        let first_dst = hb.beats()[0];
+        assert!(
+            first_dst.counter > last_src.counter,
+            "heartbeat counter went back: source {} destination {}",
+            last_src.counter,
+            first_dst.counter
+        );
+    }
+
+    #[test]
+    fn persist_state_size_for_one_vcpu() {
+        let mut src = boot(1, Duration::from_millis(50));
+        let st = src.save_state().unwrap();
+        let bytes = encode(&st).unwrap();
+        eprintln!(
+            "persist: 1 vCPU: encoded {} bytes ({} MSRs, pieces [{}])",
+            bytes.len(),
+            st.vcpus[0].msrs.len(),
+            piece_names(st.pieces)
+        );
+        assert_eq!(decode(&bytes).unwrap().vcpus.len(), 1);
+    }
+
+    #[test]
+    fn persist_restore_refuses_other_shapes() {
+        let mut src = boot(2, Duration::from_millis(20));
+        let st = src.save_state().unwrap();
+        drop(src);
+
+        let mut one = Vm::create(config(32 << 20, 1, None, Sink::default())).unwrap();
+        let e = one.restore_state(&st).unwrap_err();
+        assert!(matches!(e, PersistError::VcpuCount { saved: 2, here: 1 }));
+        assert_eq!(e.to_string(), "saved state has 2 vCPUs but this VM has 1");
+        drop(one);
+
+        let mut small = Vm::create(config(16 << 20, 2, None, Sink::default())).unwrap();
+        let e = small.restore_state(&st).unwrap_err();
+        assert!(matches!(e, PersistError::MemSize { .. }));
+        assert_eq!(
+            e.to_string(),
+            "saved state has 33554432 bytes of guest memory but this VM has 16777216"
+        );
+    }
+
+    #[test]
+    fn persist_piece_names_are_readable() {
+        assert_eq!(piece_names(PIECE_XSAVE | PIECE_CLOCK), "xsave,clock");
+        assert_eq!(piece_names(1 << 40), "unknown 0x10000000000");
+    }
+}
