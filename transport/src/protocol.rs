@@ -161,11 +161,13 @@ pub enum MessageKind {
     Resumed = 12,
     /// [`Message::Abort`]
     Abort = 13,
+    /// [`Message::Heartbeat`]
+    Heartbeat = 14,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 13] = [
+    pub const ALL: [MessageKind; 14] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -179,6 +181,7 @@ impl MessageKind {
         MessageKind::Commit,
         MessageKind::Resumed,
         MessageKind::Abort,
+        MessageKind::Heartbeat,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -202,6 +205,7 @@ impl MessageKind {
             MessageKind::Commit => "Commit",
             MessageKind::Resumed => "Resumed",
             MessageKind::Abort => "Abort",
+            MessageKind::Heartbeat => "Heartbeat",
         }
     }
 }
@@ -368,10 +372,21 @@ pub enum Message {
     },
     /// Source → destination: the opaque vCPU/device state.
     State(Vec<u8>),
-    /// Destination → source: complete state held, ready to resume.
-    Ready,
+    /// Destination → source: complete state held, ready to resume. `mem_hash` is the
+    /// destination's guest-memory hash when the Offer asked for verification, else 0.
+    Ready {
+        /// Hash of destination guest memory (0 = not computed).
+        mem_hash: u64,
+    },
     /// Source → destination: resume the guest; the source will not.
     Commit,
+    /// Destination → source: the first guest heartbeat after resume (`counter` 0 = none came).
+    Heartbeat {
+        /// The guest's heartbeat counter.
+        counter: u64,
+        /// CLOCK_MONOTONIC of the destination VMM when it arrived.
+        t_ns: u64,
+    },
     /// Destination → source: the guest runs again.
     Resumed {
         /// Destination CLOCK_MONOTONIC at resume, in nanoseconds.
@@ -397,7 +412,8 @@ impl Message {
             Message::RoundEnd { .. } => MessageKind::RoundEnd,
             Message::RoundAck { .. } => MessageKind::RoundAck,
             Message::State(_) => MessageKind::State,
-            Message::Ready => MessageKind::Ready,
+            Message::Ready { .. } => MessageKind::Ready,
+            Message::Heartbeat { .. } => MessageKind::Heartbeat,
             Message::Commit => MessageKind::Commit,
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::Abort { .. } => MessageKind::Abort,
@@ -440,12 +456,15 @@ pub struct PagesReceipt {
     pub partial_crc: u32,
     /// Bytes of page data that follow in the stream (`count * 4096`).
     pub data_len: usize,
+    /// False for pages sent live ([`write_pages_live_header`]): the CRC covered only the fixed
+    /// part (already checked), and [`PagesReceipt::verify`] accepts any data.
+    pub data_checked: bool,
 }
 
 impl PagesReceipt {
     /// Checks `crc` = `partial_crc` with all page data appended against the header's CRC.
     pub fn verify(&self, crc: u32) -> Result<()> {
-        if crc == self.expected_crc {
+        if !self.data_checked || crc == self.expected_crc {
             Ok(())
         } else {
             Err(ProtocolError::Crc {
@@ -498,7 +517,12 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             e.u64(o.state_pieces);
             e.bytes(o.guest_name.as_bytes())?;
         }
-        Message::Accept | Message::Ready | Message::Commit => {}
+        Message::Accept | Message::Commit => {}
+        Message::Ready { mem_hash } => e.u64(*mem_hash),
+        Message::Heartbeat { counter, t_ns } => {
+            e.u64(*counter);
+            e.u64(*t_ns);
+        }
         Message::Refuse { reason } | Message::Abort { reason } => e.bytes(reason.as_bytes())?,
         Message::StreamHello { session, index } => {
             e.u64(*session);
@@ -527,6 +551,30 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
     let header = Header::new(msg.kind(), len, crc32c::crc32c(&buf[HEADER_LEN..]));
     buf[..HEADER_LEN].copy_from_slice(&header.encode());
     w.write_all(&buf)?;
+    Ok(())
+}
+
+/// Pages flag: the data was sent from live guest memory that the guest may be writing while
+/// it is sent, so no CRC can cover it; the CRC covers the 16 fixed bytes only. Such pages are
+/// dirty again if they changed and travel again in a later round; the final round (guest
+/// paused) always uses checked pages.
+pub const PAGES_LIVE: u32 = 1;
+
+/// Writes the header and fixed part of a live [`Message::Pages`] of `count` pages; the caller
+/// writes the `count * 4096` data bytes straight after (e.g. from guest memory, zero-copy).
+pub fn write_pages_live_header(w: &mut dyn Write, gpa: u64, count: u32) -> Result<()> {
+    let total = count as usize * PAGE_SIZE;
+    let len = u32::try_from(total + PAGES_FIXED_LEN).unwrap_or(u32::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut head = [0u8; HEADER_LEN + PAGES_FIXED_LEN];
+    head[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&gpa.to_le_bytes());
+    head[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&count.to_le_bytes());
+    head[HEADER_LEN + 12..].copy_from_slice(&PAGES_LIVE.to_le_bytes());
+    let crc = crc32c::crc32c(&head[HEADER_LEN..]);
+    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::Pages, len, crc).encode());
+    w.write_all(&head)?;
     Ok(())
 }
 
@@ -625,11 +673,20 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         let mut d = Dec { kind, buf: &fixed };
         let gpa = d.u64()?;
         let count = d.u32()?;
-        let reserved = d.u32()?;
-        if reserved != 0 {
+        let flags = d.u32()?;
+        if flags & !PAGES_LIVE != 0 {
             return Err(ProtocolError::Malformed {
                 kind,
-                what: "reserved field is not zero",
+                what: "unknown Pages flags",
+            });
+        }
+        let partial_crc = crc32c::crc32c(&fixed);
+        let data_checked = flags & PAGES_LIVE == 0;
+        if !data_checked && partial_crc != h.crc {
+            return Err(ProtocolError::Crc {
+                kind,
+                expected: h.crc,
+                actual: partial_crc,
             });
         }
         let data_len = len - PAGES_FIXED_LEN;
@@ -643,8 +700,9 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
             msg: Message::Pages { gpa, count },
             pages: Some(PagesReceipt {
                 expected_crc: h.crc,
-                partial_crc: crc32c::crc32c(&fixed),
+                partial_crc,
                 data_len,
+                data_checked,
             }),
         });
     }
@@ -707,7 +765,11 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         },
         MessageKind::RoundAck => Message::RoundAck { round: d.u32()? },
         MessageKind::State => Message::State(d.bytes()?.to_vec()),
-        MessageKind::Ready => Message::Ready,
+        MessageKind::Ready => Message::Ready { mem_hash: d.u64()? },
+        MessageKind::Heartbeat => Message::Heartbeat {
+            counter: d.u64()?,
+            t_ns: d.u64()?,
+        },
         MessageKind::Commit => Message::Commit,
         MessageKind::Resumed => Message::Resumed { t_ns: d.u64()? },
         MessageKind::Abort => Message::Abort {
@@ -892,7 +954,11 @@ mod tests {
             Message::RoundAck { round: 9 },
             Message::State(vec![1, 2, 3, 4, 5]),
             Message::State(Vec::new()),
-            Message::Ready,
+            Message::Ready { mem_hash: 7 },
+            Message::Heartbeat {
+                counter: 3,
+                t_ns: 9,
+            },
             Message::Commit,
             Message::Resumed { t_ns: 123_456_789 },
             Message::Abort {
@@ -1083,7 +1149,7 @@ mod tests {
     #[test]
     fn wrong_magic_version_and_kind() {
         let mut buf = Vec::new();
-        write_message(&mut buf, &Message::Ready).unwrap();
+        write_message(&mut buf, &Message::Ready { mem_hash: 0 }).unwrap();
 
         let mut b = buf.clone();
         b[0] = b'X';
@@ -1155,7 +1221,7 @@ mod tests {
                 "{kind}: {err}"
             );
         }
-        // Pages: count disagreeing with len, and non-zero reserved.
+        // Pages: count disagreeing with len, and unknown flags.
         let mut fixed = [0u8; 16];
         fixed[8] = 2;
         let mut b = Header::new(MessageKind::Pages, 16 + 4096, 0)
@@ -1167,7 +1233,7 @@ mod tests {
             Err(ProtocolError::Malformed { .. })
         ));
         fixed[8] = 1;
-        fixed[12] = 1;
+        fixed[12] = 2;
         b.truncate(HEADER_LEN);
         b.extend_from_slice(&fixed);
         assert!(matches!(
@@ -1325,7 +1391,7 @@ mod tests {
             Message::Abort { reason: "x".into() }.unexpected("Ready"),
             ProtocolError::Aborted(_)
         ));
-        let e = Message::Ready.unexpected("RoundAck");
+        let e = Message::Ready { mem_hash: 0 }.unexpected("RoundAck");
         assert_eq!(
             e.to_string(),
             "unexpected Ready message (expected RoundAck)"
