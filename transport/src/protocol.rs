@@ -333,6 +333,9 @@ pub enum Message {
         session: u64,
         /// Fresh random bytes of the speaker.
         nonce: [u8; 32],
+        /// Identifies the host (a hash of its boot id): equal on both sides means both read
+        /// the same CLOCK_MONOTONIC, so blackout can be measured end to end.
+        host_id: u64,
     },
     /// Source → destination: what will be migrated.
     Offer(Offer),
@@ -500,10 +503,12 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             role,
             session,
             nonce,
+            host_id,
         } => {
             e.u32(*role as u32);
             e.u64(*session);
             e.raw(nonce);
+            e.u64(*host_id);
         }
         Message::Offer(o) => {
             e.u64(o.mem_size);
@@ -736,6 +741,7 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
                 role,
                 session: d.u64()?,
                 nonce: d.array()?,
+                host_id: d.u64()?,
             }
         }
         MessageKind::Offer => Message::Offer(Offer {
@@ -929,11 +935,13 @@ mod tests {
                 role: Role::Source,
                 session: 0x0123_4567_89ab_cdef,
                 nonce: [7; 32],
+                host_id: 42,
             },
             Message::Hello {
                 role: Role::Destination,
                 session: 1,
                 nonce: std::array::from_fn(|i| i as u8),
+                host_id: 0,
             },
             Message::Offer(offer()),
             Message::Accept,

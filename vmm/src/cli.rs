@@ -21,7 +21,24 @@ pub struct Cli {
 pub enum Cmd {
     /// Boot a PVH guest (default: the embedded demo guest) and run it until it exits.
     Run(RunArgs),
-    /// Boot the embedded guest and show it working: workloads, heartbeats, pause/resume cost.
+    /// Wait for one incoming live migration, then run the guest it brings.
+    Receive(ReceiveArgs),
+    /// Tell a running blip (through its control socket) to live-migrate its guest.
+    Migrate(MigrateArgs),
+    /// Ask a running blip for its status (JSON).
+    Status {
+        /// Control socket of the running blip.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
+    /// Ask a running blip's guest to stop its workloads, check its memory and exit.
+    Check {
+        /// Control socket of the running blip.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
+    /// Boot the embedded guest and live-migrate it back and forth between local blip
+    /// processes, printing the blackout of each migration.
     Demo(DemoArgs),
     /// Write the embedded guest image (a PVH ELF, also bootable by QEMU microvm) to a file.
     GuestImage {
@@ -53,11 +70,85 @@ pub struct GuestArgs {
     pub mem_backing: Backing,
 }
 
+/// Dirty-tracking choice (fixed when the VM is created).
+#[derive(Args, Debug, Clone)]
+pub struct DirtyArgs {
+    /// How dirty pages are found: per-vCPU KVM dirty rings or KVM dirty bitmaps.
+    #[arg(long, value_enum, default_value = "ring")]
+    pub dirty_tracking: crate::dirty::Mode,
+    /// Entries per vCPU dirty ring (power of two, 256 to 65536).
+    #[arg(long, default_value_t = crate::dirty::DEFAULT_RING_ENTRIES)]
+    pub dirty_ring_entries: u32,
+}
+
+impl DirtyArgs {
+    /// As the VM wants it.
+    pub fn config(&self) -> crate::vm::DirtyConfig {
+        crate::vm::DirtyConfig {
+            mode: self.dirty_tracking,
+            ring_entries: self.dirty_ring_entries,
+        }
+    }
+}
+
 /// `blip run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
+    #[command(flatten)]
+    pub dirty: DirtyArgs,
+    /// Serve the control API (status, check, migrate) on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: Option<PathBuf>,
+}
+
+/// `blip receive`.
+#[derive(Args, Debug, Clone)]
+pub struct ReceiveArgs {
+    /// Where to wait for the source: tcp://ADDR:PORT.
+    #[arg(long, value_name = "URL")]
+    pub listen: String,
+    /// How guest RAM is backed (shared memfd by default: pre-faulted, registrable for RDMA).
+    #[arg(long, value_enum, default_value = "memfd")]
+    pub mem_backing: Backing,
+    /// Where COM1 output goes: stdout, none, or a file path.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    pub serial: Serial,
+    #[command(flatten)]
+    pub dirty: DirtyArgs,
+    /// Serve the control API on this Unix socket once the guest runs here.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: Option<PathBuf>,
+}
+
+/// `blip migrate`.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Control socket of the source blip.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: PathBuf,
+    /// Destination: tcp://HOST:PORT (a `blip receive --listen`).
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// Blackout target: pre-copy continues until the predicted blackout is below it.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+    pub max_blackout: u64,
+    /// Parallel TCP data streams.
+    #[arg(long, default_value_t = 1)]
+    pub streams: u32,
+    /// Longest pre-copy before --on-timeout applies.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_ns)]
+    pub max_precopy_time: u64,
+    /// When pre-copy runs out of time: stop and copy anyway, or abort.
+    #[arg(long, value_enum, default_value = "go")]
+    pub on_timeout: crate::migration::OnTimeout,
+    /// Compare a digest of source memory at pause with the destination's before resume.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blip demo`.
@@ -66,9 +157,15 @@ pub struct DemoArgs {
     /// Number of vCPUs for the demo guest.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
-    /// Pause/resume cycles to time.
-    #[arg(long, default_value_t = 200)]
-    pub cycles: u32,
+    /// Guest memory.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Migrations to run (back and forth between local blip processes).
+    #[arg(long, default_value_t = 10)]
+    pub migrations: u32,
+    /// Blackout target per migration.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+    pub max_blackout: u64,
 }
 
 /// COM1 sink.
@@ -111,8 +208,62 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parses a duration such as `1ms`, `500us`, `2s`, `250000ns` into nanoseconds.
+pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let n: f64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (expected e.g. 1ms, 500us, 2s)"))?;
+    let unit = match &t[digits..] {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        "m" | "min" => 60e9,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a duration (expected e.g. 1ms, 500us, 2s)"
+            ))
+        }
+    };
+    let v = n * unit;
+    if !(v.is_finite() && (0.0..1e18).contains(&v)) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(v as u64)
+}
+
+/// Renders an error and its chain of causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.contains(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ns("1ms"), Ok(1_000_000));
+        assert_eq!(parse_duration_ns("500us"), Ok(500_000));
+        assert_eq!(parse_duration_ns("2s"), Ok(2_000_000_000));
+        assert_eq!(parse_duration_ns("1.5ms"), Ok(1_500_000));
+        assert!(parse_duration_ns("fast").is_err());
+        assert!(parse_duration_ns("10").is_err());
+        assert!(parse_duration_ns("1e30s").is_err());
+    }
+
     use super::*;
 
     #[test]

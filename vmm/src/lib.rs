@@ -3,6 +3,7 @@
 //! memory, the PVH loader, the three devices, and (in later modules) dirty tracking and the
 //! migration engine. See `../shared/DESIGN.md` for the big picture.
 
+pub mod api;
 pub mod cli;
 pub mod cpu;
 pub mod devices;
@@ -10,6 +11,7 @@ pub mod dirty;
 pub mod exit;
 pub mod loader;
 pub mod memory;
+pub mod migration;
 pub mod persist;
 pub mod vcpu;
 pub mod vm;

@@ -816,19 +816,23 @@ impl Vm {
     pub fn save_state_with(&mut self, caps: &Caps) -> Result<VmState, PersistError> {
         let caps = Arc::new(caps.clone());
         let n = self.vcpu_count();
-        let mut vcpus = Vec::with_capacity(n);
+        // Every vCPU thread saves its own state at the same time.
+        let (tx, rx) = mpsc::sync_channel(n);
+        self.with_each_vcpu(|i| {
+            let (tx, c) = (tx.clone(), caps.clone());
+            Box::new(move |fd| {
+                let _ = tx.send((i, save_vcpu(fd, i, &c)));
+            })
+        })
+        .map_err(PersistError::Vm)?;
+        let mut slots: Vec<Option<VcpuState>> = vec![None; n];
+        while let Ok((i, st)) = rx.try_recv() {
+            slots[i as usize] = Some(st?);
+        }
         let mut pieces = 0;
-        for i in 0..n as u8 {
-            let (tx, rx) = mpsc::sync_channel(1);
-            let c = caps.clone();
-            self.with_vcpu(
-                i,
-                Box::new(move |fd| {
-                    let _ = tx.send(save_vcpu(fd, i, &c));
-                }),
-            )
-            .map_err(PersistError::Vm)?;
-            let st = rx.try_recv().map_err(|_| PersistError::NoReply(i))??;
+        let mut vcpus = Vec::with_capacity(n);
+        for (i, st) in slots.into_iter().enumerate() {
+            let st = st.ok_or(PersistError::NoReply(i as u8))?;
             pieces |= st.pieces;
             vcpus.push(st);
         }
@@ -889,24 +893,27 @@ impl Vm {
         if missing != 0 {
             return Err(PersistError::MissingPieces(piece_names(missing)));
         }
+        // Every vCPU thread restores its own state at the same time.
+        let n = st.vcpus.len();
+        let (tx, rx) = mpsc::sync_channel(n);
+        let shared = Arc::new(st.vcpus.clone());
+        self.with_each_vcpu(|i| {
+            let (tx, c, all) = (tx.clone(), caps.clone(), shared.clone());
+            Box::new(move |fd| {
+                let _ = tx.send((i, restore_vcpu(fd, &all[i as usize], &c)));
+            })
+        })
+        .map_err(PersistError::Vm)?;
         let mut notes = Vec::new();
-        for (i, v) in st.vcpus.iter().enumerate() {
-            let (tx, rx) = mpsc::sync_channel(1);
-            let c = caps.clone();
-            let v = v.clone();
-            self.with_vcpu(
-                i as u8,
-                Box::new(move |fd| {
-                    let _ = tx.send(restore_vcpu(fd, &v, &c));
-                }),
-            )
-            .map_err(PersistError::Vm)?;
-            if let Some(n) = rx
-                .try_recv()
-                .map_err(|_| PersistError::NoReply(i as u8))??
-            {
-                notes.push(n);
+        let mut replies = 0;
+        while let Ok((_, r)) = rx.try_recv() {
+            replies += 1;
+            if let Some(note) = r? {
+                notes.push(note);
             }
+        }
+        if replies != n {
+            return Err(PersistError::NoReply(replies as u8));
         }
         if let Some(c) = &st.clock {
             let data = kvm_bindings::kvm_clock_data {

@@ -6,8 +6,8 @@
 //! `EINTR`) or about to enter it (it returns at once), it comes back to user space and reads its
 //! commands. This is Firecracker's scheme; it needs no signal masks and no locks around KVM_RUN.
 //!
-//! State can be read or written only while Paused ([`Command::With`] runs a closure on the
-//! thread's `VcpuFd` in that state), which is what migration needs for save and restore.
+//! [`Command::With`] runs a closure on the thread's `VcpuFd` between two KVM_RUNs; migration
+//! pauses every vCPU first so the state it saves is one consistent snapshot.
 //! Threads start Paused, so a VM (a migration destination in particular) can be fully prepared
 //! before its first instruction runs.
 
@@ -30,7 +30,7 @@ pub enum Command {
     Pause,
     /// Run the guest (from Paused).
     Resume,
-    /// Run a closure on the vCPU fd (only honoured while Paused).
+    /// Run a closure on the vCPU fd, outside KVM_RUN, on the vCPU thread.
     With(VcpuFn),
     /// Terminate the thread.
     Stop,
@@ -231,8 +231,11 @@ impl Runner {
                 }
                 Command::Stop => return Some(Outcome::Stopped),
                 Command::Resume => {}
-                // State access is refused while running; the controller pauses first.
-                Command::With(_) => {}
+                // We are out of KVM_RUN on the vCPU's own thread: the fd is safe to use.
+                Command::With(f) => {
+                    f(&mut self.vcpu);
+                    let _ = self.events.send(Event::Done { vcpu: self.index });
+                }
             }
         }
         None

@@ -132,7 +132,7 @@ pub struct Transition {
 
 /// A running (or paused) blip VM.
 pub struct Vm {
-    _kvm: Kvm,
+    kvm: Kvm,
     fd: Arc<VmFd>,
     mem: GuestMem,
     mem_size: u64,
@@ -245,7 +245,7 @@ impl Vm {
             );
         }
         Ok(Vm {
-            _kvm: kvm,
+            kvm,
             fd,
             mem,
             mem_size: cfg.mem_size,
@@ -261,6 +261,11 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMem {
         &self.mem
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
     }
 
     /// Dirty tracking.
@@ -387,6 +392,41 @@ impl Vm {
                 _ => {}
             }
         }
+    }
+
+    /// Waits up to `timeout` for vCPU news; returns the VM's fate once it is decided. The caller
+    /// shuts the VM down ([`Vm::shutdown`]) when it gets `Some`.
+    pub fn poll(&mut self, timeout: Duration) -> Option<VmExit> {
+        if let Some(e) = self.decided() {
+            return Some(e);
+        }
+        if let Ok(ev) = self.events.recv_timeout(timeout) {
+            self.note(&ev);
+        }
+        self.decided()
+    }
+
+    /// Runs a closure on every vCPU thread at once (all must be Paused) and waits for all of
+    /// them: state save and restore of several vCPUs overlap instead of queueing.
+    pub fn with_each_vcpu(&mut self, make: impl Fn(u8) -> vcpu::VcpuFn) -> Result<(), VmError> {
+        let live = self.live();
+        for &i in &live {
+            self.vcpus[i as usize].send(Command::With(make(i)));
+        }
+        let mut pending = live;
+        while !pending.is_empty() {
+            let ev = self
+                .events
+                .recv()
+                .map_err(|_| VmError::VcpuGone(pending[0]))?;
+            self.note(&ev);
+            match ev {
+                Event::Done { vcpu } => pending.retain(|v| *v != vcpu),
+                Event::Exited { vcpu, .. } => return Err(VmError::VcpuGone(vcpu)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Waits until the guest ends (or `stop` is raised), then stops every vCPU thread.

@@ -1,0 +1,395 @@
+//! The destination side of a live migration: `blip receive` (see [`super`] for the rules).
+//!
+//! Everything that can be prepared is prepared before the first page arrives: the VM, its vCPU
+//! threads (Paused, no state) and pre-faulted guest memory. Pages are read straight from the
+//! sockets into guest memory; the guest runs only after the source's Commit.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use blip_transport::protocol::{self, crc32c_append, Message, PagesReceipt, Role};
+use blip_transport::tcp::{self, Endpoint};
+use crossbeam_channel::{Receiver, Sender};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::source::VERIFY_FLAG;
+use super::{cpu_fingerprint, host_id, random_bytes, MigrationError, PEER_TIMEOUT};
+use crate::devices::now_ns;
+use crate::memory::{self, digest, Backing, GuestMem, PAGE_SIZE};
+use crate::persist::{self, piece_names, Caps};
+use crate::vm::{DirtyConfig, Vm, VmConfig, MAX_VCPUS};
+
+/// What `blip receive` needs besides the address.
+pub struct ReceiveConfig {
+    pub backing: Backing,
+    pub serial: Box<dyn Write + Send>,
+    pub dirty: DirtyConfig,
+}
+
+/// Summary of an incoming migration, from the destination's point of view.
+#[derive(Clone, Debug, Default)]
+pub struct Incoming {
+    pub pages: u64,
+    pub rounds: u32,
+    /// State decode + restore, in nanoseconds.
+    pub restore_ns: u64,
+    /// CLOCK_MONOTONIC when the first vCPU re-entered the guest.
+    pub resumed_ns: u64,
+}
+
+/// Binds the listening socket (so callers can report the address before blocking).
+pub fn listen(url: &str) -> Result<TcpListener, MigrationError> {
+    match Endpoint::from_str(url)? {
+        Endpoint::Tcp(a) => tcp::listen(&a).map_err(|source| MigrationError::Listen {
+            addr: url.to_string(),
+            source,
+        }),
+        Endpoint::Rdma(_) => Err(MigrationError::NoRdma),
+    }
+}
+
+/// Receives one guest on `listener`. On success the returned VM is running it.
+pub fn receive(
+    listener: &TcpListener,
+    cfg: ReceiveConfig,
+) -> Result<(Vm, Incoming), MigrationError> {
+    let (mut control, _) = listener.accept()?;
+    tcp::tune(&control)?;
+    control.set_read_timeout(Some(PEER_TIMEOUT))?;
+    let mut vm_slot: Option<Vm> = None;
+    let r = receive_inner(listener, &mut control, cfg, &mut vm_slot);
+    match r {
+        Ok(inc) => Ok((vm_slot.take().ok_or(MigrationError::Busy)?, inc)),
+        Err(e) => {
+            // Discard everything; tell the source why (best effort).
+            let msg = match &e {
+                MigrationError::Incompatible(r) => Message::Refuse { reason: r.clone() },
+                other => Message::Abort {
+                    reason: other.to_string(),
+                },
+            };
+            if !matches!(e, MigrationError::Aborted(_)) {
+                let _ = protocol::write_message(&mut control, &msg);
+            }
+            drop(vm_slot);
+            Err(e)
+        }
+    }
+}
+
+fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
+    match protocol::read_message(control) {
+        Ok(f) => Ok(f),
+        Err(protocol::ProtocolError::Closed) => Err(MigrationError::Aborted(
+            "the source closed the connection before committing".into(),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check_offer(vm_max: u32, o: &protocol::Offer, kvm: &kvm_ioctls::Kvm) -> Result<(), String> {
+    if o.page_size != PAGE_SIZE as u32 {
+        return Err(format!("page size {} (this host uses 4096)", o.page_size));
+    }
+    if o.vcpus == 0 || o.vcpus > vm_max {
+        return Err(format!(
+            "{} vCPUs (this host allows 1 to {vm_max})",
+            o.vcpus
+        ));
+    }
+    if !(memory::MIN_MEM..=memory::MAX_MEM).contains(&o.mem_size) || o.mem_size % PAGE_SIZE != 0 {
+        return Err(format!("guest memory of {} bytes", o.mem_size));
+    }
+    let (vendor, sig, features) = cpu_fingerprint(kvm, o.vcpus as u8);
+    if vendor != o.cpu_vendor {
+        return Err(format!(
+            "CPU vendor {} (this host: {})",
+            String::from_utf8_lossy(&o.cpu_vendor),
+            String::from_utf8_lossy(&vendor)
+        ));
+    }
+    if sig != o.cpu_signature || features != o.cpu_features {
+        return Err(format!(
+            "CPU model or features differ (guest saw signature {:#x}, features {:#018x}; this host offers {sig:#x}, {features:#018x})",
+            o.cpu_signature, o.cpu_features
+        ));
+    }
+    Ok(())
+}
+
+fn receive_inner(
+    listener: &TcpListener,
+    control: &mut TcpStream,
+    cfg: ReceiveConfig,
+    vm_slot: &mut Option<Vm>,
+) -> Result<Incoming, MigrationError> {
+    let session = match read(control)?.msg {
+        Message::Hello {
+            role: Role::Source,
+            session,
+            ..
+        } => session,
+        other => {
+            return Err(MigrationError::from_unexpected(
+                other.unexpected("Hello from a source"),
+            ))
+        }
+    };
+    protocol::write_message(
+        control,
+        &Message::Hello {
+            role: Role::Destination,
+            session,
+            nonce: random_bytes(),
+            host_id: host_id(),
+        },
+    )?;
+    let offer = match read(control)?.msg {
+        Message::Offer(o) => o,
+        other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),
+    };
+    let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
+        MigrationError::Vm(crate::vm::VmError::Kvm {
+            what: "open /dev/kvm",
+            source,
+        })
+    })?;
+    let vm_max = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS));
+    check_offer(vm_max, &offer, &kvm).map_err(MigrationError::Incompatible)?;
+
+    // Build the whole VM now, before any page moves.
+    let vm = Vm::create_with(
+        VmConfig {
+            mem_size: offer.mem_size,
+            vcpus: offer.vcpus,
+            cmdline: String::new(),
+            backing: cfg.backing,
+            image: None,
+            serial: cfg.serial,
+        },
+        cfg.dirty,
+    )?;
+    let caps = Caps::of_vm(vm.fd());
+    let wanted = offer.state_pieces & !VERIFY_FLAG;
+    let missing = wanted & !caps.pieces;
+    if missing != 0 {
+        return Err(MigrationError::Incompatible(format!(
+            "vCPU state pieces this host's KVM cannot restore: {}",
+            piece_names(missing)
+        )));
+    }
+    memory::prefault(vm.memory())?;
+    let mem = vm.memory().clone();
+    *vm_slot = Some(vm);
+    protocol::write_message(control, &Message::Accept)?;
+
+    // Data streams.
+    let streams = accept_streams(listener, session, offer.streams, &mem)?;
+    let mut done_round: Vec<Option<u32>> = vec![None; offer.streams as usize];
+    let mut inc = Incoming::default();
+    let mut scratch = vec![0u8; 1 << 20];
+    let verify = offer.state_pieces & VERIFY_FLAG != 0;
+    loop {
+        let f = read(control)?;
+        match f.msg {
+            Message::RoundEnd { round, pages } => {
+                let mut got = 0;
+                while done_round.iter().any(|r| r.is_none_or(|r| r < round)) {
+                    match streams.recv_timeout(PEER_TIMEOUT) {
+                        Ok(Ok((i, r, p))) => {
+                            done_round[i] = Some(r);
+                            if r == round {
+                                got += p;
+                            }
+                        }
+                        Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
+                        Err(_) => {
+                            return Err(MigrationError::Stream(Box::new(MigrationError::Io(
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "a data stream went silent",
+                                ),
+                            ))))
+                        }
+                    }
+                }
+                if got != pages {
+                    return Err(MigrationError::Stream(Box::new(MigrationError::Io(
+                        std::io::Error::other(format!(
+                            "round {round}: the source sent {pages} pages but {got} arrived"
+                        )),
+                    ))));
+                }
+                inc.pages += pages;
+                inc.rounds = round + 1;
+                protocol::write_message(control, &Message::RoundAck { round })?;
+            }
+            Message::Pages { gpa, count } => {
+                let receipt = f.pages.ok_or(MigrationError::Busy)?;
+                recv_pages(control, &mem, gpa, count, &receipt, &mut scratch)?;
+                inc.pages += u64::from(count);
+            }
+            Message::State(bytes) => {
+                let t = now_ns();
+                let state = persist::decode(&bytes)?;
+                let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;
+                let _notes = vm.restore_state(&state)?;
+                inc.restore_ns = now_ns() - t;
+                let mem_hash = if verify { digest(&mem) } else { 0 };
+                protocol::write_message(control, &Message::Ready { mem_hash })?;
+            }
+            Message::Commit => {
+                let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;
+                let beats_before = vm.devices().heartbeats.lock().map(|h| h.total).unwrap_or(0);
+                let t = vm.resume_all()?;
+                inc.resumed_ns = t.first_ns;
+                // Committed: from here on the guest is ours whatever the source does.
+                let _ = protocol::write_message(control, &Message::Resumed { t_ns: t.first_ns });
+                let deadline = Instant::now() + Duration::from_secs(1);
+                let mut beat = (0, 0);
+                while Instant::now() < deadline {
+                    let hb = vm.devices().heartbeats.lock().map(|h| (h.total, h.last()));
+                    if let Ok((total, Some(last))) = hb {
+                        if total > beats_before {
+                            beat = (last.counter, last.t_ns);
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let _ = protocol::write_message(
+                    control,
+                    &Message::Heartbeat {
+                        counter: beat.0,
+                        t_ns: beat.1,
+                    },
+                );
+                return Ok(inc);
+            }
+            Message::Abort { reason } => return Err(MigrationError::Aborted(reason)),
+            other => {
+                return Err(MigrationError::from_unexpected(
+                    other.unexpected("RoundEnd, Pages, State or Commit"),
+                ))
+            }
+        }
+    }
+}
+
+/// Reads a Pages payload straight into guest memory, refusing anything outside it.
+fn recv_pages(
+    conn: &mut TcpStream,
+    mem: &GuestMem,
+    gpa: u64,
+    count: u32,
+    receipt: &PagesReceipt,
+    scratch: &mut [u8],
+) -> Result<(), MigrationError> {
+    let len = u64::from(count) * PAGE_SIZE;
+    let size: u64 = vm_memory::GuestMemoryBackend::iter(mem)
+        .map(vm_memory::GuestMemoryRegion::len)
+        .sum();
+    if gpa % PAGE_SIZE != 0 || gpa.checked_add(len).is_none_or(|end| end > size) {
+        return Err(MigrationError::OutOfBounds { gpa, count });
+    }
+    let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
+    vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
+        .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
+    if receipt.data_checked {
+        let mut crc = receipt.partial_crc;
+        let mut off = 0u64;
+        while off < len {
+            let n = ((len - off) as usize).min(scratch.len());
+            mem.read_slice(&mut scratch[..n], GuestAddress(gpa + off))?;
+            crc = crc32c_append(crc, &scratch[..n]);
+            off += n as u64;
+        }
+        receipt.verify(crc)?;
+    }
+    Ok(())
+}
+
+/// A stream's news: (stream index, round ended, pages it carried in that round).
+type StreamNews = Result<(usize, u32, u64), MigrationError>;
+
+fn accept_streams(
+    listener: &TcpListener,
+    session: u64,
+    n: u32,
+    mem: &GuestMem,
+) -> Result<Receiver<StreamNews>, MigrationError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = vec![false; n as usize];
+    while seen.iter().any(|s| !s) {
+        match listener.accept() {
+            Ok((mut c, _)) => {
+                c.set_nonblocking(false)?;
+                tcp::tune(&c)?;
+                c.set_read_timeout(Some(PEER_TIMEOUT))?;
+                match protocol::read_message(&mut c).map(|f| f.msg) {
+                    Ok(Message::StreamHello { session: s, index })
+                        if s == session && index < n && !seen[index as usize] =>
+                    {
+                        seen[index as usize] = true;
+                        let mem = mem.clone();
+                        let tx: Sender<StreamNews> = tx.clone();
+                        std::thread::Builder::new()
+                            .name(format!("mig-recv{index}"))
+                            .spawn(move || receiver(c, index as usize, mem, tx))?;
+                    }
+                    // Not one of this session's streams: drop it.
+                    _ => {}
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    listener.set_nonblocking(false)?;
+                    return Err(MigrationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the source did not open its data streams",
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    listener.set_nonblocking(false)?;
+    Ok(rx)
+}
+
+fn receiver(mut conn: TcpStream, index: usize, mem: GuestMem, news: Sender<StreamNews>) {
+    let mut scratch = vec![0u8; 1 << 20];
+    loop {
+        let r = match protocol::read_message(&mut conn) {
+            Ok(f) => match f.msg {
+                Message::Pages { gpa, count } => match f.pages {
+                    Some(receipt) => {
+                        recv_pages(&mut conn, &mem, gpa, count, &receipt, &mut scratch)
+                    }
+                    None => Err(MigrationError::Busy),
+                },
+                Message::RoundEnd { round, pages } => {
+                    if news.send(Ok((index, round, pages))).is_err() {
+                        return;
+                    }
+                    Ok(())
+                }
+                other => Err(MigrationError::from_unexpected(
+                    other.unexpected("Pages or RoundEnd"),
+                )),
+            },
+            // The source closes its data streams before stop-and-copy.
+            Err(protocol::ProtocolError::Closed) => return,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = r {
+            let _ = news.send(Err(e));
+            return;
+        }
+    }
+}

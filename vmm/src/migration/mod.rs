@@ -1,0 +1,295 @@
+//! Live migration: pre-copy that aims at a blackout target, and a handover that never loses the
+//! guest and never runs it twice.
+//!
+//! The wire protocol (messages, framing, the sequence diagram) lives in
+//! `blip_transport::protocol`; this module is the engine on both ends:
+//!
+//! - [`source::migrate`] runs inside the source `blip` (driven by the control API): handshake,
+//!   round 0 (every non-zero page), rounds of pages dirtied during the previous round until the
+//!   predicted blackout is under the target, then stop-and-copy: pause all vCPUs, final harvest,
+//!   final pages and the vCPU/device state on the control stream (same stream = ordered after the
+//!   pages), wait for Ready, Commit, wait for Resumed.
+//! - [`dest::receive`] runs in `blip receive`: accept one source, check the offer, build the VM
+//!   (vCPUs created, memory pre-faulted) before any page moves, write pages straight into guest
+//!   memory, restore state, answer Ready, and resume only after Commit.
+//!
+//! Failure rules: before the source has sent Commit, any failure (peer killed, connection
+//! lost, CRC error, refusal, timeout) resumes the guest on the source and the destination
+//! discards everything. Once Commit is sent the source never resumes: if the destination then
+//! dies, the guest is lost rather than duplicated. The window is one message.
+//!
+//! Pre-copy pages travel "live" (zero-copy from guest memory while the guest runs; the CRC
+//! covers only the frame header, because the guest may change a page while it is sent — such a
+//! page is dirty again and is resent). Round 0 (scanned for zero pages through a bounce buffer)
+//! and the final round (guest paused) carry a CRC over the data too.
+
+pub mod dest;
+pub mod source;
+
+use std::time::Duration;
+
+use blip_transport::protocol::{self, ProtocolError};
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+
+use crate::cpu;
+use crate::dirty::DirtyError;
+use crate::memory::MemoryError;
+use crate::persist::PersistError;
+use crate::vm::VmError;
+
+/// Pages per Pages frame (1 MiB): large enough for the syscall cost to vanish, small enough to
+/// spread a round over several streams.
+pub const PAGES_PER_FRAME: u64 = 256;
+
+/// How long a peer may stay silent before the migration is abandoned.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Endpoint(#[from] blip_transport::tcp::EndpointError),
+    #[error("the RDMA transport is not available in this build (use tcp://HOST:PORT)")]
+    NoRdma,
+    #[error("protocol error")]
+    Protocol(#[from] ProtocolError),
+    #[error("network I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("the peer aborted the migration: {0}")]
+    Aborted(String),
+    #[error("the offer does not fit this host: {0}")]
+    Incompatible(String),
+    #[error("unexpected {got} message (expected {expected})")]
+    Unexpected {
+        expected: &'static str,
+        got: protocol::MessageKind,
+    },
+    #[error("a data stream failed")]
+    Stream(#[source] Box<MigrationError>),
+    #[error("the peer sent pages outside guest memory (gpa {gpa:#x}, {count} pages)")]
+    OutOfBounds { gpa: u64, count: u32 },
+    #[error(
+        "pre-copy did not converge within {0:?} (--max-precopy-time) and --on-timeout is abort"
+    )]
+    NoConvergence(Duration),
+    #[error("memory verification failed: source digest {src:#x}, destination {dst:#x}")]
+    VerifyMismatch { src: u64, dst: u64 },
+    #[error("a migration is already running")]
+    Busy,
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("guest memory access failed")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+impl MigrationError {
+    /// Maps "peer said Refuse/Abort" protocol outcomes to their own variants.
+    pub fn from_unexpected(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Refused(r) => MigrationError::Refused(r),
+            ProtocolError::Aborted(r) => MigrationError::Aborted(r),
+            ProtocolError::Unexpected { expected, got } => {
+                MigrationError::Unexpected { expected, got }
+            }
+            other => MigrationError::Protocol(other),
+        }
+    }
+}
+
+/// What to do when pre-copy runs out of time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Stop and copy anyway (blackout above target).
+    Go,
+    /// Give up; the guest keeps running on the source.
+    Abort,
+}
+
+/// Migration options (the `blip migrate` flags, carried over the control API).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Options {
+    /// Destination, `tcp://HOST:PORT`.
+    pub to: String,
+    /// Blackout target in nanoseconds.
+    pub max_blackout_ns: u64,
+    /// Parallel TCP data streams.
+    pub streams: u32,
+    /// Longest pre-copy before `on_timeout` applies, in milliseconds.
+    pub max_precopy_ms: u64,
+    /// Go or abort when pre-copy runs out of time.
+    pub on_timeout: OnTimeout,
+    /// Compare a digest of source memory at pause with destination memory before resume.
+    pub verify: bool,
+}
+
+/// One pre-copy round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub pages: u64,
+    pub bytes: u64,
+    pub duration_ns: u64,
+    /// Bytes per second achieved in this round.
+    pub throughput: f64,
+    /// Pages dirty when the round ended (what the next round must send).
+    pub dirty_after: u64,
+    /// Smoothed guest dirty rate, pages per second (sum over vCPUs).
+    pub dirty_rate: f64,
+    /// Per-vCPU dirty rates, pages per second (dirty ring only).
+    pub vcpu_dirty_rates: Vec<f64>,
+    /// Blackout predicted if we stopped after this round, in nanoseconds.
+    pub predicted_blackout_ns: u64,
+}
+
+/// Where the blackout went, in nanoseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Phases {
+    /// Pause requested → last vCPU out of the guest.
+    pub pause: u64,
+    /// Final ring/bitmap harvest.
+    pub final_harvest: u64,
+    /// Final dirty pages sent.
+    pub final_pages: u64,
+    /// vCPU and device state saved and encoded.
+    pub state_save: u64,
+    /// State sent until the destination said Ready (transfer, decode, restore).
+    pub transfer_restore: u64,
+    /// Commit sent until the destination's first vCPU entered the guest.
+    pub resume: u64,
+    /// Memory digests (only with --verify).
+    pub verify: u64,
+}
+
+/// The result of one migration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub to: String,
+    pub transport: String,
+    pub streams: u32,
+    pub mem_size: u64,
+    pub vcpus: u32,
+    /// VMM blackout: source pause request → destination's first vCPU back in the guest.
+    pub blackout_ns: u64,
+    /// How `blackout_ns` was measured: "shared-clock" (same host) or "rtt-corrected".
+    pub blackout_method: String,
+    /// Largest heartbeat gap across the migration (guest-observed), when the guest beats.
+    pub guest_blackout_ns: Option<u64>,
+    /// Blackout the controller predicted when it decided to stop and copy.
+    pub predicted_blackout_ns: u64,
+    pub phases: Phases,
+    pub final_pages: u64,
+    pub total_ns: u64,
+    pub precopy_ns: u64,
+    /// Pre-copy rounds run (the report keeps at most the first and last 32).
+    pub round_count: u32,
+    pub rounds: Vec<RoundReport>,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// Some(true) when --verify compared digests and they matched.
+    pub verified: Option<bool>,
+    /// The vCPU state pieces that travelled.
+    pub state_pieces: String,
+    pub state_bytes: u64,
+    /// Why the pre-copy stopped.
+    pub stop_reason: String,
+}
+
+/// A fingerprint of the CPU a guest sees from this host: vendor, family/model/stepping and a
+/// hash of the feature leaves blip's boot CPUID exposes (APIC IDs and the TSC leaf masked).
+pub fn cpu_fingerprint(kvm: &Kvm, vcpus: u8) -> ([u8; 12], u32, u64) {
+    let Ok(base) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) else {
+        return ([0; 12], 0, 0);
+    };
+    let c = cpu::cpuid_for(&base, 0, vcpus, 0);
+    let mut vendor = [0u8; 12];
+    let mut signature = 0;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in c.as_slice() {
+        match e.function {
+            0 => {
+                vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+                vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+                vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+            }
+            1 => signature = e.eax,
+            _ => {}
+        }
+        let (ebx, edx) = match e.function {
+            1 => (e.ebx & 0x0000_ffff, e.edx),
+            0xb | 0x1f => (e.ebx, 0),
+            cpu::CPUID_TSC_LEAF => continue,
+            _ => (e.ebx, e.edx),
+        };
+        for v in [e.function, e.index, e.eax, ebx, e.ecx, edx] {
+            h = (h ^ u64::from(v)).wrapping_mul(0x1000_0000_01b3);
+        }
+    }
+    (vendor, signature, h)
+}
+
+/// An identifier of this host's boot (same value ⇒ same CLOCK_MONOTONIC).
+pub fn host_id() -> u64 {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    id.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3)
+    })
+}
+
+/// Fresh random bytes (nonces, session ids) from the kernel.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip_as_json() {
+        let o = Options {
+            to: "tcp://127.0.0.1:4000".into(),
+            max_blackout_ns: 1_000_000,
+            streams: 2,
+            max_precopy_ms: 30_000,
+            on_timeout: OnTimeout::Go,
+            verify: true,
+        };
+        let j = serde_json::to_string(&o).unwrap();
+        let back: Options = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.to, o.to);
+        assert_eq!(back.on_timeout, OnTimeout::Go);
+    }
+
+    #[test]
+    fn host_id_is_stable() {
+        assert_eq!(host_id(), host_id());
+        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+    }
+}

@@ -1,0 +1,609 @@
+//! The source side of a live migration (see the module doc of [`super`] for the rules).
+
+use std::io::{IoSlice, Write};
+use std::net::TcpStream;
+use std::str::FromStr;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use blip_transport::protocol::{self, Message, Offer, Role};
+use blip_transport::tcp::{self, Endpoint};
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{
+    cpu_fingerprint, host_id, random_bytes, MigrationError, OnTimeout, Options, Phases, Report,
+    RoundReport, PAGES_PER_FRAME, PEER_TIMEOUT,
+};
+use crate::devices::now_ns;
+use crate::dirty::{split_runs, Rates, Run};
+use crate::memory::{digest, GuestMem, PAGE_SIZE};
+use crate::persist;
+use crate::vm::Vm;
+
+/// Offer flag (in `state_pieces`, above every real piece): the source wants memory digests
+/// compared before resume.
+pub const VERIFY_FLAG: u64 = 1 << 63;
+
+/// Rounds kept in a report (the first half and the latest half of them).
+const MAX_REPORTED_ROUNDS: usize = 64;
+
+/// Live progress, streamed to `blip migrate` and the control API.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub round: u32,
+    pub pages_sent: u64,
+    pub remaining_dirty: u64,
+    pub dirty_rate: f64,
+    pub throughput: f64,
+    pub predicted_blackout_ns: u64,
+    pub elapsed_ns: u64,
+}
+
+enum Job {
+    /// Round 0: send every non-zero page of `[first, first + pages)` (pfns), checked.
+    Scan { first: u64, pages: u64 },
+    /// Send these runs live from guest memory.
+    Live(Vec<Run>),
+    /// End of round: write RoundEnd on the stream and report.
+    End(u32),
+}
+
+/// A sender thread's report for one round: pages and bytes it sent.
+type StreamResult = Result<(u64, u64), MigrationError>;
+
+struct Stream {
+    jobs: Sender<Job>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Senders {
+    streams: Vec<Stream>,
+    results: Receiver<StreamResult>,
+}
+
+impl Senders {
+    fn start(mem: &GuestMem, conns: Vec<TcpStream>) -> Senders {
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        let streams = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| {
+                let (jtx, jrx) = crossbeam_channel::unbounded();
+                let mem = mem.clone();
+                let rtx = rtx.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("mig-send{i}"))
+                    .spawn(move || sender(conn, mem, jrx, rtx))
+                    .ok();
+                Stream { jobs: jtx, thread }
+            })
+            .collect();
+        Senders {
+            streams,
+            results: rrx,
+        }
+    }
+
+    /// Ends round `round` on every stream and sums what they sent.
+    fn finish_round(&self, round: u32) -> Result<(u64, u64), MigrationError> {
+        for s in &self.streams {
+            let _ = s.jobs.send(Job::End(round));
+        }
+        let (mut pages, mut bytes) = (0, 0);
+        for _ in &self.streams {
+            match self.results.recv_timeout(PEER_TIMEOUT) {
+                Ok(Ok((p, b))) => {
+                    pages += p;
+                    bytes += b;
+                }
+                Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
+                Err(_) => {
+                    return Err(MigrationError::Stream(Box::new(MigrationError::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "a data stream stopped responding",
+                        ),
+                    ))))
+                }
+            }
+        }
+        Ok((pages, bytes))
+    }
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        for s in &mut self.streams {
+            let (tx, _) = crossbeam_channel::unbounded();
+            drop(std::mem::replace(&mut s.jobs, tx));
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn sender(mut conn: TcpStream, mem: GuestMem, jobs: Receiver<Job>, results: Sender<StreamResult>) {
+    let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
+    let (mut pages, mut bytes) = (0u64, 0u64);
+    let mut failed: Option<MigrationError> = None;
+    for job in jobs {
+        let r: Result<(), MigrationError> = match (&failed, job) {
+            (Some(_), Job::End(_)) => {
+                let _ = results.send(Err(failed.take().unwrap_or(MigrationError::Busy)));
+                continue;
+            }
+            (Some(_), _) => Ok(()),
+            (None, Job::Scan { first, pages: n }) => {
+                send_nonzero(&mut conn, &mem, &mut buf, first, n).map(|(p, b)| {
+                    pages += p;
+                    bytes += b;
+                })
+            }
+            (None, Job::Live(runs)) => runs.iter().try_for_each(|r| {
+                let len = (r.pages * PAGE_SIZE) as usize;
+                protocol::write_pages_live_header(&mut conn, r.gpa(), r.pages as u32)?;
+                mem.write_all_volatile_to(GuestAddress(r.gpa()), &mut conn, len)?;
+                pages += r.pages;
+                bytes += len as u64;
+                Ok(())
+            }),
+            (None, Job::End(round)) => {
+                let r = protocol::write_message(&mut conn, &Message::RoundEnd { round, pages })
+                    .map_err(MigrationError::from);
+                let _ = results.send(r.map(|_| (pages, bytes)));
+                pages = 0;
+                bytes = 0;
+                continue;
+            }
+        };
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    }
+}
+
+/// Sends the non-zero pages among `n` pages from pfn `first`, through a bounce buffer (so the
+/// CRC covers exactly the bytes sent). Returns (pages, bytes).
+fn send_nonzero(
+    w: &mut dyn Write,
+    mem: &GuestMem,
+    buf: &mut [u8],
+    first: u64,
+    n: u64,
+) -> Result<(u64, u64), MigrationError> {
+    let len = (n * PAGE_SIZE) as usize;
+    mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
+    let page = PAGE_SIZE as usize;
+    let (mut pages, mut i) = (0u64, 0usize);
+    while i < n as usize {
+        if buf[i * page..(i + 1) * page].iter().all(|b| *b == 0) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < n as usize && buf[i * page..(i + 1) * page].iter().any(|b| *b != 0) {
+            i += 1;
+        }
+        let data = &buf[start * page..i * page];
+        protocol::write_pages(w, (first + start as u64) * PAGE_SIZE, &[IoSlice::new(data)])?;
+        pages += (i - start) as u64;
+    }
+    Ok((pages, pages * PAGE_SIZE))
+}
+
+/// Sends `runs` (guest paused) through a bounce buffer with a CRC over the data.
+fn send_checked(
+    w: &mut dyn Write,
+    mem: &GuestMem,
+    runs: &[Run],
+    buf: &mut [u8],
+) -> Result<u64, MigrationError> {
+    let mut pages = 0;
+    for r in split_runs(runs, PAGES_PER_FRAME) {
+        let len = (r.pages * PAGE_SIZE) as usize;
+        mem.read_slice(&mut buf[..len], GuestAddress(r.gpa()))?;
+        protocol::write_pages(w, r.gpa(), &[IoSlice::new(&buf[..len])])?;
+        pages += r.pages;
+    }
+    Ok(pages)
+}
+
+fn expect(frame: protocol::Frame, expected: &'static str) -> MigrationError {
+    MigrationError::from_unexpected(frame.msg.unexpected(expected))
+}
+
+fn read(control: &mut TcpStream) -> Result<Message, MigrationError> {
+    Ok(protocol::read_message(control)?.msg)
+}
+
+/// Migrates the running guest of `vm` to `opts.to`. On success the guest runs on the
+/// destination and this VM is paused for good (the caller shuts it down). On failure the
+/// guest runs here again, untouched beyond the tracking overhead.
+pub fn migrate(
+    vm: &mut Vm,
+    opts: &Options,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    let endpoint = Endpoint::from_str(&opts.to)?;
+    let addr = match &endpoint {
+        Endpoint::Tcp(a) => a.clone(),
+        Endpoint::Rdma(_) => return Err(MigrationError::NoRdma),
+    };
+    let t_start = now_ns();
+    let mut control =
+        tcp::connect(&addr, Duration::from_secs(10)).map_err(|source| MigrationError::Connect {
+            addr: opts.to.clone(),
+            source,
+        })?;
+    control.set_read_timeout(Some(PEER_TIMEOUT))?;
+    let mut run = Run_ {
+        paused: false,
+        committed: false,
+        tracking: false,
+        senders: None,
+    };
+    let result = migrate_inner(vm, opts, progress, &mut control, &addr, t_start, &mut run);
+    if let Err(e) = &result {
+        if !run.committed {
+            // Tell the destination (best effort), then give the guest back its CPUs.
+            let _ = protocol::write_message(
+                &mut control,
+                &Message::Abort {
+                    reason: e.to_string(),
+                },
+            );
+            run.senders = None;
+            if run.tracking {
+                let (t, mem) = vm.tracker_mut();
+                let _ = t.stop(mem);
+            }
+            if run.paused {
+                let _ = vm.resume_all();
+            }
+        }
+    }
+    result
+}
+
+/// What has happened so far, for the failure path.
+struct Run_ {
+    paused: bool,
+    committed: bool,
+    tracking: bool,
+    senders: Option<Senders>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate_inner(
+    vm: &mut Vm,
+    opts: &Options,
+    progress: &mut dyn FnMut(&Progress),
+    control: &mut TcpStream,
+    addr: &tcp::Address,
+    t_start: u64,
+    run: &mut Run_,
+) -> Result<Report, MigrationError> {
+    // Handshake.
+    let session = u64::from_le_bytes(random_bytes());
+    let ours = host_id();
+    protocol::write_message(
+        control,
+        &Message::Hello {
+            role: Role::Source,
+            session,
+            nonce: random_bytes(),
+            host_id: ours,
+        },
+    )?;
+    let same_host = match read(control)? {
+        Message::Hello {
+            role: Role::Destination,
+            host_id,
+            ..
+        } => host_id == ours,
+        other => {
+            return Err(MigrationError::from_unexpected(
+                other.unexpected("Hello from a destination"),
+            ))
+        }
+    };
+
+    // Measure the fixed costs of a blackout (pause, state save, resume) before promising one.
+    let p = vm.pause_all()?;
+    run.paused = true;
+    let caps = vm.persist_caps()?;
+    let t0 = now_ns();
+    let state = vm.save_state_with(&caps)?;
+    let state_len = persist::encode(&state)?.len() as u64;
+    let save_ns = now_ns() - t0;
+    let r = vm.resume_all()?;
+    run.paused = false;
+    let pause_ns = p.last_ns - p.requested_ns;
+    let resume_ns = r.first_ns.saturating_sub(r.requested_ns);
+    // Restore costs about what save costs; two control round trips (state, commit) are added
+    // once measured below.
+    let fixed_ns = pause_ns + 2 * save_ns + resume_ns;
+
+    let vcpus = vm.vcpu_count() as u8;
+    let (cpu_vendor, cpu_signature, cpu_features) = cpu_fingerprint(vm.kvm(), vcpus);
+    let streams = opts.streams.clamp(1, 16);
+    let offer = Offer {
+        mem_size: vm.mem_size(),
+        page_size: PAGE_SIZE as u32,
+        vcpus: u32::from(vcpus),
+        cpu_vendor,
+        cpu_signature,
+        cpu_features,
+        tsc_khz: vm.tsc_khz(),
+        streams,
+        state_pieces: caps.pieces | if opts.verify { VERIFY_FLAG } else { 0 },
+        guest_name: String::new(),
+    };
+    protocol::write_message(control, &Message::Offer(offer))?;
+    let f = protocol::read_message(control)?;
+    if !matches!(f.msg, Message::Accept) {
+        return Err(expect(f, "Accept"));
+    }
+
+    // Data streams.
+    let mut conns = Vec::new();
+    for index in 0..streams {
+        let mut c = tcp::connect(addr, Duration::from_secs(10)).map_err(|source| {
+            MigrationError::Connect {
+                addr: opts.to.clone(),
+                source,
+            }
+        })?;
+        protocol::write_message(&mut c, &Message::StreamHello { session, index })?;
+        conns.push(c);
+    }
+    let mem = vm.memory().clone();
+    run.senders = Some(Senders::start(&mem, conns));
+
+    // Track from now on: round 0 sends everything non-zero, later rounds what changed.
+    {
+        let (t, m) = vm.tracker_mut();
+        t.start(m)?;
+    }
+    run.tracking = true;
+
+    let mut report = Report {
+        to: opts.to.clone(),
+        transport: "tcp".into(),
+        streams,
+        mem_size: vm.mem_size(),
+        vcpus: u32::from(vcpus),
+        state_pieces: persist::piece_names(caps.pieces),
+        state_bytes: state_len,
+        ..Default::default()
+    };
+    let mut rates = Rates::default();
+    rates.update(&vm.tracker().per_vcpu_harvested(), now_ns());
+    let mut bandwidth = 0f64; // bytes per second, smoothed
+    let mut rtt_ns = u64::MAX;
+    let total_pages = vm.mem_size() / PAGE_SIZE;
+    let deadline = t_start + opts.max_precopy_ms.saturating_mul(1_000_000);
+    let mut round = 0u32;
+    let mut last_progress = 0u64;
+    let mut predicted;
+    let stop_reason;
+    loop {
+        let t_round = now_ns();
+        let senders = run.senders.as_ref().ok_or(MigrationError::Busy)?;
+        if round == 0 {
+            let mut first = 0;
+            let mut i = 0;
+            while first < total_pages {
+                let n = PAGES_PER_FRAME.min(total_pages - first);
+                let _ = senders.streams[i % senders.streams.len()]
+                    .jobs
+                    .send(Job::Scan { first, pages: n });
+                first += n;
+                i += 1;
+            }
+        } else {
+            let runs = split_runs(&vm.tracker().take_runs(&mem)?, PAGES_PER_FRAME);
+            let n = senders.streams.len();
+            let mut per: Vec<Vec<Run>> = vec![Vec::new(); n];
+            for (i, r) in runs.into_iter().enumerate() {
+                per[i % n].push(r);
+            }
+            for (s, runs) in senders.streams.iter().zip(per) {
+                let _ = s.jobs.send(Job::Live(runs));
+            }
+        }
+        let (pages, bytes) = senders.finish_round(round)?;
+        let t_end = now_ns();
+        protocol::write_message(control, &Message::RoundEnd { round, pages })?;
+        match read(control)? {
+            Message::RoundAck { round: r } if r == round => {}
+            other => {
+                return Err(MigrationError::from_unexpected(
+                    other.unexpected("RoundAck"),
+                ))
+            }
+        }
+        let t_ack = now_ns();
+        rtt_ns = rtt_ns.min(t_ack - t_end);
+        let dur = (t_ack - t_round).max(1);
+        let throughput = bytes as f64 * 1e9 / dur as f64;
+        if bytes >= 64 * PAGE_SIZE {
+            bandwidth = if bandwidth == 0.0 {
+                throughput
+            } else {
+                0.5 * bandwidth + 0.5 * throughput
+            };
+        }
+        vm.tracker().sync(&mem)?;
+        let dirty = vm.tracker().shared().set.count();
+        let per_vcpu = rates
+            .update(&vm.tracker().per_vcpu_harvested(), now_ns())
+            .to_vec();
+        let bw = if bandwidth > 0.0 { bandwidth } else { 100e6 };
+        predicted = (dirty * PAGE_SIZE) as f64 / bw * 1e9;
+        let predicted_ns = predicted as u64 + fixed_ns + 2 * rtt_ns;
+        report.rounds.push(RoundReport {
+            round,
+            pages,
+            bytes,
+            duration_ns: dur,
+            throughput,
+            dirty_after: dirty,
+            dirty_rate: rates.total(),
+            vcpu_dirty_rates: per_vcpu,
+            predicted_blackout_ns: predicted_ns,
+        });
+        report.pages_sent += pages;
+        report.bytes_sent += bytes;
+        report.round_count = round + 1;
+        if report.rounds.len() > MAX_REPORTED_ROUNDS {
+            // Keep the first rounds and the latest ones.
+            report.rounds.remove(MAX_REPORTED_ROUNDS / 2);
+        }
+        let now = now_ns();
+        if now - last_progress >= 50_000_000 || round == 0 {
+            last_progress = now;
+            progress(&Progress {
+                phase: "precopy",
+                round,
+                pages_sent: report.pages_sent,
+                remaining_dirty: dirty,
+                dirty_rate: rates.total(),
+                throughput,
+                predicted_blackout_ns: predicted_ns,
+                elapsed_ns: now - t_start,
+            });
+        }
+        predicted = predicted_ns as f64;
+        if predicted_ns <= opts.max_blackout_ns {
+            stop_reason = format!(
+                "predicted blackout {:.1} us within target",
+                predicted_ns as f64 / 1e3
+            );
+            break;
+        }
+        // When what is left to copy costs little next to the target, more rounds cannot make
+        // the blackout smaller: the fixed costs dominate.
+        let page_cost_ns = predicted_ns.saturating_sub(fixed_ns + 2 * rtt_ns);
+        if round > 0 && page_cost_ns * 10 <= opts.max_blackout_ns {
+            stop_reason = format!(
+                "residual dirty set costs {:.1} us; fixed costs {:.1} us dominate",
+                page_cost_ns as f64 / 1e3,
+                (fixed_ns + 2 * rtt_ns) as f64 / 1e3
+            );
+            break;
+        }
+        if now_ns() > deadline {
+            match opts.on_timeout {
+                OnTimeout::Go => {
+                    stop_reason = "max-precopy-time reached; stopping anyway".to_string();
+                    break;
+                }
+                OnTimeout::Abort => {
+                    return Err(MigrationError::NoConvergence(Duration::from_millis(
+                        opts.max_precopy_ms,
+                    )))
+                }
+            }
+        }
+        round += 1;
+    }
+    report.predicted_blackout_ns = predicted as u64;
+    report.stop_reason = stop_reason;
+    report.precopy_ns = now_ns() - t_start;
+    // Data streams are done: close them so the destination's stream readers finish.
+    run.senders = None;
+
+    // ---- Stop and copy: the blackout starts here. ----
+    let mut ph = Phases::default();
+    let pause = vm.pause_all()?;
+    run.paused = true;
+    let t_pause = pause.requested_ns;
+    ph.pause = pause.last_ns - t_pause;
+    let last_src_beat = vm.devices().heartbeats.lock().ok().and_then(|h| h.last());
+    let t = now_ns();
+    let runs = vm.tracker().take_runs(&mem)?;
+    ph.final_harvest = now_ns() - t;
+    let t = now_ns();
+    let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
+    report.final_pages = send_checked(control, &mem, &runs, &mut buf)?;
+    ph.final_pages = now_ns() - t;
+    let src_digest = if opts.verify {
+        let t = now_ns();
+        let d = digest(&mem);
+        ph.verify = now_ns() - t;
+        Some(d)
+    } else {
+        None
+    };
+    let t = now_ns();
+    let state = vm.save_state_with(&caps)?;
+    let bytes = persist::encode(&state)?;
+    ph.state_save = now_ns() - t;
+    report.state_bytes = bytes.len() as u64;
+    let t = now_ns();
+    protocol::write_message(control, &Message::State(bytes))?;
+    let dst_digest = match read(control)? {
+        Message::Ready { mem_hash } => mem_hash,
+        other => return Err(MigrationError::from_unexpected(other.unexpected("Ready"))),
+    };
+    ph.transfer_restore = now_ns() - t;
+    if let Some(src) = src_digest {
+        if src != dst_digest {
+            return Err(MigrationError::VerifyMismatch {
+                src,
+                dst: dst_digest,
+            });
+        }
+        report.verified = Some(true);
+    }
+    // The point of no return: after this write the source never resumes the guest.
+    let t_commit = now_ns();
+    protocol::write_message(control, &Message::Commit)?;
+    run.committed = true;
+    let resumed = match read(control) {
+        Ok(Message::Resumed { t_ns }) => Some(t_ns),
+        _ => None,
+    };
+    let t_ack = now_ns();
+    match resumed {
+        Some(t_dst) if same_host => {
+            report.blackout_ns = t_dst.saturating_sub(t_pause);
+            ph.resume = t_dst.saturating_sub(t_commit);
+            report.blackout_method = "shared-clock".into();
+        }
+        _ => {
+            let half_rtt = if rtt_ns == u64::MAX { 0 } else { rtt_ns / 2 };
+            report.blackout_ns = (t_ack - t_pause).saturating_sub(half_rtt);
+            ph.resume = (t_ack - t_commit).saturating_sub(half_rtt);
+            report.blackout_method = "rtt-corrected".into();
+        }
+    }
+    report.phases = ph;
+    // The destination reports the guest's first heartbeat after resume (counter 0: none).
+    if resumed.is_some() {
+        control.set_read_timeout(Some(Duration::from_secs(5)))?;
+        if let Ok(Message::Heartbeat { counter, t_ns }) = read(control) {
+            if let (true, Some(src)) = (counter > 0 && same_host, last_src_beat) {
+                report.guest_blackout_ns = Some(t_ns.saturating_sub(src.t_ns));
+            }
+        }
+    }
+    report.total_ns = now_ns() - t_start;
+    progress(&Progress {
+        phase: "done",
+        round,
+        pages_sent: report.pages_sent + report.final_pages,
+        remaining_dirty: 0,
+        dirty_rate: 0.0,
+        throughput: 0.0,
+        predicted_blackout_ns: report.predicted_blackout_ns,
+        elapsed_ns: report.total_ns,
+    });
+    let _ = control.flush();
+    Ok(report)
+}
