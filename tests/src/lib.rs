@@ -94,3 +94,166 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A blip process running in the background, its stdout and stderr going to files.
+pub struct Bg {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub name: String,
+    pub api: PathBuf,
+}
+
+impl Bg {
+    /// Starts `blip args...` with `--api <dir>/<name>.sock` appended.
+    pub fn start(dir: &std::path::Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Bg {
+        let api = dir.join(format!("{name}.sock"));
+        let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
+        let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
+        let mut c = Command::new(blip_bin());
+        c.args(args)
+            .arg("--api")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Bg {
+            child: c.spawn().expect("spawn blip"),
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            api,
+        }
+    }
+
+    /// Starts `blip args...` under `ip netns exec <ns>`.
+    pub fn start_in_netns(dir: &std::path::Path, ns: &str, name: &str, args: &[&str]) -> Bg {
+        let api = dir.join(format!("{name}.sock"));
+        let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
+        let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(blip_bin())
+            .args(args)
+            .arg("--api")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn ip netns exec blip");
+        Bg {
+            child,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            api,
+        }
+    }
+
+    /// Its stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.out", self.name))).unwrap_or_default()
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.err", self.name))).unwrap_or_default()
+    }
+
+    /// `blip status` as JSON, or None when it does not answer.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let o = blip(&["status", "--api", self.api.to_str().unwrap()])
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Waits until the control API answers (hang guard: 60 s).
+    pub fn wait_api(&mut self) {
+        let start = Instant::now();
+        while self.status().is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited early ({st}): {}", self.name, self.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} never answered",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until stderr contains `needle` (hang guard: 60 s).
+    pub fn wait_stderr(&mut self, needle: &str) {
+        let start = Instant::now();
+        while !self.stderr().contains(needle) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited early ({st}): {}", self.name, self.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} never said {needle:?}: {}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The heartbeat counter the guest last sent.
+    pub fn last_heartbeat(&self) -> u64 {
+        self.status()
+            .and_then(|s| s["last_heartbeat"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits for the process to end (hang guard: 120 s) and returns its exit code.
+    pub fn wait(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                panic!("{} did not exit: {}", self.name, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Is it still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("blip-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A receiver's listen URL, read from its "waiting" line.
+pub fn listen_url(b: &mut Bg) -> String {
+    b.wait_stderr("waiting for an incoming migration on ");
+    b.stderr()
+        .split_whitespace()
+        .find(|w| w.starts_with("tcp://"))
+        .expect("url")
+        .to_string()
+}

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod devices;
 pub mod dirty;
 pub mod exit;
+pub mod fault;
 pub mod loader;
 pub mod memory;
 pub mod migration;

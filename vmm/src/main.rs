@@ -392,7 +392,7 @@ fn report_heartbeats(vm: &Vm) {
     let beats = hb.beats();
     let gap = beats
         .windows(2)
-        .map(|w| w[1].t_ns - w[0].t_ns)
+        .map(|w| w[1].t_ns.saturating_sub(w[0].t_ns))
         .max()
         .unwrap_or(0);
     eprintln!(

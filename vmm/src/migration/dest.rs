@@ -195,6 +195,11 @@ fn receive_inner(
         let f = read(control)?;
         match f.msg {
             Message::RoundEnd { round, pages } => {
+                if round == 1 && crate::fault::point("dest-precopy") == crate::fault::Fault::Drop {
+                    return Err(MigrationError::Aborted(
+                        "fault injected: connection dropped in pre-copy".into(),
+                    ));
+                }
                 let mut got = 0;
                 while done_round.iter().any(|r| r.is_none_or(|r| r < round)) {
                     match streams.recv_timeout(PEER_TIMEOUT) {
@@ -232,6 +237,11 @@ fn receive_inner(
                 inc.pages += u64::from(count);
             }
             Message::State(bytes) => {
+                if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
+                    return Err(MigrationError::Aborted(
+                        "fault injected: connection dropped in stop-and-copy".into(),
+                    ));
+                }
                 let t = now_ns();
                 let state = persist::decode(&bytes)?;
                 let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;

@@ -1,0 +1,507 @@
+//! Live migration end to end: real `blip run` and `blip receive` processes on the real
+//! /dev/kvm, over real TCP sockets (loopback, and a veth pair between two network namespaces),
+//! plus faults: a destination killed or cut off in pre-copy and in stop-and-copy, garbage,
+//! truncated frames, a protocol version mismatch and a layout the destination cannot take.
+//! Invariants checked every time: the source's guest keeps running (heartbeats advance, its
+//! memory pattern checks out) and the destination never runs a partial guest.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use blip_tests::{blip, listen_url, scratch, stdout, Bg};
+use blip_transport::protocol::{self, Message, Offer, Role};
+
+const GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
+
+fn source(dir: &std::path::Path, name: &str) -> Bg {
+    let mut s = Bg::start(
+        dir,
+        name,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+        ],
+        &[],
+    );
+    s.wait_api();
+    s
+}
+
+fn receiver(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> (Bg, String) {
+    let mut r = Bg::start(
+        dir,
+        name,
+        &["receive", "--listen", "tcp://127.0.0.1:0"],
+        env,
+    );
+    let url = listen_url(&mut r);
+    (r, url)
+}
+
+fn migrate(src: &Bg, to: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "migrate",
+        "--api",
+        src.api.to_str().unwrap(),
+        "--to",
+        to,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    blip(&args).output().expect("blip migrate")
+}
+
+/// Asserts the guest in `b` is alive and advancing, then has it check its memory and exit 0.
+fn assert_alive_then_check(b: &mut Bg) {
+    let h0 = b.last_heartbeat();
+    let start = std::time::Instant::now();
+    while b.last_heartbeat() <= h0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "heartbeats stopped on {}",
+            b.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "check request: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(b.wait(), Some(0), "{} exit; stderr: {}", b.name, b.stderr());
+    assert!(
+        b.stdout().contains("check: ok"),
+        "{} memory check: {}",
+        b.name,
+        b.stdout()
+    );
+}
+
+fn report(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "migrate failed: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
+#[test]
+fn migrates_a_dirtying_guest_on_localhost_with_verify() {
+    let dir = scratch("mig-local");
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = a.last_heartbeat();
+    assert!(before > 0, "source guest sends heartbeats");
+    let r = report(&migrate(&a, &url, &["--verify", "--streams", "2"]));
+    assert_eq!(r["verified"], true, "{r}");
+    assert!(r["blackout_ns"].as_u64().unwrap() > 0);
+    assert!(r["pages_sent"].as_u64().unwrap() > 0);
+    assert_eq!(r["streams"], 2);
+    // The source hands over and exits 0; its guest lives on in b.
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    // The heartbeat counter continues from where it was (no reset).
+    let start = std::time::Instant::now();
+    while b.last_heartbeat() <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no heartbeats after migration"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_alive_then_check(&mut b);
+}
+
+#[test]
+fn ten_migrations_in_a_row() {
+    let dir = scratch("mig-ten");
+    let mut cur = source(&dir, "h0");
+    let mut last = 0;
+    for i in 1..=10 {
+        let (mut next, url) = receiver(&dir, &format!("h{i}"), &[]);
+        let r = report(&migrate(&cur, &url, &["--max-blackout", "5ms"]));
+        assert!(r["blackout_ns"].as_u64().unwrap() > 0);
+        assert_eq!(cur.wait(), Some(0), "hop {i}: {}", cur.stderr());
+        next.wait_api();
+        let hb = next.last_heartbeat();
+        assert!(
+            hb >= last,
+            "hop {i}: heartbeat went back from {last} to {hb}"
+        );
+        last = hb;
+        cur = next;
+    }
+    assert_alive_then_check(&mut cur);
+}
+
+fn netns(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            netns(&["netns", "del", n]);
+        }
+    }
+}
+
+#[test]
+fn migrates_between_network_namespaces_over_veth() {
+    let id = std::process::id() % 10000;
+    let (na, nb) = (format!("blipA{id}"), format!("blipB{id}"));
+    let _guard = Namespaces(vec![na.clone(), nb.clone()]);
+    let (va, vb) = (format!("bva{id}"), format!("bvb{id}"));
+    assert!(
+        netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]),
+        "ip netns add (needs root and iproute2)"
+    );
+    assert!(netns(&[
+        "link", "add", &va, "type", "veth", "peer", "name", &vb
+    ]));
+    assert!(
+        netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb])
+    );
+    assert!(netns(&[
+        "-n",
+        &na,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        &va
+    ]));
+    assert!(netns(&[
+        "-n",
+        &nb,
+        "addr",
+        "add",
+        "10.77.0.2/24",
+        "dev",
+        &vb
+    ]));
+    for (n, v) in [(&na, &va), (&nb, &vb)] {
+        assert!(
+            netns(&["-n", n, "link", "set", v, "up"])
+                && netns(&["-n", n, "link", "set", "lo", "up"])
+        );
+    }
+    let dir = scratch("mig-netns");
+    let mut a = Bg::start_in_netns(
+        &dir,
+        &na,
+        "a",
+        &["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST],
+    );
+    a.wait_api();
+    let mut b = Bg::start_in_netns(
+        &dir,
+        &nb,
+        "b",
+        &["receive", "--listen", "tcp://10.77.0.2:7777"],
+    );
+    b.wait_stderr("waiting for an incoming migration");
+    let r = report(&migrate(&a, "tcp://10.77.0.2:7777", &["--verify"]));
+    assert_eq!(r["verified"], true);
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}
+
+/// Runs a migration to a destination that fails at `fault`, and checks the source survives.
+fn source_survives_destination_fault(fault: &str, extra: &[&str]) {
+    let dir = scratch(&format!("mig-fault-{}", fault.replace([':', '='], "-")));
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[("BLIP_FAULT", fault)]);
+    let o = migrate(&a, &url, extra);
+    assert!(
+        !o.status.success(),
+        "migration should fail with fault {fault}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.starts_with("blip: error: migration failed: "), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // The destination is gone (killed or failed) and never ran the guest.
+    let code = b.wait();
+    assert_ne!(
+        code,
+        Some(0),
+        "destination must not succeed: {}",
+        b.stderr()
+    );
+    assert!(!b.stdout().contains("check:"), "destination ran a guest");
+    assert!(a.alive(), "source died: {}", a.stderr());
+    assert!(
+        a.stderr().contains("the guest keeps running here"),
+        "{}",
+        a.stderr()
+    );
+    assert_alive_then_check(&mut a);
+}
+
+#[test]
+fn destination_killed_during_precopy() {
+    // Many rounds: a target no pre-copy can meet keeps it in pre-copy until the kill.
+    source_survives_destination_fault(
+        "dest-precopy:kill",
+        &["--max-blackout", "1ns", "--max-precopy-time", "60s"],
+    );
+}
+
+#[test]
+fn destination_killed_during_stop_and_copy() {
+    source_survives_destination_fault("dest-state:kill", &[]);
+}
+
+#[test]
+fn connection_cut_during_precopy_and_stop_and_copy() {
+    source_survives_destination_fault(
+        "dest-precopy:drop",
+        &["--max-blackout", "1ns", "--max-precopy-time", "60s"],
+    );
+    source_survives_destination_fault("dest-state:drop", &[]);
+}
+
+/// A fake destination: accepts the source's control connection and misbehaves with `f`.
+fn fake_destination(f: impl FnOnce(&mut std::net::TcpStream) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let _ = protocol::read_message(&mut c); // the source's Hello
+            f(&mut c);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    url
+}
+
+fn source_survives_bad_peer(url: &str, needle: &str) {
+    let dir = scratch("mig-badpeer");
+    let mut a = source(&dir, "a");
+    let o = migrate(&a, url, &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_alive_then_check(&mut a);
+}
+
+#[test]
+fn garbage_truncated_and_version_mismatch_from_destination() {
+    let garbage = fake_destination(|c| {
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot blip at all");
+    });
+    source_survives_bad_peer(&garbage, "magic");
+    let truncated = fake_destination(|c| {
+        let h = protocol::Header::new(protocol::MessageKind::Hello, 48, 0).encode();
+        let _ = c.write_all(&h[..10]);
+    });
+    source_survives_bad_peer(&truncated, "migration failed");
+    let version = fake_destination(|c| {
+        let mut h = protocol::Header::new(protocol::MessageKind::Hello, 0, 0).encode();
+        h[4] = 2; // protocol version 2
+        let _ = c.write_all(&h);
+    });
+    source_survives_bad_peer(&version, "version");
+    // A destination that refuses the offer.
+    let refuse = fake_destination(|c| {
+        let hello = Message::Hello {
+            role: Role::Destination,
+            session: 1,
+            nonce: [0; 32],
+            host_id: 0,
+        };
+        let _ = protocol::write_message(c, &hello);
+        let _ = protocol::read_message(c); // Offer
+        let _ = protocol::write_message(
+            c,
+            &Message::Refuse {
+                reason: "no room for you".into(),
+            },
+        );
+    });
+    source_survives_bad_peer(&refuse, "refused the migration: no room for you");
+    // Nobody listening.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", l.local_addr().unwrap())
+    };
+    source_survives_bad_peer(&closed, "cannot connect");
+}
+
+fn fake_source_offer(url: &str, offer: Offer) -> Message {
+    let addr = url.trim_start_matches("tcp://");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let hello = Message::Hello {
+        role: Role::Source,
+        session: 7,
+        nonce: [1; 32],
+        host_id: 0,
+    };
+    protocol::write_message(&mut c, &hello).unwrap();
+    let _ = protocol::read_message(&mut c).unwrap(); // destination Hello
+    protocol::write_message(&mut c, &Message::Offer(offer)).unwrap();
+    protocol::read_message(&mut c)
+        .map(|f| f.msg)
+        .unwrap_or(Message::Abort {
+            reason: "closed".into(),
+        })
+}
+
+#[test]
+fn destination_refuses_layouts_it_cannot_take() {
+    let dir = scratch("mig-layout");
+    for (what, offer, needle) in [
+        (
+            "vcpus",
+            Offer {
+                mem_size: 32 << 20,
+                page_size: 4096,
+                vcpus: 1000,
+                cpu_vendor: [0; 12],
+                cpu_signature: 0,
+                cpu_features: 0,
+                tsc_khz: 0,
+                streams: 1,
+                state_pieces: 0,
+                guest_name: String::new(),
+            },
+            "1000 vCPUs",
+        ),
+        (
+            "memory",
+            Offer {
+                mem_size: 64 << 30,
+                page_size: 4096,
+                vcpus: 1,
+                cpu_vendor: [0; 12],
+                cpu_signature: 0,
+                cpu_features: 0,
+                tsc_khz: 0,
+                streams: 1,
+                state_pieces: 0,
+                guest_name: String::new(),
+            },
+            "guest memory",
+        ),
+        (
+            "cpu",
+            Offer {
+                mem_size: 32 << 20,
+                page_size: 4096,
+                vcpus: 1,
+                cpu_vendor: *b"NotARealCPU!",
+                cpu_signature: 0,
+                cpu_features: 0,
+                tsc_khz: 0,
+                streams: 1,
+                state_pieces: 0,
+                guest_name: String::new(),
+            },
+            "CPU vendor",
+        ),
+    ] {
+        let (mut b, url) = receiver(&dir, &format!("b-{what}"), &[]);
+        match fake_source_offer(&url, offer) {
+            Message::Refuse { reason } => assert!(reason.contains(needle), "{what}: {reason}"),
+            other => panic!("{what}: expected Refuse, got {other:?}"),
+        }
+        assert_eq!(b.wait(), Some(2), "{what}: {}", b.stderr());
+        let err = b.stderr();
+        assert!(
+            err.contains("incoming migration failed") && err.contains(needle),
+            "{what}: {err}"
+        );
+        assert!(!b.stdout().contains("check"), "no guest ran");
+    }
+}
+
+#[test]
+fn destination_survives_garbage_and_never_runs_a_partial_guest() {
+    let dir = scratch("mig-garbage");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let mut c = std::net::TcpStream::connect(url.trim_start_matches("tcp://")).unwrap();
+    c.write_all(&[0xAB; 64]).unwrap();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    assert_eq!(b.wait(), Some(2));
+    let err = b.stderr();
+    assert!(
+        err.contains("incoming migration failed") && err.contains("magic"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{err}"
+    );
+    assert!(stdout_is_empty(&b));
+}
+
+fn stdout_is_empty(b: &Bg) -> bool {
+    b.stdout().trim().is_empty()
+}
+
+#[test]
+fn migrate_command_errors_are_one_line() {
+    let o = blip(&[
+        "migrate",
+        "--api",
+        "/nonexistent/blip.sock",
+        "--to",
+        "tcp://127.0.0.1:1",
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("cannot reach the blip control socket"),
+        "{err}"
+    );
+    let o = blip(&["migrate", "--api", "/tmp/x.sock", "--to", "http://x:1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unsupported scheme"));
+    let o = blip(&[
+        "migrate",
+        "--api",
+        "/tmp/x.sock",
+        "--to",
+        "rdma://10.0.0.1:4000",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = blip(&["receive", "--listen", "tcp://256.1.1.1:4000"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).lines().count(),
+        1,
+        "{}",
+        stdout(&o)
+    );
+}
