@@ -8,6 +8,10 @@
 //! - `pause`: pause-all and resume-all latency for 1, 2 and 4 vCPUs while the guest dirties
 //!   memory, over many cycles, in hdrhistogram histograms.
 
+mod dirty;
+mod migrate;
+mod report;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -17,12 +21,16 @@ use blip_vmm::loader::Image;
 use blip_vmm::memory::Backing;
 use blip_vmm::vm::{Vm, VmConfig};
 use clap::Parser;
-use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::report::{hist, summary, us};
+
+const SCENARIOS: [&str; 4] = ["boot", "pause", "migrate", "dirty"];
 
 #[derive(Parser, Debug)]
 #[command(name = "blip-bench", about = "blip latency benchmarks")]
 struct Args {
-    /// Scenarios to run (boot, pause); default all.
+    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Pause/resume cycles per vCPU count.
@@ -34,22 +42,36 @@ struct Args {
     /// vCPU counts for the pause scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     vcpus: Vec<u32>,
+    /// Migrations per cell of the migrate matrix.
+    #[arg(long, default_value_t = 100)]
+    migrations: u32,
+    /// Guest memory sizes (MiB) of the migrate matrix.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    migrate_mem: Vec<u64>,
+    /// vCPU counts of the migrate matrix.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    migrate_vcpus: Vec<u32>,
+    /// Workloads of the migrate matrix (idle, dirty).
+    #[arg(long, value_delimiter = ',', default_value = "idle,dirty")]
+    migrate_load: Vec<String>,
+    /// Blackout target handed to every migration, in microseconds (blip migrate's default).
+    #[arg(long, default_value_t = 1000)]
+    max_blackout_us: u64,
+    /// How migrations are started: the control socket directly, or the `blip migrate` CLI.
+    #[arg(long, value_enum, default_value = "api")]
+    via: migrate::Via,
+    /// Working sets (MiB) of the dirty scenario.
+    #[arg(long, value_delimiter = ',', default_value = "4,32")]
+    dirty_ws: Vec<u64>,
+    /// Measurement window of the dirty scenario (each of off and on), in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    dirty_window_ms: u64,
+    /// Where latest.json and the .hlog files go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
     /// Small, fast subset (for CI smoke runs).
     #[arg(long)]
     quick: bool,
-}
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
-}
-
-fn us(ns: u64) -> f64 {
-    ns as f64 / 1e3
-}
-
-fn blip_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.with_file_name("blip")
 }
 
 fn boot(n: u32) {

@@ -163,11 +163,13 @@ pub enum MessageKind {
     Abort = 13,
     /// [`Message::Heartbeat`]
     Heartbeat = 14,
+    /// [`Message::PageBatch`]
+    PageBatch = 15,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 14] = [
+    pub const ALL: [MessageKind; 15] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -182,6 +184,7 @@ impl MessageKind {
         MessageKind::Resumed,
         MessageKind::Abort,
         MessageKind::Heartbeat,
+        MessageKind::PageBatch,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -206,6 +209,7 @@ impl MessageKind {
             MessageKind::Resumed => "Resumed",
             MessageKind::Abort => "Abort",
             MessageKind::Heartbeat => "Heartbeat",
+            MessageKind::PageBatch => "PageBatch",
         }
     }
 }
@@ -383,6 +387,14 @@ pub enum Message {
     },
     /// Source → destination: resume the guest; the source will not.
     Commit,
+    /// Many page runs in one frame (the final round: one write, one read, CRC over all of it).
+    /// `runs` are (gpa, pages); `data` is their pages back to back.
+    PageBatch {
+        /// (guest physical address, page count) of each run, in data order.
+        runs: Vec<(u64, u32)>,
+        /// The pages, concatenated.
+        data: Vec<u8>,
+    },
     /// Destination → source: the first guest heartbeat after resume (`counter` 0 = none came).
     Heartbeat {
         /// The guest's heartbeat counter.
@@ -417,6 +429,7 @@ impl Message {
             Message::State(_) => MessageKind::State,
             Message::Ready { .. } => MessageKind::Ready,
             Message::Heartbeat { .. } => MessageKind::Heartbeat,
+            Message::PageBatch { .. } => MessageKind::PageBatch,
             Message::Commit => MessageKind::Commit,
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::Abort { .. } => MessageKind::Abort,
@@ -524,6 +537,14 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
         }
         Message::Accept | Message::Commit => {}
         Message::Ready { mem_hash } => e.u64(*mem_hash),
+        Message::PageBatch { runs, data } => {
+            e.u32(u32::try_from(runs.len()).map_err(|_| ProtocolError::TooLarge(u32::MAX))?);
+            for (gpa, pages) in runs {
+                e.u64(*gpa);
+                e.u32(*pages);
+            }
+            e.raw(data);
+        }
         Message::Heartbeat { counter, t_ns } => {
             e.u64(*counter);
             e.u64(*t_ns);
@@ -580,6 +601,33 @@ pub fn write_pages_live_header(w: &mut dyn Write, gpa: u64, count: u32) -> Resul
     let crc = crc32c::crc32c(&head[HEADER_LEN..]);
     head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::Pages, len, crc).encode());
     w.write_all(&head)?;
+    Ok(())
+}
+
+/// Writes a [`Message::PageBatch`] without copying `data` (runs table, then data, one
+/// vectored write). `data` must hold exactly the runs' pages.
+pub fn write_page_batch(w: &mut dyn Write, runs: &[(u64, u32)], data: &[u8]) -> Result<()> {
+    let total: usize = runs.iter().map(|r| r.1 as usize * PAGE_SIZE).sum();
+    if total != data.len() {
+        return Err(ProtocolError::Malformed {
+            kind: MessageKind::PageBatch,
+            what: "page data does not match the runs",
+        });
+    }
+    let mut head = Vec::with_capacity(HEADER_LEN + 4 + 12 * runs.len());
+    head.resize(HEADER_LEN, 0);
+    head.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for (gpa, pages) in runs {
+        head.extend_from_slice(&gpa.to_le_bytes());
+        head.extend_from_slice(&pages.to_le_bytes());
+    }
+    let len = u32::try_from(head.len() - HEADER_LEN + data.len()).unwrap_or(u32::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let crc = crc32c_append(crc32c::crc32c(&head[HEADER_LEN..]), data);
+    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::PageBatch, len, crc).encode());
+    write_all_vectored(w, &mut [IoSlice::new(&head), IoSlice::new(data)])?;
     Ok(())
 }
 
@@ -772,6 +820,33 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         MessageKind::RoundAck => Message::RoundAck { round: d.u32()? },
         MessageKind::State => Message::State(d.bytes()?.to_vec()),
         MessageKind::Ready => Message::Ready { mem_hash: d.u64()? },
+        MessageKind::PageBatch => {
+            let n = d.u32()? as usize;
+            // Each run takes 12 bytes: a count larger than the payload is a lie.
+            if n.saturating_mul(12) > d.buf.len() {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "more runs than the payload holds",
+                });
+            }
+            let mut runs = Vec::with_capacity(n);
+            let mut total = 0usize;
+            for _ in 0..n {
+                let gpa = d.u64()?;
+                let pages = d.u32()?;
+                total = total.saturating_add(pages as usize * PAGE_SIZE);
+                runs.push((gpa, pages));
+            }
+            if total != d.buf.len() {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "page data does not match the runs",
+                });
+            }
+            let data = d.buf.to_vec();
+            d.buf = &[];
+            Message::PageBatch { runs, data }
+        }
         MessageKind::Heartbeat => Message::Heartbeat {
             counter: d.u64()?,
             t_ns: d.u64()?,
@@ -966,6 +1041,10 @@ mod tests {
             Message::Heartbeat {
                 counter: 3,
                 t_ns: 9,
+            },
+            Message::PageBatch {
+                runs: vec![(0x1000, 1), (0x8000, 2)],
+                data: vec![0x5a; 3 * 4096],
             },
             Message::Commit,
             Message::Resumed { t_ns: 123_456_789 },
@@ -1209,6 +1288,25 @@ mod tests {
         let mut v = h.encode().to_vec();
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn page_batch_writer_matches_the_encoder() {
+        let runs = vec![(0x2000u64, 2u32), (0x10_0000, 1)];
+        let data: Vec<u8> = (0..3 * 4096).map(|i| i as u8).collect();
+        let mut a = Vec::new();
+        write_page_batch(&mut a, &runs, &data).unwrap();
+        let mut b = Vec::new();
+        write_message(
+            &mut b,
+            &Message::PageBatch {
+                runs: runs.clone(),
+                data: data.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert!(write_page_batch(&mut a, &runs, &data[..4096]).is_err());
     }
 
     #[test]

@@ -271,6 +271,9 @@ pub struct Caps {
     pub xsave_size: usize,
     /// KVM can change a vCPU's TSC frequency (KVM_CAP_TSC_CONTROL).
     pub tsc_control: bool,
+    /// Per-vCPU CPUID, read once before the blackout (it never changes while a guest runs),
+    /// so the blackout path skips that ioctl. Empty: read it during the save.
+    pub cpuid: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
 }
 
 impl Caps {
@@ -298,6 +301,7 @@ impl Caps {
             msr_indices: Vec::new(),
             xsave_size,
             tsc_control: vm.check_extension(Cap::TscControl),
+            cpuid: Vec::new(),
         }
     }
 }
@@ -401,11 +405,14 @@ pub fn readable_msrs(fd: &VcpuFd, vcpu: u8, candidates: &[u32]) -> Result<Vec<u3
 
 /// Saves vCPU `index`'s state from its fd (the vCPU must be paused).
 pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, PersistError> {
-    let cpuid = fd
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("read CPUID", index))?
-        .as_slice()
-        .to_vec();
+    let cpuid = match caps.cpuid.get(index as usize) {
+        Some(c) => c.clone(),
+        None => fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("read CPUID", index))?
+            .as_slice()
+            .to_vec(),
+    };
     let regs = fd.get_regs().map_err(kvm("read registers", index))?;
     let sregs = fd
         .get_sregs()
@@ -801,6 +808,23 @@ impl Vm {
         )
         .map_err(PersistError::Vm)?;
         caps.msr_indices = rx.try_recv().map_err(|_| PersistError::NoReply(0))??;
+        let n = self.vcpu_count();
+        let (tx, rx) = mpsc::sync_channel(n);
+        self.with_each_vcpu(|i| {
+            let tx = tx.clone();
+            Box::new(move |fd| {
+                let c = fd
+                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map(|c| c.as_slice().to_vec());
+                let _ = tx.send((i, c.map_err(kvm("read CPUID", i))));
+            })
+        })
+        .map_err(PersistError::Vm)?;
+        let mut cpuid = vec![Vec::new(); n];
+        while let Ok((i, c)) = rx.try_recv() {
+            cpuid[i as usize] = c?;
+        }
+        caps.cpuid = cpuid;
         Ok(caps)
     }
 

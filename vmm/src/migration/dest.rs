@@ -236,6 +236,20 @@ fn receive_inner(
                 recv_pages(control, &mem, gpa, count, &receipt, &mut scratch)?;
                 inc.pages += u64::from(count);
             }
+            Message::PageBatch { runs, data } => {
+                let mut off = 0usize;
+                let size = mem_size(&mem);
+                for (gpa, count) in runs {
+                    let len = count as usize * PAGE_SIZE as usize;
+                    if gpa % PAGE_SIZE != 0 || gpa.checked_add(len as u64).is_none_or(|e| e > size)
+                    {
+                        return Err(MigrationError::OutOfBounds { gpa, count });
+                    }
+                    mem.write_slice(&data[off..off + len], GuestAddress(gpa))?;
+                    off += len;
+                    inc.pages += u64::from(count);
+                }
+            }
             Message::State(bytes) => {
                 if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
                     return Err(MigrationError::Aborted(
@@ -288,6 +302,12 @@ fn receive_inner(
     }
 }
 
+fn mem_size(mem: &GuestMem) -> u64 {
+    vm_memory::GuestMemoryBackend::iter(mem)
+        .map(vm_memory::GuestMemoryRegion::len)
+        .sum()
+}
+
 /// Reads a Pages payload straight into guest memory, refusing anything outside it.
 fn recv_pages(
     conn: &mut TcpStream,
@@ -298,9 +318,7 @@ fn recv_pages(
     scratch: &mut [u8],
 ) -> Result<(), MigrationError> {
     let len = u64::from(count) * PAGE_SIZE;
-    let size: u64 = vm_memory::GuestMemoryBackend::iter(mem)
-        .map(vm_memory::GuestMemoryRegion::len)
-        .sum();
+    let size = mem_size(mem);
     if gpa % PAGE_SIZE != 0 || gpa.checked_add(len).is_none_or(|end| end > size) {
         return Err(MigrationError::OutOfBounds { gpa, count });
     }

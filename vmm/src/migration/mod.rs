@@ -200,6 +200,8 @@ pub struct Report {
     pub predicted_blackout_ns: u64,
     pub phases: Phases,
     pub final_pages: u64,
+    /// The last live round, sent on the control stream just before the pause.
+    pub last_live_ns: u64,
     pub total_ns: u64,
     pub precopy_ns: u64,
     /// Pre-copy rounds run (the report keeps at most the first and last 32).

@@ -1,0 +1,184 @@
+//! `dirty`: what dirty tracking costs the guest and how fast the VMM harvests, ring vs bitmap,
+//! in-process through the blip_vmm library.
+//!
+//! The guest runs `scatter ws=<MiB> seed=1`: every vCPU writes pseudo-random pages of its share
+//! of the working set as fast as it can and publishes its write counter at guest-physical
+//! `0x5100 + 8k`. Per working set and mode (tracking mode is fixed at VM creation, so one VM per
+//! mode): guest progress (writes/s, summed over vCPUs) with tracking off (the same VM before
+//! tracking starts), then with tracking on while a "migration round" harvests every 10 ms with
+//! `take_runs`, as the migration engine does. Nothing is asserted.
+
+use std::time::{Duration, Instant};
+
+use blip_vmm::dirty::{run_pages, Mode, DEFAULT_RING_ENTRIES};
+use blip_vmm::loader::{Image, INFO_PAGE};
+use blip_vmm::memory::Backing;
+use blip_vmm::vm::{DirtyConfig, Vm, VmConfig};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::report::{hist, p99, summary, us};
+
+/// Where vCPU k publishes its scatter write counter.
+const SCATTER_COUNTERS: u64 = INFO_PAGE + 0x100;
+const VCPUS: u32 = 2;
+const MEM: u64 = 64 << 20;
+/// How often the "migration round" harvests.
+const ROUND: Duration = Duration::from_millis(10);
+
+fn counters(vm: &Vm) -> Vec<u64> {
+    (0..vm.vcpu_count() as u64)
+        .map(|k| {
+            vm.memory()
+                .read_obj::<u64>(GuestAddress(SCATTER_COUNTERS + 8 * k))
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+fn advanced(a: &[u64], b: &[u64]) -> u64 {
+    a.iter().zip(b).map(|(x, y)| y.saturating_sub(*x)).sum()
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Ring => "ring",
+        Mode::Bitmap => "bitmap",
+    }
+}
+
+/// The table header.
+pub fn header() {
+    println!(
+        "dirty   | {:>5} {:>6} | {:>12} {:>12} {:>6} | {:>12} {:>12} | {:>9} {:>9} {:>6} | {:>9} {:>5}",
+        "ws", "mode", "off wr/s", "on wr/s", "on/off", "ring ent/s", "pages/s", "take mean", "take p99", "rounds", "ring-full", "anom"
+    );
+}
+
+/// Measures one working set with one tracking mode; prints a row, returns the figures.
+pub fn run(ws_mib: u64, mode: Mode, window: Duration) -> Value {
+    match measure(ws_mib, mode, window) {
+        Ok(v) => v,
+        Err(e) => {
+            println!(
+                "dirty   | {:>4}M {:>6} | failed: {e}",
+                ws_mib,
+                mode_name(mode)
+            );
+            json!({"ws_mib": ws_mib, "mode": mode_name(mode), "error": e})
+        }
+    }
+}
+
+fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
+    let cmdline = format!("scatter ws={ws_mib} seed=1");
+    let mut vm = Vm::create_with(
+        VmConfig {
+            mem_size: MEM,
+            vcpus: VCPUS,
+            cmdline: cmdline.clone(),
+            backing: Backing::Anon,
+            image: Some(Image::embedded()),
+            serial: Box::new(std::io::sink()),
+        },
+        DirtyConfig {
+            mode,
+            ring_entries: DEFAULT_RING_ENTRIES,
+        },
+    )
+    .map_err(|e| format!("create VM: {e}"))?;
+    let active = vm.tracker().active().to_string();
+    vm.resume_all().map_err(|e| format!("start: {e}"))?;
+    // Wait until every vCPU is writing (hang guard, not a timing).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counters(&vm).iter().any(|c| *c == 0) {
+        if Instant::now() > deadline {
+            return Err("the guest never started writing".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+
+    // (a) tracking off.
+    let (c0, t0) = (counters(&vm), Instant::now());
+    std::thread::sleep(window);
+    let (c1, t1) = (counters(&vm), Instant::now());
+    let off = advanced(&c0, &c1) as f64 / (t1 - t0).as_secs_f64();
+
+    // (b) tracking on, harvested every ROUND as a migration round would.
+    {
+        let (t, mem) = vm.tracker_mut();
+        t.start(mem).map_err(|e| format!("start tracking: {e}"))?;
+    }
+    let shared = vm.tracker().shared().clone();
+    let full0 = shared.full_exits.load(std::sync::atomic::Ordering::Relaxed);
+    let anom0 = vm.tracker().anomalies();
+    let h0: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
+    let (c0, t0) = (counters(&vm), Instant::now());
+    let mut take = hist();
+    let mut pages = 0u64;
+    let mut next = t0;
+    while next.duration_since(t0) < window {
+        next += ROUND;
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        let s = Instant::now();
+        let runs = vm
+            .tracker()
+            .take_runs(vm.memory())
+            .map_err(|e| format!("take_runs: {e}"))?;
+        take.saturating_record(s.elapsed().as_nanos() as u64);
+        pages += run_pages(&runs);
+    }
+    let (c1, t1) = (counters(&vm), Instant::now());
+    let h1: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
+    let full = shared.full_exits.load(std::sync::atomic::Ordering::Relaxed) - full0;
+    let anomalies = vm.tracker().anomalies() - anom0;
+    let secs = (t1 - t0).as_secs_f64();
+    let on = advanced(&c0, &c1) as f64 / secs;
+    {
+        let (t, mem) = vm.tracker_mut();
+        let _ = t.stop(mem);
+    }
+    vm.shutdown();
+
+    let is_ring = active.starts_with("dirty ring");
+    let ratio = if off > 0.0 { on / off } else { 0.0 };
+    let entries_per_s = (h1 - h0) as f64 / secs;
+    let pages_per_s = pages as f64 / secs;
+    println!(
+        "dirty   | {:>4}M {:>6} | {:>12.0} {:>12.0} {:>6.3} | {:>12} {:>12.0} | {:>9.1} {:>9.1} {:>6} | {:>9} {:>5}",
+        ws_mib,
+        mode_name(mode),
+        off,
+        on,
+        ratio,
+        if is_ring { format!("{entries_per_s:.0}") } else { "n/a".into() },
+        pages_per_s,
+        us(take.mean() as u64),
+        us(p99(&take)),
+        take.len(),
+        if is_ring { full.to_string() } else { "n/a".into() },
+        anomalies,
+    );
+    Ok(json!({
+        "ws_mib": ws_mib,
+        "mode": mode_name(mode),
+        "active": active,
+        "vcpus": VCPUS,
+        "mem_mib": MEM >> 20,
+        "cmdline": cmdline,
+        "window_s": window.as_secs_f64(),
+        "round_interval_ms": ROUND.as_millis() as u64,
+        "guest_writes_per_s_off": off,
+        "guest_writes_per_s_on": on,
+        "on_off_ratio": ratio,
+        "ring_entries_harvested_per_s": if is_ring { Some(entries_per_s) } else { None },
+        "pages_reported_per_s": pages_per_s,
+        "pages_reported": pages,
+        "take_runs_ns": summary(&take),
+        "ring_full_exits": if is_ring { Some(full) } else { None },
+        "anomalies": anomalies,
+    }))
+}

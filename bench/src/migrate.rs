@@ -1,0 +1,605 @@
+//! `migrate`: blackout, phases and total time of live migrations between real `blip` processes
+//! over loopback TCP, as a matrix of guest memory × vCPUs × workload.
+//!
+//! Per cell: one `blip run --api` boots the guest; then, N times, a fresh
+//! `blip receive --listen tcp://127.0.0.1:0` is started, the current source is told to migrate
+//! to it, and the receiver becomes the next source (ping-pong across fresh processes, as an
+//! operator draining nodes would). At the end the guest checks its whole memory pattern
+//! (`blip check`) and the last process must exit 0. Every report goes into hdrhistogram
+//! histograms; nothing is asserted.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use blip_vmm::api::Request;
+use blip_vmm::migration::{OnTimeout, Options, Report};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::report::{self, hist, p50, p99, summary, us, Interval};
+
+/// One cell of the matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Cell {
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub dirty: bool,
+}
+
+impl Cell {
+    fn load(&self) -> &'static str {
+        if self.dirty {
+            "dirty"
+        } else {
+            "idle"
+        }
+    }
+
+    fn cmdline(&self) -> &'static str {
+        if self.dirty {
+            "dirty ws=16 rate=max heartbeat period=1000"
+        } else {
+            "heartbeat period=1000"
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{}M {}vcpu {}", self.mem_mib, self.vcpus, self.load())
+    }
+
+    fn file_stem(&self) -> String {
+        format!("migrate-{}M-{}vcpu-{}", self.mem_mib, self.vcpus, self.load())
+    }
+}
+
+/// How the bench asks the source to migrate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Speak the control-socket protocol (`blip migrate`'s own) and stop reading at the final
+    /// `done` event.
+    Api,
+    /// Spawn `blip migrate --api SOCK --to URL --json` and parse its stdout. The CLI returns
+    /// only when the source closes the control connection (i.e. exits).
+    Cli,
+}
+
+/// Settings shared by every cell.
+pub struct Settings {
+    pub bin: PathBuf,
+    pub scratch: PathBuf,
+    pub out: PathBuf,
+    pub migrations: u32,
+    pub max_blackout_ns: u64,
+    pub via: Via,
+}
+
+/// A child blip whose stderr is collected (last lines kept for error messages); killed when
+/// dropped.
+struct Proc {
+    child: Child,
+    api: PathBuf,
+    name: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+    ) -> Result<(Proc, Receiver<String>), String> {
+        let api = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(bin)
+            .args(args)
+            .arg("--api")
+            .arg(&api)
+            .args(["--serial", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = tx.send(l.clone());
+                    let mut g = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if g.len() >= 50 {
+                        g.remove(0);
+                    }
+                    g.push(l);
+                }
+            });
+        }
+        Ok((
+            Proc {
+                child,
+                api,
+                name: name.to_string(),
+                log,
+            },
+            rx,
+        ))
+    }
+
+    fn stderr_tail(&self) -> String {
+        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Waits until the control API answers (hang guard, not a timing).
+    fn wait_api(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if blip_vmm::api::call(&self.api, &Request::Status, &mut |_| {}).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited early ({st}): {}",
+                    self.name,
+                    self.stderr_tail()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} did not answer within 60 s", self.name));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit code (hang guard `limit`; killed after it).
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return st.code(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_receiver(s: &Settings, name: &str) -> Result<(Proc, String), String> {
+    let (p, lines) = Proc::spawn(
+        &s.bin,
+        &s.scratch,
+        name,
+        &["receive", "--listen", "tcp://127.0.0.1:0"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("waiting for an incoming migration on ") => {
+                let url = l
+                    .split_whitespace()
+                    .find(|w| w.starts_with("tcp://"))
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("no URL in {l:?}"))?;
+                return Ok((p, url));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(format!(
+                    "blip receive never said where it listens: {}",
+                    p.stderr_tail()
+                ))
+            }
+        }
+    }
+}
+
+fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
+    let options = Options {
+        to: url.to_string(),
+        max_blackout_ns: s.max_blackout_ns,
+        streams: 1,
+        max_precopy_ms: 30_000,
+        on_timeout: OnTimeout::Go,
+        // The guest's own check at the end of the cell proves memory; digests would add
+        // hashing to every blackout.
+        verify: false,
+    };
+    match s.via {
+        Via::Api => {
+            let mut conn = UnixStream::connect(&src.api)
+                .map_err(|e| format!("cannot reach {}: {e}", src.api.display()))?;
+            // Hang guard only: a migration that stays silent this long has failed.
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
+            let req = serde_json::to_string(&Request::Migrate { options })
+                .map_err(|e| e.to_string())?;
+            writeln!(conn, "{req}").map_err(|e| format!("control socket: {e}"))?;
+            for line in BufReader::new(conn).lines() {
+                let line = line.map_err(|e| format!("control socket: {e}"))?;
+                let v: Value =
+                    serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))?;
+                match v["event"].as_str() {
+                    Some("done") => {
+                        return serde_json::from_value(v["report"].clone())
+                            .map_err(|e| format!("unreadable report: {e}"))
+                    }
+                    Some("error") => {
+                        return Err(v["message"].as_str().unwrap_or("failed").to_string())
+                    }
+                    _ => {}
+                }
+            }
+            Err("the source closed the control connection without a result".into())
+        }
+        Via::Cli => {
+            let o = Command::new(&s.bin)
+                .arg("migrate")
+                .arg("--api")
+                .arg(&src.api)
+                .args(["--to", url, "--json"])
+                .arg("--max-blackout")
+                .arg(format!("{}ns", s.max_blackout_ns))
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run blip migrate: {e}"))?;
+            if !o.status.success() {
+                return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+            }
+            serde_json::from_slice(&o.stdout).map_err(|e| format!("unreadable report: {e}"))
+        }
+    }
+}
+
+/// Histograms of one cell (ns unless named otherwise).
+struct Hists {
+    blackout: Histogram<u64>,
+    guest: Histogram<u64>,
+    pause: Histogram<u64>,
+    final_harvest: Histogram<u64>,
+    final_pages: Histogram<u64>,
+    state_save: Histogram<u64>,
+    transfer_restore: Histogram<u64>,
+    resume: Histogram<u64>,
+    verify: Histogram<u64>,
+    total: Histogram<u64>,
+    precopy: Histogram<u64>,
+    rounds: Histogram<u64>,
+    bytes: Histogram<u64>,
+    pages: Histogram<u64>,
+    final_page_count: Histogram<u64>,
+}
+
+impl Hists {
+    fn new() -> Self {
+        Hists {
+            blackout: hist(),
+            guest: hist(),
+            pause: hist(),
+            final_harvest: hist(),
+            final_pages: hist(),
+            state_save: hist(),
+            transfer_restore: hist(),
+            resume: hist(),
+            verify: hist(),
+            total: hist(),
+            precopy: hist(),
+            rounds: hist(),
+            bytes: hist(),
+            pages: hist(),
+            final_page_count: hist(),
+        }
+    }
+
+    fn record(&mut self, r: &Report) {
+        let p = &r.phases;
+        self.blackout.saturating_record(r.blackout_ns);
+        if let Some(g) = r.guest_blackout_ns {
+            self.guest.saturating_record(g);
+        }
+        self.pause.saturating_record(p.pause);
+        self.final_harvest.saturating_record(p.final_harvest);
+        self.final_pages.saturating_record(p.final_pages);
+        self.state_save.saturating_record(p.state_save);
+        self.transfer_restore.saturating_record(p.transfer_restore);
+        self.resume.saturating_record(p.resume);
+        self.verify.saturating_record(p.verify);
+        self.total.saturating_record(r.total_ns);
+        self.precopy.saturating_record(r.precopy_ns);
+        self.rounds.saturating_record(u64::from(r.round_count));
+        self.bytes.saturating_record(r.bytes_sent);
+        self.pages.saturating_record(r.pages_sent + r.final_pages);
+        self.final_page_count.saturating_record(r.final_pages);
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "vmm_blackout_ns": summary(&self.blackout),
+            "guest_blackout_ns": summary(&self.guest),
+            "phases_ns": {
+                "pause": summary(&self.pause),
+                "final_harvest": summary(&self.final_harvest),
+                "final_pages": summary(&self.final_pages),
+                "state_save": summary(&self.state_save),
+                "transfer_restore": summary(&self.transfer_restore),
+                "resume": summary(&self.resume),
+                "verify": summary(&self.verify),
+            },
+            "total_ns": summary(&self.total),
+            "precopy_ns": summary(&self.precopy),
+            "rounds": summary(&self.rounds),
+            "bytes_sent": summary(&self.bytes),
+            "pages_sent_incl_final": summary(&self.pages),
+            "final_pages": summary(&self.final_page_count),
+        })
+    }
+}
+
+/// The table header.
+pub fn header() {
+    println!(
+        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} | {:>8} | {:>6} | {:>4} | memory check",
+        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "total", "rounds", "n"
+    );
+    println!(
+        "        | {:>17} | {:>26} | {:>17} | {:>46} | {:>8} | {:>6} | {:>4} |",
+        "", "VMM blackout (us)", "guest gap (us)", "phase p50 (us)", "p50 ms", "p50", ""
+    );
+}
+
+struct Progress {
+    tty: bool,
+    label: String,
+    n: u32,
+}
+
+impl Progress {
+    fn show(&self, done: u32, failed: u32) {
+        let fail = if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        };
+        let line = format!("migrate {}: {done}/{}{fail}", self.label, self.n);
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else if done == 0 || done == self.n || done % (self.n / 10).max(1) == 0 {
+            eprintln!("{line}");
+        }
+    }
+
+    fn end(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// Runs one cell; returns its JSON (never panics on a failed migration or check).
+pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
+    let n = s.migrations;
+    let mut h = Hists::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut samples: Vec<Value> = Vec::new();
+    let mut intervals: Vec<Interval> = Vec::new();
+    let base = SystemTime::now();
+    let t_base = Instant::now();
+    let progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        label: c.name(),
+        n,
+    };
+    let started = Instant::now();
+    let result = (|| -> Result<(String, u32, u32), String> {
+        let prefix = format!("c{index}");
+        let (mut src, _) = Proc::spawn(
+            &s.bin,
+            &s.scratch,
+            &format!("{prefix}-0"),
+            &[
+                "run",
+                "--vcpus",
+                &c.vcpus.to_string(),
+                "--mem",
+                &format!("{}M", c.mem_mib),
+                "--cmdline",
+                c.cmdline(),
+            ],
+        )?;
+        src.wait_api()?;
+        // Let the guest boot and reach its steady state (dirtying, beating).
+        std::thread::sleep(Duration::from_millis(300));
+        let mut retiring: Vec<Proc> = Vec::new();
+        let mut source_exit_failures = 0u32;
+        let (mut done, mut failed, mut in_a_row) = (0u32, 0u32, 0u32);
+        let chunk = (n / 10).max(1);
+        let (mut ch_vmm, mut ch_guest, mut ch_start) = (hist(), hist(), t_base.elapsed());
+        progress.show(0, 0);
+        let mut hop = 0u32;
+        while done < n {
+            hop += 1;
+            let (rx, url) = spawn_receiver(s, &format!("{prefix}-{hop}"))?;
+            match migrate_once(s, &src, &url) {
+                Ok(r) => {
+                    h.record(&r);
+                    ch_vmm.saturating_record(r.blackout_ns);
+                    if let Some(g) = r.guest_blackout_ns {
+                        ch_guest.saturating_record(g);
+                    }
+                    samples.push(json!([
+                        r.blackout_ns,
+                        r.guest_blackout_ns,
+                        r.total_ns,
+                        r.round_count,
+                        r.bytes_sent
+                    ]));
+                    done += 1;
+                    in_a_row = 0;
+                    // The old source exits by itself once its guest lives on elsewhere; it is
+                    // reaped later so its shutdown does not delay the next hop.
+                    retiring.push(std::mem::replace(&mut src, rx));
+                    if done % chunk == 0 || done == n {
+                        let now = t_base.elapsed();
+                        for (tag, hh) in [("vmm_blackout", &mut ch_vmm), ("guest_blackout", &mut ch_guest)] {
+                            intervals.push(Interval {
+                                start: ch_start,
+                                duration: now - ch_start,
+                                tag,
+                                hist: std::mem::replace(hh, hist()),
+                            });
+                        }
+                        ch_start = now;
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    in_a_row += 1;
+                    errors.push(format!("hop {hop}: {e}"));
+                    drop(rx);
+                    if in_a_row >= 3 {
+                        return Err(format!("3 migrations in a row failed, last: {e}"));
+                    }
+                }
+            }
+            // Reap the sources that have exited.
+            retiring.retain_mut(|p| match p.child.try_wait() {
+                Ok(Some(st)) => {
+                    if !st.success() {
+                        source_exit_failures += 1;
+                        errors.push(format!("{} exited with {st}: {}", p.name, p.stderr_tail()));
+                    }
+                    false
+                }
+                _ => true,
+            });
+            progress.show(done, failed);
+        }
+        progress.end();
+        // The guest checks its whole memory pattern; a pass powers it off (exit 0).
+        let check = Command::new(&s.bin)
+            .arg("check")
+            .arg("--api")
+            .arg(&src.api)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run blip check: {e}"))?;
+        let verdict = if !check.status.success() {
+            format!(
+                "FAILED (blip check: {})",
+                String::from_utf8_lossy(&check.stderr).trim()
+            )
+        } else {
+            match src.wait_exit(Duration::from_secs(120)) {
+                Some(0) => "ok".to_string(),
+                Some(code) => format!("FAILED (exit {code})"),
+                None => "FAILED (no exit within 120 s)".to_string(),
+            }
+        };
+        for mut p in retiring {
+            match p.wait_exit(Duration::from_secs(30)) {
+                Some(0) => {}
+                other => {
+                    source_exit_failures += 1;
+                    errors.push(format!("{} ended with {other:?}", p.name));
+                }
+            }
+        }
+        Ok((verdict, failed, source_exit_failures))
+    })();
+    progress.end();
+    let (verdict, failed, source_exit_failures) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(e.clone());
+            (format!("FAILED ({e})"), errors.len() as u32, 0)
+        }
+    };
+    let wall = started.elapsed();
+    let hlog = s.out.join(format!("{}.hlog", c.file_stem()));
+    let hlog_written = report::write_hlog(
+        &hlog,
+        &format!(
+            "blip-bench migrate {}: blackout per migration, tags vmm_blackout and guest_blackout",
+            c.name()
+        ),
+        base,
+        &intervals,
+    );
+    if let Err(e) = &hlog_written {
+        eprintln!("blip-bench: cannot write {}: {e}", hlog.display());
+    }
+    let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
+    println!(
+        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | memory check {check_short}{}",
+        c.mem_mib,
+        c.vcpus,
+        c.load(),
+        us(p50(&h.blackout)),
+        us(p99(&h.blackout)),
+        us(h.blackout.max()),
+        opt_us(&h.guest, 0.5),
+        opt_us(&h.guest, 0.99),
+        us(p50(&h.pause)),
+        us(p50(&h.final_harvest)),
+        us(p50(&h.final_pages)),
+        us(p50(&h.state_save)),
+        us(p50(&h.transfer_restore)),
+        us(p50(&h.resume)),
+        p50(&h.total) as f64 / 1e6,
+        p50(&h.rounds),
+        h.blackout.len(),
+        if failed > 0 {
+            format!(" ({failed} migration(s) failed)")
+        } else {
+            String::new()
+        }
+    );
+    if verdict != "ok" {
+        eprintln!("blip-bench: migrate {}: memory check {verdict}", c.name());
+    }
+    for e in errors.iter().take(5) {
+        eprintln!("blip-bench: migrate {}: {e}", c.name());
+    }
+    json!({
+        "mem_mib": c.mem_mib,
+        "vcpus": c.vcpus,
+        "workload": c.load(),
+        "cmdline": c.cmdline(),
+        "migrations_asked": n,
+        "migrations_ok": h.blackout.len(),
+        "migrations_failed": failed,
+        "source_exit_failures": source_exit_failures,
+        "memory_check": verdict,
+        "errors": errors,
+        "wall_s": wall.as_secs_f64(),
+        "hlog": hlog_written.ok().map(|_| hlog.display().to_string()),
+        "histograms": h.json(),
+        "samples_columns": ["blackout_ns", "guest_blackout_ns", "total_ns", "round_count", "bytes_sent"],
+        "samples": samples,
+    })
+}
+
+fn opt_us(h: &Histogram<u64>, q: f64) -> String {
+    if h.is_empty() {
+        "n/a".into()
+    } else {
+        format!("{:.1}", us(h.value_at_quantile(q)))
+    }
+}
