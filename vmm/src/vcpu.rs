@@ -12,6 +12,7 @@
 //! before its first instruction runs.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -100,6 +101,32 @@ pub struct VcpuHandle {
     pub index: u8,
     commands: Sender<Command>,
     thread: Option<JoinHandle<()>>,
+    throttle: Arc<AtomicU32>,
+}
+
+/// Sleeps a vCPU for part of each throttle period: the vCPU thread honours it whenever it is
+/// kicked out of KVM_RUN, and [`Throttle`] kicks throttled vCPUs every period. This is how a
+/// migration slows a guest that dirties memory faster than the link drains it (QEMU's
+/// dirty-limit idea, per vCPU).
+#[derive(Clone)]
+pub struct Throttle {
+    /// Percent of each period the vCPU sleeps (0 = not throttled).
+    pub percent: Arc<AtomicU32>,
+    pthread: libc::pthread_t,
+}
+
+/// Length of one throttle period.
+pub const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl Throttle {
+    /// Kicks the vCPU so it takes its throttle sleep.
+    pub fn kick(&self) {
+        if self.percent.load(Ordering::Relaxed) > 0 {
+            // SAFETY: the thread was spawned by us and is joined only when the VM is dropped,
+            // after the throttle thread (owned by a migration borrowing the VM) has ended.
+            unsafe { libc::pthread_kill(self.pthread, kick_signal()) };
+        }
+    }
 }
 
 impl VcpuHandle {
@@ -121,6 +148,15 @@ impl VcpuHandle {
         }
     }
 
+    /// The vCPU's throttle handle.
+    pub fn throttle(&self) -> Option<Throttle> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(|t| Throttle {
+            percent: self.throttle.clone(),
+            pthread: t.as_pthread_t(),
+        })
+    }
+
     /// Waits for the thread to end.
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
@@ -138,6 +174,8 @@ pub fn spawn(
     dirty: Option<Arc<crate::dirty::Shared>>,
 ) -> std::io::Result<VcpuHandle> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let throttle = Arc::new(AtomicU32::new(0));
+    let throttle_percent = throttle.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
@@ -149,6 +187,7 @@ pub fn spawn(
                 commands: rx,
                 state: State::Paused,
                 dirty,
+                throttle: throttle_percent,
             };
             let outcome = runner.run();
             runner.state = State::Exited;
@@ -162,6 +201,7 @@ pub fn spawn(
         index,
         commands: tx,
         thread: Some(thread),
+        throttle,
     })
 }
 
@@ -173,6 +213,7 @@ struct Runner {
     commands: Receiver<Command>,
     state: State,
     dirty: Option<Arc<crate::dirty::Shared>>,
+    throttle: Arc<AtomicU32>,
 }
 
 impl Runner {
@@ -246,6 +287,10 @@ impl Runner {
             Ok(exit) => handle_exit(exit, self.index, &self.devices),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.vcpu.set_kvm_immediate_exit(0);
+                let pct = self.throttle.load(Ordering::Relaxed).min(95);
+                if pct > 0 && self.commands.is_empty() {
+                    std::thread::sleep(THROTTLE_PERIOD * pct / 100);
+                }
                 return None;
             }
             Err(e) => Action::Fault(format!("KVM_RUN failed: {e}")),

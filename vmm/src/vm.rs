@@ -263,6 +263,11 @@ impl Vm {
         &self.mem
     }
 
+    /// Throttle handles of every vCPU (index order).
+    pub fn throttles(&self) -> Vec<vcpu::Throttle> {
+        self.vcpus.iter().filter_map(|v| v.throttle()).collect()
+    }
+
     /// The KVM system handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm

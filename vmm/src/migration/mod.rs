@@ -161,6 +161,8 @@ pub struct RoundReport {
     pub vcpu_dirty_rates: Vec<f64>,
     /// Blackout predicted if we stopped after this round, in nanoseconds.
     pub predicted_blackout_ns: u64,
+    /// Per-vCPU throttle (percent of time held out of the guest) after this round.
+    pub throttle_percent: Vec<u32>,
 }
 
 /// Where the blackout went, in nanoseconds.

@@ -20,7 +20,10 @@ use crate::devices::now_ns;
 use crate::dirty::{split_runs, Rates, Run};
 use crate::memory::{digest, GuestMem, PAGE_SIZE};
 use crate::persist;
+use crate::vcpu::{Throttle, THROTTLE_PERIOD};
 use crate::vm::Vm;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Offer flag (in `state_pieces`, above every real piece): the source wants memory digests
 /// compared before resume.
@@ -285,6 +288,69 @@ pub fn migrate(
     result
 }
 
+/// Kicks throttled vCPUs every throttle period while a migration runs; un-throttles every
+/// vCPU when dropped (success or failure).
+struct Throttler {
+    handles: Vec<Throttle>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Throttler {
+    fn start(handles: Vec<Throttle>) -> Throttler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (handles.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    for t in &h {
+                        t.kick();
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD);
+                }
+            })
+            .ok();
+        Throttler {
+            handles,
+            stop,
+            thread,
+        }
+    }
+
+    /// Raises the throttle of the vCPUs that dirty the most (all of them when per-vCPU rates
+    /// are unknown, as with the bitmap tracker).
+    fn tighten(&self, per_vcpu: &[f64]) {
+        let mean = per_vcpu.iter().sum::<f64>() / per_vcpu.len().max(1) as f64;
+        for (i, t) in self.handles.iter().enumerate() {
+            let heavy = per_vcpu.get(i).is_none_or(|r| *r >= 0.9 * mean);
+            if heavy {
+                let p = t.percent.load(Ordering::Relaxed);
+                t.percent.store((p + 20).min(90), Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn percents(&self) -> Vec<u32> {
+        self.handles
+            .iter()
+            .map(|t| t.percent.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for Throttler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.handles {
+            t.percent.store(0, Ordering::Relaxed);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What has happened so far, for the failure path.
 struct Run_ {
     paused: bool,
@@ -328,21 +394,34 @@ fn migrate_inner(
         }
     };
 
-    // Measure the fixed costs of a blackout (pause, state save, resume) before promising one.
+    // Measure the fixed costs of a blackout (pause, state save, resume) before promising one:
+    // three short dry runs, keeping the median of each (one sample on a noisy host lies).
     let p = vm.pause_all()?;
     run.paused = true;
     let caps = vm.persist_caps()?;
-    let t0 = now_ns();
-    let state = vm.save_state_with(&caps)?;
-    let state_len = persist::encode(&state)?.len() as u64;
-    let save_ns = now_ns() - t0;
-    let r = vm.resume_all()?;
+    vm.resume_all()?;
     run.paused = false;
-    let pause_ns = p.last_ns - p.requested_ns;
-    let resume_ns = r.first_ns.saturating_sub(r.requested_ns);
-    // Restore costs about what save costs; two control round trips (state, commit) are added
-    // once measured below.
-    let fixed_ns = pause_ns + 2 * save_ns + resume_ns;
+    let (mut pauses, mut saves, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut state_len = 0;
+    pauses.push(p.last_ns - p.requested_ns);
+    for _ in 0..3 {
+        let p = vm.pause_all()?;
+        run.paused = true;
+        let t0 = now_ns();
+        let state = vm.save_state_with(&caps)?;
+        state_len = persist::encode(&state)?.len() as u64;
+        saves.push(now_ns() - t0);
+        let r = vm.resume_all()?;
+        run.paused = false;
+        pauses.push(p.last_ns - p.requested_ns);
+        resumes.push(r.first_ns.saturating_sub(r.requested_ns));
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    // Restore costs about what save costs; the control round trips are added per round.
+    let fixed_ns = median(&mut pauses) + 2 * median(&mut saves) + median(&mut resumes);
 
     let vcpus = vm.vcpu_count() as u8;
     let (cpu_vendor, cpu_signature, cpu_features) = cpu_fingerprint(vm.kvm(), vcpus);
@@ -397,6 +476,7 @@ fn migrate_inner(
         state_bytes: state_len,
         ..Default::default()
     };
+    let throttler = Throttler::start(vm.throttles());
     let mut rates = Rates::default();
     rates.update(&vm.tracker().per_vcpu_harvested(), now_ns());
     let mut bandwidth = 0f64; // bytes per second, smoothed
@@ -461,6 +541,11 @@ fn migrate_inner(
             .to_vec();
         let bw = if bandwidth > 0.0 { bandwidth } else { 100e6 };
         predicted = (dirty * PAGE_SIZE) as f64 / bw * 1e9;
+        // A guest that dirties more than half of what the link drains will not converge:
+        // slow down the vCPUs that dirty most.
+        if round > 0 && rates.total() * PAGE_SIZE as f64 > 0.5 * bw {
+            throttler.tighten(&per_vcpu);
+        }
         let predicted_ns = predicted as u64 + fixed_ns + 2 * rtt_ns;
         report.rounds.push(RoundReport {
             round,
@@ -472,6 +557,7 @@ fn migrate_inner(
             dirty_rate: rates.total(),
             vcpu_dirty_rates: per_vcpu,
             predicted_blackout_ns: predicted_ns,
+            throttle_percent: throttler.percents(),
         });
         report.pages_sent += pages;
         report.bytes_sent += bytes;
@@ -557,6 +643,7 @@ fn migrate_inner(
     let pause = vm.pause_all()?;
     run.paused = true;
     let t_pause = pause.requested_ns;
+    drop(throttler);
     ph.pause = pause.last_ns - t_pause;
     let last_src_beat = vm.devices().heartbeats.lock().ok().and_then(|h| h.last());
     let t = now_ns();
