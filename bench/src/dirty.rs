@@ -4,10 +4,12 @@
 //! The guest runs `scatter ws=<MiB> seed=1`: every vCPU writes pseudo-random pages of its share
 //! of the working set as fast as it can and publishes its write counter at guest-physical
 //! `0x5100 + 8k`. Per working set and mode (tracking mode is fixed at VM creation, so one VM per
-//! mode): guest progress (writes/s, summed over vCPUs) with tracking off (the same VM before
-//! tracking starts), then with tracking on while a "migration round" harvests every 10 ms with
-//! `take_runs`, as the migration engine does. Nothing is asserted.
+//! mode): guest progress (writes/s, summed over vCPUs) with tracking off (the same VM with
+//! tracking stopped) and with tracking on while a "migration round" harvests every 10 ms with
+//! `take_runs`, as the migration engine does; off and on alternate in slices so the host's
+//! drift hits both alike. Nothing is asserted.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blip_vmm::dirty::{run_pages, Mode, DEFAULT_RING_ENTRIES};
@@ -25,6 +27,8 @@ const VCPUS: u32 = 2;
 const MEM: u64 = 64 << 20;
 /// How often the "migration round" harvests.
 const ROUND: Duration = Duration::from_millis(10);
+/// Off/on alternations per measurement.
+const SLICES: u32 = 6;
 
 fn counters(vm: &Vm) -> Vec<u64> {
     (0..vm.vcpu_count() as u64)
@@ -91,7 +95,7 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
     vm.resume_all().map_err(|e| format!("start: {e}"))?;
     // Wait until every vCPU is writing (hang guard, not a timing).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while counters(&vm).iter().any(|c| *c == 0) {
+    while counters(&vm).contains(&0) {
         if Instant::now() > deadline {
             return Err("the guest never started writing".into());
         }
@@ -99,53 +103,63 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
     }
     std::thread::sleep(Duration::from_millis(100));
 
-    // (a) tracking off.
-    let (c0, t0) = (counters(&vm), Instant::now());
-    std::thread::sleep(window);
-    let (c1, t1) = (counters(&vm), Instant::now());
-    let off = advanced(&c0, &c1) as f64 / (t1 - t0).as_secs_f64();
-
-    // (b) tracking on, harvested every ROUND as a migration round would.
-    {
-        let (t, mem) = vm.tracker_mut();
-        t.start(mem).map_err(|e| format!("start tracking: {e}"))?;
-    }
+    // Off and on alternate in SLICES slices each, so the host's drift (shared, noisy, emulated)
+    // hits both alike; tracking restarts for every "on" slice, as for every migration.
+    let slice = window / SLICES;
     let shared = vm.tracker().shared().clone();
-    let full0 = shared.full_exits.load(std::sync::atomic::Ordering::Relaxed);
+    let full0 = shared.full_exits.load(Ordering::Relaxed);
     let anom0 = vm.tracker().anomalies();
-    let h0: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
-    let (c0, t0) = (counters(&vm), Instant::now());
     let mut take = hist();
-    let mut pages = 0u64;
-    let mut next = t0;
-    while next.duration_since(t0) < window {
-        next += ROUND;
-        if let Some(d) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(d);
+    let (mut pages, mut entries) = (0u64, 0u64);
+    let (mut w_off, mut w_on) = (0u64, 0u64);
+    let (mut s_off, mut s_on) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..SLICES {
+        // (a) tracking off.
+        let (c0, t0) = (counters(&vm), Instant::now());
+        std::thread::sleep(slice);
+        let (c1, t1) = (counters(&vm), Instant::now());
+        w_off += advanced(&c0, &c1);
+        s_off += t1 - t0;
+
+        // (b) tracking on, harvested every ROUND as a migration round would.
+        {
+            let (t, mem) = vm.tracker_mut();
+            t.start(mem).map_err(|e| format!("start tracking: {e}"))?;
         }
-        let s = Instant::now();
-        let runs = vm
-            .tracker()
-            .take_runs(vm.memory())
-            .map_err(|e| format!("take_runs: {e}"))?;
-        take.saturating_record(s.elapsed().as_nanos() as u64);
-        pages += run_pages(&runs);
-    }
-    let (c1, t1) = (counters(&vm), Instant::now());
-    let h1: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
-    let full = shared.full_exits.load(std::sync::atomic::Ordering::Relaxed) - full0;
-    let anomalies = vm.tracker().anomalies() - anom0;
-    let secs = (t1 - t0).as_secs_f64();
-    let on = advanced(&c0, &c1) as f64 / secs;
-    {
+        let h0: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
+        let (c0, t0) = (counters(&vm), Instant::now());
+        let mut next = t0;
+        while next.duration_since(t0) < slice {
+            next += ROUND;
+            if let Some(d) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+            let s = Instant::now();
+            let runs = vm
+                .tracker()
+                .take_runs(vm.memory())
+                .map_err(|e| format!("take_runs: {e}"))?;
+            take.saturating_record(s.elapsed().as_nanos() as u64);
+            pages += run_pages(&runs);
+        }
+        let (c1, t1) = (counters(&vm), Instant::now());
+        let h1: u64 = vm.tracker().per_vcpu_harvested().iter().sum();
+        entries += h1.saturating_sub(h0);
+        w_on += advanced(&c0, &c1);
+        s_on += t1 - t0;
         let (t, mem) = vm.tracker_mut();
-        let _ = t.stop(mem);
+        t.stop(mem).map_err(|e| format!("stop tracking: {e}"))?;
     }
+    let full = shared.full_exits.load(Ordering::Relaxed) - full0;
+    let anomalies = vm.tracker().anomalies() - anom0;
+    let off = w_off as f64 / s_off.as_secs_f64();
+    let secs = s_on.as_secs_f64();
+    let on = w_on as f64 / secs;
     vm.shutdown();
 
     let is_ring = active.starts_with("dirty ring");
     let ratio = if off > 0.0 { on / off } else { 0.0 };
-    let entries_per_s = (h1 - h0) as f64 / secs;
+    let entries_per_s = entries as f64 / secs;
     let pages_per_s = pages as f64 / secs;
     println!(
         "dirty   | {:>4}M {:>6} | {:>12.0} {:>12.0} {:>6.3} | {:>12} {:>12.0} | {:>9.1} {:>9.1} {:>6} | {:>9} {:>5}",
@@ -170,6 +184,7 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
         "mem_mib": MEM >> 20,
         "cmdline": cmdline,
         "window_s": window.as_secs_f64(),
+        "slices": SLICES,
         "round_interval_ms": ROUND.as_millis() as u64,
         "guest_writes_per_s_off": off,
         "guest_writes_per_s_on": on,

@@ -2,11 +2,20 @@
 //! reproduces it. These machines are shared and noisy, so compare numbers as ratios within one
 //! run, not across runs.
 //!
-//! Scenarios so far (VMM core):
+//! Scenarios (`--only a,b`; default all):
 //! - `boot`: time from spawning `blip run` to the guest's first COM1 byte on our stdout, and the
 //!   VMM-side share of it (VM creation: KVM VM, memory, load, vCPUs) measured in-process.
 //! - `pause`: pause-all and resume-all latency for 1, 2 and 4 vCPUs while the guest dirties
 //!   memory, over many cycles, in hdrhistogram histograms.
+//! - `migrate`: live migrations between fresh `blip` processes over loopback TCP, a matrix of
+//!   memory × vCPUs × workload, N per cell: VMM and guest-observed blackout, phase breakdown,
+//!   total time, rounds, bytes (see `migrate.rs`).
+//! - `dirty`: dirty ring vs dirty bitmap, in-process: guest slowdown with tracking on, harvest
+//!   throughput and `take_runs` latency (see `dirty.rs`).
+//!
+//! Besides the tables on stdout, every figure and the environment go to
+//! `<--out>/latest.json`, and each migrate cell's blackouts to `<--out>/<cell>.hlog`
+//! (HdrHistogram interval log). `--quick` is the CI smoke subset (well under two minutes).
 
 mod dirty;
 mod migrate;
@@ -74,7 +83,16 @@ struct Args {
     quick: bool,
 }
 
-fn boot(n: u32) {
+/// The `blip` binary next to this one (`$BLIP_BIN` overrides).
+fn blip_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BLIP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.with_file_name("blip")
+}
+
+fn boot(n: u32) -> Value {
     let bin = blip_bin();
     let mut first_byte = hist();
     let mut create = hist();
@@ -120,9 +138,13 @@ fn boot(n: u32) {
         us(create.value_at_quantile(0.99)),
         first_byte.len()
     );
+    json!({
+        "process_start_to_first_com1_byte_ns": summary(&first_byte),
+        "vm_creation_ns": summary(&create),
+    })
 }
 
-fn pause(vcpus: u32, cycles: u32) {
+fn pause(vcpus: u32, cycles: u32) -> Value {
     let mut vm = Vm::create(VmConfig {
         mem_size: 64 << 20,
         vcpus,
@@ -150,26 +172,155 @@ fn pause(vcpus: u32, cycles: u32) {
         us(r.value_at_quantile(0.5)),
         us(r.value_at_quantile(0.99)),
     );
+    json!({
+        "vcpus": vcpus,
+        "cycles": cycles,
+        "pause_all_ns": summary(&p),
+        "first_vcpu_out_ns": summary(&first),
+        "resume_all_ns": summary(&r),
+    })
+}
+
+fn migrate_cells(a: &Args) -> Vec<migrate::Cell> {
+    if a.quick {
+        return [1, 2]
+            .iter()
+            .map(|&vcpus| migrate::Cell {
+                mem_mib: 64,
+                vcpus,
+                dirty: true,
+            })
+            .collect();
+    }
+    let mut v = Vec::new();
+    for &mem_mib in &a.migrate_mem {
+        for &vcpus in &a.migrate_vcpus {
+            for load in &a.migrate_load {
+                v.push(migrate::Cell {
+                    mem_mib,
+                    vcpus,
+                    dirty: load == "dirty",
+                });
+            }
+        }
+    }
+    v
 }
 
 fn main() {
     let a = Args::parse();
+    for o in &a.only {
+        if !SCENARIOS.contains(&o.as_str()) {
+            eprintln!(
+                "blip-bench: error: unknown scenario {o:?} (known: {})",
+                SCENARIOS.join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
+    if let Some(l) = a
+        .migrate_load
+        .iter()
+        .find(|l| *l != "idle" && *l != "dirty")
+    {
+        eprintln!("blip-bench: error: unknown --migrate-load {l:?} (idle, dirty)");
+        std::process::exit(2);
+    }
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let (cycles, boots) = if a.quick {
         (100, 3)
     } else {
         (a.cycles, a.boots)
     };
-    println!(
-        "blip-bench: reproduce with `cargo run --release -p blip-bench -- {}`",
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reproduce = format!(
+        "cargo build --release -p blip-vmm -p blip-bench && target/release/blip-bench {}",
+        args.join(" ")
     );
+    let reproduce = reproduce.trim_end().to_string();
+    println!("blip-bench: reproduce with `{reproduce}`");
+    let bin = blip_bin();
+    if !bin.exists() {
+        eprintln!(
+            "blip-bench: error: {} not found: build it with `cargo build --release -p blip-vmm` (or set BLIP_BIN)",
+            bin.display()
+        );
+        std::process::exit(2);
+    }
+    if let Err(e) = std::fs::create_dir_all(&a.out) {
+        eprintln!("blip-bench: error: cannot create {}: {e}", a.out.display());
+        std::process::exit(2);
+    }
+    let t_run = Instant::now();
+    let mut results = serde_json::Map::new();
     if want("boot") {
-        boot(boots);
+        results.insert("boot".into(), boot(boots));
     }
     if want("pause") {
-        for &v in &a.vcpus {
-            pause(v, cycles);
+        let rows: Vec<Value> = a.vcpus.iter().map(|&v| pause(v, cycles)).collect();
+        results.insert("pause".into(), rows.into());
+    }
+    if want("migrate") {
+        let scratch = std::env::temp_dir().join(format!("blip-bench-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&scratch);
+        let s = migrate::Settings {
+            bin: bin.clone(),
+            scratch: scratch.clone(),
+            out: a.out.clone(),
+            migrations: if a.quick { 5 } else { a.migrations.max(1) },
+            max_blackout_ns: a.max_blackout_us * 1000,
+            via: a.via,
+        };
+        migrate::header();
+        let rows: Vec<Value> = migrate_cells(&a)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| migrate::cell(&s, c, i))
+            .collect();
+        results.insert(
+            "migrate".into(),
+            json!({
+                "via": format!("{:?}", a.via).to_lowercase(),
+                "max_blackout_ns": s.max_blackout_ns,
+                "cells": rows,
+            }),
+        );
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    if want("dirty") {
+        let (ws, window) = if a.quick {
+            (vec![4], Duration::from_millis(500))
+        } else {
+            (a.dirty_ws.clone(), Duration::from_millis(a.dirty_window_ms))
+        };
+        dirty::header();
+        let mut rows = Vec::new();
+        for &w in &ws {
+            for mode in [blip_vmm::dirty::Mode::Ring, blip_vmm::dirty::Mode::Bitmap] {
+                rows.push(dirty::run(w, mode, window));
+            }
         }
+        results.insert("dirty".into(), rows.into());
+    }
+    let doc = json!({
+        "tool": "blip-bench",
+        "reproduce": reproduce,
+        "args": args,
+        "quick": a.quick,
+        "wall_s": t_run.elapsed().as_secs_f64(),
+        "environment": report::environment(),
+        "note": "measured on a shared, noisy, emulated KVM host: compare as ratios within one run",
+        "results": results,
+    });
+    match report::write_json(&a.out, &doc) {
+        Ok(p) => println!(
+            "blip-bench: results in {} (+ one .hlog per migrate cell), {:.1} s",
+            p.display(),
+            t_run.elapsed().as_secs_f64()
+        ),
+        Err(e) => eprintln!(
+            "blip-bench: cannot write {}/latest.json: {e}",
+            a.out.display()
+        ),
     }
 }

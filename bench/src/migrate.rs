@@ -53,7 +53,12 @@ impl Cell {
     }
 
     fn file_stem(&self) -> String {
-        format!("migrate-{}M-{}vcpu-{}", self.mem_mib, self.vcpus, self.load())
+        format!(
+            "migrate-{}M-{}vcpu-{}",
+            self.mem_mib,
+            self.vcpus,
+            self.load()
+        )
     }
 }
 
@@ -140,7 +145,13 @@ impl Proc {
 
     fn stderr_tail(&self) -> String {
         let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        g.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ")
+        g.iter()
+            .rev()
+            .take(3)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" | ")
     }
 
     /// Waits until the control API answers (hang guard, not a timing).
@@ -182,12 +193,35 @@ impl Proc {
     }
 }
 
+/// The shared migration key the bench's hosts use (authentication is on by default; its cost
+/// is in the handshake, not in the blackout).
+fn key_file(s: &Settings) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let k = s.scratch.join("migration.key");
+    if !k.exists() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&k)
+            .map_err(|e| format!("cannot create {}: {e}", k.display()))?;
+        let secret: [u8; 32] = blip_vmm::migration::random_bytes();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        std::io::Write::write_all(&mut f, hex.as_bytes())
+            .map_err(|e| format!("cannot write the key: {e}"))?;
+    }
+    Ok(k)
+}
+
 fn spawn_receiver(s: &Settings, name: &str) -> Result<(Proc, String), String> {
+    let key = key_file(s)?;
+    let key = key.to_str().ok_or("non-UTF-8 scratch path")?;
     let (p, lines) = Proc::spawn(
         &s.bin,
         &s.scratch,
         name,
-        &["receive", "--listen", "tcp://127.0.0.1:0"],
+        &["receive", "--listen", "tcp://127.0.0.1:0", "--key", key],
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -222,6 +256,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         // The guest's own check at the end of the cell proves memory; digests would add
         // hashing to every blackout.
         verify: false,
+        key: Some(key_file(s)?),
     };
     match s.via {
         Via::Api => {
@@ -229,8 +264,8 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
                 .map_err(|e| format!("cannot reach {}: {e}", src.api.display()))?;
             // Hang guard only: a migration that stays silent this long has failed.
             let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
-            let req = serde_json::to_string(&Request::Migrate { options })
-                .map_err(|e| e.to_string())?;
+            let req =
+                serde_json::to_string(&Request::Migrate { options }).map_err(|e| e.to_string())?;
             writeln!(conn, "{req}").map_err(|e| format!("control socket: {e}"))?;
             for line in BufReader::new(conn).lines() {
                 let line = line.map_err(|e| format!("control socket: {e}"))?;
@@ -254,7 +289,8 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
                 .arg("migrate")
                 .arg("--api")
                 .arg(&src.api)
-                .args(["--to", url, "--json"])
+                .args(["--to", url, "--json", "--key"])
+                .arg(key_file(s)?)
                 .arg("--max-blackout")
                 .arg(format!("{}ns", s.max_blackout_ns))
                 .stdin(Stdio::null())
@@ -279,6 +315,8 @@ struct Hists {
     transfer_restore: Histogram<u64>,
     resume: Histogram<u64>,
     verify: Histogram<u64>,
+    /// Blackout not covered by any phase (blackout minus the phase sum).
+    other: Histogram<u64>,
     total: Histogram<u64>,
     precopy: Histogram<u64>,
     rounds: Histogram<u64>,
@@ -299,6 +337,7 @@ impl Hists {
             transfer_restore: hist(),
             resume: hist(),
             verify: hist(),
+            other: hist(),
             total: hist(),
             precopy: hist(),
             rounds: hist(),
@@ -321,6 +360,15 @@ impl Hists {
         self.transfer_restore.saturating_record(p.transfer_restore);
         self.resume.saturating_record(p.resume);
         self.verify.saturating_record(p.verify);
+        let sum = p.pause
+            + p.final_harvest
+            + p.final_pages
+            + p.state_save
+            + p.transfer_restore
+            + p.resume
+            + p.verify;
+        self.other
+            .saturating_record(r.blackout_ns.saturating_sub(sum));
         self.total.saturating_record(r.total_ns);
         self.precopy.saturating_record(r.precopy_ns);
         self.rounds.saturating_record(u64::from(r.round_count));
@@ -341,6 +389,7 @@ impl Hists {
                 "transfer_restore": summary(&self.transfer_restore),
                 "resume": summary(&self.resume),
                 "verify": summary(&self.verify),
+                "unaccounted": summary(&self.other),
             },
             "total_ns": summary(&self.total),
             "precopy_ns": summary(&self.precopy),
@@ -355,11 +404,11 @@ impl Hists {
 /// The table header.
 pub fn header() {
     println!(
-        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} | {:>8} | {:>6} | {:>4} | memory check",
-        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "total", "rounds", "n"
+        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | memory check",
+        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "other", "total", "rounds", "n"
     );
     println!(
-        "        | {:>17} | {:>26} | {:>17} | {:>46} | {:>8} | {:>6} | {:>4} |",
+        "        | {:>17} | {:>26} | {:>17} | {:>53} | {:>8} | {:>6} | {:>4} |",
         "", "VMM blackout (us)", "guest gap (us)", "phase p50 (us)", "p50 ms", "p50", ""
     );
 }
@@ -457,7 +506,10 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                     retiring.push(std::mem::replace(&mut src, rx));
                     if done % chunk == 0 || done == n {
                         let now = t_base.elapsed();
-                        for (tag, hh) in [("vmm_blackout", &mut ch_vmm), ("guest_blackout", &mut ch_guest)] {
+                        for (tag, hh) in [
+                            ("vmm_blackout", &mut ch_vmm),
+                            ("guest_blackout", &mut ch_guest),
+                        ] {
                             intervals.push(Interval {
                                 start: ch_start,
                                 duration: now - ch_start,
@@ -547,7 +599,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     }
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
         c.load(),
@@ -562,6 +614,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         us(p50(&h.state_save)),
         us(p50(&h.transfer_restore)),
         us(p50(&h.resume)),
+        us(p50(&h.other)),
         p50(&h.total) as f64 / 1e6,
         p50(&h.rounds),
         h.blackout.len(),

@@ -257,3 +257,25 @@ pub fn listen_url(b: &mut Bg) -> String {
         .expect("url")
         .to_string()
 }
+
+/// Writes a fresh shared migration key (mode 0600) into `dir` and returns its path.
+pub fn key_file(dir: &std::path::Path, name: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut secret)
+        .unwrap();
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    f.write_all(hex.as_bytes()).unwrap();
+    p
+}

@@ -35,18 +35,40 @@ fn source(dir: &std::path::Path, name: &str) -> Bg {
     s
 }
 
+/// The shared key of the test's hosts (authentication is on by default).
+fn key(dir: &std::path::Path) -> String {
+    let k = dir.join("migration.key");
+    if !k.exists() {
+        blip_tests::key_file(dir, "migration.key");
+    }
+    k.to_str().unwrap().to_string()
+}
+
 fn receiver(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> (Bg, String) {
+    let k = key(dir);
     let mut r = Bg::start(
         dir,
         name,
-        &["receive", "--listen", "tcp://127.0.0.1:0"],
+        &["receive", "--listen", "tcp://127.0.0.1:0", "--key", &k],
         env,
     );
     let url = listen_url(&mut r);
     (r, url)
 }
 
+fn insecure_receiver(dir: &std::path::Path, name: &str) -> (Bg, String) {
+    let mut r = Bg::start(
+        dir,
+        name,
+        &["receive", "--listen", "tcp://127.0.0.1:0", "--insecure"],
+        &[],
+    );
+    let url = listen_url(&mut r);
+    (r, url)
+}
+
 fn migrate(src: &Bg, to: &str, extra: &[&str]) -> std::process::Output {
+    let k = key(&src.dir);
     let mut args = vec![
         "migrate",
         "--api",
@@ -55,6 +77,9 @@ fn migrate(src: &Bg, to: &str, extra: &[&str]) -> std::process::Output {
         to,
         "--json",
     ];
+    if !extra.contains(&"--insecure") && !extra.contains(&"--key") {
+        args.extend_from_slice(&["--key", &k]);
+    }
     args.extend_from_slice(extra);
     blip(&args).output().expect("blip migrate")
 }
@@ -214,11 +239,12 @@ fn migrates_between_network_namespaces_over_veth() {
         &["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST],
     );
     a.wait_api();
+    let k = key(&dir);
     let mut b = Bg::start_in_netns(
         &dir,
         &nb,
         "b",
-        &["receive", "--listen", "tcp://10.77.0.2:7777"],
+        &["receive", "--listen", "tcp://10.77.0.2:7777", "--key", &k],
     );
     b.wait_stderr("waiting for an incoming migration");
     let r = report(&migrate(&a, "tcp://10.77.0.2:7777", &["--verify"]));
@@ -299,7 +325,8 @@ fn fake_destination(f: impl FnOnce(&mut std::net::TcpStream) + Send + 'static) -
 fn source_survives_bad_peer(url: &str, needle: &str) {
     let dir = scratch("mig-badpeer");
     let mut a = source(&dir, "a");
-    let o = migrate(&a, url, &[]);
+    // The fake peers speak no authentication.
+    let o = migrate(&a, url, &["--insecure"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success());
     assert!(err.contains(needle), "expected {needle:?} in {err}");
@@ -331,6 +358,7 @@ fn garbage_truncated_and_version_mismatch_from_destination() {
             session: 1,
             nonce: [0; 32],
             host_id: 0,
+            auth: protocol::AUTH_NONE,
         };
         let _ = protocol::write_message(c, &hello);
         let _ = protocol::read_message(c); // Offer
@@ -358,6 +386,7 @@ fn fake_source_offer(url: &str, offer: Offer) -> Message {
         session: 7,
         nonce: [1; 32],
         host_id: 0,
+        auth: protocol::AUTH_NONE,
     };
     protocol::write_message(&mut c, &hello).unwrap();
     let _ = protocol::read_message(&mut c).unwrap(); // destination Hello
@@ -422,7 +451,7 @@ fn destination_refuses_layouts_it_cannot_take() {
             "CPU vendor",
         ),
     ] {
-        let (mut b, url) = receiver(&dir, &format!("b-{what}"), &[]);
+        let (mut b, url) = insecure_receiver(&dir, &format!("b-{what}"));
         match fake_source_offer(&url, offer) {
             Message::Refuse { reason } => assert!(reason.contains(needle), "{what}: {reason}"),
             other => panic!("{what}: expected Refuse, got {other:?}"),
@@ -440,7 +469,7 @@ fn destination_refuses_layouts_it_cannot_take() {
 #[test]
 fn destination_survives_garbage_and_never_runs_a_partial_guest() {
     let dir = scratch("mig-garbage");
-    let (mut b, url) = receiver(&dir, "b", &[]);
+    let (mut b, url) = insecure_receiver(&dir, "b");
     let mut c = std::net::TcpStream::connect(url.trim_start_matches("tcp://")).unwrap();
     c.write_all(&[0xAB; 64]).unwrap();
     let mut buf = Vec::new();
@@ -471,6 +500,7 @@ fn migrate_command_errors_are_one_line() {
         "/nonexistent/blip.sock",
         "--to",
         "tcp://127.0.0.1:1",
+        "--insecure",
     ])
     .output()
     .unwrap();
@@ -480,9 +510,16 @@ fn migrate_command_errors_are_one_line() {
         err.contains("cannot reach the blip control socket"),
         "{err}"
     );
-    let o = blip(&["migrate", "--api", "/tmp/x.sock", "--to", "http://x:1"])
-        .output()
-        .unwrap();
+    let o = blip(&[
+        "migrate",
+        "--api",
+        "/tmp/x.sock",
+        "--to",
+        "http://x:1",
+        "--insecure",
+    ])
+    .output()
+    .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("unsupported scheme"));
     let o = blip(&[
         "migrate",
@@ -490,11 +527,12 @@ fn migrate_command_errors_are_one_line() {
         "/tmp/x.sock",
         "--to",
         "rdma://10.0.0.1:4000",
+        "--insecure",
     ])
     .output()
     .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    let o = blip(&["receive", "--listen", "tcp://256.1.1.1:4000"])
+    let o = blip(&["receive", "--listen", "tcp://256.1.1.1:4000", "--insecure"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -504,4 +542,105 @@ fn migrate_command_errors_are_one_line() {
         "{}",
         stdout(&o)
     );
+}
+
+#[test]
+fn wrong_key_missing_key_and_insecure_mismatch_are_refused() {
+    let dir = scratch("mig-auth");
+    let mut a = source(&dir, "a");
+    // Wrong key: the destination says why, the source says why, nothing moves.
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let other = blip_tests::key_file(&dir, "other.key");
+    let o = migrate(&a, &url, &["--key", other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(
+        err.contains("authentication failed") || err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(b.wait(), Some(2));
+    assert!(
+        b.stderr().contains("does not hold this host's key"),
+        "{}",
+        b.stderr()
+    );
+    assert!(!b.stdout().contains("check"), "no guest ran on b");
+    // An --insecure source meets a destination that requires a key.
+    let (mut b2, url2) = receiver(&dir, "b2", &[]);
+    let o = migrate(&a, &url2, &["--insecure"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("requires authentication"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(b2.wait(), Some(2));
+    // A keyed source refuses an --insecure destination.
+    let (mut b3, url3) = insecure_receiver(&dir, "b3");
+    let o = migrate(&a, &url3, &[]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("without authentication"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(b3.wait(), Some(2));
+    // Neither --key nor --insecure (and no default key file): a clear error before anything.
+    if !std::path::Path::new("/etc/blip/migration.key").exists() {
+        let o = blip(&["receive", "--listen", "tcp://127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(err.contains("authentication is on by default"), "{err}");
+    }
+    // A world-readable key file is refused.
+    let loose = dir.join("loose.key");
+    std::fs::write(&loose, "0123456789abcdef0123456789abcdef").unwrap();
+    let o = blip(&[
+        "migrate",
+        "--api",
+        a.api.to_str().unwrap(),
+        "--to",
+        &url,
+        "--key",
+        loose.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_alive_then_check(&mut a);
+}
+
+#[test]
+fn allow_list_turns_away_other_peers() {
+    let dir = scratch("mig-allow");
+    let k = key(&dir);
+    let mut b = Bg::start(
+        &dir,
+        "b",
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            &k,
+            "--allow",
+            "10.99.0.0/16",
+        ],
+        &[],
+    );
+    let url = listen_url(&mut b);
+    let mut a = source(&dir, "a");
+    let o = migrate(&a, &url, &["--max-precopy-time", "5s"]);
+    assert!(!o.status.success());
+    b.wait_stderr("refused: not in --allow");
+    assert!(
+        b.alive(),
+        "the destination keeps waiting for an allowed peer"
+    );
+    assert_alive_then_check(&mut a);
 }

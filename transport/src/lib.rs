@@ -11,5 +11,6 @@
 //!
 //! This crate must not know about KVM: it sees only bytes, addresses and counts.
 
+pub mod auth;
 pub mod protocol;
 pub mod tcp;

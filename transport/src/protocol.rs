@@ -8,9 +8,11 @@
 //!   control stream connect  ------------------>
 //!   Hello{role=Source, session, nonce} ------->
 //!                           <------------------ Hello{role=Destination, session, nonce}
+//!   Auth{HMAC(key, source, nonces)} -------->   (unless both ends run --insecure)
+//!                           <------------------ Auth{HMAC(key, destination, nonces)} | Refuse
 //!   Offer{layout, vcpus, cpu, tsc, streams,..}->
 //!                           <------------------ Accept | Refuse{reason}
-//!   data streams 1..N connect, each: StreamHello{session, index} ->
+//!   data streams 1..N connect, each: StreamHello{session, index}, Auth{HMAC(stream i)} ->
 //!   round r: Pages{gpa,count}+data on data streams ... RoundEnd{round, pages} on every data stream
 //!            RoundEnd{round, pages_total} on control
 //!                           <------------------ RoundAck{round}   (all streams drained)
@@ -165,11 +167,13 @@ pub enum MessageKind {
     Heartbeat = 14,
     /// [`Message::PageBatch`]
     PageBatch = 15,
+    /// [`Message::Auth`]
+    Auth = 16,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 16] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -185,6 +189,7 @@ impl MessageKind {
         MessageKind::Abort,
         MessageKind::Heartbeat,
         MessageKind::PageBatch,
+        MessageKind::Auth,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -210,6 +215,7 @@ impl MessageKind {
             MessageKind::Abort => "Abort",
             MessageKind::Heartbeat => "Heartbeat",
             MessageKind::PageBatch => "PageBatch",
+            MessageKind::Auth => "Auth",
         }
     }
 }
@@ -326,6 +332,11 @@ pub struct Offer {
     pub guest_name: String,
 }
 
+/// Hello `auth`: no authentication (both ends run with `--insecure`).
+pub const AUTH_NONE: u32 = 0;
+/// Hello `auth`: HMAC-SHA256 challenge–response with a shared key.
+pub const AUTH_HMAC_SHA256: u32 = 1;
+
 /// A protocol message. See the module documentation for the sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -340,6 +351,13 @@ pub enum Message {
         /// Identifies the host (a hash of its boot id): equal on both sides means both read
         /// the same CLOCK_MONOTONIC, so blackout can be measured end to end.
         host_id: u64,
+        /// Authentication the speaker requires: [`AUTH_NONE`] or [`AUTH_HMAC_SHA256`].
+        auth: u32,
+    },
+    /// A proof of key possession (see `auth`): source, then destination, then each stream.
+    Auth {
+        /// HMAC-SHA256 over the session's nonces.
+        mac: [u8; 32],
     },
     /// Source → destination: what will be migrated.
     Offer(Offer),
@@ -430,6 +448,7 @@ impl Message {
             Message::Ready { .. } => MessageKind::Ready,
             Message::Heartbeat { .. } => MessageKind::Heartbeat,
             Message::PageBatch { .. } => MessageKind::PageBatch,
+            Message::Auth { .. } => MessageKind::Auth,
             Message::Commit => MessageKind::Commit,
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::Abort { .. } => MessageKind::Abort,
@@ -517,11 +536,13 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             session,
             nonce,
             host_id,
+            auth,
         } => {
             e.u32(*role as u32);
             e.u64(*session);
             e.raw(nonce);
             e.u64(*host_id);
+            e.u32(*auth);
         }
         Message::Offer(o) => {
             e.u64(o.mem_size);
@@ -537,6 +558,7 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
         }
         Message::Accept | Message::Commit => {}
         Message::Ready { mem_hash } => e.u64(*mem_hash),
+        Message::Auth { mac } => e.raw(mac),
         Message::PageBatch { runs, data } => {
             e.u32(u32::try_from(runs.len()).map_err(|_| ProtocolError::TooLarge(u32::MAX))?);
             for (gpa, pages) in runs {
@@ -790,6 +812,7 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
                 session: d.u64()?,
                 nonce: d.array()?,
                 host_id: d.u64()?,
+                auth: d.u32()?,
             }
         }
         MessageKind::Offer => Message::Offer(Offer {
@@ -820,6 +843,7 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         MessageKind::RoundAck => Message::RoundAck { round: d.u32()? },
         MessageKind::State => Message::State(d.bytes()?.to_vec()),
         MessageKind::Ready => Message::Ready { mem_hash: d.u64()? },
+        MessageKind::Auth => Message::Auth { mac: d.array()? },
         MessageKind::PageBatch => {
             let n = d.u32()? as usize;
             // Each run takes 12 bytes: a count larger than the payload is a lie.
@@ -1011,12 +1035,14 @@ mod tests {
                 session: 0x0123_4567_89ab_cdef,
                 nonce: [7; 32],
                 host_id: 42,
+                auth: AUTH_HMAC_SHA256,
             },
             Message::Hello {
                 role: Role::Destination,
                 session: 1,
                 nonce: std::array::from_fn(|i| i as u8),
                 host_id: 0,
+                auth: AUTH_NONE,
             },
             Message::Offer(offer()),
             Message::Accept,
@@ -1046,6 +1072,7 @@ mod tests {
                 runs: vec![(0x1000, 1), (0x8000, 2)],
                 data: vec![0x5a; 3 * 4096],
             },
+            Message::Auth { mac: [9; 32] },
             Message::Commit,
             Message::Resumed { t_ns: 123_456_789 },
             Message::Abort {

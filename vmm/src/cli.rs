@@ -120,6 +120,44 @@ pub struct ReceiveArgs {
     /// Serve the control API on this Unix socket once the guest runs here.
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Accept sources only from this network (repeatable; e.g. 10.0.0.0/8). Default: any.
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<crate::migration::dest::Cidr>,
+}
+
+/// Where the default shared migration key lives.
+pub const DEFAULT_KEY: &str = "/etc/blip/migration.key";
+
+/// Authentication of migrations (on by default).
+#[derive(Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// Shared migration key file (both ends must hold the same; mode 0600). Default:
+    /// /etc/blip/migration.key when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Migrate without authentication (both ends must say so).
+    #[arg(long, conflicts_with = "key")]
+    pub insecure: bool,
+}
+
+impl AuthArgs {
+    /// The key file to use, `None` for --insecure; an error when neither is available.
+    pub fn resolve(&self) -> Result<Option<PathBuf>, String> {
+        if let Some(k) = &self.key {
+            return Ok(Some(std::fs::canonicalize(k).unwrap_or_else(|_| k.clone())));
+        }
+        if self.insecure {
+            return Ok(None);
+        }
+        if std::path::Path::new(DEFAULT_KEY).exists() {
+            return Ok(Some(PathBuf::from(DEFAULT_KEY)));
+        }
+        Err(format!(
+            "migration authentication is on by default: pass --key FILE (create one with `head -c 32 /dev/urandom > {DEFAULT_KEY} && chmod 600 {DEFAULT_KEY}` on both hosts) or --insecure"
+        ))
+    }
 }
 
 /// `blip migrate`.
@@ -149,6 +187,8 @@ pub struct MigrateArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// `blip demo`.

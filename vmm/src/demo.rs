@@ -45,7 +45,7 @@ fn wait_for_api(b: &mut Blip) -> Result<(), Failure> {
     }
 }
 
-fn spawn_receiver(exe: &Path, dir: &Path, i: u32) -> Result<(Blip, String), Failure> {
+fn spawn_receiver(exe: &Path, dir: &Path, i: u32, key: &Path) -> Result<(Blip, String), Failure> {
     let api = dir.join(format!("{i}.sock"));
     let serial = dir.join(format!("{i}.serial"));
     let mut child = Command::new(exe)
@@ -53,6 +53,8 @@ fn spawn_receiver(exe: &Path, dir: &Path, i: u32) -> Result<(Blip, String), Fail
         .arg(&api)
         .arg("--serial")
         .arg(&serial)
+        .arg("--key")
+        .arg(key)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -106,6 +108,22 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure(format!("cannot create {}: {e}", dir.display())))?;
     let cmdline = "dirty ws=8 rate=max heartbeat period=1000";
+    // Migrations authenticate by default: the demo makes a fresh shared key for its hosts.
+    let key = dir.join("migration.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)
+            .map_err(|e| Failure(format!("cannot create {}: {e}", key.display())))?;
+        let secret: [u8; 32] = blip_vmm::migration::random_bytes();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        std::io::Write::write_all(&mut f, hex.as_bytes())
+            .map_err(|e| Failure(format!("cannot write the key: {e}")))?;
+    }
     println!(
         "blip demo: booting the embedded guest ({} vCPUs, {} MiB, \"{cmdline}\") and migrating it {} times over loopback TCP",
         a.vcpus,
@@ -161,7 +179,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         if stop.load(Ordering::Relaxed) {
             return Err(Failure("interrupted".into()));
         }
-        let (mut next, url) = spawn_receiver(&exe, &dir, i)?;
+        let (mut next, url) = spawn_receiver(&exe, &dir, i, &key)?;
         let options = Options {
             to: url.clone(),
             max_blackout_ns: a.max_blackout,
@@ -171,6 +189,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             // The guest's own check at the end proves memory; digests would add ~10 ms of
             // hashing to every blackout (`blip migrate --verify` does them).
             verify: false,
+            key: Some(key.clone()),
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
         // The source exits 0 once its guest lives on elsewhere.

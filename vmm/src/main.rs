@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use blip_transport::auth::Key;
 use blip_vmm::api::{self, Request};
 use blip_vmm::cli::{error_chain, Cli, Cmd, GuestArgs, MigrateArgs, ReceiveArgs, RunArgs, Serial};
 use blip_vmm::loader::{Image, EMBEDDED_GUEST};
@@ -185,6 +186,7 @@ fn serve_vm(mut vm: Vm, server: Option<api::Server>) -> Result<i32, Failure> {
                             let _ = req
                                 .reply
                                 .send(serde_json::json!({"event": "done", "report": report}));
+                            drop(reply);
                             drop(req);
                             vm.shutdown();
                             server.drain(Duration::from_secs(5));
@@ -208,6 +210,7 @@ fn serve_vm(mut vm: Vm, server: Option<api::Server>) -> Result<i32, Failure> {
 }
 
 fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
+    let _ = a.auth.resolve().map_err(Failure)?;
     let server = a.api.as_deref().map(api::serve).transpose()?;
     let listener = dest::listen(&a.listen)?;
     let local = listener
@@ -215,10 +218,18 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         .map(|s| s.to_string())
         .unwrap_or_default();
     eprintln!("blip: waiting for an incoming migration on tcp://{local}");
+    let key = a
+        .auth
+        .resolve()
+        .map_err(Failure)?
+        .map(|p| Key::load(&p))
+        .transpose()?;
     let cfg = dest::ReceiveConfig {
         backing: a.mem_backing,
         serial: serial_sink(&a.serial)?,
         dirty: a.dirty.config(),
+        key,
+        allow: a.allow.clone(),
     };
     let (vm, inc) = dest::receive(&listener, cfg)
         .map_err(|e| Failure(format!("incoming migration failed: {}", error_chain(&e))))?;
@@ -264,6 +275,10 @@ pub fn run_migration(
 }
 
 fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
+    let key = a.auth.resolve().map_err(Failure)?;
+    if let Some(k) = &key {
+        Key::load(k)?; // a bad key file is reported here, not by the source blip
+    }
     let options = Options {
         to: a.to.clone(),
         max_blackout_ns: a.max_blackout,
@@ -271,6 +286,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         max_precopy_ms: a.max_precopy_time / 1_000_000,
         on_timeout: a.on_timeout,
         verify: a.verify,
+        key,
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = a.to.parse()?;

@@ -9,9 +9,13 @@ use std::net::{TcpListener, TcpStream};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use blip_transport::protocol::{self, crc32c_append, Message, PagesReceipt, Role};
+use blip_transport::auth::{Key, Proof};
+use blip_transport::protocol::{
+    self, crc32c_append, Message, PagesReceipt, Role, AUTH_HMAC_SHA256, AUTH_NONE,
+};
 use blip_transport::tcp::{self, Endpoint};
 use crossbeam_channel::{Receiver, Sender};
+use std::net::IpAddr;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::source::VERIFY_FLAG;
@@ -26,6 +30,10 @@ pub struct ReceiveConfig {
     pub backing: Backing,
     pub serial: Box<dyn Write + Send>,
     pub dirty: DirtyConfig,
+    /// Shared migration key; `None` = `--insecure`.
+    pub key: Option<Key>,
+    /// Peers allowed to connect (empty = all).
+    pub allow: Vec<Cidr>,
 }
 
 /// Summary of an incoming migration, from the destination's point of view.
@@ -55,7 +63,14 @@ pub fn receive(
     listener: &TcpListener,
     cfg: ReceiveConfig,
 ) -> Result<(Vm, Incoming), MigrationError> {
-    let (mut control, _) = listener.accept()?;
+    // Peers outside --allow are turned away before a single byte is read.
+    let mut control = loop {
+        let (c, peer) = listener.accept()?;
+        if allowed(&cfg.allow, peer.ip()) {
+            break c;
+        }
+        eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
+    };
     tcp::tune(&control)?;
     control.set_read_timeout(Some(PEER_TIMEOUT))?;
     let mut vm_slot: Option<Vm> = None;
@@ -66,6 +81,9 @@ pub fn receive(
             // Discard everything; tell the source why (best effort).
             let msg = match &e {
                 MigrationError::Incompatible(r) => Message::Refuse { reason: r.clone() },
+                MigrationError::Auth(_) => Message::Refuse {
+                    reason: "authentication failed".into(),
+                },
                 other => Message::Abort {
                     reason: other.to_string(),
                 },
@@ -125,27 +143,70 @@ fn receive_inner(
     cfg: ReceiveConfig,
     vm_slot: &mut Option<Vm>,
 ) -> Result<Incoming, MigrationError> {
-    let session = match read(control)?.msg {
+    let (session, src_nonce, their_auth) = match read(control)?.msg {
         Message::Hello {
             role: Role::Source,
             session,
+            nonce,
+            auth,
             ..
-        } => session,
+        } => (session, nonce, auth),
         other => {
             return Err(MigrationError::from_unexpected(
                 other.unexpected("Hello from a source"),
             ))
         }
     };
+    let dst_nonce: [u8; 32] = random_bytes();
     protocol::write_message(
         control,
         &Message::Hello {
             role: Role::Destination,
             session,
-            nonce: random_bytes(),
+            nonce: dst_nonce,
             host_id: host_id(),
+            auth: if cfg.key.is_some() {
+                AUTH_HMAC_SHA256
+            } else {
+                AUTH_NONE
+            },
         },
     )?;
+    // Nothing about this host (layout, acceptance) is said before the source proves the key.
+    match (&cfg.key, their_auth) {
+        (Some(_), AUTH_NONE) => {
+            return Err(MigrationError::Auth(
+                "the source did not authenticate (it runs --insecure; this host requires --key)"
+                    .into(),
+            ))
+        }
+        (None, AUTH_HMAC_SHA256) => {
+            return Err(MigrationError::Auth(
+                "the source requires authentication but this host runs --insecure".into(),
+            ))
+        }
+        (Some(k), AUTH_HMAC_SHA256) => match read(control)?.msg {
+            Message::Auth { mac }
+                if k.verify(Proof::Source, session, &src_nonce, &dst_nonce, &mac) =>
+            {
+                let mac = k.prove(Proof::Destination, session, &src_nonce, &dst_nonce);
+                protocol::write_message(control, &Message::Auth { mac })?;
+            }
+            Message::Auth { .. } => {
+                return Err(MigrationError::Auth(
+                    "the source does not hold this host's key (wrong key?)".into(),
+                ))
+            }
+            other => return Err(MigrationError::from_unexpected(other.unexpected("Auth"))),
+        },
+        (None, AUTH_NONE) => {}
+        (_, other) => {
+            return Err(MigrationError::Auth(format!(
+                "unknown authentication scheme {other}"
+            )))
+        }
+    }
+    let stream_auth = cfg.key.clone().map(|k| (k, src_nonce, dst_nonce));
     let offer = match read(control)?.msg {
         Message::Offer(o) => o,
         other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),
@@ -186,7 +247,14 @@ fn receive_inner(
     protocol::write_message(control, &Message::Accept)?;
 
     // Data streams.
-    let streams = accept_streams(listener, session, offer.streams, &mem)?;
+    let streams = accept_streams(
+        listener,
+        session,
+        offer.streams,
+        &mem,
+        stream_auth.as_ref(),
+        &cfg.allow,
+    )?;
     let mut done_round: Vec<Option<u32>> = vec![None; offer.streams as usize];
     let mut inc = Incoming::default();
     let mut scratch = vec![0u8; 1 << 20];
@@ -339,6 +407,82 @@ fn recv_pages(
     Ok(())
 }
 
+/// Reads and checks a data stream's proof of the key (always true with --insecure).
+fn stream_proven(
+    c: &mut TcpStream,
+    auth: Option<&(Key, [u8; 32], [u8; 32])>,
+    session: u64,
+    index: u32,
+) -> bool {
+    let Some((k, s, d)) = auth else { return true };
+    matches!(protocol::read_message(c).map(|f| f.msg),
+        Ok(Message::Auth { mac }) if k.verify(Proof::Stream(index), session, s, d, &mac))
+}
+
+/// An allowed network (`--allow 10.0.0.0/8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub net: IpAddr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8)"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or(format!("'{s}': bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl Cidr {
+    /// Does `ip` lie in this network?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.net, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            _ => ip,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix))
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.prefix))
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Empty list = everyone.
+fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
+    allow.is_empty() || allow.iter().any(|c| c.contains(ip))
+}
+
 /// A stream's news: (stream index, round ended, pages it carried in that round).
 type StreamNews = Result<(usize, u32, u64), MigrationError>;
 
@@ -347,6 +491,8 @@ fn accept_streams(
     session: u64,
     n: u32,
     mem: &GuestMem,
+    auth: Option<&(Key, [u8; 32], [u8; 32])>,
+    allow: &[Cidr],
 ) -> Result<Receiver<StreamNews>, MigrationError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     listener.set_nonblocking(true)?;
@@ -354,13 +500,19 @@ fn accept_streams(
     let mut seen = vec![false; n as usize];
     while seen.iter().any(|s| !s) {
         match listener.accept() {
-            Ok((mut c, _)) => {
+            Ok((mut c, peer)) => {
+                if !allowed(allow, peer.ip()) {
+                    continue;
+                }
                 c.set_nonblocking(false)?;
                 tcp::tune(&c)?;
                 c.set_read_timeout(Some(PEER_TIMEOUT))?;
                 match protocol::read_message(&mut c).map(|f| f.msg) {
                     Ok(Message::StreamHello { session: s, index })
-                        if s == session && index < n && !seen[index as usize] =>
+                        if s == session
+                            && index < n
+                            && !seen[index as usize]
+                            && stream_proven(&mut c, auth, session, index) =>
                     {
                         seen[index as usize] = true;
                         let mem = mem.clone();

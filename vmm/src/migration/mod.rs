@@ -91,6 +91,12 @@ pub enum MigrationError {
     VerifyMismatch { src: u64, dst: u64 },
     #[error("a migration is already running")]
     Busy,
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error(transparent)]
+    Key(#[from] blip_transport::auth::AuthError),
+    #[error("connection from {0} refused: not in --allow")]
+    NotAllowed(std::net::IpAddr),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -142,6 +148,9 @@ pub struct Options {
     pub on_timeout: OnTimeout,
     /// Compare a digest of source memory at pause with destination memory before resume.
     pub verify: bool,
+    /// Shared key file for authentication; `None` only with `--insecure`.
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
 }
 
 /// One pre-copy round.
@@ -284,6 +293,7 @@ mod tests {
             max_precopy_ms: 30_000,
             on_timeout: OnTimeout::Go,
             verify: true,
+            key: None,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();

@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blip_transport::protocol::{self, Message, Offer, Role};
+use blip_transport::auth::{Key, Proof};
+use blip_transport::protocol::{self, Message, Offer, Role, AUTH_HMAC_SHA256, AUTH_NONE};
 use blip_transport::tcp::{self, Endpoint};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
@@ -331,6 +332,14 @@ impl Throttler {
         }
     }
 
+    /// Un-throttles every vCPU and tells the kicker to stop, without waiting for it.
+    fn release(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.handles {
+            t.percent.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn percents(&self) -> Vec<u32> {
         self.handles
             .iter()
@@ -372,27 +381,64 @@ fn migrate_inner(
     // Handshake.
     let session = u64::from_le_bytes(random_bytes());
     let ours = host_id();
+    let key = opts.key.as_deref().map(Key::load).transpose()?;
+    let src_nonce: [u8; 32] = random_bytes();
+    let auth = if key.is_some() {
+        AUTH_HMAC_SHA256
+    } else {
+        AUTH_NONE
+    };
     protocol::write_message(
         control,
         &Message::Hello {
             role: Role::Source,
             session,
-            nonce: random_bytes(),
+            nonce: src_nonce,
             host_id: ours,
+            auth,
         },
     )?;
-    let same_host = match read(control)? {
+    let (same_host, dst_nonce, their_auth) = match read(control)? {
         Message::Hello {
             role: Role::Destination,
             host_id,
+            nonce,
+            auth,
             ..
-        } => host_id == ours,
+        } => (host_id == ours, nonce, auth),
         other => {
             return Err(MigrationError::from_unexpected(
                 other.unexpected("Hello from a destination"),
             ))
         }
     };
+    match (&key, their_auth) {
+        (Some(_), AUTH_NONE) => {
+            return Err(MigrationError::Auth(
+                "the destination runs without authentication (--insecure); refusing to send the guest to a peer that proves nothing".into(),
+            ))
+        }
+        (None, AUTH_HMAC_SHA256) => {
+            return Err(MigrationError::Auth(
+                "the destination requires authentication: pass --key FILE (the shared migration key)".into(),
+            ))
+        }
+        (Some(k), AUTH_HMAC_SHA256) => {
+            let mac = k.prove(Proof::Source, session, &src_nonce, &dst_nonce);
+            protocol::write_message(control, &Message::Auth { mac })?;
+            match read(control)? {
+                Message::Auth { mac } if k.verify(Proof::Destination, session, &src_nonce, &dst_nonce, &mac) => {}
+                Message::Auth { .. } => {
+                    return Err(MigrationError::Auth(
+                        "the destination failed to prove it holds the key (wrong key on one side?)".into(),
+                    ))
+                }
+                other => return Err(MigrationError::from_unexpected(other.unexpected("Auth"))),
+            }
+        }
+        (None, AUTH_NONE) => {}
+        (_, other) => return Err(MigrationError::Auth(format!("unknown authentication scheme {other}"))),
+    }
 
     // Measure the fixed costs of a blackout (pause, state save, resume) before promising one:
     // three short dry runs, keeping the median of each (one sample on a noisy host lies).
@@ -454,6 +500,10 @@ fn migrate_inner(
             }
         })?;
         protocol::write_message(&mut c, &Message::StreamHello { session, index })?;
+        if let Some(k) = &key {
+            let mac = k.prove(Proof::Stream(index), session, &src_nonce, &dst_nonce);
+            protocol::write_message(&mut c, &Message::Auth { mac })?;
+        }
         conns.push(c);
     }
     let mem = vm.memory().clone();
@@ -643,7 +693,9 @@ fn migrate_inner(
     let pause = vm.pause_all()?;
     run.paused = true;
     let t_pause = pause.requested_ns;
-    drop(throttler);
+    // Stop kicking (no join here: the throttle thread may be asleep; it is joined after the
+    // blackout when `throttler` drops).
+    throttler.release();
     ph.pause = pause.last_ns - t_pause;
     let last_src_beat = vm.devices().heartbeats.lock().ok().and_then(|h| h.last());
     let t = now_ns();
