@@ -81,8 +81,10 @@
 //!   z ^ z >> 31`. Then it updates `PROGRESS[k] = {gen, idx}` (idx = next page index in
 //!   the share; at the end of the share idx = 0, gen += 1). `rate` is paced with rdtsc
 //!   deadlines. With `sweeps=N`, once every vCPU has completed N sweeps the check runs.
-//! * `heartbeat period=<µs>` — every period each working vCPU increments a shared counter
-//!   (`lock xadd`) and writes the new value to the heartbeat ports.
+//! * `heartbeat period=<µs> [via=serial]` — every period each working vCPU increments a
+//!   shared counter (`lock xadd`) and writes the new value to the heartbeat ports; with
+//!   `via=serial` it writes one `*` byte to COM1 instead (for VMMs without the heartbeat port,
+//!   e.g. QEMU in the benchmark: the host timestamps the bytes).
 //! * `scatter ws=<MiB> seed=<n>` — each vCPU writes pseudo-random pages of its share of the
 //!   working set (at 8 MiB) as fast as it can: write c (c = 1, 2, ...) of vCPU k stores c at
 //!   offset 16 of page `first_k + splitmix64(seed ^ (k << 56) ^ c) % count_k`, then stores c at
@@ -698,6 +700,8 @@ struct Config {
     dirty: Option<DirtyCfg>,
     /// Heartbeat period in µs.
     heartbeat: Option<u64>,
+    /// `heartbeat ... via=serial`: beats are `*` bytes on COM1 instead of port writes.
+    heartbeat_serial: bool,
     /// `scatter ws=<MiB> seed=<n>`: (working set MiB, seed).
     scatter: Option<(u64, u64)>,
 }
@@ -748,6 +752,9 @@ fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
                     scatter_ws = Some(positive.filter(|&v| v <= 1 << 20).ok_or(word)?);
                 }
                 (Section::Scatter, b"seed") if seed.is_none() => seed = Some(parse_u64(val).ok_or(word)?),
+                (Section::Heartbeat, b"via") if !cfg.heartbeat_serial && val == b"serial" => {
+                    cfg.heartbeat_serial = true;
+                }
                 (Section::Heartbeat, b"period") if period.is_none() => {
                     period = Some(positive.filter(|&v| v <= 1 << 40).ok_or(word)?);
                 }
@@ -942,11 +949,19 @@ impl DirtyState {
 struct HeartbeatState {
     pacer: Pacer,
     last_high: u32,
+    serial: bool,
 }
 
 impl HeartbeatState {
     fn beat(&mut self) {
         let v = HEARTBEAT.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if self.serial {
+            // One byte per beat on COM1, for VMMs without blip's heartbeat port (QEMU): the
+            // host timestamps each `*` as it reads the serial line.
+            let _guard = SerialGuard::lock();
+            Serial::put(b'*');
+            return;
+        }
         let high = (v >> 32) as u32;
         if high != self.last_high {
             outl(HEARTBEAT_HI, high);
@@ -1096,6 +1111,7 @@ extern "C" fn rust_main(start_info: u64, cpu: u32) -> ! {
     let mut heartbeat = cfg.heartbeat.map(|us| HeartbeatState {
         pacer: Pacer::new(us.saturating_mul(m.tsc_khz) / 1000, now),
         last_high: 0,
+        serial: cfg.heartbeat_serial,
     });
 
     if bsp && cfg.check {
