@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `{"cmd":"status"}` | one `{"event":"status", ...}` |
 //! | `{"cmd":"check"}` | one `{"event":"ok"}`; the guest then checks its memory and exits |
+//! | `{"cmd":"cancel"}` | one `{"event":"ok"}` (a running migration stops in pre-copy) or an error |
 //! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines, then `{"event":"done","report":{...}}` or `{"event":"error","message":"..."}` |
 //!
 //! The socket thread only parses and forwards: requests reach the thread that owns the VM as
@@ -29,7 +30,12 @@ use crate::migration::Options;
 pub enum Request {
     Status,
     Check,
-    Migrate { options: Options },
+    Migrate {
+        options: Options,
+    },
+    /// Stop the running migration (pre-copy only); answered by the socket thread itself,
+    /// since the VM thread is busy migrating.
+    Cancel,
 }
 
 /// A request with the channel its replies go to (one JSON value per line).
@@ -71,6 +77,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Waits (up to `limit`) until every connection has written its replies; call after
     /// dropping all reply senders, before the process exits.
     pub fn drain(&self, limit: std::time::Duration) {
@@ -141,6 +152,16 @@ fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
             return;
         }
     };
+    if let Request::Cancel = request {
+        let running = crate::migration::request_cancel();
+        let v = if running {
+            serde_json::json!({"event": "ok", "message": "cancel requested; the guest keeps running here"})
+        } else {
+            serde_json::json!({"event": "error", "message": "no migration is running"})
+        };
+        let _ = writeln!(out, "{v}");
+        return;
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     if requests.send(ApiRequest { request, reply: tx }).is_err() {
         return;

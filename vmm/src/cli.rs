@@ -25,6 +25,14 @@ pub enum Cmd {
     Receive(ReceiveArgs),
     /// Tell a running blip (through its control socket) to live-migrate its guest.
     Migrate(MigrateArgs),
+    /// List the guests running on this host (the registry in /run/blip or $BLIP_RUN_DIR).
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate every guest off this host, spreading them over the destinations.
+    Drain(DrainArgs),
     /// Ask a running blip for its status (JSON).
     Status {
         /// Control socket of the running blip.
@@ -98,9 +106,13 @@ pub struct RunArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub dirty: DirtyArgs,
-    /// Serve the control API (status, check, migrate) on this Unix socket.
+    /// Serve the control API (status, check, migrate) on this Unix socket (default: the
+    /// guest's socket in the run directory, /run/blip/<name>.sock).
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
+    /// Name of this guest in the host registry (`blip list`, `blip drain`).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// `blip receive`.
@@ -117,9 +129,13 @@ pub struct ReceiveArgs {
     pub serial: Serial,
     #[command(flatten)]
     pub dirty: DirtyArgs,
-    /// Serve the control API on this Unix socket once the guest runs here.
+    /// Serve the control API on this Unix socket once the guest runs here (default: the
+    /// guest's socket in the run directory).
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
+    /// Name of the received guest in this host's registry.
+    #[arg(long)]
+    pub name: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
     /// Accept sources only from this network (repeatable; e.g. 10.0.0.0/8). Default: any.
@@ -160,15 +176,37 @@ impl AuthArgs {
     }
 }
 
+/// `blip drain`.
+#[derive(Args, Debug, Clone)]
+pub struct DrainArgs {
+    /// Destinations, each a waiting `blip receive --listen` that takes one guest (repeat).
+    #[arg(long = "to", value_name = "URL", required = true)]
+    pub to: Vec<String>,
+    /// Migrations at once.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: u32,
+    /// Blackout target per migration.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+    pub max_blackout: u64,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
 /// `blip migrate`.
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
-    /// Control socket of the source blip.
-    #[arg(long, value_name = "SOCKET")]
-    pub api: PathBuf,
+    /// Control socket of the source blip (or use --guest NAME).
+    #[arg(long, value_name = "SOCKET", required_unless_present = "guest")]
+    pub api: Option<PathBuf>,
+    /// Name of the source guest in this host's registry.
+    #[arg(long, conflicts_with = "api")]
+    pub guest: Option<String>,
     /// Destination: tcp://HOST:PORT (a `blip receive --listen`).
-    #[arg(long, value_name = "URL")]
-    pub to: String,
+    #[arg(long, value_name = "URL", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Cancel the migration the source is running (it stops in pre-copy; the guest stays).
+    #[arg(long)]
+    pub cancel: bool,
     /// Blackout target: pre-copy continues until the predicted blackout is below it.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,

@@ -14,5 +14,6 @@ pub mod loader;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+pub mod registry;
 pub mod vcpu;
 pub mod vm;

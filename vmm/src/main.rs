@@ -3,6 +3,7 @@
 //! after Ctrl-C; a guest's own exit code otherwise).
 
 mod demo;
+mod drain;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use blip_vmm::api::{self, Request};
 use blip_vmm::cli::{error_chain, Cli, Cmd, GuestArgs, MigrateArgs, ReceiveArgs, RunArgs, Serial};
 use blip_vmm::loader::{Image, EMBEDDED_GUEST};
 use blip_vmm::migration::{dest, source, Options, Report};
+use blip_vmm::registry;
 use blip_vmm::vm::{Vm, VmConfig, VmExit};
 use clap::Parser;
 
@@ -61,6 +63,8 @@ fn main() -> ExitCode {
         Cmd::Receive(args) => receive(args),
         Cmd::Migrate(args) => migrate(&args),
         Cmd::Status { api } => simple_call(&api, &Request::Status),
+        Cmd::List { json } => list(json),
+        Cmd::Drain(args) => drain::drain(&args, &STOP),
         Cmd::Check { api } => simple_call(&api, &Request::Check),
         Cmd::Demo(args) => demo::demo(&args, &STOP),
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
@@ -119,16 +123,68 @@ fn finish(exit: VmExit) -> Result<i32, Failure> {
     }
 }
 
+/// The guest's control socket: `--api`, or its socket in the run directory (then the guest is
+/// also registered, for `blip list` and `blip drain`). Bound before anything boots, so a busy
+/// name or socket is an error up front.
+fn control_socket(
+    api_path: Option<&std::path::Path>,
+    name: &Option<String>,
+) -> Result<(Option<api::Server>, String), Failure> {
+    let name = name
+        .clone()
+        .unwrap_or_else(|| format!("guest-{}", std::process::id()));
+    registry::check_name(&name)?;
+    if let Some(p) = api_path {
+        return Ok((Some(api::serve(p)?), name));
+    }
+    let path = registry::socket_for(&name);
+    if registry::list().iter().any(|e| e.name == name) {
+        return Err(registry::RegistryError::NameTaken(name).into());
+    }
+    let dir = registry::run_dir();
+    match std::fs::create_dir_all(&dir)
+        .map_err(api::ApiError::Io)
+        .and_then(|_| api::serve(&path))
+    {
+        Ok(s) => Ok((Some(s), name)),
+        Err(e @ api::ApiError::InUse(_)) => Err(e.into()),
+        Err(e) => {
+            eprintln!(
+                "blip: warning: not registered in {} ({}); no control API",
+                dir.display(),
+                error_chain(&e)
+            );
+            Ok((None, name))
+        }
+    }
+}
+
+/// Registers a running guest (a warning, not an error, when the run directory is unusable).
+fn register(vm: &Vm, server: &Option<api::Server>, name: &str) -> Option<registry::Registration> {
+    let server = server.as_ref()?;
+    match registry::register(name, server.path(), vm.vcpu_count(), vm.mem_size()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("blip: warning: not registered: {}", error_chain(&e));
+            None
+        }
+    }
+}
+
 fn run(a: &RunArgs) -> Result<i32, Failure> {
-    // Bind the control socket first: a busy socket is an error before anything boots.
-    let server = a.api.as_deref().map(api::serve).transpose()?;
+    let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
     let mut vm = Vm::create_with(config(&a.guest)?, a.dirty.config())?;
+    let reg = register(&vm, &server, &name);
     vm.resume_all()?;
-    serve_vm(vm, server)
+    serve_vm(vm, server, reg)
 }
 
 /// Runs a VM until its guest ends, migrates away, or Ctrl-C; answers the control API.
-fn serve_vm(mut vm: Vm, server: Option<api::Server>) -> Result<i32, Failure> {
+fn serve_vm(
+    mut vm: Vm,
+    server: Option<api::Server>,
+    _reg: Option<registry::Registration>,
+) -> Result<i32, Failure> {
     loop {
         if let Some(exit) = vm.poll(Duration::from_millis(10)) {
             vm.shutdown();
@@ -167,6 +223,11 @@ fn serve_vm(mut vm: Vm, server: Option<api::Server>) -> Result<i32, Failure> {
                         Ok(()) => serde_json::json!({"event": "ok"}),
                         Err(e) => serde_json::json!({"event": "error", "message": error_chain(&e)}),
                     });
+                }
+                Request::Cancel => {
+                    let _ = req.reply.send(
+                        serde_json::json!({"event": "error", "message": "no migration is running"}),
+                    );
                 }
                 Request::Migrate { ref options } => {
                     let options = options.clone();
@@ -211,7 +272,7 @@ fn serve_vm(mut vm: Vm, server: Option<api::Server>) -> Result<i32, Failure> {
 
 fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     let _ = a.auth.resolve().map_err(Failure)?;
-    let server = a.api.as_deref().map(api::serve).transpose()?;
+    let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
     let listener = dest::listen(&a.listen)?;
     let local = listener
         .local_addr()
@@ -240,7 +301,53 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         inc.rounds,
         inc.restore_ns as f64 / 1e3
     );
-    serve_vm(vm, server)
+    let reg = register(&vm, &server, &name);
+    serve_vm(vm, server, reg)
+}
+
+fn list(json: bool) -> Result<i32, Failure> {
+    let entries = registry::list();
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let st = api::call(&e.api, &Request::Status, &mut |_| {}).ok();
+            serde_json::json!({
+                "name": e.name, "pid": e.pid, "vcpus": e.vcpus, "mem_size": e.mem_size,
+                "api": e.api, "started": e.started,
+                "heartbeats": st.as_ref().map(|s| s["heartbeats"].clone()),
+                "state": st.as_ref().map_or("not answering".into(), |s| s["state"].clone()),
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(0);
+    }
+    println!(
+        "{:<24} {:>8} {:>5} {:>8} {:>12} {:<14} API",
+        "NAME", "PID", "VCPUS", "MEM", "HEARTBEATS", "STATE"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>8} {:>5} {:>6}Mi {:>12} {:<14} {}",
+            r["name"].as_str().unwrap_or(""),
+            r["pid"],
+            r["vcpus"],
+            r["mem_size"].as_u64().unwrap_or(0) >> 20,
+            r["heartbeats"]
+                .as_u64()
+                .map_or("-".into(), |h| h.to_string()),
+            r["state"].as_str().unwrap_or(""),
+            r["api"].as_str().unwrap_or("")
+        );
+    }
+    if rows.is_empty() {
+        eprintln!(
+            "blip: no guests registered in {}",
+            registry::run_dir().display()
+        );
+    }
+    Ok(0)
 }
 
 fn simple_call(path: &std::path::Path, req: &Request) -> Result<i32, Failure> {
@@ -274,13 +381,65 @@ pub fn run_migration(
     }
 }
 
+/// The control socket `blip migrate` talks to: `--api`, or the registered guest `--guest`.
+fn source_socket(a: &MigrateArgs) -> Result<std::path::PathBuf, Failure> {
+    match (&a.api, &a.guest) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(g)) => registry::list()
+            .into_iter()
+            .find(|e| &e.name == g)
+            .map(|e| e.api)
+            .ok_or_else(|| {
+                Failure(format!(
+                    "no guest named '{g}' is registered on this host (see blip list)"
+                ))
+            }),
+        (None, None) => Err(Failure("pass --api SOCKET or --guest NAME".into())),
+    }
+}
+
+/// Sends a cancel to the source blip at `api`.
+fn cancel(api: &std::path::Path) -> Result<i32, Failure> {
+    let last = api::call(api, &Request::Cancel, &mut |_| {})?;
+    match last["event"].as_str() {
+        Some("ok") => {
+            eprintln!(
+                "blip: {}",
+                last["message"].as_str().unwrap_or("cancel requested")
+            );
+            Ok(0)
+        }
+        _ => Err(Failure(
+            last["message"]
+                .as_str()
+                .unwrap_or("cancel failed")
+                .to_string(),
+        )),
+    }
+}
+
 fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
+    let api_path = source_socket(a)?;
+    if a.cancel {
+        return cancel(&api_path);
+    }
+    let to = a.to.clone().unwrap_or_default();
     let key = a.auth.resolve().map_err(Failure)?;
     if let Some(k) = &key {
         Key::load(k)?; // a bad key file is reported here, not by the source blip
     }
+    // Ctrl-C while migrating cancels the migration (the guest stays on the source).
+    let watcher_api = api_path.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::Relaxed) {
+            eprintln!("\nblip: cancelling the migration");
+            let _ = api::call(&watcher_api, &Request::Cancel, &mut |_| {});
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
     let options = Options {
-        to: a.to.clone(),
+        to: to.clone(),
         max_blackout_ns: a.max_blackout,
         streams: a.streams,
         max_precopy_ms: a.max_precopy_time / 1_000_000,
@@ -289,7 +448,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         key,
     };
     // Refuse a bad URL here, before bothering the running blip.
-    let _: blip_transport::tcp::Endpoint = a.to.parse()?;
+    let _: blip_transport::tcp::Endpoint = to.parse()?;
     let tty = std::io::stderr().is_terminal() && !a.json;
     let mut on_progress = |v: &serde_json::Value| {
         if v["event"] == "progress" && !a.json {
@@ -308,7 +467,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
             }
         }
     };
-    let report = run_migration(&a.api, options, &mut on_progress);
+    let report = run_migration(&api_path, options, &mut on_progress);
     if tty {
         eprintln!();
     }

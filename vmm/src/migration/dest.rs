@@ -207,6 +207,11 @@ fn receive_inner(
         }
     }
     let stream_auth = cfg.key.clone().map(|k| (k, src_nonce, dst_nonce));
+    let _slot = crate::registry::take_slot(crate::registry::Direction::Incoming).map_err(|n| {
+        MigrationError::Incompatible(format!(
+            "destination busy: it already receives {n} migrations (its limit)"
+        ))
+    })?;
     let offer = match read(control)?.msg {
         Message::Offer(o) => o,
         other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),

@@ -26,6 +26,7 @@
 pub mod dest;
 pub mod source;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use blip_transport::protocol::{self, ProtocolError};
@@ -37,6 +38,41 @@ use crate::dirty::DirtyError;
 use crate::memory::MemoryError;
 use crate::persist::PersistError;
 use crate::vm::VmError;
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Asks the running outgoing migration of this process to stop (it does at the next round
+/// boundary of pre-copy; once stop-and-copy began it completes). Returns whether one runs.
+pub fn request_cancel() -> bool {
+    let running = RUNNING.load(Ordering::Acquire);
+    if running {
+        CANCEL.store(true, Ordering::Release);
+    }
+    running
+}
+
+/// Marks an outgoing migration as running for its lifetime (cancel requests apply to it).
+pub(crate) struct Running;
+
+impl Running {
+    pub(crate) fn start() -> Running {
+        CANCEL.store(false, Ordering::Release);
+        RUNNING.store(true, Ordering::Release);
+        Running
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        CANCEL.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.store(false, Ordering::Release);
+        CANCEL.store(false, Ordering::Release);
+    }
+}
 
 /// Pages per Pages frame (1 MiB): large enough for the syscall cost to vanish, small enough to
 /// spread a round over several streams.
@@ -91,6 +127,10 @@ pub enum MigrationError {
     VerifyMismatch { src: u64, dst: u64 },
     #[error("a migration is already running")]
     Busy,
+    #[error("cancelled; the guest keeps running on the source")]
+    Cancelled,
+    #[error("{0} (limit {1} simultaneous migrations per direction; set BLIP_MAX_MIGRATIONS)")]
+    NoSlot(&'static str, u32),
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error(transparent)]

@@ -253,6 +253,13 @@ pub fn migrate(
         Endpoint::Tcp(a) => a.clone(),
         Endpoint::Rdma(_) => return Err(MigrationError::NoRdma),
     };
+    let running = super::Running::start();
+    let _slot = crate::registry::take_slot(crate::registry::Direction::Outgoing).map_err(|n| {
+        MigrationError::NoSlot(
+            "this host already runs its maximum of outgoing migrations",
+            n,
+        )
+    })?;
     let t_start = now_ns();
     let mut control =
         tcp::connect(&addr, Duration::from_secs(10)).map_err(|source| MigrationError::Connect {
@@ -266,7 +273,16 @@ pub fn migrate(
         tracking: false,
         senders: None,
     };
-    let result = migrate_inner(vm, opts, progress, &mut control, &addr, t_start, &mut run);
+    let result = migrate_inner(
+        vm,
+        opts,
+        progress,
+        &mut control,
+        &addr,
+        t_start,
+        &mut run,
+        &running,
+    );
     if let Err(e) = &result {
         if !run.committed {
             // Tell the destination (best effort), then give the guest back its CPUs.
@@ -377,6 +393,7 @@ fn migrate_inner(
     addr: &tcp::Address,
     t_start: u64,
     run: &mut Run_,
+    running: &super::Running,
 ) -> Result<Report, MigrationError> {
     // Handshake.
     let session = u64::from_le_bytes(random_bytes());
@@ -538,6 +555,9 @@ fn migrate_inner(
     let mut predicted;
     let stop_reason;
     loop {
+        if running.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
         let t_round = now_ns();
         let senders = run.senders.as_ref().ok_or(MigrationError::Busy)?;
         if round == 0 {
