@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::source::VERIFY_FLAG;
-use super::{cpu_fingerprint, host_id, random_bytes, MigrationError, PEER_TIMEOUT};
+use super::{cpu_fingerprint, host_id, peer_timeout, random_bytes, MigrationError};
 use crate::devices::now_ns;
 use crate::memory::{self, digest, Backing, GuestMem, PAGE_SIZE};
 use crate::persist::{self, piece_names, Caps};
@@ -72,7 +72,8 @@ pub fn receive(
         eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
     };
     tcp::tune(&control)?;
-    control.set_read_timeout(Some(PEER_TIMEOUT))?;
+    control.set_read_timeout(Some(peer_timeout()))?;
+    control.set_write_timeout(Some(peer_timeout()))?;
     let mut vm_slot: Option<Vm> = None;
     let r = receive_inner(listener, &mut control, cfg, &mut vm_slot);
     match r {
@@ -275,7 +276,7 @@ fn receive_inner(
                 }
                 let mut got = 0;
                 while done_round.iter().any(|r| r.is_none_or(|r| r < round)) {
-                    match streams.recv_timeout(PEER_TIMEOUT) {
+                    match streams.recv_timeout(peer_timeout()) {
                         Ok(Ok((i, r, p))) => {
                             done_round[i] = Some(r);
                             if r == round {
@@ -511,7 +512,7 @@ fn accept_streams(
                 }
                 c.set_nonblocking(false)?;
                 tcp::tune(&c)?;
-                c.set_read_timeout(Some(PEER_TIMEOUT))?;
+                c.set_read_timeout(Some(peer_timeout()))?;
                 match protocol::read_message(&mut c).map(|f| f.msg) {
                     Ok(Message::StreamHello { session: s, index })
                         if s == session

@@ -79,7 +79,14 @@ impl Drop for Running {
 pub const PAGES_PER_FRAME: u64 = 256;
 
 /// How long a peer may stay silent before the migration is abandoned.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// (`$BLIP_PEER_TIMEOUT_MS` overrides it: a shorter one for tests, a longer one for slow links.)
+pub fn peer_timeout() -> Duration {
+    std::env::var("BLIP_PEER_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+}
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]

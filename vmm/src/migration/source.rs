@@ -14,8 +14,8 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
-    cpu_fingerprint, host_id, random_bytes, MigrationError, OnTimeout, Options, Phases, Report,
-    RoundReport, PAGES_PER_FRAME, PEER_TIMEOUT,
+    cpu_fingerprint, host_id, peer_timeout, random_bytes, MigrationError, OnTimeout, Options,
+    Phases, Report, RoundReport, PAGES_PER_FRAME,
 };
 use crate::devices::now_ns;
 use crate::dirty::{split_runs, Rates, Run};
@@ -98,7 +98,7 @@ impl Senders {
         }
         let (mut pages, mut bytes) = (0, 0);
         for _ in &self.streams {
-            match self.results.recv_timeout(PEER_TIMEOUT) {
+            match self.results.recv_timeout(peer_timeout()) {
                 Ok(Ok((p, b))) => {
                     pages += p;
                     bytes += b;
@@ -266,7 +266,8 @@ pub fn migrate(
             addr: opts.to.clone(),
             source,
         })?;
-    control.set_read_timeout(Some(PEER_TIMEOUT))?;
+    control.set_read_timeout(Some(peer_timeout()))?;
+    control.set_write_timeout(Some(peer_timeout()))?;
     let mut run = Run_ {
         paused: false,
         committed: false,
@@ -516,6 +517,7 @@ fn migrate_inner(
                 source,
             }
         })?;
+        c.set_write_timeout(Some(peer_timeout()))?;
         protocol::write_message(&mut c, &Message::StreamHello { session, index })?;
         if let Some(k) = &key {
             let mac = k.prove(Proof::Stream(index), session, &src_nonce, &dst_nonce);

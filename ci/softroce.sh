@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Soft-RoCE two-host harness: boots two emulated hosts (QEMU TCG, Debian's kernel, an
+# initramfs built from Debian packages and the freshly built blip), joined by one virtio-net
+# wire, runs scenarios inside them and reports from their consoles.
+#
+#   ci/softroce.sh [--scenarios boot,rdma,kvm,migrate-tcp] [--keep] [--no-build]
+#                  [--blip FILE] [--timeout SECS]
+#
+# Scenarios: boot (modules, addresses, ping), rdma (rxe0 on both, ib_write_bw B <- A),
+# kvm (blip run --cmdline hello inside each host), migrate-tcp (a running dirty+heartbeat guest
+# from host A to host B over tcp://, then `blip check` on B). Default: all of them.
+# Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
+# (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
+# Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
+# Closing line: "N passed, N failed[, N skipped]"; exit 0 only if every scenario passed.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+. ci/env.sh
+. ci/softroce/image.sh
+
+SCENARIOS=boot,rdma,kvm,migrate-tcp
+KEEP=0
+BUILD=1
+BLIP=${BLIP_BIN:-}
+TIMEOUT=${BLIP_SOFTROCE_TIMEOUT:-900}
+GUEST_MEM=${BLIP_SOFTROCE_MEM:-1536M}
+SR_CACHE=${BLIP_SOFTROCE_CACHE:-${HOME:-/root}/.cache/blip-softroce}
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+while (($#)); do
+    case "$1" in
+        --scenarios) SCENARIOS=$2; shift 2 ;;
+        --scenarios=*) SCENARIOS=${1#*=}; shift ;;
+        --keep) KEEP=1; shift ;;
+        --no-build) BUILD=0; shift ;;
+        --blip) BLIP=$2; BUILD=0; shift 2 ;;
+        --timeout) TIMEOUT=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "ci/softroce.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+for s in ${SCENARIOS//,/ }; do
+    case "$s" in boot|rdma|kvm|migrate-tcp) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+done
+# migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
+case ",$SCENARIOS," in
+    *,migrate-tcp,*) case ",$SCENARIOS," in *,kvm,*) ;; *) SCENARIOS=${SCENARIOS/migrate-tcp/kvm,migrate-tcp} ;; esac ;;
+esac
+
+T_START=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+OUT_BASE=${BLIP_SOFTROCE_OUT:-$ROOT/target/softroce}
+RUN=$OUT_BASE/run-$(date +%Y%m%d-%H%M%S)-$$
+mkdir -p "$RUN" "$SR_CACHE"
+ln -sfn "$(basename "$RUN")" "$OUT_BASE/latest"
+
+# 1. What this machine needs: QEMU, busybox, kmod, and the userspace copied into the hosts.
+t=$(date +%s.%N)
+sr_setup_packages
+sr_log "host packages ready ($(elapsed "$t") s)"
+
+# 2. blip, freshly built.
+if [ -z "$BLIP" ]; then
+    BLIP=$ROOT/target/release/blip
+    if [ "$BUILD" = 1 ]; then
+        t=$(date +%s.%N)
+        cargo build --release --locked -p blip-vmm --bin blip
+        sr_log "blip built ($(elapsed "$t") s)"
+    fi
+fi
+[ -x "$BLIP" ] || { sr_log "no blip binary at $BLIP"; exit 2; }
+
+# 3. The image: cached kernel and base archive, this run's overlay.
+t=$(date +%s.%N)
+sr_kernel
+sr_base_image
+INITRD=$RUN/initrd.cpio
+sr_initrd "$BLIP" "$INITRD"
+KERNEL=$SR_KDIR/boot/vmlinuz-$SR_KVER
+sr_log "image ready: kernel $SR_KVER, initrd $(du -h "$INITRD" | cut -f1) ($(elapsed "$t") s)"
+
+# 4. Boot both hosts, joined by a socket netdev pair on 127.0.0.1.
+port=$((20000 + RANDOM % 20000))
+while ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; do port=$((20000 + RANDOM % 20000)); done
+
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    if [ "$KEEP" = 0 ]; then rm -f "$INITRD"; fi
+}
+trap cleanup EXIT
+
+boot_host() { # host mac netdev-option
+    qemu-system-x86_64 -name "softroce-$1" -accel tcg -cpu max -smp 1 -m "$GUEST_MEM" \
+        -nodefaults -no-reboot -display none -monitor none \
+        -serial "file:$RUN/console-$1.log" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 blip.host=$1 blip.scenarios=$SCENARIOS" \
+        -netdev "socket,id=n0,$3" -device "virtio-net-pci,netdev=n0,mac=$2,romfile=" \
+        >"$RUN/qemu-$1.log" 2>&1 &
+    PIDS+=($!)
+}
+T_BOOT=$(date +%s.%N)
+sr_log "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+sr_log "booting hosts a and b (wire 127.0.0.1:$port, logs in $RUN)"
+boot_host a 52:54:00:5b:00:01 "listen=127.0.0.1:$port"
+sleep 1
+boot_host b 52:54:00:5b:00:02 "connect=127.0.0.1:$port"
+
+# 5. Follow the consoles: print each scenario line as it appears, with the wall time.
+declare -A seen=()
+alive() { local p; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+follow() {
+    local h line
+    for h in a b; do
+        [ -f "$RUN/console-$h.log" ] || continue
+        if [ -z "${seen[init-$h]:-}" ] && grep -q "^SR\[$h .*init: host=" "$RUN/console-$h.log"; then
+            seen[init-$h]=1
+            sr_log "+$(elapsed "$T_BOOT")s host $h: init started"
+        fi
+        while IFS= read -r line; do
+            line=${line%$'\r'}
+            [ -z "${seen[$line]:-}" ] || continue
+            seen[$line]=1
+            sr_log "+$(elapsed "$T_BOOT")s $line"
+        done < <(grep -a -E '^(SCENARIO |SOFTROCE POWEROFF)' "$RUN/console-$h.log" || true)
+    done
+}
+deadline=$(($(date +%s) + TIMEOUT))
+timed_out=0
+while alive; do
+    follow
+    if (($(date +%s) >= deadline)); then
+        timed_out=1
+        sr_log "timeout after $TIMEOUT s: stopping the hosts"
+        break
+    fi
+    sleep 1
+done
+follow
+cleanup
+trap - EXIT
+sr_log "hosts finished after $(elapsed "$T_BOOT") s"
+for h in a b; do
+    if ! grep -q "^SOFTROCE POWEROFF host=$h" "$RUN/console-$h.log" 2>/dev/null; then
+        sr_log "host $h did not finish; last lines of its console and of QEMU:"
+        tail -n 15 "$RUN/console-$h.log" 2>/dev/null | sed "s/^/  console-$h: /" >&2 || true
+        tail -n 5 "$RUN/qemu-$h.log" 2>/dev/null | sed "s/^/  qemu-$h: /" >&2 || true
+    fi
+done
+
+# 6. Verdicts: a scenario passes when both hosts report PASS for it.
+for s in ${SCENARIOS//,/ }; do
+    verdict=PASS why=""
+    for h in a b; do
+        line=$(grep -a -E "^SCENARIO $s [A-Z]+ host=$h( |$)" "$RUN/console-$h.log" 2>/dev/null |
+            tail -1 | tr -d '\r' || true)
+        v=$(echo "$line" | awk '{ print $3 }')
+        case "$v" in
+            PASS) ;;
+            SKIP) [ "$verdict" = FAIL ] || verdict=SKIP ;;
+            FAIL) verdict=FAIL ;;
+            *) verdict=FAIL; line="no result from host $h" ;;
+        esac
+        why="$why${why:+; }${line#SCENARIO $s }"
+    done
+    echo "$verdict $s ($why)"
+done | tee "$RUN/summary.txt"
+passed=$(grep -c '^PASS ' "$RUN/summary.txt" || true)
+failed=$(grep -c '^FAIL ' "$RUN/summary.txt" || true)
+skipped=$(grep -c '^SKIP ' "$RUN/summary.txt" || true)
+[ "$timed_out" = 0 ] || echo "(the run hit its $TIMEOUT s timeout)"
+echo "logs: $RUN/console-a.log $RUN/console-b.log (qemu: $RUN/qemu-a.log $RUN/qemu-b.log)"
+[ "$KEEP" = 0 ] || echo "kept: $INITRD (kernel $KERNEL)"
+echo "total $(elapsed "$T_START") s"
+if ((skipped)); then
+    echo "softroce: $passed passed, $failed failed, $skipped skipped"
+else
+    echo "softroce: $passed passed, $failed failed"
+fi
+((failed == 0 && skipped == 0 && timed_out == 0))
