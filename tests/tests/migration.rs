@@ -644,3 +644,88 @@ fn allow_list_turns_away_other_peers() {
     );
     assert_alive_then_check(&mut a);
 }
+
+#[test]
+fn a_stalled_destination_times_out_and_the_source_keeps_its_guest() {
+    let dir = scratch("mig-stall");
+    let mut a = Bg::start(
+        &dir,
+        "a",
+        &["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST, "--serial", "stdout"],
+        &[("BLIP_PEER_TIMEOUT_MS", "2000")],
+    );
+    a.wait_api();
+    let (mut b, url) = receiver(&dir, "b", &[("BLIP_FAULT", "dest-precopy:sleep=15000")]);
+    let o = migrate(&a, &url, &["--max-blackout", "1ns", "--max-precopy-time", "60s"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(err.contains("timed out") || err.contains("Resource temporarily unavailable") || err.contains("would block"), "{err}");
+    assert!(a.alive());
+    let _ = b.child.kill();
+    assert_alive_then_check(&mut a);
+}
+
+#[test]
+fn link_down_between_namespaces_mid_precopy() {
+    let id = std::process::id() % 10000 + 1;
+    let (na, nb) = (format!("blipLA{id}"), format!("blipLB{id}"));
+    let _guard = Namespaces(vec![na.clone(), nb.clone()]);
+    let (va, vb) = (format!("lva{id}"), format!("lvb{id}"));
+    assert!(netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]));
+    assert!(netns(&["link", "add", &va, "type", "veth", "peer", "name", &vb]));
+    assert!(netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb]));
+    assert!(netns(&["-n", &na, "addr", "add", "10.78.0.1/24", "dev", &va]));
+    assert!(netns(&["-n", &nb, "addr", "add", "10.78.0.2/24", "dev", &vb]));
+    for (n, v) in [(&na, &va), (&nb, &vb)] {
+        assert!(netns(&["-n", n, "link", "set", v, "up"]) && netns(&["-n", n, "link", "set", "lo", "up"]));
+    }
+    let dir = scratch("mig-linkdown");
+    let k = key(&dir);
+    // The source runs in namespace A with a short peer timeout.
+    let api = dir.join("a.sock");
+    let out = std::fs::File::create(dir.join("a.out")).unwrap();
+    let err = std::fs::File::create(dir.join("a.err")).unwrap();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &na, "env", "BLIP_PEER_TIMEOUT_MS=10000"])
+        .arg(blip_tests::blip_bin())
+        .args(["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST, "--serial", "stdout", "--api"])
+        .arg(&api)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let mut a = Bg { child, dir: dir.clone(), name: "a".into(), api };
+    a.wait_api();
+    // The destination lingers 5 s in round 1 (a debug-build fault point), so the link goes
+    // down while the migration is surely in pre-copy; its late answer is lost on the dead link
+    // and the source's 10 s peer timeout fires.
+    let out = std::fs::File::create(dir.join("b.out")).unwrap();
+    let err = std::fs::File::create(dir.join("b.err")).unwrap();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &nb, "env", "BLIP_FAULT=dest-precopy:sleep=5000"])
+        .arg(blip_tests::blip_bin())
+        .args(["receive", "--listen", "tcp://10.78.0.2:7778", "--key", &k, "--api"])
+        .arg(dir.join("b.sock"))
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let mut b = Bg { child, dir: dir.clone(), name: "b".into(), api: dir.join("b.sock") };
+    b.wait_stderr("waiting for an incoming migration");
+    let mig = {
+        let (api, k) = (a.api.to_str().unwrap().to_string(), k.clone());
+        std::thread::spawn(move || {
+            blip(&["migrate", "--api", &api, "--to", "tcp://10.78.0.2:7778", "--key", &k, "--max-blackout", "1ns", "--max-precopy-time", "60s"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(3000));
+    assert!(netns(&["-n", &nb, "link", "set", &vb, "down"]), "set the link down");
+    let o = mig.join().unwrap();
+    assert!(!o.status.success(), "the migration must fail when the link is down: {}", String::from_utf8_lossy(&o.stdout).chars().take(3000).collect::<String>());
+    assert!(a.alive(), "{}", a.stderr());
+    assert!(a.stderr().contains("the guest keeps running here"), "{}", a.stderr());
+    assert!(!b.stdout().contains("check"), "the destination never ran the guest");
+    assert_alive_then_check(&mut a);
+}

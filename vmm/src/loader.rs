@@ -154,7 +154,7 @@ impl Image {
         for i in 0..phnum {
             let o = phoff
                 .checked_add(i * phentsize)
-                .filter(|o| o + 56 <= b.len())
+                .filter(|o| o.checked_add(56).is_some_and(|e| e <= b.len()))
                 .ok_or(LoaderError::Corrupt)?;
             let word = |off: usize| {
                 u64::from_le_bytes(b[o + off..o + off + 8].try_into().unwrap_or_default())
@@ -311,6 +311,20 @@ mod tests {
         h[56] = 4; // four program headers past the end of the file
         h[32] = 64;
         assert!(matches!(img(&h).check(), Err(LoaderError::Corrupt)));
+    }
+
+    #[test]
+    fn program_header_offset_near_the_top_is_refused() {
+        // Found by the elf_loader fuzz target: e_phoff = u64::MAX used to overflow.
+        let hex = concat!(
+            "7f454c4602010101000000000000000002003e000100000000001000007fffff",
+            "ffffffffffffffffffffffffff000000ffffff454c46020101a0000008005000"
+        );
+        let b: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(b.len(), 64);
+        assert!(matches!(img(&b).check(), Err(LoaderError::Corrupt)));
     }
 
     #[test]

@@ -777,7 +777,8 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
         }
     }
     let h = parse_header(&head[..got])?;
-    let mut payload = Vec::with_capacity(h.len as usize);
+    // Grow with the bytes that actually arrive: a lying length costs nothing up front.
+    let mut payload = Vec::with_capacity((h.len as usize).min(1 << 20));
     let read = r
         .take(h.len)
         .read_to_end(&mut payload)
