@@ -651,15 +651,34 @@ fn a_stalled_destination_times_out_and_the_source_keeps_its_guest() {
     let mut a = Bg::start(
         &dir,
         "a",
-        &["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST, "--serial", "stdout"],
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+        ],
         &[("BLIP_PEER_TIMEOUT_MS", "2000")],
     );
     a.wait_api();
     let (mut b, url) = receiver(&dir, "b", &[("BLIP_FAULT", "dest-precopy:sleep=15000")]);
-    let o = migrate(&a, &url, &["--max-blackout", "1ns", "--max-precopy-time", "60s"]);
+    let o = migrate(
+        &a,
+        &url,
+        &["--max-blackout", "1ns", "--max-precopy-time", "60s"],
+    );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success());
-    assert!(err.contains("timed out") || err.contains("Resource temporarily unavailable") || err.contains("would block"), "{err}");
+    assert!(
+        err.contains("timed out")
+            || err.contains("Resource temporarily unavailable")
+            || err.contains("would block"),
+        "{err}"
+    );
     assert!(a.alive());
     let _ = b.child.kill();
     assert_alive_then_check(&mut a);
@@ -672,12 +691,35 @@ fn link_down_between_namespaces_mid_precopy() {
     let _guard = Namespaces(vec![na.clone(), nb.clone()]);
     let (va, vb) = (format!("lva{id}"), format!("lvb{id}"));
     assert!(netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]));
-    assert!(netns(&["link", "add", &va, "type", "veth", "peer", "name", &vb]));
-    assert!(netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb]));
-    assert!(netns(&["-n", &na, "addr", "add", "10.78.0.1/24", "dev", &va]));
-    assert!(netns(&["-n", &nb, "addr", "add", "10.78.0.2/24", "dev", &vb]));
+    assert!(netns(&[
+        "link", "add", &va, "type", "veth", "peer", "name", &vb
+    ]));
+    assert!(
+        netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb])
+    );
+    assert!(netns(&[
+        "-n",
+        &na,
+        "addr",
+        "add",
+        "10.78.0.1/24",
+        "dev",
+        &va
+    ]));
+    assert!(netns(&[
+        "-n",
+        &nb,
+        "addr",
+        "add",
+        "10.78.0.2/24",
+        "dev",
+        &vb
+    ]));
     for (n, v) in [(&na, &va), (&nb, &vb)] {
-        assert!(netns(&["-n", n, "link", "set", v, "up"]) && netns(&["-n", n, "link", "set", "lo", "up"]));
+        assert!(
+            netns(&["-n", n, "link", "set", v, "up"])
+                && netns(&["-n", n, "link", "set", "lo", "up"])
+        );
     }
     let dir = scratch("mig-linkdown");
     let k = key(&dir);
@@ -688,13 +730,29 @@ fn link_down_between_namespaces_mid_precopy() {
     let child = std::process::Command::new("ip")
         .args(["netns", "exec", &na, "env", "BLIP_PEER_TIMEOUT_MS=10000"])
         .arg(blip_tests::blip_bin())
-        .args(["run", "--vcpus", "2", "--mem", "32M", "--cmdline", GUEST, "--serial", "stdout", "--api"])
+        .args([
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+            "--api",
+        ])
         .arg(&api)
         .stdout(out)
         .stderr(err)
         .spawn()
         .unwrap();
-    let mut a = Bg { child, dir: dir.clone(), name: "a".into(), api };
+    let mut a = Bg {
+        child,
+        dir: dir.clone(),
+        name: "a".into(),
+        api,
+    };
     a.wait_api();
     // The destination lingers 5 s in round 1 (a debug-build fault point), so the link goes
     // down while the migration is surely in pre-copy; its late answer is lost on the dead link
@@ -702,30 +760,131 @@ fn link_down_between_namespaces_mid_precopy() {
     let out = std::fs::File::create(dir.join("b.out")).unwrap();
     let err = std::fs::File::create(dir.join("b.err")).unwrap();
     let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &nb, "env", "BLIP_FAULT=dest-precopy:sleep=5000"])
+        .args([
+            "netns",
+            "exec",
+            &nb,
+            "env",
+            "BLIP_FAULT=dest-precopy:sleep=5000",
+        ])
         .arg(blip_tests::blip_bin())
-        .args(["receive", "--listen", "tcp://10.78.0.2:7778", "--key", &k, "--api"])
+        .args([
+            "receive",
+            "--listen",
+            "tcp://10.78.0.2:7778",
+            "--key",
+            &k,
+            "--api",
+        ])
         .arg(dir.join("b.sock"))
         .stdout(out)
         .stderr(err)
         .spawn()
         .unwrap();
-    let mut b = Bg { child, dir: dir.clone(), name: "b".into(), api: dir.join("b.sock") };
+    let mut b = Bg {
+        child,
+        dir: dir.clone(),
+        name: "b".into(),
+        api: dir.join("b.sock"),
+    };
     b.wait_stderr("waiting for an incoming migration");
     let mig = {
         let (api, k) = (a.api.to_str().unwrap().to_string(), k.clone());
         std::thread::spawn(move || {
-            blip(&["migrate", "--api", &api, "--to", "tcp://10.78.0.2:7778", "--key", &k, "--max-blackout", "1ns", "--max-precopy-time", "60s"])
-                .output()
-                .unwrap()
+            blip(&[
+                "migrate",
+                "--api",
+                &api,
+                "--to",
+                "tcp://10.78.0.2:7778",
+                "--key",
+                &k,
+                "--max-blackout",
+                "1ns",
+                "--max-precopy-time",
+                "60s",
+            ])
+            .output()
+            .unwrap()
         })
     };
     std::thread::sleep(Duration::from_millis(3000));
-    assert!(netns(&["-n", &nb, "link", "set", &vb, "down"]), "set the link down");
+    assert!(
+        netns(&["-n", &nb, "link", "set", &vb, "down"]),
+        "set the link down"
+    );
     let o = mig.join().unwrap();
-    assert!(!o.status.success(), "the migration must fail when the link is down: {}", String::from_utf8_lossy(&o.stdout).chars().take(3000).collect::<String>());
+    assert!(
+        !o.status.success(),
+        "the migration must fail when the link is down: {}",
+        String::from_utf8_lossy(&o.stdout)
+            .chars()
+            .take(3000)
+            .collect::<String>()
+    );
     assert!(a.alive(), "{}", a.stderr());
-    assert!(a.stderr().contains("the guest keeps running here"), "{}", a.stderr());
-    assert!(!b.stdout().contains("check"), "the destination never ran the guest");
+    assert!(
+        a.stderr().contains("the guest keeps running here"),
+        "{}",
+        a.stderr()
+    );
+    assert!(
+        !b.stdout().contains("check"),
+        "the destination never ran the guest"
+    );
     assert_alive_then_check(&mut a);
+}
+
+#[test]
+fn destination_never_writes_outside_guest_memory() {
+    // A man in the middle (authenticated peers cannot do this; --insecure ones could) relays a
+    // real source's handshake to a real destination, then injects pages far outside guest
+    // memory, on a data stream and as a final batch: the destination refuses with a clear
+    // error and runs nothing; the source keeps its guest.
+    for how in ["stream", "batch"] {
+        let dir = scratch(&format!("mig-oob-{how}"));
+        let (mut b, url) = insecure_receiver(&dir, "b");
+        let mut a = source(&dir, "a");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = format!("tcp://{}", l.local_addr().unwrap());
+        let dst = url.trim_start_matches("tcp://").to_string();
+        let batch = how == "batch";
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut d = std::net::TcpStream::connect(&dst).unwrap();
+            let relay = |from: &mut std::net::TcpStream, to: &mut std::net::TcpStream| {
+                let m = protocol::read_message(from).unwrap().msg;
+                protocol::write_message(to, &m).unwrap();
+            };
+            relay(&mut s, &mut d); // Hello
+            relay(&mut d, &mut s); // Hello
+            relay(&mut s, &mut d); // Offer
+            relay(&mut d, &mut s); // Accept
+            let (mut st, _) = l.accept().unwrap(); // the source's data stream
+            let hello = protocol::read_message(&mut st).unwrap().msg;
+            let mut ds = std::net::TcpStream::connect(&dst).unwrap();
+            protocol::write_message(&mut ds, &hello).unwrap();
+            let page = [0xEEu8; 4096];
+            if batch {
+                let bad = Message::PageBatch {
+                    runs: vec![(1 << 40, 1)],
+                    data: page.to_vec(),
+                };
+                let _ = protocol::write_message(&mut d, &bad);
+            } else {
+                let _ = protocol::write_pages(&mut ds, 1 << 40, &[std::io::IoSlice::new(&page)]);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let o = migrate(&a, &proxy, &["--insecure"]);
+        assert!(!o.status.success());
+        assert_eq!(b.wait(), Some(2), "{how}: {}", b.stderr());
+        assert!(
+            b.stderr().contains("outside guest memory"),
+            "{how}: {}",
+            b.stderr()
+        );
+        assert!(b.stdout().trim().is_empty(), "no guest ran");
+        assert_alive_then_check(&mut a);
+    }
 }

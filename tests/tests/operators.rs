@@ -328,3 +328,66 @@ fn host_limit_refuses_migrations_beyond_it() {
     let _ = long.join();
     let _ = r1.alive();
 }
+
+#[test]
+fn drain_three_guests_one_destination_killed_midway() {
+    let dir = scratch("op-drain3");
+    let (a, b) = (host_dir(&dir, "a"), host_dir(&dir, "b"));
+    let key = key_file(&dir, "k");
+    let k = key.to_str().unwrap();
+    let mut guests: Vec<_> = ["g-1", "g-2", "g-3"]
+        .iter()
+        .map(|n| guest(&dir, &a, n))
+        .collect();
+    let mut urls = Vec::new();
+    let mut rx = Vec::new();
+    for i in 0..3 {
+        // The third destination dies in the middle of its migration (a debug-build fault point).
+        let env: Vec<(&str, &str)> = if i == 2 {
+            vec![("BLIP_RUN_DIR", &b), ("BLIP_FAULT", "dest-state:kill")]
+        } else {
+            vec![("BLIP_RUN_DIR", &b)]
+        };
+        let mut r = Bg::start(
+            &dir,
+            &format!("rx{i}"),
+            &["receive", "--listen", "tcp://127.0.0.1:0", "--key", k],
+            &env,
+        );
+        urls.push(listen_url(&mut r));
+        rx.push(r);
+    }
+    let o = blip_on(
+        &a,
+        &[
+            "drain",
+            "--to",
+            &urls[0],
+            "--to",
+            &urls[1],
+            "--to",
+            &urls[2],
+            "--parallel",
+            "2",
+            "--key",
+            k,
+            "--max-blackout",
+            "5ms",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "one guest could not leave: {err}");
+    assert!(err.contains("still running here: g-3"), "{err}");
+    let left: Vec<_> = listed(&a)
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, ["g-3"], "only the guest whose destination died stays");
+    assert_eq!(guests[0].wait().unwrap().code(), Some(0));
+    assert_eq!(guests[1].wait().unwrap().code(), Some(0));
+    assert!(
+        guests[2].try_wait().unwrap().is_none(),
+        "g-3 keeps running on the source"
+    );
+    let _ = guests[2].kill();
+}

@@ -8,6 +8,7 @@
 //! | `{"cmd":"check"}` | one `{"event":"ok"}`; the guest then checks its memory and exits |
 //! | `{"cmd":"cancel"}` | one `{"event":"ok"}` (a running migration stops in pre-copy) or an error |
 //! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines, then `{"event":"done","report":{...}}` or `{"event":"error","message":"..."}` |
+//! | `{"cmd":"snapshot","path":"/abs/file","stop":false}` | one `{"event":"done","snapshot":{...}}` or an error (see [`crate::snapshot`]) |
 //!
 //! The socket thread only parses and forwards: requests reach the thread that owns the VM as
 //! [`ApiRequest`]s, so nothing about the VM is shared with the API.
@@ -36,6 +37,12 @@ pub enum Request {
     /// Stop the running migration (pre-copy only); answered by the socket thread itself,
     /// since the VM thread is busy migrating.
     Cancel,
+    /// Pause, write a snapshot to `path` (absolute), then resume the guest or (`stop`) exit.
+    Snapshot {
+        path: PathBuf,
+        #[serde(default)]
+        stop: bool,
+    },
 }
 
 /// A request with the channel its replies go to (one JSON value per line).

@@ -45,6 +45,10 @@ pub enum Cmd {
         #[arg(long, value_name = "SOCKET")]
         api: PathBuf,
     },
+    /// Pause a running blip's guest, write it to a snapshot file, then resume it (or stop it).
+    Snapshot(SnapshotArgs),
+    /// Run a guest from a snapshot file (as `blip run` would run it).
+    Restore(RestoreArgs),
     /// Boot the embedded guest and live-migrate it back and forth between local blip
     /// processes, printing the blackout of each migration.
     Demo(DemoArgs),
@@ -244,6 +248,47 @@ pub struct DemoArgs {
     /// Blackout target per migration.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,
+    /// Compare memory digests at every hop (adds the hashing to each blackout).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `blip snapshot`.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    /// Control socket of the running blip.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: PathBuf,
+    /// Snapshot file to write (replaced atomically: FILE.tmp, fsync, rename).
+    pub file: PathBuf,
+    /// Stop the guest once the snapshot is on disk (the blip exits 0) instead of resuming it.
+    #[arg(long)]
+    pub stop: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blip restore`.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Snapshot file written by `blip snapshot`.
+    pub file: PathBuf,
+    /// Where COM1 output goes: stdout, none, or a file path.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    pub serial: Serial,
+    /// How guest RAM is backed.
+    #[arg(long, value_enum, default_value = "anon")]
+    pub mem_backing: Backing,
+    #[command(flatten)]
+    pub dirty: DirtyArgs,
+    /// Serve the control API on this Unix socket (default: the guest's socket in the run
+    /// directory).
+    #[arg(long, value_name = "SOCKET")]
+    pub api: Option<PathBuf>,
+    /// Name of the restored guest in this host's registry.
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// COM1 sink.

@@ -188,10 +188,15 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             on_timeout: OnTimeout::Go,
             // The guest's own check at the end proves memory; digests would add ~10 ms of
             // hashing to every blackout (`blip migrate --verify` does them).
-            verify: false,
+            verify: a.verify,
             key: Some(key.clone()),
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
+        if a.verify && r.verified != Some(true) {
+            return Err(Failure(format!(
+                "hop {i}: memory digests were not verified"
+            )));
+        }
         // The source exits 0 once its guest lives on elsewhere.
         let st = cur
             .child

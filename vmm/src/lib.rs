@@ -15,5 +15,6 @@ pub mod memory;
 pub mod migration;
 pub mod persist;
 pub mod registry;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -66,6 +66,8 @@ fn main() -> ExitCode {
         Cmd::List { json } => list(json),
         Cmd::Drain(args) => drain::drain(&args, &STOP),
         Cmd::Check { api } => simple_call(&api, &Request::Check),
+        Cmd::Snapshot(args) => snapshot(&args),
+        Cmd::Restore(args) => restore(args),
         Cmd::Demo(args) => demo::demo(&args, &STOP),
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
             .map(|_| 0)
@@ -223,6 +225,41 @@ fn serve_vm(
                         Ok(()) => serde_json::json!({"event": "ok"}),
                         Err(e) => serde_json::json!({"event": "error", "message": error_chain(&e)}),
                     });
+                }
+                Request::Snapshot { ref path, stop } => {
+                    match blip_vmm::snapshot::save(&mut vm, path, stop) {
+                        Ok(saved) => {
+                            let _ = req
+                                .reply
+                                .send(serde_json::json!({"event": "done", "snapshot": saved}));
+                            if stop {
+                                eprintln!(
+                                    "blip: snapshot written to {}; guest stopped",
+                                    path.display()
+                                );
+                                drop(req);
+                                vm.shutdown();
+                                report_heartbeats(&vm);
+                                server.drain(Duration::from_secs(5));
+                                return Ok(0);
+                            }
+                            eprintln!(
+                                "blip: snapshot written to {} (guest paused {:.1} ms)",
+                                path.display(),
+                                saved.pause_ns as f64 / 1e6
+                            );
+                        }
+                        Err(e) => {
+                            let msg = error_chain(&e);
+                            eprintln!(
+                                "blip: snapshot to {} failed: {msg}; the guest keeps running",
+                                path.display()
+                            );
+                            let _ = req
+                                .reply
+                                .send(serde_json::json!({"event": "error", "message": msg}));
+                        }
+                    }
                 }
                 Request::Cancel => {
                     let _ = req.reply.send(
@@ -577,4 +614,79 @@ fn report_heartbeats(vm: &Vm) {
         gap as f64 / 1e3,
         beats.len()
     );
+}
+
+/// `blip snapshot`: asks the running blip to write its guest to a file.
+fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
+    // The running blip may have another working directory.
+    let path = std::path::absolute(&a.file)
+        .map_err(|e| Failure(format!("bad snapshot path {}: {e}", a.file.display())))?;
+    let req = Request::Snapshot {
+        path: path.clone(),
+        stop: a.stop,
+    };
+    let last = api::call(&a.api, &req, &mut |_| {})?;
+    if last["event"] != "done" {
+        return Err(Failure(format!(
+            "snapshot failed: {}",
+            last["message"].as_str().unwrap_or("unknown error")
+        )));
+    }
+    let s = &last["snapshot"];
+    if a.json {
+        println!("{s}");
+        return Ok(0);
+    }
+    let ms = |k: &str| s[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    let guest = if a.stop {
+        format!(
+            "guest stopped (writing took {:.1} ms, fsync {:.1} ms)",
+            ms("write_ns"),
+            ms("sync_ns")
+        )
+    } else {
+        format!(
+            "guest paused {:.1} ms (writing {:.1} ms), fsync {:.1} ms after resume",
+            ms("pause_ns"),
+            ms("write_ns"),
+            ms("sync_ns")
+        )
+    };
+    println!(
+        "snapshot written to {}: {:.1} MiB, {} pages, state {} bytes; {guest}",
+        path.display(),
+        s["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+        s["pages"],
+        s["state_bytes"]
+    );
+    Ok(0)
+}
+
+/// `blip restore`: runs a guest from a snapshot file, then behaves like `blip run`.
+fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
+    use blip_vmm::snapshot;
+    let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
+    let cfg = snapshot::RestoreConfig {
+        backing: a.mem_backing,
+        serial: serial_sink(&a.serial)?,
+        dirty: a.dirty.config(),
+    };
+    let (mut vm, r) = snapshot::load(&a.file, cfg).map_err(|e| {
+        Failure(format!(
+            "cannot restore {}: {}",
+            a.file.display(),
+            error_chain(&e)
+        ))
+    })?;
+    let reg = register(&vm, &server, &name);
+    vm.resume_all()?;
+    eprintln!(
+        "blip: guest restored from {} ({} MiB, {} vCPU(s), {} pages, loaded in {:.1} ms); running",
+        a.file.display(),
+        r.mem_size >> 20,
+        r.vcpus,
+        r.pages,
+        r.load_ns as f64 / 1e6
+    );
+    serve_vm(vm, server, reg)
 }

@@ -260,13 +260,25 @@ fn receive_inner(
         &mem,
         stream_auth.as_ref(),
         &cfg.allow,
+        control,
     )?;
     let mut done_round: Vec<Option<u32>> = vec![None; offer.streams as usize];
     let mut inc = Incoming::default();
     let mut scratch = vec![0u8; 1 << 20];
     let verify = offer.state_pieces & VERIFY_FLAG != 0;
     loop {
-        let f = read(control)?;
+        let f = match read(control) {
+            Ok(f) => f,
+            Err(e) => {
+                // A data stream that failed shuts the control socket down: report its error.
+                while let Ok(news) = streams.try_recv() {
+                    if let Err(se) = news {
+                        return Err(MigrationError::Stream(Box::new(se)));
+                    }
+                }
+                return Err(e);
+            }
+        };
         match f.msg {
             Message::RoundEnd { round, pages } => {
                 if round == 1 && crate::fault::point("dest-precopy") == crate::fault::Fault::Drop {
@@ -499,6 +511,7 @@ fn accept_streams(
     mem: &GuestMem,
     auth: Option<&(Key, [u8; 32], [u8; 32])>,
     allow: &[Cidr],
+    control: &TcpStream,
 ) -> Result<Receiver<StreamNews>, MigrationError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     listener.set_nonblocking(true)?;
@@ -523,9 +536,10 @@ fn accept_streams(
                         seen[index as usize] = true;
                         let mem = mem.clone();
                         let tx: Sender<StreamNews> = tx.clone();
+                        let ctl = control.try_clone().ok();
                         std::thread::Builder::new()
                             .name(format!("mig-recv{index}"))
-                            .spawn(move || receiver(c, index as usize, mem, tx))?;
+                            .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
                     }
                     // Not one of this session's streams: drop it.
                     _ => {}
@@ -548,7 +562,13 @@ fn accept_streams(
     Ok(rx)
 }
 
-fn receiver(mut conn: TcpStream, index: usize, mem: GuestMem, news: Sender<StreamNews>) {
+fn receiver(
+    mut conn: TcpStream,
+    index: usize,
+    mem: GuestMem,
+    news: Sender<StreamNews>,
+    control: Option<TcpStream>,
+) {
     let mut scratch = vec![0u8; 1 << 20];
     loop {
         let r = match protocol::read_message(&mut conn) {
@@ -575,6 +595,10 @@ fn receiver(mut conn: TcpStream, index: usize, mem: GuestMem, news: Sender<Strea
         };
         if let Err(e) = r {
             let _ = news.send(Err(e));
+            // Wake the control loop now rather than at the next round boundary.
+            if let Some(c) = &control {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
             return;
         }
     }

@@ -1,0 +1,297 @@
+//! Snapshot and restore end to end: real `blip run`, `blip snapshot` and `blip restore`
+//! processes on the real /dev/kvm. A snapshot of a running guest restores into a new process
+//! whose guest continues (heartbeats above the snapshot's counter) and passes its memory check;
+//! the original keeps running (or, with `--stop`, exits 0); a truncated, damaged, foreign or
+//! other-version file is refused with one line and no guest runs; a snapshot that cannot be
+//! written leaves the guest running.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blip_tests::{blip, scratch, stderr, stdout, Bg};
+
+const GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
+
+fn source(dir: &Path, name: &str) -> Bg {
+    let mut s = Bg::start(
+        dir,
+        name,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+        ],
+        &[],
+    );
+    s.wait_api();
+    s
+}
+
+/// Waits until the guest's heartbeat counter is above `floor`; returns it.
+fn heartbeat_above(b: &mut Bg, floor: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let h = b.last_heartbeat();
+        if h > floor {
+            return h;
+        }
+        if let Ok(Some(st)) = b.child.try_wait() {
+            panic!("{} exited ({st}): {}", b.name, b.stderr());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}: heartbeats never passed {floor} (last {h}): {}",
+            b.name,
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Has the guest check its memory and exit; asserts exit 0 and "check: ok".
+fn check_and_exit(b: &mut Bg) {
+    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "check request: {}", stderr(&o));
+    assert_eq!(b.wait(), Some(0), "{} exit; stderr: {}", b.name, b.stderr());
+    assert!(
+        b.stdout().contains("check: ok"),
+        "{} memory check: {}",
+        b.name,
+        b.stdout()
+    );
+}
+
+fn snapshot(src: &Bg, file: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "snapshot",
+        "--api",
+        src.api.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    blip(&args).output().expect("blip snapshot")
+}
+
+fn restore(dir: &Path, name: &str, file: &Path) -> Bg {
+    let mut r = Bg::start(
+        dir,
+        name,
+        &["restore", file.to_str().unwrap(), "--serial", "stdout"],
+        &[],
+    );
+    r.wait_api();
+    r
+}
+
+/// `blip restore` of a bad file: exit 2, one line naming `why`, no guest ran.
+fn assert_refused(dir: &Path, file: &Path, why: &str) {
+    let api = dir.join("refused.sock");
+    let o = blip(&[
+        "restore",
+        file.to_str().unwrap(),
+        "--serial",
+        "stdout",
+        "--api",
+        api.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{}: {err}", file.display());
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(why),
+        "{}: expected {why:?} in {err}",
+        file.display()
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(stdout(&o).is_empty(), "a guest ran: {}", stdout(&o));
+    assert!(!api.exists(), "control socket left behind");
+}
+
+#[test]
+fn snapshot_restore_continues_the_guest_and_the_original_keeps_running() {
+    let dir = scratch("snap-live");
+    let mut src = source(&dir, "src");
+    heartbeat_above(&mut src, 20);
+    let before = src.last_heartbeat();
+    let file = dir.join("guest.snap");
+    let o = snapshot(&src, &file, &[]);
+    assert!(o.status.success(), "snapshot: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("snapshot written to"), "{out}");
+    assert!(out.contains("pages") && out.contains("paused"), "{out}");
+    assert!(file.exists() && !dir.join("guest.snap.tmp").exists());
+    eprintln!("{out}");
+
+    // The original keeps running.
+    let after = src.last_heartbeat();
+    heartbeat_above(&mut src, after);
+
+    // The restored guest continues from the snapshot's counter, not from zero.
+    let mut r = restore(&dir, "restored", &file);
+    assert!(r.stderr().contains("guest restored from"), "{}", r.stderr());
+    let first = heartbeat_above(&mut r, 0);
+    assert!(
+        first > before,
+        "restored guest's heartbeat {first} is not above the snapshot's {before}"
+    );
+    heartbeat_above(&mut r, first);
+    check_and_exit(&mut r);
+    check_and_exit(&mut src);
+}
+
+#[test]
+fn snapshot_stop_exits_and_damaged_files_are_refused() {
+    let dir = scratch("snap-stop");
+    let mut src = source(&dir, "src");
+    heartbeat_above(&mut src, 20);
+    let file = dir.join("guest.snap");
+    let o = snapshot(&src, &file, &["--stop"]);
+    assert!(o.status.success(), "snapshot --stop: {}", stderr(&o));
+    assert!(stdout(&o).contains("guest stopped"), "{}", stdout(&o));
+    assert_eq!(src.wait(), Some(0), "source: {}", src.stderr());
+    // The source's last heartbeat counter (it prints it as it stops).
+    let err = src.stderr();
+    let last: u64 = err
+        .split("last counter ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no heartbeat line: {err}"));
+
+    let bytes = std::fs::read(&file).unwrap();
+    let len = bytes.len();
+    let bad = |name: &str, content: &[u8]| -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    };
+
+    // Truncated: empty, inside the header, right after it, inside a page frame, inside the
+    // state, just before and inside the end marker.
+    for cut in [
+        0,
+        5,
+        20,
+        32,
+        40,
+        1000,
+        len / 2,
+        len - 1000,
+        len - 28,
+        len - 1,
+    ] {
+        let p = bad(&format!("cut-{cut}.snap"), &bytes[..cut]);
+        assert_refused(&dir, &p, "snapshot is truncated");
+    }
+    // A flipped byte in the first page frame's run table and in page data.
+    for at in [32 + 16 + 6, 32 + 16 + 4 + 12 + 4096 * 3 + 7, len / 2] {
+        let mut c = bytes.clone();
+        c[at] ^= 0x10;
+        let p = bad(&format!("flip-{at}.snap"), &c);
+        assert_refused(&dir, &p, "snapshot is corrupt");
+    }
+    // Trailing bytes after the end marker.
+    let mut t = bytes.clone();
+    t.extend_from_slice(b"more");
+    assert_refused(&dir, &bad("trailing.snap", &t), "snapshot is corrupt");
+    // Foreign files.
+    assert_refused(
+        &dir,
+        &bad("script.snap", b"#!/bin/sh\necho not a snapshot\n"),
+        "not a blip snapshot",
+    );
+    let o = blip(&["guest-image", dir.join("guest.elf").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_refused(&dir, &dir.join("guest.elf"), "not a blip snapshot");
+    // Another format version.
+    let mut v = bytes.clone();
+    v[8..12].copy_from_slice(&2u32.to_le_bytes());
+    assert_refused(
+        &dir,
+        &bad("v2.snap", &v),
+        "snapshot format 2; this blip reads 1",
+    );
+    // A missing file.
+    assert_refused(&dir, &dir.join("nope.snap"), "cannot open");
+
+    // The intact file still restores, continuing above the source's last heartbeat.
+    let mut r = restore(&dir, "restored", &file);
+    heartbeat_above(&mut r, last);
+    check_and_exit(&mut r);
+}
+
+/// A tmpfs of 1 MiB, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn snapshot_that_cannot_be_written_leaves_the_guest_running() {
+    let dir = scratch("snap-fail");
+    let mut src = source(&dir, "src");
+    heartbeat_above(&mut src, 5);
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut targets = vec![
+        (dir.join("no/such/dir/guest.snap"), "cannot create"),
+        (fifo.clone(), "not a regular file"),
+        (dir.clone(), "not a regular file"),
+    ];
+    // Disk full: a 1 MiB tmpfs (needs root; skipped where mounting is not allowed).
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    let _guard = mounted.then(|| SmallFs(small.clone()));
+    if mounted {
+        targets.push((small.join("guest.snap"), "No space left on device"));
+    } else {
+        eprintln!("cannot mount a tmpfs here: the disk-full case is skipped");
+    }
+    for (target, why) in &targets {
+        let o = snapshot(&src, target, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", target.display());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(why),
+            "{}: expected {why:?} in {err}",
+            target.display()
+        );
+        let h = src.last_heartbeat();
+        heartbeat_above(&mut src, h);
+    }
+    if mounted {
+        let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+        assert!(left.is_empty(), "partial snapshot left behind: {left:?}");
+    }
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()),
+        "the FIFO was replaced"
+    );
+    check_and_exit(&mut src);
+}
