@@ -12,13 +12,24 @@
 //!   total time, rounds, bytes (see `migrate.rs`).
 //! - `dirty`: dirty ring vs dirty bitmap, in-process: guest slowdown with tracking on, harvest
 //!   throughput and `take_runs` latency (see `dirty.rs`).
+//! - `qemu`: the peer in the same run. The same guest and workload (1 vCPU, dirty 16 MiB at
+//!   max rate, heartbeats as `*` on COM1) migrated N times by blip and by Debian's
+//!   `qemu-system-x86_64 -M microvm` (QMP, at each `--qemu-downtime-ms`), guest-observed
+//!   blackout timestamped the same way for both; a table of QEMU/blip ratios (see `qemu.rs`).
+//!   Skipped, with a note, when QEMU is not installed.
+//!
+//! PNG plots (`plots.rs`) go to `<--out>/*.png`: blackout CDFs (blip vs QEMU per memory size,
+//! and the migrate matrix) and the blackout phase breakdown.
 //!
 //! Besides the tables on stdout, every figure and the environment go to
 //! `<--out>/latest.json`, and each migrate cell's blackouts to `<--out>/<cell>.hlog`
 //! (HdrHistogram interval log). `--quick` is the CI smoke subset (well under two minutes).
 
+mod beats;
 mod dirty;
 mod migrate;
+mod plots;
+mod qemu;
 mod report;
 
 use std::io::Read;
@@ -34,12 +45,12 @@ use serde_json::{json, Value};
 
 use crate::report::{hist, summary, us};
 
-const SCENARIOS: [&str; 4] = ["boot", "pause", "migrate", "dirty"];
+const SCENARIOS: [&str; 5] = ["boot", "pause", "migrate", "dirty", "qemu"];
 
 #[derive(Parser, Debug)]
 #[command(name = "blip-bench", about = "blip latency benchmarks")]
 struct Args {
-    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty); default all.
+    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty, qemu); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Pause/resume cycles per vCPU count.
@@ -75,9 +86,25 @@ struct Args {
     /// Measurement window of the dirty scenario (each of off and on), in milliseconds.
     #[arg(long, default_value_t = 1500)]
     dirty_window_ms: u64,
-    /// Where latest.json and the .hlog files go.
+    /// Guest memory sizes (MiB) of the blip-vs-QEMU comparison.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    qemu_mem: Vec<u64>,
+    /// Migrations per cell of the blip-vs-QEMU comparison (each VMM).
+    #[arg(long, default_value_t = 20)]
+    qemu_migrations: u32,
+    /// QEMU `downtime-limit` values (ms; QEMU's minimum is 1, its default 300), one cell each.
+    #[arg(long, value_delimiter = ',', default_value = "1,300")]
+    qemu_downtime_ms: Vec<u64>,
+    /// Pre-copy time after which QEMU's downtime limit is raised to 300 ms so it finishes
+    /// (counted as forced), in seconds.
+    #[arg(long, default_value_t = 20)]
+    qemu_precopy_s: u64,
+    /// Where latest.json, the .hlog files and the plots go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Only redraw the plots from `<--out>/latest.json` (no measurement).
+    #[arg(long)]
+    replot: bool,
     /// Small, fast subset (for CI smoke runs).
     #[arg(long)]
     quick: bool,
@@ -189,6 +216,7 @@ fn migrate_cells(a: &Args) -> Vec<migrate::Cell> {
                 mem_mib: 64,
                 vcpus,
                 dirty: true,
+                serial: false,
             })
             .collect();
     }
@@ -200,11 +228,115 @@ fn migrate_cells(a: &Args) -> Vec<migrate::Cell> {
                     mem_mib,
                     vcpus,
                     dirty: load == "dirty",
+                    serial: false,
                 });
             }
         }
     }
     v
+}
+
+/// The `qemu` scenario: blip's serial cell and the QEMU cells per memory size, then the table.
+fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
+    let scratch = std::env::temp_dir().join(format!("blip-bench-q-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&scratch);
+    let n = if a.quick { 2 } else { a.qemu_migrations.max(1) };
+    let mems = if a.quick {
+        vec![64]
+    } else {
+        a.qemu_mem.clone()
+    };
+    let s = migrate::Settings {
+        bin: bin.to_path_buf(),
+        scratch: scratch.clone(),
+        out: a.out.clone(),
+        migrations: n,
+        max_blackout_ns: a.max_blackout_us * 1000,
+        via: a.via,
+    };
+    println!("qemu    | blip, the same cells as QEMU (heartbeats via serial):");
+    migrate::header();
+    let blip: Vec<Value> = mems
+        .iter()
+        .enumerate()
+        .map(|(i, &mem_mib)| {
+            let c = migrate::Cell {
+                mem_mib,
+                vcpus: 1,
+                dirty: true,
+                serial: true,
+            };
+            migrate::cell(&s, c, 100 + i)
+        })
+        .collect();
+    let cmdline = migrate::Cell {
+        mem_mib: 64,
+        vcpus: 1,
+        dirty: true,
+        serial: true,
+    }
+    .cmdline();
+    let needs = "-M microvm (the pc machine hangs under this KVM), -accel kvm, -cpu qemu64, -smp 1 (blip's guest starts APs without INIT/SIPI), -device isa-debug-exit,iobase=0xf4,iosize=0x04, -nodefaults -no-reboot -display none, -serial stdio piped to blip-bench";
+    let mut cells = Vec::new();
+    let mut doc = serde_json::Map::new();
+    match qemu::find() {
+        None => {
+            println!("qemu    | qemu-system-x86_64 not found: skipping the QEMU peer (apt-get install qemu-system-x86)");
+            doc.insert("qemu".into(), Value::Null);
+            doc.insert(
+                "skipped".into(),
+                "qemu-system-x86_64 not found on PATH".into(),
+            );
+        }
+        Some(q) => {
+            let elf = scratch.join("guest.elf");
+            match qemu::guest_image(bin, &elf) {
+                Err(e) => {
+                    println!(
+                        "qemu    | cannot write blip's guest image: {e}: skipping the QEMU peer"
+                    );
+                    doc.insert("skipped".into(), e.into());
+                }
+                Ok(()) => {
+                    doc.insert("qemu".into(), q.display().to_string().into());
+                    doc.insert("qemu_version".into(), qemu::version(&q).into());
+                    qemu::header();
+                    for &mem_mib in &mems {
+                        for &lim in &a.qemu_downtime_ms {
+                            let qs = qemu::Settings {
+                                qemu: q.clone(),
+                                guest_elf: elf.clone(),
+                                scratch: scratch.clone(),
+                                mem_mib,
+                                cmdline: cmdline.clone(),
+                                migrations: n,
+                                downtime_limit_ms: lim.max(1),
+                                precopy_limit: Duration::from_secs(if a.quick {
+                                    5
+                                } else {
+                                    a.qemu_precopy_s
+                                }),
+                            };
+                            if cells.is_empty() {
+                                doc.insert("command_line".into(), qs.command_line().into());
+                            }
+                            cells.push(qemu::cell(&qs));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let note =
+        format!("1 vCPU, `{cmdline}`, loopback TCP, {n} migrations per cell; QEMU needs {needs}");
+    let cmp = report::comparison(&blip, &cells, &note);
+    doc.insert("needs".into(), needs.into());
+    doc.insert("cmdline".into(), cmdline.into());
+    doc.insert("blip_cells".into(), blip.into());
+    doc.insert("cells".into(), cells.into());
+    doc.insert("comparison".into(), cmp);
+    let _ = std::fs::remove_dir_all(&scratch);
+    doc.into()
 }
 
 fn main() {
@@ -225,6 +357,23 @@ fn main() {
     {
         eprintln!("blip-bench: error: unknown --migrate-load {l:?} (idle, dirty)");
         std::process::exit(2);
+    }
+    if a.replot {
+        let p = a.out.join("latest.json");
+        let doc: Value = match std::fs::read(&p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("blip-bench: error: cannot read {}: {e}", p.display());
+                std::process::exit(2);
+            }
+        };
+        for f in plots::all(&a.out, &doc["results"]) {
+            println!("blip-bench: wrote {}", f.display());
+        }
+        return;
     }
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let (cycles, boots) = if a.quick {
@@ -302,6 +451,11 @@ fn main() {
         }
         results.insert("dirty".into(), rows.into());
     }
+    if want("qemu") {
+        results.insert("qemu".into(), qemu_scenario(&a, &bin));
+    }
+    let results = Value::Object(results);
+    let pngs = plots::all(&a.out, &results);
     let doc = json!({
         "tool": "blip-bench",
         "reproduce": reproduce,
@@ -311,11 +465,13 @@ fn main() {
         "environment": report::environment(),
         "note": "measured on a shared, noisy, emulated KVM host: compare as ratios within one run",
         "results": results,
+        "plots": pngs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
     });
     match report::write_json(&a.out, &doc) {
         Ok(p) => println!(
-            "blip-bench: results in {} (+ one .hlog per migrate cell), {:.1} s",
+            "blip-bench: results in {} (+ one .hlog per migrate cell, {} plot(s)), {:.1} s",
             p.display(),
+            pngs.len(),
             t_run.elapsed().as_secs_f64()
         ),
         Err(e) => eprintln!(

@@ -21,6 +21,7 @@ use blip_vmm::migration::{OnTimeout, Options, Report};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
+use crate::beats::{self, Beats};
 use crate::report::{self, hist, p50, p99, summary, us, Interval};
 
 /// One cell of the matrix.
@@ -29,6 +30,9 @@ pub struct Cell {
     pub mem_mib: u64,
     pub vcpus: u32,
     pub dirty: bool,
+    /// Heartbeats as `*` on COM1 (`via=serial`), timestamped on the host from blip's serial
+    /// pipe: the guest-observed blackout measured exactly as for the QEMU peer.
+    pub serial: bool,
 }
 
 impl Cell {
@@ -40,21 +44,33 @@ impl Cell {
         }
     }
 
-    fn cmdline(&self) -> &'static str {
-        if self.dirty {
+    pub fn cmdline(&self) -> String {
+        let load = if self.dirty {
             "dirty ws=16 rate=max heartbeat period=1000"
         } else {
             "heartbeat period=1000"
+        };
+        if self.serial {
+            format!("{load} via=serial")
+        } else {
+            load.to_string()
         }
     }
 
     fn name(&self) -> String {
-        format!("{}M {}vcpu {}", self.mem_mib, self.vcpus, self.load())
+        let serial = if self.serial { " serial-beats" } else { "" };
+        format!(
+            "{}M {}vcpu {}{serial}",
+            self.mem_mib,
+            self.vcpus,
+            self.load()
+        )
     }
 
     fn file_stem(&self) -> String {
+        let serial = if self.serial { "-serial" } else { "" };
         format!(
-            "migrate-{}M-{}vcpu-{}",
+            "migrate-{}M-{}vcpu-{}{serial}",
             self.mem_mib,
             self.vcpus,
             self.load()
@@ -90,6 +106,8 @@ struct Proc {
     api: PathBuf,
     name: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// COM1 heartbeats, when the serial line is piped to us.
+    beats: Option<Beats>,
 }
 
 impl Drop for Proc {
@@ -105,18 +123,24 @@ impl Proc {
         dir: &Path,
         name: &str,
         args: &[&str],
+        serial: bool,
     ) -> Result<(Proc, Receiver<String>), String> {
         let api = dir.join(format!("{name}.sock"));
         let mut child = Command::new(bin)
             .args(args)
             .arg("--api")
             .arg(&api)
-            .args(["--serial", "none"])
+            .args(["--serial", if serial { "stdout" } else { "none" }])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if serial {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let beats = child.stdout.take().map(Beats::start);
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         if let Some(err) = child.stderr.take() {
@@ -138,6 +162,7 @@ impl Proc {
                 api,
                 name: name.to_string(),
                 log,
+                beats,
             },
             rx,
         ))
@@ -214,7 +239,7 @@ fn key_file(s: &Settings) -> Result<std::path::PathBuf, String> {
     Ok(k)
 }
 
-fn spawn_receiver(s: &Settings, name: &str) -> Result<(Proc, String), String> {
+fn spawn_receiver(s: &Settings, name: &str, serial: bool) -> Result<(Proc, String), String> {
     let key = key_file(s)?;
     let key = key.to_str().ok_or("non-UTF-8 scratch path")?;
     let (p, lines) = Proc::spawn(
@@ -222,6 +247,7 @@ fn spawn_receiver(s: &Settings, name: &str) -> Result<(Proc, String), String> {
         &s.scratch,
         name,
         &["receive", "--listen", "tcp://127.0.0.1:0", "--key", key],
+        serial,
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -308,6 +334,10 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
 struct Hists {
     blackout: Histogram<u64>,
     guest: Histogram<u64>,
+    /// Guest-observed blackout from COM1 `*` beats (serial cells only).
+    guest_serial: Histogram<u64>,
+    /// Of which: last source beat to first destination beat.
+    guest_handover: Histogram<u64>,
     pause: Histogram<u64>,
     final_harvest: Histogram<u64>,
     final_pages: Histogram<u64>,
@@ -318,6 +348,9 @@ struct Hists {
     /// Blackout not covered by any phase (blackout minus the phase sum).
     other: Histogram<u64>,
     total: Histogram<u64>,
+    /// Migrate request to the guest running on the destination: pre-copy, the last live round
+    /// and the blackout (`total` also waits for the destination's first heartbeat report).
+    to_resume: Histogram<u64>,
     precopy: Histogram<u64>,
     rounds: Histogram<u64>,
     bytes: Histogram<u64>,
@@ -330,6 +363,8 @@ impl Hists {
         Hists {
             blackout: hist(),
             guest: hist(),
+            guest_serial: hist(),
+            guest_handover: hist(),
             pause: hist(),
             final_harvest: hist(),
             final_pages: hist(),
@@ -339,6 +374,7 @@ impl Hists {
             verify: hist(),
             other: hist(),
             total: hist(),
+            to_resume: hist(),
             precopy: hist(),
             rounds: hist(),
             bytes: hist(),
@@ -370,6 +406,8 @@ impl Hists {
         self.other
             .saturating_record(r.blackout_ns.saturating_sub(sum));
         self.total.saturating_record(r.total_ns);
+        self.to_resume
+            .saturating_record(r.precopy_ns + r.last_live_ns + r.blackout_ns);
         self.precopy.saturating_record(r.precopy_ns);
         self.rounds.saturating_record(u64::from(r.round_count));
         self.bytes.saturating_record(r.bytes_sent);
@@ -381,6 +419,8 @@ impl Hists {
         json!({
             "vmm_blackout_ns": summary(&self.blackout),
             "guest_blackout_ns": summary(&self.guest),
+            "guest_serial_blackout_ns": summary(&self.guest_serial),
+            "guest_serial_handover_ns": summary(&self.guest_handover),
             "phases_ns": {
                 "pause": summary(&self.pause),
                 "final_harvest": summary(&self.final_harvest),
@@ -392,6 +432,7 @@ impl Hists {
                 "unaccounted": summary(&self.other),
             },
             "total_ns": summary(&self.total),
+            "to_resume_ns": summary(&self.to_resume),
             "precopy_ns": summary(&self.precopy),
             "rounds": summary(&self.rounds),
             "bytes_sent": summary(&self.bytes),
@@ -413,20 +454,38 @@ pub fn header() {
     );
 }
 
-struct Progress {
+/// A one-line progress bar on stderr (redrawn in place on a terminal, a line per tenth
+/// otherwise).
+pub struct Progress {
     tty: bool,
     label: String,
     n: u32,
 }
 
 impl Progress {
-    fn show(&self, done: u32, failed: u32) {
+    /// `label` is e.g. "migrate 64M 1vcpu dirty".
+    pub fn new(label: String, n: u32) -> Self {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            label,
+            n,
+        }
+    }
+
+    pub fn show(&self, done: u32, failed: u32) {
         let fail = if failed > 0 {
             format!(" ({failed} failed)")
         } else {
             String::new()
         };
-        let line = format!("migrate {}: {done}/{}{fail}", self.label, self.n);
+        let width = 30usize;
+        let filled = (done as usize * width) / (self.n.max(1) as usize);
+        let bar = format!(
+            "[{}{}]",
+            "#".repeat(filled.min(width)),
+            "-".repeat(width - filled.min(width))
+        );
+        let line = format!("{} {bar} {done}/{}{fail}", self.label, self.n);
         if self.tty {
             eprint!("\r{line}\x1b[K");
         } else if done == 0 || done == self.n || done % (self.n / 10).max(1) == 0 {
@@ -434,7 +493,7 @@ impl Progress {
         }
     }
 
-    fn end(&self) {
+    pub fn end(&self) {
         if self.tty {
             eprint!("\r\x1b[K");
         }
@@ -450,11 +509,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     let mut intervals: Vec<Interval> = Vec::new();
     let base = SystemTime::now();
     let t_base = Instant::now();
-    let progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        label: c.name(),
-        n,
-    };
+    let progress = Progress::new(format!("migrate {}", c.name()), n);
     let started = Instant::now();
     let result = (|| -> Result<(String, u32, u32), String> {
         let prefix = format!("c{index}");
@@ -469,8 +524,9 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                 "--mem",
                 &format!("{}M", c.mem_mib),
                 "--cmdline",
-                c.cmdline(),
+                &c.cmdline(),
             ],
+            c.serial,
         )?;
         src.wait_api()?;
         // Let the guest boot and reach its steady state (dirtying, beating).
@@ -484,10 +540,24 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         let mut hop = 0u32;
         while done < n {
             hop += 1;
-            let (rx, url) = spawn_receiver(s, &format!("{prefix}-{hop}"))?;
+            let (rx, url) = spawn_receiver(s, &format!("{prefix}-{hop}"), c.serial)?;
+            let asked = Instant::now();
             match migrate_once(s, &src, &url) {
                 Ok(r) => {
                     h.record(&r);
+                    let serial_gap = match (&src.beats, &rx.beats) {
+                        (Some(sb), Some(db)) => {
+                            db.wait_beat_after(asked, Duration::from_secs(5));
+                            beats::gaps(&sb.snapshot(), &db.snapshot(), asked)
+                        }
+                        _ => None,
+                    };
+                    if let Some(g) = serial_gap {
+                        h.guest_serial.saturating_record(g.max_ns);
+                        h.guest_handover.saturating_record(g.handover_ns);
+                    } else if c.serial {
+                        errors.push(format!("hop {hop}: no heartbeat on the destination's COM1"));
+                    }
                     ch_vmm.saturating_record(r.blackout_ns);
                     if let Some(g) = r.guest_blackout_ns {
                         ch_guest.saturating_record(g);
@@ -495,9 +565,12 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                     samples.push(json!([
                         r.blackout_ns,
                         r.guest_blackout_ns,
+                        serial_gap.map(|g| g.max_ns),
                         r.total_ns,
                         r.round_count,
-                        r.bytes_sent
+                        r.bytes_sent,
+                        serial_gap.map(|g| g.handover_ns),
+                        serial_gap.map(|g| g.max_at_ns)
                     ]));
                     done += 1;
                     in_a_row = 0;
@@ -597,6 +670,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     if let Err(e) = &hlog_written {
         eprintln!("blip-bench: cannot write {}: {e}", hlog.display());
     }
+    // Serial cells have no heartbeat-port figure: show the serial one in its place.
+    let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
         "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | memory check {check_short}{}",
@@ -606,8 +681,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         us(p50(&h.blackout)),
         us(p99(&h.blackout)),
         us(h.blackout.max()),
-        opt_us(&h.guest, 0.5),
-        opt_us(&h.guest, 0.99),
+        opt_us(gst, 0.5),
+        opt_us(gst, 0.99),
         us(p50(&h.pause)),
         us(p50(&h.final_harvest)),
         us(p50(&h.final_pages)),
@@ -635,6 +710,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "vcpus": c.vcpus,
         "workload": c.load(),
         "cmdline": c.cmdline(),
+        "guest_blackout_method": if c.serial { "COM1 '*' beats timestamped by blip-bench (host CLOCK_MONOTONIC)" } else { "heartbeat port, timestamped by blip" },
+        "max_blackout_ns": s.max_blackout_ns,
         "migrations_asked": n,
         "migrations_ok": h.blackout.len(),
         "migrations_failed": failed,
@@ -644,7 +721,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "wall_s": wall.as_secs_f64(),
         "hlog": hlog_written.ok().map(|_| hlog.display().to_string()),
         "histograms": h.json(),
-        "samples_columns": ["blackout_ns", "guest_blackout_ns", "total_ns", "round_count", "bytes_sent"],
+        "samples_columns": ["blackout_ns", "guest_blackout_ns", "guest_serial_blackout_ns", "total_ns", "round_count", "bytes_sent", "guest_serial_handover_ns", "guest_serial_max_gap_at_ns"],
         "samples": samples,
     })
 }

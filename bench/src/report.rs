@@ -160,6 +160,123 @@ pub fn write_json(dir: &Path, v: &Value) -> std::io::Result<PathBuf> {
     Ok(p)
 }
 
+/// A figure out of a cell's JSON: `histograms.<name>.<q>` (None when absent or empty).
+fn fig(cell: &Value, name: &str, q: &str) -> Option<u64> {
+    cell["histograms"][name][q].as_u64()
+}
+
+fn ms_str(ns: Option<u64>) -> String {
+    match ns {
+        Some(v) if v >= 1_000_000 => format!("{:.2} ms", v as f64 / 1e6),
+        Some(v) => format!("{:.0} µs", v as f64 / 1e3),
+        None => "n/a".into(),
+    }
+}
+
+fn ratio(q: Option<u64>, b: Option<u64>) -> Option<f64> {
+    match (q, b) {
+        (Some(q), Some(b)) if b > 0 => Some(q as f64 / b as f64),
+        _ => None,
+    }
+}
+
+fn ratio_str(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.1}×"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// The blip-vs-QEMU table (stdout, Markdown) and its JSON: per memory size, blip's serial cell
+/// and each QEMU cell, VMM-reported blackout (blip `blackout_ns`, QEMU `downtime`) and
+/// guest-observed blackout (COM1 beats, both) p50/p99, total time p50, and QEMU/blip ratios.
+pub fn comparison(blip: &[Value], qemu: &[Value], qemu_note: &str) -> Value {
+    let mut rows = Vec::new();
+    println!();
+    println!("blip vs QEMU, same guest and workload, same run ({qemu_note})");
+    println!();
+    println!("| mem | VMM | VMM blackout p50 / p99 | guest-observed p50 / p99 | of which handover p50 / p99 | total p50 | n | QEMU/blip: VMM p50 / p99 | guest p50 / p99 | handover p50 | total p50 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for b in blip {
+        let mem = b["mem_mib"].as_u64().unwrap_or(0);
+        let bv = |q| fig(b, "vmm_blackout_ns", q);
+        let bg = |q| fig(b, "guest_serial_blackout_ns", q);
+        let bh = |q| fig(b, "guest_serial_handover_ns", q);
+        // Like QEMU's total-time: request to the guest running on the destination.
+        let bt = fig(b, "to_resume_ns", "p50");
+        println!(
+            "| {mem} MiB | blip (target {}) | {} / {} | {} / {} | {} / {} | {} | {} | | | | |",
+            ms_str(b["max_blackout_ns"].as_u64()),
+            ms_str(bv("p50")),
+            ms_str(bv("p99")),
+            ms_str(bg("p50")),
+            ms_str(bg("p99")),
+            ms_str(bh("p50")),
+            ms_str(bh("p99")),
+            ms_str(bt),
+            b["migrations_ok"],
+        );
+        let mut peers = Vec::new();
+        for q in qemu.iter().filter(|q| q["mem_mib"] == mem) {
+            let qv = |p| fig(q, "downtime_ns", p);
+            let qg = |p| fig(q, "guest_serial_blackout_ns", p);
+            let qh = |p| fig(q, "guest_serial_handover_ns", p);
+            let qt = fig(q, "total_ns", "p50");
+            let r = json!({
+                "handover_p50": ratio(qh("p50"), bh("p50")),
+                "vmm_p50": ratio(qv("p50"), bv("p50")),
+                "vmm_p99": ratio(qv("p99"), bv("p99")),
+                "guest_p50": ratio(qg("p50"), bg("p50")),
+                "guest_p99": ratio(qg("p99"), bg("p99")),
+                "total_p50": ratio(qt, bt),
+            });
+            let forced = q["migrations_forced"].as_u64().unwrap_or(0);
+            println!(
+                "| {mem} MiB | QEMU (downtime-limit {} ms{}) | {} / {} | {} / {} | {} / {} | {} | {} | {} / {} | {} / {} | {} | {} |",
+                q["downtime_limit_ms"],
+                if forced > 0 { format!(", {forced} forced") } else { String::new() },
+                ms_str(qv("p50")),
+                ms_str(qv("p99")),
+                ms_str(qg("p50")),
+                ms_str(qg("p99")),
+                ms_str(qh("p50")),
+                ms_str(qh("p99")),
+                ms_str(qt),
+                q["migrations_ok"],
+                ratio_str(r["vmm_p50"].as_f64()),
+                ratio_str(r["vmm_p99"].as_f64()),
+                ratio_str(r["guest_p50"].as_f64()),
+                ratio_str(r["guest_p99"].as_f64()),
+                ratio_str(r["handover_p50"].as_f64()),
+                ratio_str(r["total_p50"].as_f64()),
+            );
+            peers.push(json!({
+                "downtime_limit_ms": q["downtime_limit_ms"],
+                "downtime_ns": {"p50": qv("p50"), "p99": qv("p99")},
+                "guest_serial_blackout_ns": {"p50": qg("p50"), "p99": qg("p99")},
+                "guest_serial_handover_ns": {"p50": qh("p50"), "p99": qh("p99")},
+                "total_ns_p50": qt,
+                "migrations_ok": q["migrations_ok"],
+                "migrations_forced": forced,
+                "qemu_over_blip": r,
+            }));
+        }
+        rows.push(json!({
+            "mem_mib": mem,
+            "vcpus": 1,
+            "blip": {
+                "vmm_blackout_ns": {"p50": bv("p50"), "p99": bv("p99")},
+                "guest_serial_blackout_ns": {"p50": bg("p50"), "p99": bg("p99")},
+                "guest_serial_handover_ns": {"p50": bh("p50"), "p99": bh("p99")},
+                "total_ns_p50": bt,
+                "migrations_ok": b["migrations_ok"],
+            },
+            "qemu": peers,
+        }));
+    }
+    println!();
+    println!("QEMU reports downtime in whole milliseconds. Guest-observed = largest gap between COM1 '*' heartbeats (1 ms period) from the migrate request to the destination's first beat, timestamped on the host for both (pre-copy stalls count); handover = last source beat to first destination beat. Totals: blip's from the migrate request to the guest running on the destination (handshake, dry runs, pre-copy, blackout: `precopy_ns + last_live_ns + blackout_ns`; its report's `total_ns` also waits for the destination's heartbeat-port report, up to 1 s with via=serial), QEMU's `total-time`.");
+    rows.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

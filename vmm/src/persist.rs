@@ -794,8 +794,8 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
 
 impl Vm {
     /// What this VM can save: KVM's optional pieces and the MSRs that are restorable on this
-    /// host ([`restorable_msrs`]) and readable on vCPU 0. Call once per VM while it is paused,
-    /// before the blackout (the probes make a throwaway VM and a few KVM calls per MSR that
+    /// host ([`restorable_msrs`]) and readable on vCPU 0. Call once per VM before the blackout;
+    /// it need not be paused (the vCPU reads run between two KVM_RUNs) (the probes make a throwaway VM and a few KVM calls per MSR that
     /// fails).
     pub fn persist_caps(&mut self) -> Result<Caps, PersistError> {
         let mut caps = Caps::of_vm(self.fd());

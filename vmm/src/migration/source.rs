@@ -458,34 +458,28 @@ fn migrate_inner(
         (_, other) => return Err(MigrationError::Auth(format!("unknown authentication scheme {other}"))),
     }
 
-    // Measure the fixed costs of a blackout (pause, state save, resume) before promising one:
-    // three short dry runs, keeping the median of each (one sample on a noisy host lies).
-    let p = vm.pause_all()?;
-    run.paused = true;
+    // Measure the fixed costs of a blackout (pause, state save, resume) before promising one,
+    // while disturbing the guest as little as possible: the capability probe and three timed
+    // state saves run between two KVM_RUNs of the running vCPUs (a save of a running vCPU is
+    // not a consistent snapshot, but it costs the same ioctls); only one pause/resume cycle,
+    // with nothing done in between, measures pause and resume.
     let caps = vm.persist_caps()?;
-    vm.resume_all()?;
-    run.paused = false;
-    let (mut pauses, mut saves, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut saves = Vec::new();
     let mut state_len = 0;
-    pauses.push(p.last_ns - p.requested_ns);
     for _ in 0..3 {
-        let p = vm.pause_all()?;
-        run.paused = true;
         let t0 = now_ns();
         let state = vm.save_state_with(&caps)?;
         state_len = persist::encode(&state)?.len() as u64;
         saves.push(now_ns() - t0);
-        let r = vm.resume_all()?;
-        run.paused = false;
-        pauses.push(p.last_ns - p.requested_ns);
-        resumes.push(r.first_ns.saturating_sub(r.requested_ns));
     }
-    let median = |v: &mut Vec<u64>| {
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
+    let p = vm.pause_all()?;
+    run.paused = true;
+    let r = vm.resume_all()?;
+    run.paused = false;
+    saves.sort_unstable();
     // Restore costs about what save costs; the control round trips are added per round.
-    let fixed_ns = median(&mut pauses) + 2 * median(&mut saves) + median(&mut resumes);
+    let fixed_ns =
+        (p.last_ns - p.requested_ns) + 2 * saves[1] + r.first_ns.saturating_sub(r.requested_ns);
 
     let vcpus = vm.vcpu_count() as u8;
     let (cpu_vendor, cpu_signature, cpu_features) = cpu_fingerprint(vm.kvm(), vcpus);
@@ -778,6 +772,7 @@ fn migrate_inner(
         }
     }
     report.phases = ph;
+    report.total_ns = now_ns() - t_start;
     // The destination reports the guest's first heartbeat after resume (counter 0: none).
     if resumed.is_some() {
         control.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -787,7 +782,6 @@ fn migrate_inner(
             }
         }
     }
-    report.total_ns = now_ns() - t_start;
     progress(&Progress {
         phase: "done",
         round,
