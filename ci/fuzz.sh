@@ -6,6 +6,7 @@
 #
 #   ci/fuzz.sh [SECONDS]            all targets
 #   FUZZ_TARGETS="elf_loader" ci/fuzz.sh 60
+#   FUZZ_EXTRA="-seed=1" ci/fuzz.sh 15      (extra libFuzzer flags; CI uses a fixed seed)
 #
 # Needs the nightly toolchain (rustup) and cargo-fuzz (installed here when missing).
 set -euo pipefail
@@ -51,7 +52,7 @@ for t in $TARGETS; do
     set +e
     cargo +nightly fuzz run "$t" "$corpus" -- \
         -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb="$RSS_LIMIT_MB" \
-        -print_final_stats=1 >"$log" 2>&1
+        -print_final_stats=1 ${FUZZ_EXTRA:-} >"$log" 2>&1
     rc=$?
     set -e
     execs="$(sed -n 's/^stat::number_of_executed_units:[[:space:]]*\([0-9]*\).*/\1/p' "$log" | tail -1)"
