@@ -174,8 +174,10 @@ fn register(vm: &Vm, server: &Option<api::Server>, name: &str) -> Option<registr
 }
 
 fn run(a: &RunArgs) -> Result<i32, Failure> {
-    let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
+    // The VM first (its errors are the ones users need to see), then the control socket and
+    // the registry entry, and only then does the guest run.
     let mut vm = Vm::create_with(config(&a.guest)?, a.dirty.config())?;
+    let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
     let reg = register(&vm, &server, &name);
     vm.resume_all()?;
     serve_vm(vm, server, reg)
