@@ -712,7 +712,15 @@ fn migrate_inner(
     // Stop kicking (no join here: the throttle thread may be asleep; it is joined after the
     // blackout when `throttler` drops).
     throttler.release();
-    ph.pause = pause.last_ns - t_pause;
+    // Until this thread knows every vCPU stopped (not just until the last one stopped).
+    ph.pause = now_ns() - t_pause;
+    if std::env::var_os("BLIP_DEBUG_PHASES").is_some() {
+        eprintln!(
+            "debug: pause last vCPU {} us, controller knew {} us",
+            (pause.last_ns - t_pause) / 1000,
+            ph.pause / 1000
+        );
+    }
     let last_src_beat = vm.devices().heartbeats.lock().ok().and_then(|h| h.last());
     let t = now_ns();
     let runs = vm.tracker().take_runs(&mem)?;
