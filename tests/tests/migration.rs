@@ -183,20 +183,13 @@ fn netns(args: &[&str]) -> bool {
 
 struct Namespaces(Vec<String>);
 
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            netns(&["netns", "del", n]);
-        }
-    }
-}
-
-#[test]
-fn migrates_between_network_namespaces_over_veth() {
+/// Two fresh network namespaces joined by a veth pair, 10.<subnet>.0.1 and .2, links up.
+/// Returns the guard that deletes them, the namespace names and the two link names.
+fn veth_pair(tag: &str, subnet: u8) -> (Namespaces, String, String, String, String) {
     let id = std::process::id() % 10000;
-    let (na, nb) = (format!("blipA{id}"), format!("blipB{id}"));
-    let _guard = Namespaces(vec![na.clone(), nb.clone()]);
-    let (va, vb) = (format!("bva{id}"), format!("bvb{id}"));
+    let (na, nb) = (format!("blip{tag}a{id}"), format!("blip{tag}b{id}"));
+    let guard = Namespaces(vec![na.clone(), nb.clone()]);
+    let (va, vb) = (format!("v{tag}a{id}"), format!("v{tag}b{id}"));
     assert!(
         netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]),
         "ip netns add (needs root and iproute2)"
@@ -207,30 +200,28 @@ fn migrates_between_network_namespaces_over_veth() {
     assert!(
         netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb])
     );
-    assert!(netns(&[
-        "-n",
-        &na,
-        "addr",
-        "add",
-        "10.77.0.1/24",
-        "dev",
-        &va
-    ]));
-    assert!(netns(&[
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        "10.77.0.2/24",
-        "dev",
-        &vb
-    ]));
-    for (n, v) in [(&na, &va), (&nb, &vb)] {
+    for (n, v, host) in [(&na, &va, 1), (&nb, &vb, 2)] {
+        let addr = format!("10.{subnet}.0.{host}/24");
+        assert!(netns(&["-n", n, "addr", "add", &addr, "dev", v]));
         assert!(
             netns(&["-n", n, "link", "set", v, "up"])
                 && netns(&["-n", n, "link", "set", "lo", "up"])
         );
     }
+    (guard, na, nb, va, vb)
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            netns(&["netns", "del", n]);
+        }
+    }
+}
+
+#[test]
+fn migrates_between_network_namespaces_over_veth() {
+    let (_guard, na, nb, _va, _vb) = veth_pair("A", 77);
     let dir = scratch("mig-netns");
     let mut a = Bg::start_in_netns(
         &dir,
@@ -686,41 +677,7 @@ fn a_stalled_destination_times_out_and_the_source_keeps_its_guest() {
 
 #[test]
 fn link_down_between_namespaces_mid_precopy() {
-    let id = std::process::id() % 10000 + 1;
-    let (na, nb) = (format!("blipLA{id}"), format!("blipLB{id}"));
-    let _guard = Namespaces(vec![na.clone(), nb.clone()]);
-    let (va, vb) = (format!("lva{id}"), format!("lvb{id}"));
-    assert!(netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]));
-    assert!(netns(&[
-        "link", "add", &va, "type", "veth", "peer", "name", &vb
-    ]));
-    assert!(
-        netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb])
-    );
-    assert!(netns(&[
-        "-n",
-        &na,
-        "addr",
-        "add",
-        "10.78.0.1/24",
-        "dev",
-        &va
-    ]));
-    assert!(netns(&[
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        "10.78.0.2/24",
-        "dev",
-        &vb
-    ]));
-    for (n, v) in [(&na, &va), (&nb, &vb)] {
-        assert!(
-            netns(&["-n", n, "link", "set", v, "up"])
-                && netns(&["-n", n, "link", "set", "lo", "up"])
-        );
-    }
+    let (_guard, na, nb, _va, vb) = veth_pair("L", 78);
     let dir = scratch("mig-linkdown");
     let k = key(&dir);
     // The source runs in namespace A with a short peer timeout.

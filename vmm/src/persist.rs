@@ -417,7 +417,13 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, Persi
     let sregs = fd
         .get_sregs()
         .map_err(kvm("read segment registers", index))?;
-    let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("read FPU state", index))?);
+    // The XSAVE area holds the x87/SSE state too: with XSAVE, KVM_GET_FPU would only cost the
+    // blackout another ioctl. `fpu` then stays at its default and is not restored.
+    let fpu = if caps.pieces & PIECE_XSAVE != 0 {
+        FpuState::default()
+    } else {
+        FpuState::from(&fd.get_fpu().map_err(kvm("read FPU state", index))?)
+    };
 
     let mut msrs = Vec::with_capacity(caps.msr_indices.len());
     for chunk in caps.msr_indices.chunks(KVM_MAX_MSR_ENTRIES) {
@@ -613,8 +619,10 @@ pub fn restore_vcpu(
     fd.set_sregs(&st.sregs)
         .map_err(kvm("set segment registers", i))?;
     fd.set_regs(&st.regs).map_err(kvm("set registers", i))?;
-    fd.set_fpu(&kvm_fpu::from(&st.fpu))
-        .map_err(kvm("set FPU state", i))?;
+    if st.xsave.is_none() {
+        fd.set_fpu(&kvm_fpu::from(&st.fpu))
+            .map_err(kvm("set FPU state", i))?;
+    }
 
     let mut done = 0;
     for chunk in st.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
