@@ -283,6 +283,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         // hashing to every blackout.
         verify: false,
         key: Some(key_file(s)?),
+        guest_name: String::new(),
     };
     match s.via {
         Via::Api => {

@@ -116,6 +116,12 @@ fn drain_moves_every_guest_and_list_shows_them() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The guests keep their names on the new host.
+    let names_b: Vec<_> = listed(&b)
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names_b, ["web-1", "web-2"]);
 }
 
 #[test]

@@ -190,6 +190,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             // hashing to every blackout (`blip migrate --verify` does them).
             verify: a.verify,
             key: Some(key.clone()),
+            guest_name: String::new(),
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
         if a.verify && r.verified != Some(true) {

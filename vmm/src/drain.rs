@@ -97,6 +97,7 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
                         on_timeout: OnTimeout::Go,
                         verify: false,
                         key: key.clone(),
+                        guest_name: String::new(),
                     };
                     let result = api::call(&g.api, &Request::Migrate { options }, &mut |v| {
                         if v["event"] == "progress" {

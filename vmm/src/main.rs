@@ -269,7 +269,12 @@ fn serve_vm(
                     );
                 }
                 Request::Migrate { ref options } => {
-                    let options = options.clone();
+                    let mut options = options.clone();
+                    if options.guest_name.is_empty() {
+                        if let Some(r) = &_reg {
+                            options.guest_name = r.name().to_string();
+                        }
+                    }
                     let reply = req.reply.clone();
                     let mut progress = |p: &source::Progress| {
                         let mut v = serde_json::to_value(p).unwrap_or_default();
@@ -340,6 +345,14 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         inc.rounds,
         inc.restore_ns as f64 / 1e3
     );
+    // Keep the name the guest had on its source host, unless --name says otherwise or that
+    // name is taken here.
+    let name = match (&a.name, registry::check_name(&inc.guest_name)) {
+        (None, Ok(())) if !registry::list().iter().any(|e| e.name == inc.guest_name) => {
+            inc.guest_name.clone()
+        }
+        _ => name,
+    };
     let reg = register(&vm, &server, &name);
     serve_vm(vm, server, reg)
 }
@@ -485,6 +498,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         on_timeout: a.on_timeout,
         verify: a.verify,
         key,
+        guest_name: String::new(),
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;

@@ -48,6 +48,14 @@ pub struct Entry {
 /// A registration; removes its files when dropped.
 pub struct Registration {
     json: PathBuf,
+    name: String,
+}
+
+impl Registration {
+    /// The registered name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 impl Drop for Registration {
@@ -133,7 +141,10 @@ pub fn register(
             path: json.display().to_string(),
             source,
         })?;
-    Ok(Registration { json })
+    Ok(Registration {
+        json,
+        name: name.to_string(),
+    })
 }
 
 fn read_entry(p: &Path) -> Option<Entry> {

@@ -45,6 +45,8 @@ pub struct Incoming {
     pub restore_ns: u64,
     /// CLOCK_MONOTONIC when the first vCPU re-entered the guest.
     pub resumed_ns: u64,
+    /// The name the source registered the guest under (may be empty).
+    pub guest_name: String,
 }
 
 /// Binds the listening socket (so callers can report the address before blocking).
@@ -263,7 +265,10 @@ fn receive_inner(
         control,
     )?;
     let mut done_round: Vec<Option<u32>> = vec![None; offer.streams as usize];
-    let mut inc = Incoming::default();
+    let mut inc = Incoming {
+        guest_name: offer.guest_name.clone(),
+        ..Default::default()
+    };
     let mut scratch = vec![0u8; 1 << 20];
     let verify = offer.state_pieces & VERIFY_FLAG != 0;
     loop {

@@ -198,6 +198,10 @@ pub struct Options {
     /// Shared key file for authentication; `None` only with `--insecure`.
     #[serde(default)]
     pub key: Option<std::path::PathBuf>,
+    /// The guest's name in the source host's registry, offered so the destination registers
+    /// it under the same name (the source blip fills it in; empty = none).
+    #[serde(default)]
+    pub guest_name: String,
 }
 
 /// One pre-copy round.
@@ -341,6 +345,7 @@ mod tests {
             on_timeout: OnTimeout::Go,
             verify: true,
             key: None,
+            guest_name: String::new(),
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();

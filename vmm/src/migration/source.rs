@@ -494,7 +494,7 @@ fn migrate_inner(
         tsc_khz: vm.tsc_khz(),
         streams,
         state_pieces: caps.pieces | if opts.verify { VERIFY_FLAG } else { 0 },
-        guest_name: String::new(),
+        guest_name: opts.guest_name.clone(),
     };
     protocol::write_message(control, &Message::Offer(offer))?;
     let f = protocol::read_message(control)?;
