@@ -894,8 +894,9 @@ fn eof(what: &'static str) -> ProtocolError {
     ProtocolError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, what))
 }
 
-/// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or EOF (retrying interrupted reads); returns the bytes read.
+/// Shared with the VMM's file readers (snapshots, state envelopes).
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {

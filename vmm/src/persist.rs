@@ -775,15 +775,7 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, PersistError> {
 /// length passed the size cap) and decodes it.
 pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
     let mut head = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(PersistError::Io(e)),
-        }
-    }
+    let got = blip_transport::protocol::read_full(r, &mut head).map_err(PersistError::Io)?;
     let h = parse_header(&head[..got])?;
     // Grow with the bytes that actually arrive: a lying length costs nothing up front.
     let mut payload = Vec::with_capacity((h.len as usize).min(1 << 20));
