@@ -279,3 +279,29 @@ pub fn key_file(dir: &std::path::Path, name: &str) -> PathBuf {
     f.write_all(hex.as_bytes()).unwrap();
     p
 }
+
+/// The dirtying, heartbeating guest the migration and snapshot tests move around.
+pub const DIRTY_GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
+
+/// Starts `blip run` with [`DIRTY_GUEST`] on 2 vCPUs and 32 MiB (COM1 to its stdout file) and
+/// waits until its control API answers.
+pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
+    let mut s = Bg::start(
+        dir,
+        name,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "32M",
+            "--cmdline",
+            DIRTY_GUEST,
+            "--serial",
+            "stdout",
+        ],
+        &[],
+    );
+    s.wait_api();
+    s
+}

@@ -12,28 +12,7 @@ use std::time::Duration;
 use blip_tests::{blip, listen_url, scratch, stdout, Bg};
 use blip_transport::protocol::{self, Message, Offer, Role};
 
-const GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
-
-fn source(dir: &std::path::Path, name: &str) -> Bg {
-    let mut s = Bg::start(
-        dir,
-        name,
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "32M",
-            "--cmdline",
-            GUEST,
-            "--serial",
-            "stdout",
-        ],
-        &[],
-    );
-    s.wait_api();
-    s
-}
+use blip_tests::{dirtying_source as source, DIRTY_GUEST as GUEST};
 
 /// The shared key of the test's hosts (authentication is on by default).
 fn key(dir: &std::path::Path) -> String {

@@ -10,28 +10,7 @@ use std::time::{Duration, Instant};
 
 use blip_tests::{blip, scratch, stderr, stdout, Bg};
 
-const GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
-
-fn source(dir: &Path, name: &str) -> Bg {
-    let mut s = Bg::start(
-        dir,
-        name,
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "32M",
-            "--cmdline",
-            GUEST,
-            "--serial",
-            "stdout",
-        ],
-        &[],
-    );
-    s.wait_api();
-    s
-}
+use blip_tests::dirtying_source as source;
 
 /// Waits until the guest's heartbeat counter is above `floor`; returns it.
 fn heartbeat_above(b: &mut Bg, floor: u64) -> u64 {
