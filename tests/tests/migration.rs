@@ -317,7 +317,7 @@ fn garbage_truncated_and_version_mismatch_from_destination() {
     source_survives_bad_peer(&truncated, "migration failed");
     let version = fake_destination(|c| {
         let mut h = protocol::Header::new(protocol::MessageKind::Hello, 0, 0).encode();
-        h[4] = 2; // protocol version 2
+        h[4] = (protocol::PROTOCOL_VERSION + 1) as u8; // a version this build does not speak
         let _ = c.write_all(&h);
     });
     source_survives_bad_peer(&version, "version");
@@ -385,6 +385,7 @@ fn destination_refuses_layouts_it_cannot_take() {
                 streams: 1,
                 state_pieces: 0,
                 guest_name: String::new(),
+                transport: blip_transport::protocol::TRANSPORT_TCP,
             },
             "1000 vCPUs",
         ),
@@ -401,6 +402,7 @@ fn destination_refuses_layouts_it_cannot_take() {
                 streams: 1,
                 state_pieces: 0,
                 guest_name: String::new(),
+                transport: blip_transport::protocol::TRANSPORT_TCP,
             },
             "guest memory",
         ),
@@ -417,6 +419,7 @@ fn destination_refuses_layouts_it_cannot_take() {
                 streams: 1,
                 state_pieces: 0,
                 guest_name: String::new(),
+                transport: blip_transport::protocol::TRANSPORT_TCP,
             },
             "CPU vendor",
         ),

@@ -6,11 +6,13 @@
 //! - [`tcp`]: endpoints (`tcp://HOST:PORT`, `rdma://HOST:PORT`) and TCP socket set-up
 //!   (connect with timeout, listen, `TCP_NODELAY`).
 //!
-//! Still to come here: the RDMA transport (safe wrappers over rdma-sys) and authentication of
-//! the control channel.
+//! - [`rdma`]: the RDMA transport — safe wrappers over rdma-sys (device, protection domain,
+//!   memory region, completion queue, queue pair by state) and the page [`rdma::Writer`].
+//! - [`auth`]: HMAC-SHA256 proofs of the shared migration key on the control channel.
 //!
 //! This crate must not know about KVM: it sees only bytes, addresses and counts.
 
 pub mod auth;
 pub mod protocol;
+pub mod rdma;
 pub mod tcp;

@@ -12,8 +12,14 @@
 //!                           <------------------ Auth{HMAC(key, destination, nonces)} | Refuse
 //!   Offer{layout, vcpus, cpu, tsc, streams,..}->
 //!                           <------------------ Accept | Refuse{reason}
+//!   TCP (Offer.transport = TCP):
 //!   data streams 1..N connect, each: StreamHello{session, index}, Auth{HMAC(stream i)} ->
 //!   round r: Pages{gpa,count}+data on data streams ... RoundEnd{round, pages} on every data stream
+//!            RoundEnd{round, pages_total} on control
+//!   RDMA (Offer.transport = RDMA): no data streams; queue pairs connect over control:
+//!   RdmaConnect{gid, mtu, qps} ------------------>
+//!                           <------------------ RdmaConnect{gid, mtu, qps, regions+rkeys}
+//!   round r: RDMA WRITEs on N+1 queue pairs, all completed, then
 //!            RoundEnd{round, pages_total} on control
 //!                           <------------------ RoundAck{round}   (all streams drained)
 //!   ... last round (vCPUs paused = blackout) ...
@@ -55,7 +61,7 @@ pub use crc32c::crc32c_append;
 /// `b"BLIP"` read as a little-endian `u32`.
 pub const MAGIC: u32 = 0x5049_4c42;
 /// The protocol version this build speaks; the peer must speak the same one.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the encoded [`Header`].
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted or sent (64 MiB).
@@ -169,11 +175,13 @@ pub enum MessageKind {
     PageBatch = 15,
     /// [`Message::Auth`]
     Auth = 16,
+    /// [`Message::RdmaConnect`]
+    RdmaConnect = 17,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 17] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -190,6 +198,7 @@ impl MessageKind {
         MessageKind::Heartbeat,
         MessageKind::PageBatch,
         MessageKind::Auth,
+        MessageKind::RdmaConnect,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -216,6 +225,7 @@ impl MessageKind {
             MessageKind::Heartbeat => "Heartbeat",
             MessageKind::PageBatch => "PageBatch",
             MessageKind::Auth => "Auth",
+            MessageKind::RdmaConnect => "RdmaConnect",
         }
     }
 }
@@ -330,6 +340,43 @@ pub struct Offer {
     pub state_pieces: u64,
     /// Name of the guest, for logs.
     pub guest_name: String,
+    /// How pages travel: [`TRANSPORT_TCP`] or [`TRANSPORT_RDMA`].
+    pub transport: u32,
+}
+
+/// Offer `transport`: pages on the TCP data streams.
+pub const TRANSPORT_TCP: u32 = 0;
+/// Offer `transport`: pages by RDMA WRITE, queue pairs set up with [`Message::RdmaConnect`].
+pub const TRANSPORT_RDMA: u32 = 1;
+
+/// Most queue pairs or memory regions one [`RdmaConnect`] may carry.
+pub const MAX_RDMA_ENTRIES: usize = 64;
+
+/// One memory region a peer may RDMA WRITE into: `len` bytes of the shared (guest physical)
+/// address space from `base`, found at the peer's virtual address `addr` under `rkey`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RdmaRegion {
+    /// First address of the region in the address space both sides share (guest physical).
+    pub base: u64,
+    /// Where it is mapped in the peer's process.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Remote key.
+    pub rkey: u32,
+}
+
+/// What one side's RDMA queue pairs need from the other to connect (RoCE: addressed by GID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RdmaConnect {
+    /// The port's GID (IPv4-mapped for RoCE v2 over IPv4).
+    pub gid: [u8; 16],
+    /// Active MTU of the port (the `ibv_mtu` enum value, 1 = 256 … 5 = 4096).
+    pub mtu: u32,
+    /// (queue pair number, first packet sequence number) of each queue pair, in order.
+    pub qps: Vec<(u32, u32)>,
+    /// Memory the peer may write (the destination's guest memory; empty from the source).
+    pub regions: Vec<RdmaRegion>,
 }
 
 /// Hello `auth`: no authentication (both ends run with `--insecure`).
@@ -425,6 +472,9 @@ pub enum Message {
         /// Destination CLOCK_MONOTONIC at resume, in nanoseconds.
         t_ns: u64,
     },
+    /// RDMA queue-pair exchange after Accept (source first, then destination with its
+    /// memory regions); only when the Offer asked for [`TRANSPORT_RDMA`].
+    RdmaConnect(RdmaConnect),
     /// Either way, before Commit: stop the migration.
     Abort {
         /// Why.
@@ -452,6 +502,7 @@ impl Message {
             Message::Commit => MessageKind::Commit,
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::Abort { .. } => MessageKind::Abort,
+            Message::RdmaConnect(_) => MessageKind::RdmaConnect,
         }
     }
 
@@ -555,6 +606,29 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             e.u32(o.streams);
             e.u64(o.state_pieces);
             e.bytes(o.guest_name.as_bytes())?;
+            e.u32(o.transport);
+        }
+        Message::RdmaConnect(c) => {
+            if c.qps.len() > MAX_RDMA_ENTRIES || c.regions.len() > MAX_RDMA_ENTRIES {
+                return Err(ProtocolError::Malformed {
+                    kind: MessageKind::RdmaConnect,
+                    what: "too many queue pairs or regions",
+                });
+            }
+            e.raw(&c.gid);
+            e.u32(c.mtu);
+            e.u32(c.qps.len() as u32);
+            for (qpn, psn) in &c.qps {
+                e.u32(*qpn);
+                e.u32(*psn);
+            }
+            e.u32(c.regions.len() as u32);
+            for r in &c.regions {
+                e.u64(r.base);
+                e.u64(r.addr);
+                e.u64(r.len);
+                e.u32(r.rkey);
+            }
         }
         Message::Accept | Message::Commit => {}
         Message::Ready { mem_hash } => e.u64(*mem_hash),
@@ -826,7 +900,45 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
             streams: d.u32()?,
             state_pieces: d.u64()?,
             guest_name: d.string()?,
+            transport: d.u32()?,
         }),
+        MessageKind::RdmaConnect => {
+            let gid = d.array()?;
+            let mtu = d.u32()?;
+            let n = d.u32()? as usize;
+            if n > MAX_RDMA_ENTRIES {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "too many queue pairs",
+                });
+            }
+            let mut qps = Vec::with_capacity(n);
+            for _ in 0..n {
+                qps.push((d.u32()?, d.u32()?));
+            }
+            let n = d.u32()? as usize;
+            if n > MAX_RDMA_ENTRIES {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "too many memory regions",
+                });
+            }
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                regions.push(RdmaRegion {
+                    base: d.u64()?,
+                    addr: d.u64()?,
+                    len: d.u64()?,
+                    rkey: d.u32()?,
+                });
+            }
+            Message::RdmaConnect(RdmaConnect {
+                gid,
+                mtu,
+                qps,
+                regions,
+            })
+        }
         MessageKind::Accept => Message::Accept,
         MessageKind::Refuse => Message::Refuse {
             reason: d.string()?,
@@ -1026,6 +1138,7 @@ mod tests {
             streams: 4,
             state_pieces: 0b1011,
             guest_name: "demo-guest ✓".to_owned(),
+            transport: TRANSPORT_RDMA,
         }
     }
 
@@ -1074,6 +1187,23 @@ mod tests {
                 data: vec![0x5a; 3 * 4096],
             },
             Message::Auth { mac: [9; 32] },
+            Message::RdmaConnect(RdmaConnect {
+                gid: [0xfe; 16],
+                mtu: 3,
+                qps: vec![(0x11, 0xabcdef), (0x12, 1)],
+                regions: vec![RdmaRegion {
+                    base: 0,
+                    addr: 0x7f00_0000_0000,
+                    len: 16 << 20,
+                    rkey: 0x1234,
+                }],
+            }),
+            Message::RdmaConnect(RdmaConnect {
+                gid: [0; 16],
+                mtu: 5,
+                qps: Vec::new(),
+                regions: Vec::new(),
+            }),
             Message::Commit,
             Message::Resumed { t_ns: 123_456_789 },
             Message::Abort {
@@ -1274,10 +1404,10 @@ mod tests {
         ));
 
         let mut b = buf.clone();
-        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        b[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
         let err = read_message(&mut Cursor::new(&b)).unwrap_err();
         assert!(
-            matches!(err, ProtocolError::VersionMismatch { ours: 1, theirs: 2 }),
+            matches!(err, ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, theirs } if theirs == PROTOCOL_VERSION + 1),
             "{err}"
         );
         assert!(err.to_string().contains("version"));
