@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing blip needs on a Debian machine (run as root): a C
-# toolchain, iproute2 (network-namespace tests), QEMU (the benchmark's peer VMM and the soft-RoCE
-# hosts) and a font for the benchmark plots.
+# toolchain, libibverbs/librdmacm headers and libclang (rdma-sys generates its bindings with
+# bindgen at build time), iproute2 (network-namespace tests), QEMU (the benchmark's peer VMM and
+# the soft-RoCE hosts) and a font for the benchmark plots.
 # Idempotent: packages already present are not reinstalled. Rust itself comes from rustup
 # (blip needs Rust >= 1.85); Debian's own rustc is too old for blip's dependencies.
 set -euo pipefail
 
 need=()
-for pkg in build-essential util-linux iproute2 procps qemu-system-x86 fonts-dejavu-core; do
+for pkg in build-essential pkg-config libibverbs-dev librdmacm-dev libclang-dev util-linux \
+    iproute2 procps qemu-system-x86 fonts-dejavu-core; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

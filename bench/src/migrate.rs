@@ -284,6 +284,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         verify: false,
         key: Some(key_file(s)?),
         guest_name: String::new(),
+        transport: Default::default(),
     };
     match s.via {
         Via::Api => {

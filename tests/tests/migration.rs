@@ -423,6 +423,23 @@ fn destination_refuses_layouts_it_cannot_take() {
             },
             "CPU vendor",
         ),
+        (
+            "transport",
+            Offer {
+                mem_size: 32 << 20,
+                page_size: 4096,
+                vcpus: 1,
+                cpu_vendor: [0; 12],
+                cpu_signature: 0,
+                cpu_features: 0,
+                tsc_khz: 0,
+                streams: 1,
+                state_pieces: 0,
+                guest_name: String::new(),
+                transport: blip_transport::protocol::TRANSPORT_RDMA,
+            },
+            "listens on tcp://",
+        ),
     ] {
         let (mut b, url) = insecure_receiver(&dir, &format!("b-{what}"));
         match fake_source_offer(&url, offer) {
@@ -826,4 +843,49 @@ fn destination_never_writes_outside_guest_memory() {
         assert!(b.stdout().trim().is_empty(), "no guest ran");
         assert_alive_then_check(&mut a);
     }
+}
+
+/// These hosts have no RDMA device (`CONFIG_INFINIBAND` unset). Every way of asking for RDMA
+/// fails with one clear line and loses nothing; `--transport auto` falls back to TCP and the
+/// source says so in its log. (The RDMA data path itself runs in the soft-RoCE harness.)
+#[test]
+fn rdma_without_a_device_is_a_clear_error_and_auto_picks_tcp() {
+    if !blip_transport::rdma::active_ports().is_empty() {
+        eprintln!("skipped: this host has an active RDMA port");
+        return;
+    }
+    let dir = scratch("mig-rdma-absent");
+    let o = blip(&["receive", "--listen", "rdma://127.0.0.1:0", "--insecure"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no RDMA device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    for (to, extra) in [
+        (url.replace("tcp://", "rdma://"), vec![]),
+        (url.clone(), vec!["--transport", "rdma"]),
+    ] {
+        let o = migrate(&a, &to, &extra);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "{to} {extra:?}");
+        assert!(err.contains("no RDMA device"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // The guest never left, and the destination never heard of these attempts.
+    assert!(a.alive(), "{}", a.stderr());
+    let r = report(&migrate(&a, &url, &["--transport", "auto", "--verify"]));
+    assert_eq!(r["transport"], "tcp", "{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    assert!(
+        a.stderr().contains("--transport auto: TCP (no RDMA device"),
+        "{}",
+        a.stderr()
+    );
+    b.wait_api();
+    assert_alive_then_check(&mut b);
 }

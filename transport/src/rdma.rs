@@ -69,7 +69,9 @@ pub enum RdmaError {
         source: io::Error,
     },
     /// A work request completed with an error.
-    #[error("RDMA WRITE failed: {status} (vendor error {vendor_err:#x}); is the peer still there?")]
+    #[error(
+        "RDMA WRITE failed: {status} (vendor error {vendor_err:#x}); is the peer still there?"
+    )]
     Completion {
         /// `ibv_wc_status_str` of the status.
         status: String,
@@ -219,7 +221,11 @@ pub struct Port {
 
 impl std::fmt::Debug for Port {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{} gid index {}", self.ctx.name, self.port, self.gid_index)
+        write!(
+            f,
+            "{}:{} gid index {}",
+            self.ctx.name, self.port, self.gid_index
+        )
     }
 }
 
@@ -881,8 +887,7 @@ impl Writer {
         for i in 0..self.ops.len() {
             let op = self.ops[i];
             // Room in the send queue for this one and a forced signal.
-            while self.window.outstanding() + self.pending.len() as u64 + 2 > u64::from(SQ_DEPTH)
-            {
+            while self.window.outstanding() + self.pending.len() as u64 + 2 > u64::from(SQ_DEPTH) {
                 self.post(true)?;
                 self.reap(false)?;
             }
@@ -1049,7 +1054,13 @@ mod tests {
     fn plans_refuse_out_of_range() {
         let local = [(0u64, 0x1000u64, 1 << 20, 1u32)];
         let mut out = Vec::new();
-        let e = plan_writes(&local, &[remote(0, 1 << 20)], (1 << 20) - 4096, 8192, &mut out);
+        let e = plan_writes(
+            &local,
+            &[remote(0, 1 << 20)],
+            (1 << 20) - 4096,
+            8192,
+            &mut out,
+        );
         assert!(matches!(e, Err(RdmaError::OutOfRange { .. })), "{e:?}");
         let e = plan_writes(&local, &[remote(0, 4096)], 0, 8192, &mut out);
         assert!(

@@ -122,7 +122,8 @@ pub struct RunArgs {
 /// `blip receive`.
 #[derive(Args, Debug, Clone)]
 pub struct ReceiveArgs {
-    /// Where to wait for the source: tcp://ADDR:PORT.
+    /// Where to wait for the source: tcp://ADDR:PORT, or rdma://ADDR:PORT to also take pages
+    /// by RDMA WRITE (needs an active RDMA port; the control channel is TCP on ADDR:PORT).
     #[arg(long, value_name = "URL")]
     pub listen: String,
     /// How guest RAM is backed (shared memfd by default: pre-faulted, registrable for RDMA).
@@ -205,9 +206,13 @@ pub struct MigrateArgs {
     /// Name of the source guest in this host's registry.
     #[arg(long, conflicts_with = "api")]
     pub guest: Option<String>,
-    /// Destination: tcp://HOST:PORT (a `blip receive --listen`).
+    /// Destination: tcp://HOST:PORT or rdma://HOST:PORT (a `blip receive --listen`).
     #[arg(long, value_name = "URL", required_unless_present = "cancel")]
     pub to: Option<String>,
+    /// How pages travel: as the URL says, tcp, rdma (an error without an active RDMA port),
+    /// or auto (RDMA if this host has an active RDMA port, else TCP; one log line says which).
+    #[arg(long, value_enum, default_value = "url")]
+    pub transport: crate::migration::rdma::TransportChoice,
     /// Cancel the migration the source is running (it stops in pre-copy; the guest stays).
     #[arg(long)]
     pub cancel: bool,

@@ -191,6 +191,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             verify: a.verify,
             key: Some(key.clone()),
             guest_name: String::new(),
+            transport: Default::default(),
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
         if a.verify && r.verified != Some(true) {

@@ -98,6 +98,7 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
                         verify: false,
                         key: key.clone(),
                         guest_name: String::new(),
+                        transport: Default::default(),
                     };
                     let result = api::call(&g.api, &Request::Migrate { options }, &mut |v| {
                         if v["event"] == "progress" {

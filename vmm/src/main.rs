@@ -317,12 +317,13 @@ fn serve_vm(
 fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     let _ = a.auth.resolve().map_err(Failure)?;
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
-    let listener = dest::listen(&a.listen)?;
+    let (listener, rdma) = dest::listen(&a.listen)?;
     let local = listener
         .local_addr()
         .map(|s| s.to_string())
         .unwrap_or_default();
-    eprintln!("blip: waiting for an incoming migration on tcp://{local}");
+    let scheme = if rdma { "rdma" } else { "tcp" };
+    eprintln!("blip: waiting for an incoming migration on {scheme}://{local}");
     let key = a
         .auth
         .resolve()
@@ -335,6 +336,7 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         dirty: a.dirty.config(),
         key,
         allow: a.allow.clone(),
+        rdma,
     };
     let (vm, inc) = dest::receive(&listener, cfg)
         .map_err(|e| Failure(format!("incoming migration failed: {}", error_chain(&e))))?;
@@ -499,6 +501,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         verify: a.verify,
         key,
         guest_name: String::new(),
+        transport: a.transport,
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;

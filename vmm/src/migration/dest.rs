@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use blip_transport::auth::{Key, Proof};
 use blip_transport::protocol::{
-    self, crc32c_append, Message, PagesReceipt, Role, AUTH_HMAC_SHA256, AUTH_NONE,
+    self, crc32c_append, Message, PagesReceipt, Role, AUTH_HMAC_SHA256, AUTH_NONE, TRANSPORT_RDMA,
+    TRANSPORT_TCP,
 };
 use blip_transport::tcp::{self, Endpoint};
 use crossbeam_channel::{Receiver, Sender};
@@ -34,6 +35,8 @@ pub struct ReceiveConfig {
     pub key: Option<Key>,
     /// Peers allowed to connect (empty = all).
     pub allow: Vec<Cidr>,
+    /// Listening on `rdma://`: RDMA offers are accepted (TCP ones too).
+    pub rdma: bool,
 }
 
 /// Summary of an incoming migration, from the destination's point of view.
@@ -49,15 +52,20 @@ pub struct Incoming {
     pub guest_name: String,
 }
 
-/// Binds the listening socket (so callers can report the address before blocking).
-pub fn listen(url: &str) -> Result<TcpListener, MigrationError> {
-    match Endpoint::from_str(url)? {
-        Endpoint::Tcp(a) => tcp::listen(&a).map_err(|source| MigrationError::Listen {
-            addr: url.to_string(),
-            source,
-        }),
-        Endpoint::Rdma(_) => Err(MigrationError::NoRdma),
+/// Binds the listening socket (so callers can report the address before blocking). An
+/// `rdma://` address needs an active RDMA port on this host: without one it fails here, before
+/// anything listens. Returns the listener and whether it is `rdma://`.
+pub fn listen(url: &str) -> Result<(TcpListener, bool), MigrationError> {
+    let endpoint = Endpoint::from_str(url)?;
+    let rdma = matches!(endpoint, Endpoint::Rdma(_));
+    if rdma {
+        super::rdma::require_device()?;
     }
+    let l = tcp::listen(endpoint.address()).map_err(|source| MigrationError::Listen {
+        addr: url.to_string(),
+        source,
+    })?;
+    Ok((l, rdma))
 }
 
 /// Receives one guest on `listener`. On success the returned VM is running it.
@@ -219,6 +227,20 @@ fn receive_inner(
         Message::Offer(o) => o,
         other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),
     };
+    let rdma = match (offer.transport, cfg.rdma) {
+        (TRANSPORT_TCP, _) => false,
+        (TRANSPORT_RDMA, true) => true,
+        (TRANSPORT_RDMA, false) => {
+            return Err(MigrationError::Incompatible(
+                "the source asks for RDMA but this destination listens on tcp:// (migrate with tcp://, or run blip receive --listen rdma://)".into(),
+            ))
+        }
+        (other, _) => {
+            return Err(MigrationError::Incompatible(format!(
+                "unknown transport {other}"
+            )))
+        }
+    };
     let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
         MigrationError::Vm(crate::vm::VmError::Kvm {
             what: "open /dev/kvm",
@@ -252,19 +274,41 @@ fn receive_inner(
     memory::prefault(vm.memory())?;
     let mem = vm.memory().clone();
     *vm_slot = Some(vm);
+    let prep = if rdma {
+        // Guest memory registered for remote writes before the source hears Accept.
+        let n = offer.streams.clamp(1, 16) as usize + 1;
+        Some(
+            super::rdma::prepare_dest(control.local_addr()?.ip(), &mem, n).map_err(|e| {
+                MigrationError::Incompatible(format!("RDMA set-up failed here: {e}"))
+            })?,
+        )
+    } else {
+        None
+    };
     protocol::write_message(control, &Message::Accept)?;
 
-    // Data streams.
-    let streams = accept_streams(
-        listener,
-        session,
-        offer.streams,
-        &mem,
-        stream_auth.as_ref(),
-        &cfg.allow,
-        control,
-    )?;
-    let mut done_round: Vec<Option<u32>> = vec![None; offer.streams as usize];
+    // RDMA: queue pairs connect over control and the rkeys go out; the pages then land with no
+    // work here. TCP: the data streams connect.
+    let mut rdma_conn = None;
+    let streams = match prep {
+        Some(prep) => {
+            let c = super::rdma::connect_dest(prep, control)?;
+            eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
+            rdma_conn = Some(c);
+            crossbeam_channel::never()
+        }
+        None => accept_streams(
+            listener,
+            session,
+            offer.streams,
+            &mem,
+            stream_auth.as_ref(),
+            &cfg.allow,
+            control,
+        )?,
+    };
+    let n_streams = if rdma { 0 } else { offer.streams as usize };
+    let mut done_round: Vec<Option<u32>> = vec![None; n_streams];
     let mut inc = Incoming {
         guest_name: offer.guest_name.clone(),
         ..Default::default()
@@ -311,7 +355,7 @@ fn receive_inner(
                         }
                     }
                 }
-                if got != pages {
+                if !rdma && got != pages {
                     return Err(MigrationError::Stream(Box::new(MigrationError::Io(
                         std::io::Error::other(format!(
                             "round {round}: the source sent {pages} pages but {got} arrived"
@@ -357,11 +401,14 @@ fn receive_inner(
             }
             Message::Commit => {
                 let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;
+                let _still_registered = rdma_conn.take();
                 let beats_before = vm.devices().heartbeats.lock().map(|h| h.total).unwrap_or(0);
                 let t = vm.resume_all()?;
                 inc.resumed_ns = t.first_ns;
                 // Committed: from here on the guest is ours whatever the source does.
                 let _ = protocol::write_message(control, &Message::Resumed { t_ns: t.first_ns });
+                // Now the rkeys die (after the blackout, not inside it).
+                drop(_still_registered);
                 // Guests that beat through the heartbeat port do so within their period; others
                 // (no heartbeat, or `via=serial`) get a "none" after half a second.
                 let deadline = Instant::now() + Duration::from_millis(500);

@@ -24,6 +24,7 @@
 //! and the final round (guest paused) carry a CRC over the data too.
 
 pub mod dest;
+pub mod rdma;
 pub mod source;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,8 +106,8 @@ pub enum MigrationError {
     },
     #[error("{0}")]
     Endpoint(#[from] blip_transport::tcp::EndpointError),
-    #[error("the RDMA transport is not available in this build (use tcp://HOST:PORT)")]
-    NoRdma,
+    #[error(transparent)]
+    Rdma(#[from] blip_transport::rdma::RdmaError),
     #[error("protocol error")]
     Protocol(#[from] ProtocolError),
     #[error("network I/O failed")]
@@ -202,6 +203,9 @@ pub struct Options {
     /// it under the same name (the source blip fills it in; empty = none).
     #[serde(default)]
     pub guest_name: String,
+    /// How pages travel (`--transport`; default: the URL's scheme).
+    #[serde(default)]
+    pub transport: rdma::TransportChoice,
 }
 
 /// One pre-copy round.
@@ -346,11 +350,18 @@ mod tests {
             verify: true,
             key: None,
             guest_name: String::new(),
+            transport: rdma::TransportChoice::Auto,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();
         assert_eq!(back.to, o.to);
         assert_eq!(back.on_timeout, OnTimeout::Go);
+        assert_eq!(back.transport, rdma::TransportChoice::Auto);
+        // Clients that predate --transport still parse: the URL decides.
+        let old = j.replace(",\"transport\":\"auto\"", "");
+        assert!(!old.contains("transport"), "{old}");
+        let back: Options = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.transport, rdma::TransportChoice::Url);
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use blip_transport::auth::{Key, Proof};
-use blip_transport::protocol::{self, Message, Offer, Role, AUTH_HMAC_SHA256, AUTH_NONE};
+use blip_transport::protocol::{
+    self, Message, Offer, Role, AUTH_HMAC_SHA256, AUTH_NONE, TRANSPORT_RDMA, TRANSPORT_TCP,
+};
+use blip_transport::rdma::Writer;
 use blip_transport::tcp::{self, Endpoint};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
@@ -68,8 +71,14 @@ struct Senders {
     results: Receiver<StreamResult>,
 }
 
+/// Where a sender thread puts pages: a TCP data stream, or an RDMA queue pair.
+enum Sink {
+    Tcp(TcpStream),
+    Rdma(Box<Writer>),
+}
+
 impl Senders {
-    fn start(mem: &GuestMem, conns: Vec<TcpStream>) -> Senders {
+    fn start(mem: &GuestMem, conns: Vec<Sink>) -> Senders {
         let (rtx, rrx) = crossbeam_channel::unbounded();
         let streams = conns
             .into_iter()
@@ -130,7 +139,7 @@ impl Drop for Senders {
     }
 }
 
-fn sender(mut conn: TcpStream, mem: GuestMem, jobs: Receiver<Job>, results: Sender<StreamResult>) {
+fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<StreamResult>) {
     let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
     let (mut pages, mut bytes) = (0u64, 0u64);
     let mut failed: Option<MigrationError> = None;
@@ -141,23 +150,36 @@ fn sender(mut conn: TcpStream, mem: GuestMem, jobs: Receiver<Job>, results: Send
                 continue;
             }
             (Some(_), _) => Ok(()),
-            (None, Job::Scan { first, pages: n }) => {
-                send_nonzero(&mut conn, &mem, &mut buf, first, n).map(|(p, b)| {
-                    pages += p;
-                    bytes += b;
-                })
+            (None, Job::Scan { first, pages: n }) => match &mut sink {
+                Sink::Tcp(conn) => send_nonzero(conn, &mem, &mut buf, first, n),
+                Sink::Rdma(w) => write_nonzero(w, &mem, &mut buf, first, n),
             }
+            .map(|(p, b)| {
+                pages += p;
+                bytes += b;
+            }),
             (None, Job::Live(runs)) => runs.iter().try_for_each(|r| {
                 let len = (r.pages * PAGE_SIZE) as usize;
-                protocol::write_pages_live_header(&mut conn, r.gpa(), r.pages as u32)?;
-                mem.write_all_volatile_to(GuestAddress(r.gpa()), &mut conn, len)?;
+                match &mut sink {
+                    Sink::Tcp(conn) => {
+                        protocol::write_pages_live_header(conn, r.gpa(), r.pages as u32)?;
+                        mem.write_all_volatile_to(GuestAddress(r.gpa()), conn, len)?;
+                    }
+                    Sink::Rdma(w) => w.write(r.gpa(), len as u64)?,
+                }
                 pages += r.pages;
                 bytes += len as u64;
                 Ok(())
             }),
             (None, Job::End(round)) => {
-                let r = protocol::write_message(&mut conn, &Message::RoundEnd { round, pages })
-                    .map_err(MigrationError::from);
+                let r = match &mut sink {
+                    Sink::Tcp(conn) => {
+                        protocol::write_message(conn, &Message::RoundEnd { round, pages })
+                            .map_err(MigrationError::from)
+                    }
+                    // Every write of the round acknowledged by the peer: the pages landed.
+                    Sink::Rdma(w) => w.flush().map_err(MigrationError::from),
+                };
                 let _ = results.send(r.map(|_| (pages, bytes)));
                 pages = 0;
                 bytes = 0;
@@ -195,6 +217,36 @@ fn send_nonzero(
         let data = &buf[start * page..i * page];
         protocol::write_pages(w, (first + start as u64) * PAGE_SIZE, &[IoSlice::new(data)])?;
         pages += (i - start) as u64;
+    }
+    Ok((pages, pages * PAGE_SIZE))
+}
+
+/// Round 0 over RDMA: finds the non-zero pages among `n` pages from pfn `first` (read through
+/// `buf`) and writes them by RDMA WRITE straight from guest memory. Returns (pages, bytes).
+fn write_nonzero(
+    w: &mut Writer,
+    mem: &GuestMem,
+    buf: &mut [u8],
+    first: u64,
+    n: u64,
+) -> Result<(u64, u64), MigrationError> {
+    let len = (n * PAGE_SIZE) as usize;
+    mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
+    let page = PAGE_SIZE as usize;
+    let nonzero = |i: usize| buf[i * page..(i + 1) * page].iter().any(|b| *b != 0);
+    let (mut pages, mut i) = (0u64, 0usize);
+    while i < n as usize {
+        if !nonzero(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < n as usize && nonzero(i) {
+            i += 1;
+        }
+        let run = (i - start) as u64;
+        w.write((first + start as u64) * PAGE_SIZE, run * PAGE_SIZE)?;
+        pages += run;
     }
     Ok((pages, pages * PAGE_SIZE))
 }
@@ -249,10 +301,11 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
     let endpoint = Endpoint::from_str(&opts.to)?;
-    let addr = match &endpoint {
-        Endpoint::Tcp(a) => a.clone(),
-        Endpoint::Rdma(_) => return Err(MigrationError::NoRdma),
-    };
+    let addr = endpoint.address().clone();
+    let use_rdma = super::rdma::wants_rdma(&endpoint, opts.transport);
+    if use_rdma {
+        super::rdma::require_device()?;
+    }
     let running = super::Running::start();
     let _slot = crate::registry::take_slot(crate::registry::Direction::Outgoing).map_err(|n| {
         MigrationError::NoSlot(
@@ -273,6 +326,8 @@ pub fn migrate(
         committed: false,
         tracking: false,
         senders: None,
+        final_writer: None,
+        rdma: use_rdma,
     };
     let result = migrate_inner(
         vm,
@@ -284,6 +339,7 @@ pub fn migrate(
         &mut run,
         &running,
     );
+    run.final_writer = None;
     if let Err(e) = &result {
         if !run.committed {
             // Tell the destination (best effort), then give the guest back its CPUs.
@@ -294,6 +350,7 @@ pub fn migrate(
                 },
             );
             run.senders = None;
+            run.final_writer = None;
             if run.tracking {
                 let (t, mem) = vm.tracker_mut();
                 let _ = t.stop(mem);
@@ -383,6 +440,9 @@ struct Run_ {
     committed: bool,
     tracking: bool,
     senders: Option<Senders>,
+    /// RDMA: the queue pair of the last live round and the final pages (controller thread).
+    final_writer: Option<Writer>,
+    rdma: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -495,6 +555,11 @@ fn migrate_inner(
         streams,
         state_pieces: caps.pieces | if opts.verify { VERIFY_FLAG } else { 0 },
         guest_name: opts.guest_name.clone(),
+        transport: if run.rdma {
+            TRANSPORT_RDMA
+        } else {
+            TRANSPORT_TCP
+        },
     };
     protocol::write_message(control, &Message::Offer(offer))?;
     let f = protocol::read_message(control)?;
@@ -502,9 +567,16 @@ fn migrate_inner(
         return Err(expect(f, "Accept"));
     }
 
-    // Data streams.
+    let mem = vm.memory().clone();
     let mut conns = Vec::new();
-    for index in 0..streams {
+    if run.rdma {
+        // One queue pair per sender thread, plus the controller's for the final pages.
+        let mut writers = super::rdma::connect_source(control, &mem, streams as usize + 1)?;
+        run.final_writer = writers.pop();
+        conns.extend(writers.into_iter().map(|w| Sink::Rdma(Box::new(w))));
+    }
+    // Data streams.
+    for index in 0..if run.rdma { 0 } else { streams } {
         let mut c = tcp::connect(addr, Duration::from_secs(10)).map_err(|source| {
             MigrationError::Connect {
                 addr: opts.to.clone(),
@@ -517,9 +589,8 @@ fn migrate_inner(
             let mac = k.prove(Proof::Stream(index), session, &src_nonce, &dst_nonce);
             protocol::write_message(&mut c, &Message::Auth { mac })?;
         }
-        conns.push(c);
+        conns.push(Sink::Tcp(c));
     }
-    let mem = vm.memory().clone();
     run.senders = Some(Senders::start(&mem, conns));
 
     // Track from now on: round 0 sends everything non-zero, later rounds what changed.
@@ -531,7 +602,7 @@ fn migrate_inner(
 
     let mut report = Report {
         to: opts.to.clone(),
-        transport: "tcp".into(),
+        transport: if run.rdma { "rdma" } else { "tcp" }.into(),
         streams,
         mem_size: vm.mem_size(),
         vcpus: u32::from(vcpus),
@@ -686,19 +757,28 @@ fn migrate_inner(
     // Data streams are done: close them so the destination's stream readers finish.
     run.senders = None;
     // Everything the blackout path needs exists before it starts.
-    let mut batch_buf = vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize];
+    let mut batch_buf = if run.rdma {
+        Vec::new()
+    } else {
+        vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize]
+    };
     let mut batch_runs: Vec<(u64, u32)> = Vec::with_capacity(FINAL_BATCH_PAGES as usize);
     // A last live round on the control stream, without waiting for an ack: what is dirty now
     // leaves while the guest still runs, so only pages written in the last microseconds are left
     // for the blackout. Same stream as the final batch, so it lands first.
     let t = now_ns();
     for r in split_runs(&vm.tracker().take_runs(&mem)?, PAGES_PER_FRAME) {
-        protocol::write_pages_live_header(control, r.gpa(), r.pages as u32)?;
-        mem.write_all_volatile_to(
-            GuestAddress(r.gpa()),
-            control,
-            (r.pages * PAGE_SIZE) as usize,
-        )?;
+        if let Some(w) = run.final_writer.as_mut() {
+            // Same queue pair as the final pages: they land after these.
+            w.write(r.gpa(), r.pages * PAGE_SIZE)?;
+        } else {
+            protocol::write_pages_live_header(control, r.gpa(), r.pages as u32)?;
+            mem.write_all_volatile_to(
+                GuestAddress(r.gpa()),
+                control,
+                (r.pages * PAGE_SIZE) as usize,
+            )?;
+        }
         report.pages_sent += r.pages;
         report.bytes_sent += r.pages * PAGE_SIZE;
     }
@@ -726,7 +806,20 @@ fn migrate_inner(
     let runs = vm.tracker().take_runs(&mem)?;
     ph.final_harvest = now_ns() - t;
     let t = now_ns();
-    report.final_pages = send_batches(control, &mem, &runs, &mut batch_buf, &mut batch_runs)?;
+    report.final_pages = match run.final_writer.as_mut() {
+        Some(w) => {
+            // Zero copy from the paused guest's memory; busy-poll until the peer has them.
+            w.set_busy_poll(true);
+            let mut pages = 0;
+            for r in &runs {
+                w.write(r.gpa(), r.pages * PAGE_SIZE)?;
+                pages += r.pages;
+            }
+            w.flush()?;
+            pages
+        }
+        None => send_batches(control, &mem, &runs, &mut batch_buf, &mut batch_runs)?,
+    };
     ph.final_pages = now_ns() - t;
     let src_digest = if opts.verify {
         let t = now_ns();

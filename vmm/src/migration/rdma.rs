@@ -1,0 +1,215 @@
+//! The migration engine's side of the RDMA transport: which transport a migration uses, and
+//! connecting queue pairs over the (already authenticated) control stream.
+//!
+//! The verbs themselves live in `blip_transport::rdma`; this module only decides what to
+//! register (guest memory, via [`crate::memory::register_rdma`]) and what to tell the peer.
+//! The destination registers its guest memory for remote writes before it accepts the offer,
+//! so everything is in place before the first page; rkeys go out only after the source proved
+//! the key, in the destination's [`RdmaConnect`]. Dropping [`DestRdma`] (commit or abort)
+//! deregisters the memory, and with it the rkeys die.
+
+use std::net::{IpAddr, TcpStream};
+use std::sync::Arc;
+
+use blip_transport::protocol::{self, Message, RdmaConnect, RdmaRegion};
+use blip_transport::rdma::{
+    self, state, Access, CompletionQueue, LocalRegion, PeerQp, Port, ProtectionDomain, QueuePair,
+    RdmaError, Writer,
+};
+use blip_transport::tcp::Endpoint;
+use serde::{Deserialize, Serialize};
+
+use super::{peer_timeout, MigrationError};
+use crate::memory::{register_rdma, GuestMem};
+
+/// `--transport`: how pages travel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// As the URL's scheme says (`tcp://` or `rdma://`).
+    #[default]
+    Url,
+    /// TCP data streams.
+    Tcp,
+    /// RDMA WRITE; an error where no RDMA device is active.
+    Rdma,
+    /// RDMA when this host has an active RDMA port, else TCP (one log line says which).
+    Auto,
+}
+
+/// Resolves `choice` for `endpoint`: true = RDMA. Says on stderr what `auto` picked.
+pub fn wants_rdma(endpoint: &Endpoint, choice: TransportChoice) -> bool {
+    match choice {
+        TransportChoice::Url => matches!(endpoint, Endpoint::Rdma(_)),
+        TransportChoice::Tcp => false,
+        TransportChoice::Rdma => true,
+        TransportChoice::Auto => {
+            let ports = rdma::active_ports();
+            if ports.is_empty() {
+                eprintln!("blip: --transport auto: TCP (no RDMA device with an active port)");
+                false
+            } else {
+                eprintln!("blip: --transport auto: RDMA ({})", ports.join(", "));
+                true
+            }
+        }
+    }
+}
+
+/// Fails with a clear error unless this host has an active RDMA port (`blip receive --listen
+/// rdma://` checks this before it binds).
+pub fn require_device() -> Result<(), MigrationError> {
+    if rdma::active_ports().is_empty() {
+        return Err(MigrationError::Rdma(RdmaError::NoDevice(
+            "libibverbs finds no active port".into(),
+        )));
+    }
+    Ok(())
+}
+
+fn read(control: &mut TcpStream) -> Result<RdmaConnect, MigrationError> {
+    match protocol::read_message(control)?.msg {
+        Message::RdmaConnect(c) => Ok(c),
+        other => Err(MigrationError::from_unexpected(
+            other.unexpected("RdmaConnect"),
+        )),
+    }
+}
+
+/// Queue pairs in INIT on one port, and what to tell the peer about them.
+struct Side {
+    pd: Arc<ProtectionDomain>,
+    qps: Vec<QueuePair<state::Init>>,
+}
+
+impl Side {
+    fn new(port: &Port, n: usize, remote_write: bool) -> Result<Side, RdmaError> {
+        let pd = ProtectionDomain::new(port)?;
+        let mut qps = Vec::with_capacity(n);
+        for _ in 0..n {
+            // Each queue pair keeps its own completion queue alive.
+            let cq = CompletionQueue::new(port, rdma::SQ_DEPTH * 2)?;
+            qps.push(QueuePair::create(&pd, &cq, remote_write)?);
+        }
+        Ok(Side { pd, qps })
+    }
+
+    fn hello(&self, regions: Vec<RdmaRegion>) -> RdmaConnect {
+        let port = self.pd.port();
+        RdmaConnect {
+            gid: port.gid,
+            mtu: port.mtu,
+            qps: self.qps.iter().map(QueuePair::endpoint).collect(),
+            regions,
+        }
+    }
+
+    /// INIT → RTR → RTS against the peer's queue pairs, in order.
+    fn connect(self, peer: &RdmaConnect) -> Result<Vec<QueuePair<state::Rts>>, RdmaError> {
+        if peer.qps.len() != self.qps.len() {
+            return Err(RdmaError::Peer(format!(
+                "{} queue pairs, {} expected",
+                peer.qps.len(),
+                self.qps.len()
+            )));
+        }
+        self.qps
+            .into_iter()
+            .zip(&peer.qps)
+            .map(|(qp, (qpn, psn))| {
+                qp.into_rtr(&PeerQp {
+                    gid: peer.gid,
+                    mtu: peer.mtu,
+                    qpn: *qpn,
+                    psn: *psn,
+                })?
+                .into_rts()
+            })
+            .collect()
+    }
+}
+
+/// Source: registers guest memory, connects `n` queue pairs to the destination over
+/// `control` (after Accept) and returns one [`Writer`] per queue pair.
+pub fn connect_source(
+    control: &mut TcpStream,
+    mem: &GuestMem,
+    n: usize,
+) -> Result<Vec<Writer>, MigrationError> {
+    let port = Port::for_ip(control.local_addr()?.ip())?;
+    let side = Side::new(&port, n, false)?;
+    let local: Vec<LocalRegion> = register_rdma(&side.pd, mem, Access::Local)?;
+    protocol::write_message(control, &Message::RdmaConnect(side.hello(Vec::new())))?;
+    let peer = read(control)?;
+    if peer.regions.is_empty() {
+        return Err(RdmaError::Peer("no memory regions offered".into()).into());
+    }
+    let qps = side.connect(&peer)?;
+    Ok(qps
+        .into_iter()
+        .map(|qp| {
+            let local = local
+                .iter()
+                .map(|l| LocalRegion {
+                    base: l.base,
+                    mr: l.mr.clone(),
+                })
+                .collect();
+            Writer::new(qp, local, peer.regions.clone(), peer_timeout())
+        })
+        .collect())
+}
+
+/// Destination, before Accept: guest memory registered for remote writes on the port that
+/// carries `local_ip`, queue pairs created. Nothing is told to the peer yet.
+pub struct DestPrep {
+    side: Side,
+    regions: Vec<LocalRegion>,
+}
+
+/// Destination, connected: holds the registrations and queue pairs the source writes through.
+/// Dropping it revokes the rkeys.
+pub struct DestRdma {
+    // Field order = drop order: queue pairs before the memory they expose.
+    _qps: Vec<QueuePair<state::Rts>>,
+    _regions: Vec<LocalRegion>,
+    /// "rxe0:1", for logs.
+    pub port: String,
+}
+
+/// Prepares the destination side for `n` queue pairs.
+pub fn prepare_dest(
+    local_ip: IpAddr,
+    mem: &GuestMem,
+    n: usize,
+) -> Result<DestPrep, MigrationError> {
+    let port = Port::for_ip(local_ip)?;
+    let side = Side::new(&port, n, true)?;
+    let regions = register_rdma(&side.pd, mem, Access::RemoteWrite)?;
+    Ok(DestPrep { side, regions })
+}
+
+/// Destination, after Accept: reads the source's queue pairs, connects, answers with ours and
+/// the memory regions (the rkeys).
+pub fn connect_dest(prep: DestPrep, control: &mut TcpStream) -> Result<DestRdma, MigrationError> {
+    let peer = read(control)?;
+    let regions: Vec<RdmaRegion> = prep
+        .regions
+        .iter()
+        .map(|l| RdmaRegion {
+            base: l.base,
+            addr: l.mr.addr(),
+            len: l.mr.len(),
+            rkey: l.mr.rkey(),
+        })
+        .collect();
+    let hello = prep.side.hello(regions);
+    let port = format!("{:?}", prep.side.pd.port());
+    let qps = prep.side.connect(&peer)?;
+    protocol::write_message(control, &Message::RdmaConnect(hello))?;
+    Ok(DestRdma {
+        _qps: qps,
+        _regions: prep.regions,
+        port,
+    })
+}
