@@ -3,12 +3,14 @@
 # initramfs built from Debian packages and the freshly built blip), joined by one virtio-net
 # wire, runs scenarios inside them and reports from their consoles.
 #
-#   ci/softroce.sh [--scenarios boot,rdma,kvm,migrate-tcp] [--keep] [--no-build]
+#   ci/softroce.sh [--scenarios boot,rdma,kvm,migrate-rdma,...] [--keep] [--no-build]
 #                  [--blip FILE] [--timeout SECS]
 #
 # Scenarios: boot (modules, addresses, ping), rdma (rxe0 on both, ib_write_bw B <- A),
-# kvm (blip run --cmdline hello inside each host), migrate-tcp (a running dirty+heartbeat guest
-# from host A to host B over tcp://, then `blip check` on B). Default: all of them.
+# kvm (blip run --cmdline hello inside each host), migrate-rdma / migrate-tcp (a running
+# dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
+# then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
+# guest keeps running on A). Default: all but fault-tcp.
 # Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
 # (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
 # Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
@@ -19,7 +21,7 @@ cd "$ROOT"
 . ci/env.sh
 . ci/softroce/image.sh
 
-SCENARIOS=boot,rdma,kvm,migrate-tcp
+SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma
 KEEP=0
 BUILD=1
 BLIP=${BLIP_BIN:-}
@@ -41,11 +43,13 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
+# Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
 case ",$SCENARIOS," in
-    *,migrate-tcp,*) case ",$SCENARIOS," in *,kvm,*) ;; *) SCENARIOS=${SCENARIOS/migrate-tcp/kvm,migrate-tcp} ;; esac ;;
+    *,kvm,*) ;;
+    *,migrate-*|*,fault-*) SCENARIOS=kvm,$SCENARIOS ;;
 esac
 
 T_START=$(date +%s.%N)

@@ -147,6 +147,7 @@ scenario_rdma() {
         bw=$(awk -v s="$IB_SIZE" '$1 == s && NF >= 5 { print $4 }' /tmp/ibbw.out)
         mb=$((IB_SIZE * IB_ITERS / 1048576))
         if [ "$rc" = 0 ] && [ -n "$bw" ]; then
+            echo "$bw" >/tmp/ib_bw
             result rdma PASS "role=client bw_avg_MBps=$bw bytes=${mb}MiB run_ms=$(ms_since "$t1") ms=$(ms_since "$t0")"
         else
             result rdma FAIL "role=client rc=$rc"
@@ -180,92 +181,240 @@ wait_file() {
 }
 
 MIG_PORT=4000
+# Blackout target inside the emulated hosts: TCG makes every fixed cost (ioctls, state) tens of
+# milliseconds, so a 1 ms target would only end at --max-precopy-time.
+MIG_TARGET=100ms
 
-scenario_migrate_tcp() {
-    t0=$(now_cs)
+# Both hosts ran `kvm` successfully (and, for rdma, have rxe0 up)? Prints why not.
+mig_ready() {
     mine=$(cat /sync/result-kvm 2>/dev/null)
     peer=$(wait_peer result-kvm 300) || peer=none
     if [ "$mine" != PASS ] || [ "$peer" != PASS ]; then
-        mark mig-listen skip
-        result migrate-tcp SKIP "needs kvm on both hosts (here: ${mine:-not run}, peer: $peer)"
+        echo "needs kvm on both hosts (here: ${mine:-not run}, peer: $peer)"
+        return 1
+    fi
+    if [ "$1" = rdma ] && ! rdma_link_up >/dev/null 2>&1; then
+        echo "rxe0 is not up here"
+        return 1
+    fi
+    return 0
+}
+
+# Starts `blip receive` on $1://ME:$2 (serial $3, api $4) in the background; sets RECV_PID.
+start_receive() {
+    timeout 600 blip receive --listen "$1://$ME:$2" --serial "$3" --api "$4" >"$3.out" 2>&1 &
+    RECV_PID=$!
+    n=0
+    while ! tcp_listening "$2" && kill -0 "$RECV_PID" 2>/dev/null && [ "$n" -lt 300 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    tcp_listening "$2"
+}
+
+# Starts the dirtying, heartbeating source guest (api $1, serial $2, working set $3 MiB of
+# its 16 MiB); sets RUN_PID.
+start_source() {
+    timeout 600 blip run --api "$1" --cmdline "dirty ws=$3 rate=max heartbeat period=5000" \
+        --mem 16M --serial "$2" >"$2.out" 2>&1 &
+    RUN_PID=$!
+    wait_file "$1" 60
+}
+
+# "key=value" summary of a `blip migrate --json` report: transport, blackout, pages, best
+# pre-copy round throughput in MiB/s (rounds of at least 256 KiB), and its ratio to the
+# ib_write_bw figure of the `rdma` scenario when there is one.
+report_summary() {
+    tr -d ' \n' <"$1" | tr '{' '\n' | awk -v ib="$(cat /tmp/ib_bw 2>/dev/null)" '
+        /"transport":/ { match($0, /"transport":"[a-z]+"/); tr = substr($0, RSTART + 13, RLENGTH - 14) }
+        /"blackout_ns":/ { match($0, /"blackout_ns":[0-9]+/); bo = substr($0, RSTART + 14, RLENGTH - 14) }
+        /"pages_sent":/ { match($0, /"pages_sent":[0-9]+/); pg = substr($0, RSTART + 13, RLENGTH - 13) }
+        /"round":[0-9]+,"pages"/ {
+            match($0, /"bytes":[0-9]+/); b = substr($0, RSTART + 8, RLENGTH - 8) + 0
+            match($0, /"throughput":[0-9.e+]+/); t = substr($0, RSTART + 13, RLENGTH - 13) / 1048576
+            if (b >= 262144 && t > best) best = t
+        }
+        END {
+            printf "transport=%s blackout_us=%.0f pages=%s best_round_MiBps=%.2f", tr, bo / 1000, pg, best
+            if (ib > 0 && best > 0) printf " ratio_to_ib_write_bw=%.2f", best / ib
+        }'
+}
+
+# Live-migrates a dirty+heartbeat guest from a to b over $1:// with --verify, then back from b
+# to a, then the guest checks its memory on a. Both hosts print the verdict.
+scenario_migrate() {
+    P=$1 name=migrate-$1
+    case "$P" in tcp) ab=$MIG_PORT ba=$((MIG_PORT + 1)) ;; *) ab=$((MIG_PORT + 10)) ba=$((MIG_PORT + 11)) ;; esac
+    t0=$(now_cs)
+    if ! why=$(mig_ready "$P"); then
+        mark "$name-listen" skip
+        mark "$name-back-listen" skip
+        result "$name" SKIP "$why"
         return
     fi
     if [ "$HOST" = b ]; then
-        timeout 600 blip receive --listen "tcp://$ME:$MIG_PORT" --serial /tmp/b.serial \
-            --api /tmp/b.sock >/tmp/recv.out 2>&1 &
-        pid=$!
-        n=0
-        while ! tcp_listening "$MIG_PORT" && kill -0 "$pid" 2>/dev/null && [ "$n" -lt 300 ]; do
-            sleep 0.1
-            n=$((n + 1))
-        done
-        if ! tcp_listening "$MIG_PORT"; then
-            mark mig-listen fail
-            show blip-receive /tmp/recv.out
-            result migrate-tcp FAIL "blip receive is not listening on $MIG_PORT"
+        if ! start_receive "$P" "$ab" "/tmp/$P-b.serial" "/tmp/$P-b.sock"; then
+            mark "$name-listen" fail
+            show blip-receive "/tmp/$P-b.serial.out"
+            result "$name" FAIL "blip receive is not listening on $P://$ME:$ab"
             return
         fi
-        mark mig-listen ready
-        log "blip receive listening on tcp://$ME:$MIG_PORT"
-        st=$(wait_peer mig-done 300) || st=timeout
+        rpid=$RECV_PID
+        mark "$name-listen" ready
+        log "blip receive listening on $P://$ME:$ab"
+        st=$(wait_peer "$name-done" 300) || st=timeout
         log "source says: migrate $st"
-        crc=1
-        if wait_file /tmp/b.sock 60; then
-            t1=$(now_cs)
-            timeout 120 blip check --api /tmp/b.sock >/tmp/check.out 2>&1
-            crc=$?
-            show blip-check /tmp/check.out
-            log "blip check rc=$crc in $(ms_since "$t1") ms"
+        brc=1
+        if [ "$st" = ok ] && wait_file "/tmp/$P-b.sock" 60; then
+            bl=$(wait_peer "$name-back-listen" 120) || bl=timeout
+            if [ "$bl" = ready ]; then
+                t1=$(now_cs)
+                timeout 300 blip migrate --api "/tmp/$P-b.sock" --to "$P://$PEER:$ba" --verify \
+                    --max-blackout "$MIG_TARGET" \
+                    --json >"/tmp/$P-back.json" 2>&1
+                brc=$?
+                log "migrate back: rc=$brc in $(ms_since "$t1") ms"
+                show migrate-back "/tmp/$P-back.json"
+            fi
         fi
+        if [ "$brc" = 0 ]; then mark "$name-back-done" ok; else mark "$name-back-done" "rc$brc"; fi
         n=0
-        while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$pid" 2>/dev/null
-        wait "$pid"
+        while kill -0 "$rpid" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+        kill "$rpid" 2>/dev/null
+        wait "$rpid"
         rrc=$?
-        show blip-receive /tmp/recv.out
-        show b.serial /tmp/b.serial
-        if [ "$st" = ok ] && [ "$crc" = 0 ] && grep -q 'check: ok' /tmp/b.serial; then
-            result migrate-tcp PASS "role=dest receive_rc=$rrc $(grep -o 'check: ok.*' /tmp/b.serial | head -1 | tr ' ' _) ms=$(ms_since "$t0")"
+        show blip-receive "/tmp/$P-b.serial.out"
+        if [ "$st" = ok ] && [ "$brc" = 0 ] && [ "$rrc" = 0 ] && tr -d ' ' <"/tmp/$P-back.json" | grep -q "\"transport\":\"$P\""; then
+            result "$name" PASS "role=dest+back-source receive_rc=$rrc back: $(report_summary "/tmp/$P-back.json") ms=$(ms_since "$t0")"
         else
-            result migrate-tcp FAIL "role=dest migrate=$st check_rc=$crc receive_rc=$rrc"
+            result "$name" FAIL "role=dest+back-source there=$st back_rc=$brc receive_rc=$rrc"
         fi
     else
-        timeout 600 blip run --api /tmp/a.sock --cmdline "dirty ws=1 rate=max heartbeat period=5000" \
-            --mem 16M --serial none >/tmp/run.out 2>&1 &
-        pid=$!
-        if ! wait_file /tmp/a.sock 60; then
-            mark mig-done fail
-            show blip-run /tmp/run.out
-            result migrate-tcp FAIL "role=source no control socket"
+        # The receiver of the way back waits from the start.
+        if ! start_receive "$P" "$ba" "/tmp/$P-a2.serial" "/tmp/$P-a2.sock"; then
+            mark "$name-back-listen" fail
+        else
+            mark "$name-back-listen" ready
+        fi
+        rpid=$RECV_PID
+        if ! start_source "/tmp/$P-a.sock" "/tmp/$P-a.serial" 8; then
+            mark "$name-done" fail
+            show blip-run "/tmp/$P-a.serial.out"
+            result "$name" FAIL "role=source no control socket"
             return
         fi
-        st=$(wait_peer mig-listen 180) || st=timeout
+        spid=$RUN_PID
+        st=$(wait_peer "$name-listen" 180) || st=timeout
         if [ "$st" != ready ]; then
-            mark mig-done fail
-            kill "$pid" 2>/dev/null
-            result migrate-tcp FAIL "role=source destination=$st"
+            mark "$name-done" fail
+            kill "$spid" "$rpid" 2>/dev/null
+            result "$name" FAIL "role=source destination=$st"
             return
         fi
         sleep 2
-        blip status --api /tmp/a.sock >/tmp/status.out 2>&1 && show status /tmp/status.out
         t1=$(now_cs)
-        timeout 300 blip migrate --api /tmp/a.sock --to "tcp://$PEER:$MIG_PORT" --json >/tmp/mig.json 2>&1
+        timeout 300 blip migrate --api "/tmp/$P-a.sock" --to "$P://$PEER:$ab" --verify --json \
+            --max-blackout "$MIG_TARGET" \
+            >"/tmp/$P-ab.json" 2>&1
         mrc=$?
         mms=$(ms_since "$t1")
-        show migrate /tmp/mig.json
-        if [ "$mrc" = 0 ]; then mark mig-done ok; else mark mig-done "rc$mrc"; fi
+        show migrate "/tmp/$P-ab.json"
+        if [ "$mrc" = 0 ]; then mark "$name-done" ok; else mark "$name-done" "rc$mrc"; fi
         n=0
-        while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$pid" 2>/dev/null
-        wait "$pid"
+        while kill -0 "$spid" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+        kill "$spid" 2>/dev/null
+        wait "$spid"
         src=$?
-        show blip-run /tmp/run.out
-        # The verdict of the whole scenario needs the destination's check too.
-        dst=$(wait_peer result-migrate-tcp 300) || dst=timeout
-        if [ "$mrc" = 0 ] && [ "$dst" = PASS ]; then
-            result migrate-tcp PASS "role=source migrate_ms=$mms source_rc=$src dest=$dst"
+        show blip-run "/tmp/$P-a.serial.out"
+        back=$(wait_peer "$name-back-done" 300) || back=timeout
+        crc=1
+        if [ "$back" = ok ] && wait_file "/tmp/$P-a2.sock" 60; then
+            timeout 120 blip check --api "/tmp/$P-a2.sock" >/tmp/check.out 2>&1
+            crc=$?
+        fi
+        n=0
+        while kill -0 "$rpid" 2>/dev/null && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+        kill "$rpid" 2>/dev/null
+        wait "$rpid"
+        show blip-receive-back "/tmp/$P-a2.serial.out"
+        show a2.serial "/tmp/$P-a2.serial"
+        if [ "$mrc" = 0 ] && [ "$back" = ok ] && [ "$crc" = 0 ] && grep -q 'check: ok' "/tmp/$P-a2.serial" &&
+            tr -d ' ' <"/tmp/$P-ab.json" | grep -q "\"transport\":\"$P\""; then
+            result "$name" PASS "role=source there: $(report_summary "/tmp/$P-ab.json") migrate_ms=$mms source_rc=$src $(grep -o 'check: ok.*' "/tmp/$P-a2.serial" | head -1 | tr ' ' _)"
         else
-            result migrate-tcp FAIL "role=source migrate_rc=$mrc source_rc=$src dest=$dst"
+            result "$name" FAIL "role=source migrate_rc=$mrc source_rc=$src back=$back check_rc=$crc"
+        fi
+    fi
+}
+
+# Host b's blip receive is killed (SIGKILL) in the middle of pre-copy over $1://: the migration
+# fails on a, the guest keeps running there (it passes its memory check), and no copy runs on b.
+scenario_fault() {
+    P=$1 name=fault-$1
+    port=$((MIG_PORT + 20))
+    if ! why=$(mig_ready "$P"); then
+        mark "$name-listen" skip
+        result "$name" SKIP "$why"
+        return
+    fi
+    if [ "$HOST" = b ]; then
+        if ! start_receive "$P" "$port" /tmp/f-b.serial /tmp/f-b.sock; then
+            mark "$name-listen" fail
+            result "$name" FAIL "blip receive is not listening"
+            return
+        fi
+        rpid=$RECV_PID
+        mark "$name-listen" ready
+        st=$(wait_peer "$name-migrating" 180) || st=timeout
+        sleep 3
+        kill -9 "$rpid" 2>/dev/null
+        wait "$rpid" 2>/dev/null
+        log "killed blip receive (pid $rpid) ${st} + 3 s"
+        mark "$name-killed" ok
+        show blip-receive /tmp/f-b.serial.out
+        sleep 1
+        if pidof blip >/dev/null 2>&1; then
+            result "$name" FAIL "role=dest a blip still runs here: $(pidof blip)"
+        elif [ -e /tmp/f-b.sock ] && grep -q 'check' /tmp/f-b.serial 2>/dev/null; then
+            result "$name" FAIL "role=dest a guest ran here"
+        else
+            result "$name" PASS "role=dest killed_mid_precopy no_guest_here"
+        fi
+    else
+        if ! start_source /tmp/f-a.sock /tmp/f-a.serial 1; then
+            mark "$name-migrating" fail
+            result "$name" FAIL "role=source no control socket"
+            return
+        fi
+        spid=$RUN_PID
+        st=$(wait_peer "$name-listen" 180) || st=timeout
+        [ "$st" = ready ] || { kill "$spid"; mark "$name-migrating" fail; result "$name" FAIL "role=source destination=$st"; return; }
+        # A target no dirtying guest can meet: pre-copy runs until the kill.
+        timeout 300 blip migrate --api /tmp/f-a.sock --to "$P://$PEER:$port" --max-blackout 1us \
+            --max-precopy-time 120s --on-timeout abort --json >/tmp/f-mig.out 2>&1 &
+        mpid=$!
+        sleep 1
+        mark "$name-migrating" ok
+        t1=$(now_cs)
+        wait "$mpid"
+        mrc=$?
+        fail_ms=$(ms_since "$t1")
+        show migrate /tmp/f-mig.out
+        crc=1
+        if kill -0 "$spid" 2>/dev/null; then
+            timeout 120 blip check --api /tmp/f-a.sock >/tmp/check.out 2>&1
+            crc=$?
+        fi
+        n=0
+        while kill -0 "$spid" 2>/dev/null && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+        kill "$spid" 2>/dev/null
+        wait "$spid"
+        src=$?
+        show blip-run /tmp/f-a.serial.out
+        if [ "$mrc" != 0 ] && [ "$crc" = 0 ] && [ "$src" = 0 ] && grep -q 'check: ok' /tmp/f-a.serial; then
+            result "$name" PASS "role=source migrate_rc=$mrc failed_after_ms=$fail_ms guest_kept_running $(grep -o 'check: ok.*' /tmp/f-a.serial | head -1 | tr ' ' _)"
+        else
+            result "$name" FAIL "role=source migrate_rc=$mrc check_rc=$crc source_rc=$src"
         fi
     fi
 }
