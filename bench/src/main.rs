@@ -71,12 +71,17 @@ struct Args {
     /// vCPU counts of the migrate matrix.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     migrate_vcpus: Vec<u32>,
-    /// Workloads of the migrate matrix (idle, dirty).
+    /// Workloads of the migrate matrix: idle, dirty (16 MiB at full speed) or dirty:WS:RATE
+    /// (WS in MiB or `all`, RATE in pages/s per vCPU or `max`), e.g. idle,dirty:4:2000,dirty:all:max.
     #[arg(long, value_delimiter = ',', default_value = "idle,dirty")]
-    migrate_load: Vec<String>,
-    /// Blackout target handed to every migration, in microseconds (blip migrate's default).
-    #[arg(long, default_value_t = 1000)]
-    max_blackout_us: u64,
+    migrate_load: Vec<migrate::Load>,
+    /// Dirty trackers of the migrate matrix (ring, bitmap).
+    #[arg(long, value_delimiter = ',', default_value = "ring")]
+    migrate_tracker: Vec<String>,
+    /// Blackout targets of the migrate matrix, in microseconds (blip migrate's default: 1000);
+    /// the first one also applies to the qemu scenario's blip cells.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    max_blackout_us: Vec<u64>,
     /// How migrations are started: the control socket directly, or the `blip migrate` CLI.
     #[arg(long, value_enum, default_value = "api")]
     via: migrate::Via,
@@ -208,36 +213,48 @@ fn pause(vcpus: u32, cycles: u32) -> Value {
     })
 }
 
-fn migrate_cells(a: &Args) -> Vec<migrate::Cell> {
+fn migrate_cells(a: &Args) -> Result<Vec<migrate::Cell>, String> {
+    let dirty = migrate::Load::Dirty {
+        ws_mib: 16,
+        rate: 0,
+    };
     if a.quick {
-        return [1, 2]
-            .iter()
-            .map(|&vcpus| migrate::Cell {
-                mem_mib: 64,
-                vcpus,
-                dirty: true,
-                serial: false,
-            })
-            .collect();
+        let mut bitmap = migrate::Cell::new(64, 1, dirty);
+        bitmap.bitmap = true;
+        return Ok(vec![
+            migrate::Cell::new(64, 1, dirty),
+            migrate::Cell::new(64, 2, dirty),
+            bitmap,
+        ]);
     }
     let mut v = Vec::new();
     for &mem_mib in &a.migrate_mem {
         for &vcpus in &a.migrate_vcpus {
-            for load in &a.migrate_load {
-                v.push(migrate::Cell {
-                    mem_mib,
-                    vcpus,
-                    dirty: load == "dirty",
-                    serial: false,
-                });
+            for &load in &a.migrate_load {
+                for tracker in &a.migrate_tracker {
+                    let bitmap = match tracker.as_str() {
+                        "ring" => false,
+                        "bitmap" => true,
+                        other => {
+                            return Err(format!("--migrate-tracker {other}: use ring or bitmap"))
+                        }
+                    };
+                    for &target_us in &a.max_blackout_us {
+                        let mut c = migrate::Cell::new(mem_mib, vcpus, load);
+                        c.bitmap = bitmap;
+                        c.target_us = target_us;
+                        v.push(c);
+                    }
+                }
             }
         }
     }
-    v
+    Ok(v)
 }
 
 /// The `qemu` scenario: blip's serial cell and the QEMU cells per memory size, then the table.
 fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
+    let target_us = a.max_blackout_us.first().copied().unwrap_or(1000);
     let scratch = std::env::temp_dir().join(format!("blip-bench-q-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     let n = if a.quick { 2 } else { a.qemu_migrations.max(1) };
@@ -251,7 +268,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
         scratch: scratch.clone(),
         out: a.out.clone(),
         migrations: n,
-        max_blackout_ns: a.max_blackout_us * 1000,
+        max_blackout_ns: target_us * 1000,
         via: a.via,
     };
     println!("qemu    | blip, the same cells as QEMU (heartbeats via serial):");
@@ -260,22 +277,29 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
         .iter()
         .enumerate()
         .map(|(i, &mem_mib)| {
-            let c = migrate::Cell {
+            let mut c = migrate::Cell::new(
                 mem_mib,
-                vcpus: 1,
-                dirty: true,
-                serial: true,
-            };
+                1,
+                migrate::Load::Dirty {
+                    ws_mib: 16,
+                    rate: 0,
+                },
+            );
+            c.serial = true;
+            c.target_us = target_us;
             migrate::cell(&s, c, 100 + i)
         })
         .collect();
-    let cmdline = migrate::Cell {
-        mem_mib: 64,
-        vcpus: 1,
-        dirty: true,
-        serial: true,
-    }
-    .cmdline();
+    let mut c = migrate::Cell::new(
+        64,
+        1,
+        migrate::Load::Dirty {
+            ws_mib: 16,
+            rate: 0,
+        },
+    );
+    c.serial = true;
+    let cmdline = c.cmdline();
     let needs = "-M microvm (the pc machine hangs under this KVM), -accel kvm, -cpu qemu64, -smp 1 (blip's guest starts APs without INIT/SIPI), -device isa-debug-exit,iobase=0xf4,iosize=0x04, -nodefaults -no-reboot -display none, -serial stdio piped to blip-bench";
     let mut cells = Vec::new();
     let mut doc = serde_json::Map::new();
@@ -341,6 +365,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
 
 fn main() {
     let a = Args::parse();
+    let target_us = a.max_blackout_us.first().copied().unwrap_or(1000);
     for o in &a.only {
         if !SCENARIOS.contains(&o.as_str()) {
             eprintln!(
@@ -350,12 +375,8 @@ fn main() {
             std::process::exit(2);
         }
     }
-    if let Some(l) = a
-        .migrate_load
-        .iter()
-        .find(|l| *l != "idle" && *l != "dirty")
-    {
-        eprintln!("blip-bench: error: unknown --migrate-load {l:?} (idle, dirty)");
+    if let Err(e) = migrate_cells(&a) {
+        eprintln!("blip-bench: error: {e}");
         std::process::exit(2);
     }
     if a.replot {
@@ -417,11 +438,18 @@ fn main() {
             scratch: scratch.clone(),
             out: a.out.clone(),
             migrations: if a.quick { 5 } else { a.migrations.max(1) },
-            max_blackout_ns: a.max_blackout_us * 1000,
+            max_blackout_ns: target_us * 1000,
             via: a.via,
         };
+        let cells = match migrate_cells(&a) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("blip-bench: {e}");
+                std::process::exit(2);
+            }
+        };
         migrate::header();
-        let rows: Vec<Value> = migrate_cells(&a)
+        let rows: Vec<Value> = cells
             .into_iter()
             .enumerate()
             .map(|(i, c)| migrate::cell(&s, c, i))

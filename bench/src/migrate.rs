@@ -24,57 +24,175 @@ use serde_json::{json, Value};
 use crate::beats::{self, Beats};
 use crate::report::{self, hist, p50, p99, summary, us, Interval};
 
+/// What the guest of a cell does besides its heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// Heartbeats only.
+    Idle,
+    /// Rewrites `ws_mib` MiB (0 = all of memory above the guest's first 8 MiB) at `rate` pages/s per
+    /// vCPU (0 = as fast as it can).
+    Dirty { ws_mib: u64, rate: u32 },
+}
+
+impl std::str::FromStr for Load {
+    type Err = String;
+    /// `idle`, `dirty` (16 MiB at full speed), or `dirty:WS:RATE` with WS in MiB or `all` and
+    /// RATE in pages/s or `max` (e.g. `dirty:4:2000`, `dirty:all:max`).
+    fn from_str(v: &str) -> Result<Load, String> {
+        let bad = || {
+            format!("workload '{v}': use idle, dirty or dirty:WS:RATE (WS MiB or all, RATE pages/s or max)")
+        };
+        match v {
+            "idle" => return Ok(Load::Idle),
+            "dirty" => {
+                return Ok(Load::Dirty {
+                    ws_mib: 16,
+                    rate: 0,
+                })
+            }
+            _ => {}
+        }
+        let mut it = v.split(':');
+        if it.next() != Some("dirty") {
+            return Err(bad());
+        }
+        let ws_mib = match it.next().ok_or_else(bad)? {
+            "all" => 0,
+            n => n.parse().map_err(|_| bad())?,
+        };
+        let rate = match it.next().ok_or_else(bad)? {
+            "max" => 0,
+            n => n.parse().map_err(|_| bad())?,
+        };
+        if it.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Load::Dirty { ws_mib, rate })
+    }
+}
+
 /// One cell of the matrix.
 #[derive(Clone, Copy, Debug)]
 pub struct Cell {
     pub mem_mib: u64,
     pub vcpus: u32,
-    pub dirty: bool,
+    pub load: Load,
+    /// Dirty tracker of every blip in the cell (`ring` or `bitmap`).
+    pub bitmap: bool,
+    /// Blackout target handed to each migration, in microseconds.
+    pub target_us: u64,
     /// Heartbeats as `*` on COM1 (`via=serial`), timestamped on the host from blip's serial
     /// pipe: the guest-observed blackout measured exactly as for the QEMU peer.
     pub serial: bool,
 }
 
 impl Cell {
-    fn load(&self) -> &'static str {
-        if self.dirty {
-            "dirty"
-        } else {
-            "idle"
+    /// The usual cell: ring tracker, 1 ms target, heartbeats through the port.
+    pub fn new(mem_mib: u64, vcpus: u32, load: Load) -> Cell {
+        Cell {
+            mem_mib,
+            vcpus,
+            load,
+            bitmap: false,
+            target_us: 1000,
+            serial: false,
+        }
+    }
+
+    fn ws_mib(&self) -> u64 {
+        match self.load {
+            Load::Idle => 0,
+            // The guest's working set starts at 8 MiB (below: its image, stacks, page tables).
+            Load::Dirty { ws_mib: 0, .. } => self.mem_mib.saturating_sub(8).max(1),
+            Load::Dirty { ws_mib, .. } => ws_mib.min(self.mem_mib.saturating_sub(8).max(1)),
+        }
+    }
+
+    fn load(&self) -> String {
+        match self.load {
+            Load::Idle => "idle".into(),
+            Load::Dirty { rate, .. } => {
+                let rate = if rate == 0 {
+                    "max".to_string()
+                } else {
+                    format!("{rate}pps")
+                };
+                format!("dirty {}M@{rate}", self.ws_mib())
+            }
         }
     }
 
     pub fn cmdline(&self) -> String {
-        let load = if self.dirty {
-            "dirty ws=16 rate=max heartbeat period=1000"
-        } else {
-            "heartbeat period=1000"
+        let load = match self.load {
+            Load::Idle => "heartbeat period=1000".to_string(),
+            Load::Dirty { rate, .. } => {
+                let rate = if rate == 0 {
+                    "max".to_string()
+                } else {
+                    rate.to_string()
+                };
+                format!(
+                    "dirty ws={} rate={rate} heartbeat period=1000",
+                    self.ws_mib()
+                )
+            }
         };
         if self.serial {
             format!("{load} via=serial")
         } else {
-            load.to_string()
+            load
         }
     }
 
+    fn tracker(&self) -> &'static str {
+        if self.bitmap {
+            "bitmap"
+        } else {
+            "ring"
+        }
+    }
+
+    fn extras(&self) -> String {
+        let mut x = String::new();
+        if self.bitmap {
+            x.push_str(" bitmap");
+        }
+        if self.target_us != 1000 {
+            x.push_str(&format!(" target={}us", self.target_us));
+        }
+        if self.serial {
+            x.push_str(" serial-beats");
+        }
+        x
+    }
+
     fn name(&self) -> String {
-        let serial = if self.serial { " serial-beats" } else { "" };
         format!(
-            "{}M {}vcpu {}{serial}",
+            "{}M {}vcpu {}{}",
             self.mem_mib,
             self.vcpus,
-            self.load()
+            self.load(),
+            self.extras()
         )
     }
 
     fn file_stem(&self) -> String {
-        let serial = if self.serial { "-serial" } else { "" };
-        format!(
-            "migrate-{}M-{}vcpu-{}{serial}",
+        let stem = format!(
+            "migrate-{}M-{}vcpu-{}{}",
             self.mem_mib,
             self.vcpus,
-            self.load()
-        )
+            self.load(),
+            self.extras()
+        );
+        stem.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
     }
 }
 
@@ -90,6 +208,7 @@ pub enum Via {
 }
 
 /// Settings shared by every cell.
+#[derive(Clone)]
 pub struct Settings {
     pub bin: PathBuf,
     pub scratch: PathBuf,
@@ -239,15 +358,23 @@ fn key_file(s: &Settings) -> Result<std::path::PathBuf, String> {
     Ok(k)
 }
 
-fn spawn_receiver(s: &Settings, name: &str, serial: bool) -> Result<(Proc, String), String> {
+fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), String> {
     let key = key_file(s)?;
     let key = key.to_str().ok_or("non-UTF-8 scratch path")?;
     let (p, lines) = Proc::spawn(
         &s.bin,
         &s.scratch,
         name,
-        &["receive", "--listen", "tcp://127.0.0.1:0", "--key", key],
-        serial,
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            key,
+            "--dirty-tracking",
+            c.tracker(),
+        ],
+        c.serial,
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -504,6 +631,10 @@ impl Progress {
 
 /// Runs one cell; returns its JSON (never panics on a failed migration or check).
 pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
+    let s = &Settings {
+        max_blackout_ns: c.target_us * 1000,
+        ..s.clone()
+    };
     let n = s.migrations;
     let mut h = Hists::new();
     let mut errors: Vec<String> = Vec::new();
@@ -527,6 +658,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                 &format!("{}M", c.mem_mib),
                 "--cmdline",
                 &c.cmdline(),
+                "--dirty-tracking",
+                c.tracker(),
             ],
             c.serial,
         )?;
@@ -542,7 +675,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         let mut hop = 0u32;
         while done < n {
             hop += 1;
-            let (rx, url) = spawn_receiver(s, &format!("{prefix}-{hop}"), c.serial)?;
+            let (rx, url) = spawn_receiver(s, &format!("{prefix}-{hop}"), &c)?;
             let asked = Instant::now();
             match migrate_once(s, &src, &url) {
                 Ok(r) => {
@@ -712,6 +845,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "vcpus": c.vcpus,
         "workload": c.load(),
         "cmdline": c.cmdline(),
+        "dirty_tracking": c.tracker(),
         "guest_blackout_method": if c.serial { "COM1 '*' beats timestamped by blip-bench (host CLOCK_MONOTONIC)" } else { "heartbeat port, timestamped by blip" },
         "max_blackout_ns": s.max_blackout_ns,
         "migrations_asked": n,
@@ -733,5 +867,51 @@ fn opt_us(h: &Histogram<u64>, q: f64) -> String {
         "n/a".into()
     } else {
         format!("{:.1}", us(h.value_at_quantile(q)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_parse_and_name_themselves() {
+        assert_eq!("idle".parse::<Load>(), Ok(Load::Idle));
+        assert_eq!(
+            "dirty".parse::<Load>(),
+            Ok(Load::Dirty {
+                ws_mib: 16,
+                rate: 0
+            })
+        );
+        let l: Load = "dirty:4:2000".parse().unwrap();
+        assert_eq!(
+            l,
+            Load::Dirty {
+                ws_mib: 4,
+                rate: 2000
+            }
+        );
+        let c = Cell::new(64, 2, l);
+        assert_eq!(c.cmdline(), "dirty ws=4 rate=2000 heartbeat period=1000");
+        assert_eq!(c.name(), "64M 2vcpu dirty 4M@2000pps");
+        // `all` is all of memory above 8 MiB (the guest's image, stacks and page tables).
+        let mut c = Cell::new(1024, 1, "dirty:all:max".parse().unwrap());
+        c.bitmap = true;
+        c.target_us = 300;
+        assert_eq!(c.cmdline(), "dirty ws=1016 rate=max heartbeat period=1000");
+        assert_eq!(
+            c.file_stem(),
+            "migrate-1024M-1vcpu-dirty-1016M-max-bitmap-target-300us"
+        );
+        for bad in [
+            "busy",
+            "dirty:4",
+            "dirty:x:max",
+            "dirty:4:fast",
+            "dirty:4:max:1",
+        ] {
+            assert!(bad.parse::<Load>().is_err(), "{bad}");
+        }
     }
 }
