@@ -200,16 +200,20 @@ mig_ready() {
     return 0
 }
 
-# Starts `blip receive` on $1://ME:$2 (serial $3, api $4) in the background; sets RECV_PID.
+# Starts `blip receive` on $1://ME:$2 (serial $3, api $4, then extra arguments) in the
+# background; sets RECV_PID.
 start_receive() {
-    timeout 600 blip receive --listen "$1://$ME:$2" --serial "$3" --api "$4" >"$3.out" 2>&1 &
+    proto=$1 rport=$2 rserial=$3 rapi=$4
+    shift 4
+    timeout 600 blip receive --listen "$proto://$ME:$rport" --serial "$rserial" --api "$rapi" "$@" \
+        >"$rserial.out" 2>&1 &
     RECV_PID=$!
     n=0
-    while ! tcp_listening "$2" && kill -0 "$RECV_PID" 2>/dev/null && [ "$n" -lt 300 ]; do
+    while ! tcp_listening "$rport" && kill -0 "$RECV_PID" 2>/dev/null && [ "$n" -lt 300 ]; do
         sleep 0.1
         n=$((n + 1))
     done
-    tcp_listening "$2"
+    tcp_listening "$rport"
 }
 
 # Starts the dirtying, heartbeating source guest (api $1, serial $2, working set $3 MiB of
@@ -253,7 +257,9 @@ scenario_migrate() {
         return
     fi
     if [ "$HOST" = b ]; then
-        if ! start_receive "$P" "$ab" "/tmp/$P-b.serial" "/tmp/$P-b.sock"; then
+        # B prepares (and over RDMA registers) its guest memory before A connects; A's
+        # receiver for the way back does it when the offer arrives: both paths run.
+        if ! start_receive "$P" "$ab" "/tmp/$P-b.serial" "/tmp/$P-b.sock" --mem 16M; then
             mark "$name-listen" fail
             show blip-receive "/tmp/$P-b.serial.out"
             result "$name" FAIL "blip receive is not listening on $P://$ME:$ab"
@@ -284,10 +290,13 @@ scenario_migrate() {
         wait "$rpid"
         rrc=$?
         show blip-receive "/tmp/$P-b.serial.out"
-        if [ "$st" = ok ] && [ "$brc" = 0 ] && [ "$rrc" = 0 ] && tr -d ' ' <"/tmp/$P-back.json" | grep -q "\"transport\":\"$P\""; then
+        prereg=yes
+        if [ "$P" = rdma ] && ! grep -q 'registered for RDMA on rxe0' "/tmp/$P-b.serial.out"; then prereg=no; fi
+        if [ "$st" = ok ] && [ "$brc" = 0 ] && [ "$rrc" = 0 ] && [ "$prereg" = yes ] &&
+            tr -d ' ' <"/tmp/$P-back.json" | grep -q "\"transport\":\"$P\""; then
             result "$name" PASS "role=dest+back-source receive_rc=$rrc back: $(report_summary "/tmp/$P-back.json") ms=$(ms_since "$t0")"
         else
-            result "$name" FAIL "role=dest+back-source there=$st back_rc=$brc receive_rc=$rrc"
+            result "$name" FAIL "role=dest+back-source there=$st back_rc=$brc receive_rc=$rrc registered_at_start=$prereg"
         fi
     else
         # The receiver of the way back waits from the start.

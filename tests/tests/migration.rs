@@ -889,3 +889,61 @@ fn rdma_without_a_device_is_a_clear_error_and_auto_picks_tcp() {
     b.wait_api();
     assert_alive_then_check(&mut b);
 }
+
+/// `blip receive --mem` prepares (makes and pre-faults) guest memory before any peer connects;
+/// a guest of that size lands in it, a guest of another size is refused and stays home.
+#[test]
+fn receive_with_premade_memory_takes_that_size_only() {
+    let dir = scratch("mig-premade");
+    let k = key(&dir);
+    let mut a = source(&dir, "a");
+    let mut wrong = Bg::start(
+        &dir,
+        "wrong",
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            &k,
+            "--mem",
+            "64M",
+        ],
+        &[],
+    );
+    let url = listen_url(&mut wrong);
+    assert!(
+        wrong
+            .stderr()
+            .contains("64 MiB of guest memory pre-faulted"),
+        "{}",
+        wrong.stderr()
+    );
+    let o = migrate(&a, &url, &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(err.contains("prepared 64 MiB"), "{err}");
+    assert_eq!(wrong.wait(), Some(2), "{}", wrong.stderr());
+    assert!(a.alive(), "the guest stays on the source: {}", a.stderr());
+
+    let mut b = Bg::start(
+        &dir,
+        "b",
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            &k,
+            "--mem",
+            "32M",
+        ],
+        &[],
+    );
+    let url = listen_url(&mut b);
+    let r = report(&migrate(&a, &url, &["--verify"]));
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}

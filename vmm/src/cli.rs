@@ -129,6 +129,11 @@ pub struct ReceiveArgs {
     /// How guest RAM is backed (shared memfd by default: pre-faulted, registrable for RDMA).
     #[arg(long, value_enum, default_value = "memfd")]
     pub mem_backing: Backing,
+    /// Prepare this much guest memory now, before any peer connects: made and pre-faulted,
+    /// and with rdma://ADDR (a specific address) registered for RDMA. Offers of another size
+    /// are refused. Without it, memory is made when the offer arrives (still before Accept).
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
     /// Where COM1 output goes: stdout, none, or a file path.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     pub serial: Serial,

@@ -323,6 +323,27 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         .map(|s| s.to_string())
         .unwrap_or_default();
     let scheme = if rdma { "rdma" } else { "tcp" };
+    let premade = match a.mem {
+        Some(size) => {
+            let ip = listener.local_addr().map(|s| s.ip()).ok();
+            let rdma_ip = ip.filter(|ip| rdma && !ip.is_unspecified());
+            let p = dest::Premade::new(size, a.mem_backing, rdma_ip)?;
+            match &p.rdma {
+                Some(reg) => eprintln!(
+                    "blip: {} MiB of guest memory pre-faulted and registered for RDMA on {}",
+                    size >> 20,
+                    reg.port()
+                ),
+                None if rdma => eprintln!(
+                    "blip: {} MiB of guest memory pre-faulted; it is registered for RDMA when the source connects (listen on a specific address to register it now)",
+                    size >> 20
+                ),
+                None => eprintln!("blip: {} MiB of guest memory pre-faulted", size >> 20),
+            }
+            Some(p)
+        }
+        None => None,
+    };
     eprintln!("blip: waiting for an incoming migration on {scheme}://{local}");
     let key = a
         .auth
@@ -337,6 +358,7 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         key,
         allow: a.allow.clone(),
         rdma,
+        premade,
     };
     let (vm, inc) = dest::receive(&listener, cfg)
         .map_err(|e| Failure(format!("incoming migration failed: {}", error_chain(&e))))?;

@@ -156,6 +156,17 @@ impl Vm {
 
     /// [`Vm::create`] with an explicit dirty-tracking choice.
     pub fn create_with(cfg: VmConfig, dirty_cfg: DirtyConfig) -> Result<Vm, VmError> {
+        Self::create_in(cfg, dirty_cfg, None)
+    }
+
+    /// [`Vm::create_with`] in guest memory made beforehand (`cfg.mem_size` must match it): a
+    /// migration destination that prepared, pre-faulted and RDMA-registered its memory before
+    /// any peer connected.
+    pub fn create_in(
+        cfg: VmConfig,
+        dirty_cfg: DirtyConfig,
+        premade: Option<GuestMem>,
+    ) -> Result<Vm, VmError> {
         let kvm = open_kvm()?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -180,7 +191,17 @@ impl Vm {
                 .into());
             }
         }
-        let mem = memory::create(cfg.mem_size, cfg.backing)?;
+        let mem = match premade {
+            Some(m) if m.iter().map(|r| r.len()).sum::<u64>() == cfg.mem_size => m,
+            Some(_) => {
+                return Err(VmError::Memory(MemoryError::OutOfRange {
+                    size: cfg.mem_size,
+                    min: cfg.mem_size,
+                    max: cfg.mem_size,
+                }))
+            }
+            None => memory::create(cfg.mem_size, cfg.backing)?,
+        };
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         fd.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set the TSS address"))?;

@@ -37,6 +37,33 @@ pub struct ReceiveConfig {
     pub allow: Vec<Cidr>,
     /// Listening on `rdma://`: RDMA offers are accepted (TCP ones too).
     pub rdma: bool,
+    /// Guest memory made (and pre-faulted) at start, with `--mem`; offers of another size are
+    /// refused.
+    pub premade: Option<Premade>,
+}
+
+/// Guest memory a destination prepared before any peer connected, and its RDMA registration
+/// when it could be made then (a specific listen address on an RDMA port).
+pub struct Premade {
+    pub mem: GuestMem,
+    pub rdma: Option<super::rdma::DestRegistration>,
+}
+
+impl Premade {
+    /// Makes and pre-faults `size` bytes of guest memory and, listening on `rdma://` at a
+    /// specific address, registers it for remote writes there.
+    pub fn new(
+        size: u64,
+        backing: Backing,
+        rdma_ip: Option<IpAddr>,
+    ) -> Result<Premade, MigrationError> {
+        let mem = memory::create(size, backing)?;
+        memory::prefault(&mem)?;
+        let rdma = rdma_ip
+            .map(|ip| super::rdma::register_dest(ip, &mem))
+            .transpose()?;
+        Ok(Premade { mem, rdma })
+    }
 }
 
 /// Summary of an incoming migration, from the destination's point of view.
@@ -241,6 +268,17 @@ fn receive_inner(
             )))
         }
     };
+    let mut premade = cfg.premade;
+    if let Some(p) = &premade {
+        let have = mem_size(&p.mem);
+        if have != offer.mem_size {
+            return Err(MigrationError::Incompatible(format!(
+                "guest memory of {} MiB (this destination prepared {} MiB with --mem)",
+                offer.mem_size >> 20,
+                have >> 20
+            )));
+        }
+    }
     let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
         MigrationError::Vm(crate::vm::VmError::Kvm {
             what: "open /dev/kvm",
@@ -251,7 +289,9 @@ fn receive_inner(
     check_offer(vm_max, &offer, &kvm).map_err(MigrationError::Incompatible)?;
 
     // Build the whole VM now, before any page moves.
-    let vm = Vm::create_with(
+    let premade_mem = premade.as_mut().map(|p| p.mem.clone());
+    let was_premade = premade_mem.is_some();
+    let vm = Vm::create_in(
         VmConfig {
             mem_size: offer.mem_size,
             vcpus: offer.vcpus,
@@ -261,6 +301,7 @@ fn receive_inner(
             serial: cfg.serial,
         },
         cfg.dirty,
+        premade_mem,
     )?;
     let caps = Caps::of_vm(vm.fd());
     let wanted = offer.state_pieces & !VERIFY_FLAG;
@@ -271,17 +312,21 @@ fn receive_inner(
             piece_names(missing)
         )));
     }
-    memory::prefault(vm.memory())?;
+    if !was_premade {
+        memory::prefault(vm.memory())?;
+    }
     let mem = vm.memory().clone();
     *vm_slot = Some(vm);
     let prep = if rdma {
-        // Guest memory registered for remote writes before the source hears Accept.
-        let n = offer.streams.clamp(1, 16) as usize + 1;
-        Some(
-            super::rdma::prepare_dest(control.local_addr()?.ip(), &mem, n).map_err(|e| {
+        // Guest memory registered for remote writes before the source hears Accept (already
+        // at start when it could be).
+        let reg = match premade.and_then(|p| p.rdma) {
+            Some(reg) => reg,
+            None => super::rdma::register_dest(control.local_addr()?.ip(), &mem).map_err(|e| {
                 MigrationError::Incompatible(format!("RDMA set-up failed here: {e}"))
             })?,
-        )
+        };
+        Some(reg)
     } else {
         None
     };
@@ -291,8 +336,9 @@ fn receive_inner(
     // work here. TCP: the data streams connect.
     let mut rdma_conn = None;
     let streams = match prep {
-        Some(prep) => {
-            let c = super::rdma::connect_dest(prep, control)?;
+        Some(reg) => {
+            let n = offer.streams.clamp(1, 16) as usize + 1;
+            let c = super::rdma::connect_dest(reg, n, control)?;
             eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
             rdma_conn = Some(c);
             crossbeam_channel::never()

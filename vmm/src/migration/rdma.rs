@@ -83,15 +83,17 @@ struct Side {
 }
 
 impl Side {
-    fn new(port: &Port, n: usize, remote_write: bool) -> Result<Side, RdmaError> {
-        let pd = ProtectionDomain::new(port)?;
+    fn new(pd: &Arc<ProtectionDomain>, n: usize, remote_write: bool) -> Result<Side, RdmaError> {
         let mut qps = Vec::with_capacity(n);
         for _ in 0..n {
             // Each queue pair keeps its own completion queue alive.
-            let cq = CompletionQueue::new(port, rdma::SQ_DEPTH * 2)?;
-            qps.push(QueuePair::create(&pd, &cq, remote_write)?);
+            let cq = CompletionQueue::new(pd.port(), rdma::SQ_DEPTH * 2)?;
+            qps.push(QueuePair::create(pd, &cq, remote_write)?);
         }
-        Ok(Side { pd, qps })
+        Ok(Side {
+            pd: pd.clone(),
+            qps,
+        })
     }
 
     fn hello(&self, regions: Vec<RdmaRegion>) -> RdmaConnect {
@@ -137,7 +139,8 @@ pub fn connect_source(
     n: usize,
 ) -> Result<Vec<Writer>, MigrationError> {
     let port = Port::for_ip(control.local_addr()?.ip())?;
-    let side = Side::new(&port, n, false)?;
+    let pd = ProtectionDomain::new(&port)?;
+    let side = Side::new(&pd, n, false)?;
     let local: Vec<LocalRegion> = register_rdma(&side.pd, mem, Access::Local)?;
     protocol::write_message(control, &Message::RdmaConnect(side.hello(Vec::new())))?;
     let peer = read(control)?;
@@ -160,11 +163,19 @@ pub fn connect_source(
         .collect())
 }
 
-/// Destination, before Accept: guest memory registered for remote writes on the port that
-/// carries `local_ip`, queue pairs created. Nothing is told to the peer yet.
-pub struct DestPrep {
-    side: Side,
+/// Destination guest memory registered for remote writes on the port that carries the
+/// destination's address. Made before the source hears Accept — at `blip receive` start when
+/// `--mem` and a specific listen address are given, else when the offer arrives.
+pub struct DestRegistration {
+    pd: Arc<ProtectionDomain>,
     regions: Vec<LocalRegion>,
+}
+
+impl DestRegistration {
+    /// "rxe0:1 gid index N", for logs.
+    pub fn port(&self) -> String {
+        format!("{:?}", self.pd.port())
+    }
 }
 
 /// Destination, connected: holds the registrations and queue pairs the source writes through.
@@ -177,23 +188,24 @@ pub struct DestRdma {
     pub port: String,
 }
 
-/// Prepares the destination side for `n` queue pairs.
-pub fn prepare_dest(
-    local_ip: IpAddr,
-    mem: &GuestMem,
-    n: usize,
-) -> Result<DestPrep, MigrationError> {
+/// Registers `mem` for remote writes on the RDMA port that carries `local_ip`.
+pub fn register_dest(local_ip: IpAddr, mem: &GuestMem) -> Result<DestRegistration, MigrationError> {
     let port = Port::for_ip(local_ip)?;
-    let side = Side::new(&port, n, true)?;
-    let regions = register_rdma(&side.pd, mem, Access::RemoteWrite)?;
-    Ok(DestPrep { side, regions })
+    let pd = ProtectionDomain::new(&port)?;
+    let regions = register_rdma(&pd, mem, Access::RemoteWrite)?;
+    Ok(DestRegistration { pd, regions })
 }
 
-/// Destination, after Accept: reads the source's queue pairs, connects, answers with ours and
-/// the memory regions (the rkeys).
-pub fn connect_dest(prep: DestPrep, control: &mut TcpStream) -> Result<DestRdma, MigrationError> {
+/// Destination, after Accept: creates `n` queue pairs, reads the source's, connects, and
+/// answers with ours and the memory regions (the rkeys).
+pub fn connect_dest(
+    reg: DestRegistration,
+    n: usize,
+    control: &mut TcpStream,
+) -> Result<DestRdma, MigrationError> {
+    let side = Side::new(&reg.pd, n, true)?;
     let peer = read(control)?;
-    let regions: Vec<RdmaRegion> = prep
+    let regions: Vec<RdmaRegion> = reg
         .regions
         .iter()
         .map(|l| RdmaRegion {
@@ -203,13 +215,13 @@ pub fn connect_dest(prep: DestPrep, control: &mut TcpStream) -> Result<DestRdma,
             rkey: l.mr.rkey(),
         })
         .collect();
-    let hello = prep.side.hello(regions);
-    let port = format!("{:?}", prep.side.pd.port());
-    let qps = prep.side.connect(&peer)?;
+    let hello = side.hello(regions);
+    let port = reg.port();
+    let qps = side.connect(&peer)?;
     protocol::write_message(control, &Message::RdmaConnect(hello))?;
     Ok(DestRdma {
         _qps: qps,
-        _regions: prep.regions,
+        _regions: reg.regions,
         port,
     })
 }
