@@ -219,7 +219,7 @@ start_receive() {
 # Starts the dirtying, heartbeating source guest (api $1, serial $2, working set $3 MiB of
 # its 16 MiB); sets RUN_PID.
 start_source() {
-    timeout 600 blip run --api "$1" --cmdline "dirty ws=$3 rate=max heartbeat period=5000" \
+    timeout 600 blip run --api "$1" --cmdline "dirty ws=$3 heartbeat period=5000" \
         --mem 16M --serial "$2" >"$2.out" 2>&1 &
     RUN_PID=$!
     wait_file "$1" 60
@@ -306,7 +306,7 @@ scenario_migrate() {
             mark "$name-back-listen" ready
         fi
         rpid=$RECV_PID
-        if ! start_source "/tmp/$P-a.sock" "/tmp/$P-a.serial" 8; then
+        if ! start_source "/tmp/$P-a.sock" "/tmp/$P-a.serial" "8 rate=1000"; then
             mark "$name-done" fail
             show blip-run "/tmp/$P-a.serial.out"
             result "$name" FAIL "role=source no control socket"
@@ -390,7 +390,7 @@ scenario_fault() {
             result "$name" PASS "role=dest killed_mid_precopy no_guest_here"
         fi
     else
-        if ! start_source /tmp/f-a.sock /tmp/f-a.serial 1; then
+        if ! start_source /tmp/f-a.sock /tmp/f-a.serial "1 rate=max"; then
             mark "$name-migrating" fail
             result "$name" FAIL "role=source no control socket"
             return

@@ -887,9 +887,16 @@ impl Writer {
         for i in 0..self.ops.len() {
             let op = self.ops[i];
             // Room in the send queue for this one and a forced signal.
+            let mut deadline = None;
             while self.window.outstanding() + self.pending.len() as u64 + 2 > u64::from(SQ_DEPTH) {
                 self.post(true)?;
-                self.reap(false)?;
+                if !self.reap(false)? {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+                    if Instant::now() > d {
+                        self.failed = true;
+                        return Err(RdmaError::Stalled(self.timeout));
+                    }
+                }
             }
             self.pending.push(op);
             self.bytes += u64::from(op.len);

@@ -100,30 +100,66 @@ impl Senders {
         }
     }
 
-    /// Ends round `round` on every stream and sums what they sent.
-    fn finish_round(&self, round: u32) -> Result<(u64, u64), MigrationError> {
+    /// Ends round `round` on every stream and sums what they sent. While it waits it watches
+    /// the control connection: a destination that dies or aborts mid-round fails the round at
+    /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
+    /// queue pair just stop completing).
+    fn finish_round(
+        &self,
+        round: u32,
+        control: &mut TcpStream,
+    ) -> Result<(u64, u64), MigrationError> {
         for s in &self.streams {
             let _ = s.jobs.send(Job::End(round));
         }
         let (mut pages, mut bytes) = (0, 0);
-        for _ in &self.streams {
-            match self.results.recv_timeout(peer_timeout()) {
+        let deadline = std::time::Instant::now() + peer_timeout();
+        let mut pending = self.streams.len();
+        while pending > 0 {
+            match self.results.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ok((p, b))) => {
                     pages += p;
                     bytes += b;
+                    pending -= 1;
                 }
                 Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
                 Err(_) => {
-                    return Err(MigrationError::Stream(Box::new(MigrationError::Io(
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "a data stream stopped responding",
-                        ),
-                    ))))
+                    if let Some(e) = control_lost(control) {
+                        return Err(e);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(MigrationError::Stream(Box::new(MigrationError::Io(
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "a data stream stopped responding",
+                            ),
+                        ))));
+                    }
                 }
             }
         }
         Ok((pages, bytes))
+    }
+}
+
+/// Has the destination gone (control connection closed or reset) or spoken out of turn (an
+/// Abort) while a round runs? Never blocks.
+fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
+    control.set_nonblocking(true).ok()?;
+    let mut b = [0u8; 1];
+    let r = control.peek(&mut b);
+    let _ = control.set_nonblocking(false);
+    match r {
+        Ok(0) => Some(MigrationError::Aborted(
+            "the destination closed the control connection".into(),
+        )),
+        // The destination says something only when it gives up: read why.
+        Ok(_) => Some(match protocol::read_message(control) {
+            Ok(f) => MigrationError::from_unexpected(f.msg.unexpected("RoundAck")),
+            Err(e) => e.into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => Some(MigrationError::Io(e)),
     }
 }
 
@@ -649,7 +685,7 @@ fn migrate_inner(
                 let _ = s.jobs.send(Job::Live(runs));
             }
         }
-        let (pages, bytes) = senders.finish_round(round)?;
+        let (pages, bytes) = senders.finish_round(round, control)?;
         let t_end = now_ns();
         protocol::write_message(control, &Message::RoundEnd { round, pages })?;
         match read(control)? {
@@ -763,9 +799,9 @@ fn migrate_inner(
         vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize]
     };
     let mut batch_runs: Vec<(u64, u32)> = Vec::with_capacity(FINAL_BATCH_PAGES as usize);
-    // A last live round on the control stream, without waiting for an ack: what is dirty now
-    // leaves while the guest still runs, so only pages written in the last microseconds are left
-    // for the blackout. Same stream as the final batch, so it lands first.
+    // A last live round without waiting for an ack: what is dirty now leaves while the guest
+    // still runs, so only pages written in the last moments are left for the blackout. TCP:
+    // on the control stream, ahead of the final batch. RDMA: on the controller's queue pair.
     let t = now_ns();
     for r in split_runs(&vm.tracker().take_runs(&mem)?, PAGES_PER_FRAME) {
         if let Some(w) = run.final_writer.as_mut() {
@@ -781,6 +817,11 @@ fn migrate_inner(
         }
         report.pages_sent += r.pages;
         report.bytes_sent += r.pages * PAGE_SIZE;
+    }
+    // RDMA: wait (guest still running) until the last live round landed, so the blackout
+    // carries only what is dirtied from here on, not the tail of this round.
+    if let Some(w) = run.final_writer.as_mut() {
+        w.flush()?;
     }
     report.last_live_ns = now_ns() - t;
 
