@@ -24,13 +24,20 @@ fn key(dir: &std::path::Path) -> String {
 }
 
 fn receiver(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> (Bg, String) {
+    receiver_with(dir, name, &[], env)
+}
+
+/// A keyed `blip receive` on a free loopback port with `extra` arguments, and its URL.
+fn receiver_with(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Bg, String) {
     let k = key(dir);
-    let mut r = Bg::start(
-        dir,
-        name,
-        &["receive", "--listen", "tcp://127.0.0.1:0", "--key", &k],
-        env,
-    );
+    let mut args = vec!["receive", "--listen", "tcp://127.0.0.1:0", "--key", &k];
+    args.extend_from_slice(extra);
+    let mut r = Bg::start(dir, name, &args, env);
     let url = listen_url(&mut r);
     (r, url)
 }
@@ -371,21 +378,25 @@ fn fake_source_offer(url: &str, offer: Offer) -> Message {
 #[test]
 fn destination_refuses_layouts_it_cannot_take() {
     let dir = scratch("mig-layout");
+    let base = Offer {
+        mem_size: 32 << 20,
+        page_size: 4096,
+        vcpus: 1,
+        cpu_vendor: [0; 12],
+        cpu_signature: 0,
+        cpu_features: 0,
+        tsc_khz: 0,
+        streams: 1,
+        state_pieces: 0,
+        guest_name: String::new(),
+        transport: protocol::TRANSPORT_TCP,
+    };
     for (what, offer, needle) in [
         (
             "vcpus",
             Offer {
-                mem_size: 32 << 20,
-                page_size: 4096,
                 vcpus: 1000,
-                cpu_vendor: [0; 12],
-                cpu_signature: 0,
-                cpu_features: 0,
-                tsc_khz: 0,
-                streams: 1,
-                state_pieces: 0,
-                guest_name: String::new(),
-                transport: blip_transport::protocol::TRANSPORT_TCP,
+                ..base.clone()
             },
             "1000 vCPUs",
         ),
@@ -393,50 +404,23 @@ fn destination_refuses_layouts_it_cannot_take() {
             "memory",
             Offer {
                 mem_size: 64 << 30,
-                page_size: 4096,
-                vcpus: 1,
-                cpu_vendor: [0; 12],
-                cpu_signature: 0,
-                cpu_features: 0,
-                tsc_khz: 0,
-                streams: 1,
-                state_pieces: 0,
-                guest_name: String::new(),
-                transport: blip_transport::protocol::TRANSPORT_TCP,
+                ..base.clone()
             },
             "guest memory",
         ),
         (
             "cpu",
             Offer {
-                mem_size: 32 << 20,
-                page_size: 4096,
-                vcpus: 1,
                 cpu_vendor: *b"NotARealCPU!",
-                cpu_signature: 0,
-                cpu_features: 0,
-                tsc_khz: 0,
-                streams: 1,
-                state_pieces: 0,
-                guest_name: String::new(),
-                transport: blip_transport::protocol::TRANSPORT_TCP,
+                ..base.clone()
             },
             "CPU vendor",
         ),
         (
             "transport",
             Offer {
-                mem_size: 32 << 20,
-                page_size: 4096,
-                vcpus: 1,
-                cpu_vendor: [0; 12],
-                cpu_signature: 0,
-                cpu_features: 0,
-                tsc_khz: 0,
-                streams: 1,
-                state_pieces: 0,
-                guest_name: String::new(),
-                transport: blip_transport::protocol::TRANSPORT_RDMA,
+                transport: protocol::TRANSPORT_RDMA,
+                ..base.clone()
             },
             "listens on tcp://",
         ),
@@ -895,23 +879,8 @@ fn rdma_without_a_device_is_a_clear_error_and_auto_picks_tcp() {
 #[test]
 fn receive_with_premade_memory_takes_that_size_only() {
     let dir = scratch("mig-premade");
-    let k = key(&dir);
     let mut a = source(&dir, "a");
-    let mut wrong = Bg::start(
-        &dir,
-        "wrong",
-        &[
-            "receive",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--key",
-            &k,
-            "--mem",
-            "64M",
-        ],
-        &[],
-    );
-    let url = listen_url(&mut wrong);
+    let (mut wrong, url) = receiver_with(&dir, "wrong", &["--mem", "64M"], &[]);
     assert!(
         wrong
             .stderr()
@@ -926,21 +895,7 @@ fn receive_with_premade_memory_takes_that_size_only() {
     assert_eq!(wrong.wait(), Some(2), "{}", wrong.stderr());
     assert!(a.alive(), "the guest stays on the source: {}", a.stderr());
 
-    let mut b = Bg::start(
-        &dir,
-        "b",
-        &[
-            "receive",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--key",
-            &k,
-            "--mem",
-            "32M",
-        ],
-        &[],
-    );
-    let url = listen_url(&mut b);
+    let (mut b, url) = receiver_with(&dir, "b", &["--mem", "32M"], &[]);
     let r = report(&migrate(&a, &url, &["--verify"]));
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());

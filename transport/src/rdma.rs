@@ -34,6 +34,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ pub enum RdmaError {
     /// Completions stopped arriving.
     #[error("RDMA writes did not complete within {0:?} (peer gone?)")]
     Stalled(Duration),
+    /// The owner gave up while writes were outstanding.
+    #[error("RDMA writes abandoned: the migration is being torn down")]
+    Aborted,
 }
 
 type Result<T> = std::result::Result<T, RdmaError>;
@@ -674,6 +678,20 @@ impl QueuePair<state::Rts> {
     pub fn cq(&self) -> &Arc<CompletionQueue> {
         &self.h.cq
     }
+
+    /// Moves the queue pair to ERROR: the device stops processing it and completes every
+    /// outstanding work request (signalled or not) with a flush error, promptly.
+    pub fn set_error(&self) -> Result<()> {
+        // SAFETY: plain C struct.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        modify(
+            self.h.qp,
+            &mut attr,
+            ibv_qp_attr_mask::IBV_QP_STATE.0,
+            "ibv_modify_qp(ERR)",
+        )
+    }
 }
 
 /// Fills `b` from /dev/urandom (a PSN only needs to differ between connections).
@@ -812,6 +830,7 @@ pub struct Writer {
     timeout: Duration,
     bytes: u64,
     failed: bool,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 // SAFETY: the raw pointers inside `wrs`/`sges` point only into the Writer's own vectors and
@@ -866,7 +885,30 @@ impl Writer {
             timeout,
             bytes: 0,
             failed: false,
+            abort: None,
         }
+    }
+
+    /// Waits for completions give up (with [`RdmaError::Aborted`]) once `flag` is set: the
+    /// owner abandons the migration and must not wait out the timeout.
+    pub fn set_abort(&mut self, flag: Arc<AtomicBool>) {
+        self.abort = Some(flag);
+    }
+
+    fn waiting_in_vain(&mut self, deadline: Instant) -> Result<()> {
+        if self
+            .abort
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed))
+        {
+            self.failed = true;
+            return Err(RdmaError::Aborted);
+        }
+        if Instant::now() > deadline {
+            self.failed = true;
+            return Err(RdmaError::Stalled(self.timeout));
+        }
+        Ok(())
     }
 
     /// Spin on the completion queue without yielding the CPU (the blackout).
@@ -892,10 +934,7 @@ impl Writer {
                 self.post(true)?;
                 if !self.reap(false)? {
                     let d = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-                    if Instant::now() > d {
-                        self.failed = true;
-                        return Err(RdmaError::Stalled(self.timeout));
-                    }
+                    self.waiting_in_vain(d)?;
                 }
             }
             self.pending.push(op);
@@ -912,9 +951,8 @@ impl Writer {
         self.post(true)?;
         let deadline = Instant::now() + self.timeout;
         while self.window.outstanding() > 0 {
-            if !self.reap(true)? && Instant::now() > deadline {
-                self.failed = true;
-                return Err(RdmaError::Stalled(self.timeout));
+            if !self.reap(true)? {
+                self.waiting_in_vain(deadline)?;
             }
         }
         Ok(())
@@ -999,10 +1037,13 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Outstanding writes read local memory: wait for them (bounded) before the regions
-        // may be deregistered. A failed queue pair flushes everything with errors quickly.
-        if self.window.outstanding() > 0 && !self.failed {
-            let _ = self.flush();
+        // Outstanding writes read local memory: they must be done before the regions may be
+        // deregistered. Normally there are none (every round ends with a flush); after a
+        // failure, moving the queue pair to ERROR completes them all with flush errors at once
+        // instead of waiting out retries to a peer that is gone.
+        if self.window.outstanding() > 0 {
+            let _ = self.post(true);
+            let _ = self.qp.set_error();
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.window.outstanding() > 0 && Instant::now() < deadline {

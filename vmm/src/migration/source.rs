@@ -69,6 +69,8 @@ struct Stream {
 struct Senders {
     streams: Vec<Stream>,
     results: Receiver<StreamResult>,
+    /// Set when the senders are dropped: RDMA writers stop waiting for completions.
+    abort: Arc<AtomicBool>,
 }
 
 /// Where a sender thread puts pages: a TCP data stream, or an RDMA queue pair.
@@ -80,10 +82,14 @@ enum Sink {
 impl Senders {
     fn start(mem: &GuestMem, conns: Vec<Sink>) -> Senders {
         let (rtx, rrx) = crossbeam_channel::unbounded();
+        let abort = Arc::new(AtomicBool::new(false));
         let streams = conns
             .into_iter()
             .enumerate()
-            .map(|(i, conn)| {
+            .map(|(i, mut conn)| {
+                if let Sink::Rdma(w) = &mut conn {
+                    w.set_abort(abort.clone());
+                }
                 let (jtx, jrx) = crossbeam_channel::unbounded();
                 let mem = mem.clone();
                 let rtx = rtx.clone();
@@ -97,6 +103,7 @@ impl Senders {
         Senders {
             streams,
             results: rrx,
+            abort,
         }
     }
 
@@ -165,6 +172,7 @@ fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
 
 impl Drop for Senders {
     fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
         for s in &mut self.streams {
             let (tx, _) = crossbeam_channel::unbounded();
             drop(std::mem::replace(&mut s.jobs, tx));
@@ -187,8 +195,14 @@ fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<St
             }
             (Some(_), _) => Ok(()),
             (None, Job::Scan { first, pages: n }) => match &mut sink {
-                Sink::Tcp(conn) => send_nonzero(conn, &mem, &mut buf, first, n),
-                Sink::Rdma(w) => write_nonzero(w, &mem, &mut buf, first, n),
+                // TCP: from the bounce buffer, so the CRC covers exactly the bytes sent.
+                Sink::Tcp(conn) => send_nonzero(&mem, &mut buf, first, n, |gpa, data| {
+                    Ok(protocol::write_pages(conn, gpa, &[IoSlice::new(data)])?)
+                }),
+                // RDMA: straight from guest memory (a page changed since is dirty again).
+                Sink::Rdma(w) => send_nonzero(&mem, &mut buf, first, n, |gpa, data| {
+                    Ok(w.write(gpa, data.len() as u64)?)
+                }),
             }
             .map(|(p, b)| {
                 pages += p;
@@ -228,43 +242,14 @@ fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<St
     }
 }
 
-/// Sends the non-zero pages among `n` pages from pfn `first`, through a bounce buffer (so the
-/// CRC covers exactly the bytes sent). Returns (pages, bytes).
+/// Reads `n` pages from pfn `first` into `buf` and hands each run of non-zero pages to
+/// `send(gpa, bytes)` (round 0 skips what was never written). Returns (pages, bytes) sent.
 fn send_nonzero(
-    w: &mut dyn Write,
     mem: &GuestMem,
     buf: &mut [u8],
     first: u64,
     n: u64,
-) -> Result<(u64, u64), MigrationError> {
-    let len = (n * PAGE_SIZE) as usize;
-    mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
-    let page = PAGE_SIZE as usize;
-    let (mut pages, mut i) = (0u64, 0usize);
-    while i < n as usize {
-        if buf[i * page..(i + 1) * page].iter().all(|b| *b == 0) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < n as usize && buf[i * page..(i + 1) * page].iter().any(|b| *b != 0) {
-            i += 1;
-        }
-        let data = &buf[start * page..i * page];
-        protocol::write_pages(w, (first + start as u64) * PAGE_SIZE, &[IoSlice::new(data)])?;
-        pages += (i - start) as u64;
-    }
-    Ok((pages, pages * PAGE_SIZE))
-}
-
-/// Round 0 over RDMA: finds the non-zero pages among `n` pages from pfn `first` (read through
-/// `buf`) and writes them by RDMA WRITE straight from guest memory. Returns (pages, bytes).
-fn write_nonzero(
-    w: &mut Writer,
-    mem: &GuestMem,
-    buf: &mut [u8],
-    first: u64,
-    n: u64,
+    mut send: impl FnMut(u64, &[u8]) -> Result<(), MigrationError>,
 ) -> Result<(u64, u64), MigrationError> {
     let len = (n * PAGE_SIZE) as usize;
     mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
@@ -280,9 +265,11 @@ fn write_nonzero(
         while i < n as usize && nonzero(i) {
             i += 1;
         }
-        let run = (i - start) as u64;
-        w.write((first + start as u64) * PAGE_SIZE, run * PAGE_SIZE)?;
-        pages += run;
+        send(
+            (first + start as u64) * PAGE_SIZE,
+            &buf[start * page..i * page],
+        )?;
+        pages += (i - start) as u64;
     }
     Ok((pages, pages * PAGE_SIZE))
 }
