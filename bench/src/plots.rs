@@ -352,10 +352,14 @@ pub fn all(out: &Path, results: &Value) -> Vec<PathBuf> {
     );
     let label = |c: &Value| {
         format!(
-            "{}M {}v {}{}",
+            "{}M {}v {}{}{}",
             c["mem_mib"],
             c["vcpus"],
             c["workload"].as_str().unwrap_or("?"),
+            match c["dirty_tracking"].as_str() {
+                Some("bitmap") => " bitmap",
+                _ => "",
+            },
             if c["cmdline"]
                 .as_str()
                 .is_some_and(|s| s.contains("via=serial"))
