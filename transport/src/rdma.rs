@@ -95,8 +95,8 @@ pub enum RdmaError {
     /// Completions stopped arriving.
     #[error("RDMA writes did not complete within {0:?} (peer gone?)")]
     Stalled(Duration),
-    /// The owner gave up while writes were outstanding.
-    #[error("RDMA writes abandoned: the migration is being torn down")]
+    /// The owner gave up while writes were outstanding (teardown, or the peer is gone).
+    #[error("RDMA writes abandoned: the migration is being torn down or the peer is gone")]
     Aborted,
 }
 
@@ -948,11 +948,28 @@ impl Writer {
 
     /// Posts what is queued and waits until every write so far has completed at the peer.
     pub fn flush(&mut self) -> Result<()> {
+        self.flush_watching(|| false)
+    }
+
+    /// [`Writer::flush`] that also gives up (with [`RdmaError::Aborted`]) as soon as
+    /// `peer_gone()` says so; it is asked about once a millisecond while completions are
+    /// missing (a peer that vanished may leave writes neither completed nor failed until the
+    /// retry timers run out).
+    pub fn flush_watching(&mut self, mut peer_gone: impl FnMut() -> bool) -> Result<()> {
         self.post(true)?;
         let deadline = Instant::now() + self.timeout;
+        let mut next_check = Instant::now() + Duration::from_millis(1);
         while self.window.outstanding() > 0 {
             if !self.reap(true)? {
                 self.waiting_in_vain(deadline)?;
+                let now = Instant::now();
+                if now >= next_check {
+                    next_check = now + Duration::from_millis(1);
+                    if peer_gone() {
+                        self.failed = true;
+                        return Err(RdmaError::Aborted);
+                    }
+                }
             }
         }
         Ok(())

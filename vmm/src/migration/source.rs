@@ -149,6 +149,22 @@ impl Senders {
     }
 }
 
+/// Flushes the controller's RDMA writer, failing at once (with the destination's own reason
+/// when it sent one) if the destination goes away meanwhile: in the blackout this decides how
+/// soon the source resumes its guest.
+fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), MigrationError> {
+    let mut lost = None;
+    let r = w.flush_watching(|| {
+        lost = control_lost(control);
+        lost.is_some()
+    });
+    match (r, lost) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
+    }
+}
+
 /// Has the destination gone (control connection closed or reset) or spoken out of turn (an
 /// Abort) while a round runs? Never blocks.
 fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
@@ -808,7 +824,7 @@ fn migrate_inner(
     // RDMA: wait (guest still running) until the last live round landed, so the blackout
     // carries only what is dirtied from here on, not the tail of this round.
     if let Some(w) = run.final_writer.as_mut() {
-        w.flush()?;
+        flush_watching(w, control)?;
     }
     report.last_live_ns = now_ns() - t;
 
@@ -843,7 +859,7 @@ fn migrate_inner(
                 w.write(r.gpa(), r.pages * PAGE_SIZE)?;
                 pages += r.pages;
             }
-            w.flush()?;
+            flush_watching(w, control)?;
             pages
         }
         None => send_batches(control, &mem, &runs, &mut batch_buf, &mut batch_runs)?,
