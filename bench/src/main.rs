@@ -75,6 +75,13 @@ struct Args {
     /// (WS in MiB or `all`, RATE in pages/s per vCPU or `max`), e.g. idle,dirty:4:2000,dirty:all:max.
     #[arg(long, value_delimiter = ',', default_value = "idle,dirty")]
     migrate_load: Vec<migrate::Load>,
+    /// Transports of the migrate matrix (tcp, rdma). RDMA cells need an active RDMA port and
+    /// --rdma-addr; on a host without RDMA they are skipped, and the output says so.
+    #[arg(long, value_delimiter = ',', default_value = "tcp")]
+    migrate_transport: Vec<String>,
+    /// For RDMA cells: a local address on the RDMA port (every hop listens on it).
+    #[arg(long)]
+    rdma_addr: Option<std::net::IpAddr>,
     /// Dirty trackers of the migrate matrix (ring, bitmap).
     #[arg(long, value_delimiter = ',', default_value = "ring")]
     migrate_tracker: Vec<String>,
@@ -213,7 +220,32 @@ fn pause(vcpus: u32, cycles: u32) -> Value {
     })
 }
 
-fn migrate_cells(a: &Args) -> Result<Vec<migrate::Cell>, String> {
+/// The migrate matrix's cells, and a note for each part of it this host cannot run.
+fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> {
+    let mut skipped = Vec::new();
+    let mut transports = Vec::new();
+    for t in &a.migrate_transport {
+        match t.as_str() {
+            "tcp" => transports.push(None),
+            "rdma" => {
+                let ports = blip_transport::rdma::active_ports();
+                match a.rdma_addr {
+                    _ if ports.is_empty() => skipped.push(
+                        "rdma cells skipped: no RDMA device with an active port on this host"
+                            .to_string(),
+                    ),
+                    Some(ip) => transports.push(Some(ip)),
+                    None => {
+                        return Err(format!(
+                            "rdma cells need --rdma-addr (an address on one of {})",
+                            ports.join(", ")
+                        ))
+                    }
+                }
+            }
+            other => return Err(format!("--migrate-transport {other}: use tcp or rdma")),
+        }
+    }
     let dirty = migrate::Load::Dirty {
         ws_mib: 16,
         rate: 0,
@@ -221,11 +253,14 @@ fn migrate_cells(a: &Args) -> Result<Vec<migrate::Cell>, String> {
     if a.quick {
         let mut bitmap = migrate::Cell::new(64, 1, dirty);
         bitmap.bitmap = true;
-        return Ok(vec![
-            migrate::Cell::new(64, 1, dirty),
-            migrate::Cell::new(64, 2, dirty),
-            bitmap,
-        ]);
+        return Ok((
+            vec![
+                migrate::Cell::new(64, 1, dirty),
+                migrate::Cell::new(64, 2, dirty),
+                bitmap,
+            ],
+            skipped,
+        ));
     }
     let mut v = Vec::new();
     for &mem_mib in &a.migrate_mem {
@@ -240,16 +275,19 @@ fn migrate_cells(a: &Args) -> Result<Vec<migrate::Cell>, String> {
                         }
                     };
                     for &target_us in &a.max_blackout_us {
-                        let mut c = migrate::Cell::new(mem_mib, vcpus, load);
-                        c.bitmap = bitmap;
-                        c.target_us = target_us;
-                        v.push(c);
+                        for &rdma in &transports {
+                            let mut c = migrate::Cell::new(mem_mib, vcpus, load);
+                            c.bitmap = bitmap;
+                            c.target_us = target_us;
+                            c.rdma = rdma;
+                            v.push(c);
+                        }
                     }
                 }
             }
         }
     }
-    Ok(v)
+    Ok((v, skipped))
 }
 
 /// The `qemu` scenario: blip's serial cell and the QEMU cells per memory size, then the table.
@@ -441,13 +479,16 @@ fn main() {
             max_blackout_ns: target_us * 1000,
             via: a.via,
         };
-        let cells = match migrate_cells(&a) {
+        let (cells, skipped) = match migrate_cells(&a) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("blip-bench: {e}");
                 std::process::exit(2);
             }
         };
+        for note in &skipped {
+            println!("migrate | {note}");
+        }
         migrate::header();
         let rows: Vec<Value> = cells
             .into_iter()
@@ -459,6 +500,7 @@ fn main() {
             json!({
                 "via": format!("{:?}", a.via).to_lowercase(),
                 "max_blackout_ns": s.max_blackout_ns,
+                "skipped": skipped,
                 "cells": rows,
             }),
         );

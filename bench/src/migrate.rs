@@ -81,6 +81,9 @@ pub struct Cell {
     pub bitmap: bool,
     /// Blackout target handed to each migration, in microseconds.
     pub target_us: u64,
+    /// RDMA cell: every blip of the cell listens on `rdma://` at this address (on an RDMA
+    /// port); `None` = loopback TCP.
+    pub rdma: Option<std::net::IpAddr>,
     /// Heartbeats as `*` on COM1 (`via=serial`), timestamped on the host from blip's serial
     /// pipe: the guest-observed blackout measured exactly as for the QEMU peer.
     pub serial: bool,
@@ -95,6 +98,7 @@ impl Cell {
             load,
             bitmap: false,
             target_us: 1000,
+            rdma: None,
             serial: false,
         }
     }
@@ -154,6 +158,9 @@ impl Cell {
 
     fn extras(&self) -> String {
         let mut x = String::new();
+        if self.rdma.is_some() {
+            x.push_str(" rdma");
+        }
         if self.bitmap {
             x.push_str(" bitmap");
         }
@@ -361,6 +368,10 @@ fn key_file(s: &Settings) -> Result<std::path::PathBuf, String> {
 fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), String> {
     let key = key_file(s)?;
     let key = key.to_str().ok_or("non-UTF-8 scratch path")?;
+    let listen = match c.rdma {
+        Some(ip) => format!("rdma://{}", std::net::SocketAddr::new(ip, 0)),
+        None => "tcp://127.0.0.1:0".to_string(),
+    };
     let (p, lines) = Proc::spawn(
         &s.bin,
         &s.scratch,
@@ -368,7 +379,7 @@ fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), 
         &[
             "receive",
             "--listen",
-            "tcp://127.0.0.1:0",
+            &listen,
             "--key",
             key,
             "--dirty-tracking",
@@ -383,7 +394,7 @@ fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), 
             Ok(l) if l.contains("waiting for an incoming migration on ") => {
                 let url = l
                     .split_whitespace()
-                    .find(|w| w.starts_with("tcp://"))
+                    .find(|w| w.starts_with("tcp://") || w.starts_with("rdma://"))
                     .map(str::to_string)
                     .ok_or_else(|| format!("no URL in {l:?}"))?;
                 return Ok((p, url));
@@ -846,6 +857,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "workload": c.load(),
         "cmdline": c.cmdline(),
         "dirty_tracking": c.tracker(),
+        "transport": if c.rdma.is_some() { "rdma" } else { "tcp" },
         "target_us": c.target_us,
         "guest_blackout_method": if c.serial { "COM1 '*' beats timestamped by blip-bench (host CLOCK_MONOTONIC)" } else { "heartbeat port, timestamped by blip" },
         "max_blackout_ns": s.max_blackout_ns,

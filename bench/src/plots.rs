@@ -356,8 +356,10 @@ pub fn all(out: &Path, results: &Value) -> Vec<PathBuf> {
             c["mem_mib"],
             c["vcpus"],
             c["workload"].as_str().unwrap_or("?"),
-            match c["dirty_tracking"].as_str() {
-                Some("bitmap") => " bitmap",
+            match (c["dirty_tracking"].as_str(), c["transport"].as_str()) {
+                (Some("bitmap"), Some("rdma")) => " bitmap rdma",
+                (Some("bitmap"), _) => " bitmap",
+                (_, Some("rdma")) => " rdma",
                 _ => "",
             },
             if c["cmdline"]
