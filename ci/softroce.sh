@@ -10,7 +10,8 @@
 # kvm (blip run --cmdline hello inside each host), migrate-rdma / migrate-tcp (a running
 # dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
-# guest keeps running on A). Default: all but fault-tcp.
+# guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
+# rdma:// through A's own rxe0, side by side). Default: all but fault-tcp.
 # Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
 # (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
 # Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
@@ -21,7 +22,7 @@ cd "$ROOT"
 . ci/env.sh
 . ci/softroce/image.sh
 
-SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma
+SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma,bench
 KEEP=0
 BUILD=1
 BLIP=${BLIP_BIN:-}
@@ -43,13 +44,13 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
 # Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
 case ",$SCENARIOS," in
     *,kvm,*) ;;
-    *,migrate-*|*,fault-*) SCENARIOS=kvm,$SCENARIOS ;;
+    *,migrate-*|*,fault-*|*,bench,*) SCENARIOS=kvm,$SCENARIOS ;;
 esac
 
 T_START=$(date +%s.%N)
@@ -70,7 +71,7 @@ if [ -z "$BLIP" ]; then
     BLIP=$ROOT/target/release/blip
     if [ "$BUILD" = 1 ]; then
         t=$(date +%s.%N)
-        cargo build --release --locked -p blip-vmm --bin blip
+        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench
         sr_log "blip built ($(elapsed "$t") s)"
     fi
 fi

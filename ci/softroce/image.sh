@@ -176,6 +176,11 @@ sr_initrd() {
     chmod 755 "$root/init"
     cp "$here/scenarios.sh" "$root/softroce/scenarios.sh"
     sr_copy_with_libs "$root" "$blip" /usr/bin/blip
+    # The benchmark suite, when it was built next to blip (the `bench` scenario).
+    if [ -x "$(dirname "$blip")/blip-bench" ]; then
+        sr_copy_with_libs "$root" "$(dirname "$blip")/blip-bench" /usr/bin/blip-bench
+        if command -v strip >/dev/null; then strip --strip-debug "$root/usr/bin/blip-bench"; fi
+    fi
     # Release builds carry debuginfo: drop it, the initramfs is copied through fw_cfg.
     if command -v strip >/dev/null; then strip --strip-debug "$root/usr/bin/blip"; fi
     # One migration key for both hosts, at the path blip reads by default (a fresh one per run).

@@ -427,3 +427,35 @@ scenario_fault() {
         fi
     fi
 }
+
+# blip-bench on host A: the same migrate cells over tcp:// (loopback) and over rdma:// through
+# A's own rxe0 (rxe loops packets to its own GID back), in one run, so the two transports are
+# compared on one emulated CPU. B has no part in it.
+scenario_bench() {
+    if [ "$HOST" = b ]; then
+        result bench PASS "role=none (the benchmark runs on host a)"
+        return
+    fi
+    if ! command -v blip-bench >/dev/null; then
+        result bench SKIP "no blip-bench in the image (build it: cargo build --release -p blip-bench)"
+        return
+    fi
+    if ! why=$(mig_ready rdma); then
+        result bench SKIP "$why"
+        return
+    fi
+    t0=$(now_cs)
+    timeout 600 blip-bench --only migrate --migrate-transport tcp,rdma --rdma-addr "$ME" \
+        --migrate-mem 16 --migrate-vcpus 1 --migrate-load "dirty:4:500" --migrations 5 \
+        --max-blackout-us 100000 --out /tmp/bench >/tmp/bench.out 2>&1
+    rc=$?
+    grep -v '\[' /tmp/bench.out >/tmp/bench.table
+    show blip-bench /tmp/bench.table
+    tcp=$(grep '^migrate | .*dirty' /tmp/bench.table | grep -v rdma | awk -F'|' '{ split($3, a, " "); print a[1] }')
+    rdma=$(grep '^migrate | .*rdma' /tmp/bench.table | awk -F'|' '{ split($3, a, " "); print a[1] }')
+    if [ "$rc" = 0 ] && [ -n "$tcp" ] && [ -n "$rdma" ] && ! grep -q 'memory check FAILED' /tmp/bench.table; then
+        result bench PASS "role=bench blackout_p50_us tcp=$tcp rdma=$rdma ms=$(ms_since "$t0")"
+    else
+        result bench FAIL "role=bench rc=$rc tcp=${tcp:-none} rdma=${rdma:-none}"
+    fi
+}
