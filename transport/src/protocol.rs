@@ -19,8 +19,11 @@
 //!   RDMA (Offer.transport = RDMA): no data streams; queue pairs connect over control:
 //!   RdmaConnect{gid, mtu, qps} ------------------>
 //!                           <------------------ RdmaConnect{gid, mtu, qps, regions+rkeys}
-//!   round r: RDMA WRITEs on N+1 queue pairs, all completed, then
-//!            RoundEnd{round, pages_total} on control
+//!   round r: RDMA WRITEs on queue pairs 1..N, then on each a zero-length WRITE WITH
+//!            IMMEDIATE r (the mark: RC order puts it behind the pages); all completed, then
+//!            RoundEnd{round, pages_total} on control; the destination waits for the N marks
+//!   final:   RDMA WRITEs + mark FINAL on queue pair N+1, and State goes out at once; the
+//!            destination restores only after the FINAL mark arrived
 //!                           <------------------ RoundAck{round}   (all streams drained)
 //!   ... last round (vCPUs paused = blackout) ...
 //!   State{opaque bytes} on control ---------->

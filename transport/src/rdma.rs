@@ -18,10 +18,12 @@
 //!   holds the memory regions it reads from, bounds-checks every write on both sides, and
 //!   polls every completion before it is dropped.
 //!
-//! Ordering: a round's pages are done when every write of the round has completed. On a
-//! reliable-connected queue pair the completion of an RDMA WRITE means the responder
-//! acknowledged it, so the pages are in destination memory before the source says
-//! `RoundEnd` on the control channel. Selective signalling keeps completions rare: only every
+//! Ordering: boundaries travel on the data path. After a round's pages the source queues a
+//! *mark* ([`Writer::mark`]), a zero-length RDMA WRITE WITH IMMEDIATE carrying the round
+//! number; a reliable-connected queue pair delivers in order, so when the destination's
+//! [`Marks`] sees it, every page before it is in memory. The destination's CPU does one poll per
+//! queue pair per round, nothing per page. The final pages end with [`FINAL_MARK`], so the
+//! vCPU state can travel on the control channel while they are still in flight. Selective signalling keeps completions rare: only every
 //! [`SIGNAL_EVERY`]th write (and the last of a flush) asks for one, and since a send queue
 //! completes in order, one completion retires every write posted before it.
 //!
@@ -50,6 +52,10 @@ pub const BATCH: usize = 16;
 pub const SIGNAL_EVERY: u64 = 16;
 /// Send-queue depth of each queue pair (outstanding work requests at most).
 pub const SQ_DEPTH: u32 = 128;
+/// Receives kept posted for marks on each queue pair that takes them.
+pub const MARK_DEPTH: u32 = 16;
+/// The mark that ends the final pages.
+pub const FINAL_MARK: u32 = u32::MAX;
 
 /// What went wrong in the RDMA transport. The cause of a failed verbs call is its errno.
 #[derive(Debug, thiserror::Error)]
@@ -535,6 +541,27 @@ fn modify(qp: *mut ibv_qp, attr: &mut ibv_qp_attr, mask: u32, call: &'static str
     Ok(())
 }
 
+impl<S> QueuePair<S> {
+    /// Posts a receive with no buffer, for one mark (RDMA WRITE WITH IMMEDIATE) from the peer.
+    /// Allowed from INIT on, so marks can be provisioned before the peer connects.
+    pub fn post_mark_recv(&self, id: u64) -> Result<()> {
+        let mut wr = ibv_recv_wr {
+            wr_id: id,
+            next: ptr::null_mut(),
+            sg_list: ptr::null_mut(),
+            num_sge: 0,
+        };
+        let mut bad: *mut ibv_recv_wr = ptr::null_mut();
+        // SAFETY: the QP is alive; the work request has no scatter list, so no memory of ours
+        // is ever written through it, and libibverbs copies the request before returning.
+        let rc = unsafe { ibv_post_recv(self.h.qp, &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(verbs("ibv_post_recv", rc));
+        }
+        Ok(())
+    }
+}
+
 impl QueuePair<state::Init> {
     /// Creates an RC queue pair on `pd` completing into `cq` and moves it to INIT. `remote_write`
     /// lets the peer RDMA WRITE into this side's regions (the destination's queue pairs).
@@ -550,7 +577,7 @@ impl QueuePair<state::Init> {
         init.qp_type = ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
         init.cap.max_send_wr = SQ_DEPTH;
-        init.cap.max_recv_wr = 1;
+        init.cap.max_recv_wr = MARK_DEPTH;
         init.cap.max_send_sge = 1;
         init.cap.max_recv_sge = 1;
         // SAFETY: the PD is alive and `init` is filled in.
@@ -713,6 +740,8 @@ pub struct WriteOp {
     pub rkey: u32,
     /// Bytes.
     pub len: u32,
+    /// A mark: a zero-length RDMA WRITE WITH IMMEDIATE carrying this value (`len` 0).
+    pub imm: Option<u32>,
 }
 
 /// A local region of the shared address space: `mr` holds `[base, base + mr.len())`.
@@ -767,6 +796,7 @@ pub fn plan_writes(
             raddr: r.addr + (at - r.base),
             rkey: r.rkey,
             len: n as u32,
+            imm: None,
         });
         at += n;
     }
@@ -827,6 +857,7 @@ pub struct Writer {
     sges: Vec<ibv_sge>,
     wcs: Vec<ibv_wc>,
     busy_poll: bool,
+    spins: u32,
     timeout: Duration,
     bytes: u64,
     failed: bool,
@@ -882,6 +913,7 @@ impl Writer {
             ],
             wcs,
             busy_poll: false,
+            spins: 0,
             timeout,
             bytes: 0,
             failed: false,
@@ -926,6 +958,11 @@ impl Writer {
     pub fn write(&mut self, addr: u64, len: u64) -> Result<()> {
         self.ops.clear();
         plan_writes(&self.local_table, &self.remote, addr, len, &mut self.ops)?;
+        self.queue_ops()
+    }
+
+    /// Queues `self.ops`, posting full batches, waiting (bounded) for room in the send queue.
+    fn queue_ops(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let op = self.ops[i];
             // Room in the send queue for this one and a forced signal.
@@ -944,6 +981,30 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Queues a mark: a zero-length RDMA WRITE WITH IMMEDIATE `imm`. The peer's queue pair
+    /// sees it (a receive completion carrying `imm`) only after every write queued before it
+    /// has been placed in its memory: RC delivers in order. That is how a round boundary, or
+    /// the end of the final pages, reaches the destination on the data path itself.
+    pub fn mark(&mut self, imm: u32) -> Result<()> {
+        let r = self.remote.first().copied().ok_or(RdmaError::OutOfRange {
+            side: "remote",
+            addr: 0,
+            len: 0,
+        })?;
+        let op = WriteOp {
+            laddr: 0,
+            lkey: 0,
+            raddr: r.addr,
+            rkey: r.rkey,
+            len: 0,
+            imm: Some(imm),
+        };
+        self.ops.clear();
+        self.ops.push(op);
+        self.queue_ops()?;
+        self.post(true)
     }
 
     /// Posts what is queued and waits until every write so far has completed at the peer.
@@ -998,9 +1059,21 @@ impl Writer {
             let wr = &mut self.wrs[i];
             wr.wr_id = id;
             wr.next = next;
-            wr.sg_list = sge;
-            wr.num_sge = 1;
-            wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+            match op.imm {
+                Some(imm) => {
+                    wr.sg_list = ptr::null_mut();
+                    wr.num_sge = 0;
+                    wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                    wr.imm_data_invalidated_rkey_union = imm_data_invalidated_rkey_union_t {
+                        imm_data: imm.to_be(),
+                    };
+                }
+                None => {
+                    wr.sg_list = sge;
+                    wr.num_sge = 1;
+                    wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                }
+            }
             wr.send_flags = if signal {
                 ibv_send_flags::IBV_SEND_SIGNALED.0
             } else {
@@ -1042,11 +1115,9 @@ impl Writer {
             self.window.complete(wc.wr_id);
         }
         if n == 0 {
-            if self.busy_poll && for_flush {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            idle(&mut self.spins, self.busy_poll && for_flush);
+        } else {
+            self.spins = 0;
         }
         Ok(n > 0)
     }
@@ -1076,6 +1147,84 @@ impl Drop for Writer {
         // The queue pair is destroyed first (field order), then the regions: destroying a QP
         // stops the device from touching its work requests' buffers.
         let _ = &self.local;
+    }
+}
+
+/// Empty polls spun before yielding, in busy mode (a few hundred microseconds).
+const BUSY_SPINS: u32 = 2000;
+
+/// One empty poll's pause. Busy mode spins, but only [`BUSY_SPINS`] times in a row before it
+/// yields each time: where the CPU that must make progress is this one (soft-RoCE runs its
+/// packet engine in the kernel, on whatever CPU is free), spinning on would only delay it.
+fn idle(spins: &mut u32, busy: bool) {
+    if busy && *spins < BUSY_SPINS {
+        *spins += 1;
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// The receiving end of marks on one queue pair (see [`Writer::mark`]): keeps
+/// [`MARK_DEPTH`] receives posted and waits for the next mark, which must carry the value
+/// expected (marks arrive in order; anything else is a protocol error).
+pub struct Marks {
+    qp: QueuePair<state::Rts>,
+    wcs: Vec<ibv_wc>,
+    posted: u64,
+}
+
+// SAFETY: as for Writer: the verbs objects are thread-safe; `wcs` is plain data.
+unsafe impl Send for Marks {}
+
+impl Marks {
+    /// Takes a connected queue pair whose receives were provisioned with
+    /// [`QueuePair::post_mark_recv`] (`posted` of them).
+    pub fn new(qp: QueuePair<state::Rts>, posted: u64) -> Marks {
+        let wcs = (0..4)
+            .map(|_| {
+                // SAFETY: plain C struct.
+                unsafe { std::mem::zeroed::<ibv_wc>() }
+            })
+            .collect();
+        Marks { qp, wcs, posted }
+    }
+
+    /// Waits (spinning; yielding unless `busy`) for the next mark, which must be `want`.
+    pub fn wait(&mut self, want: u32, timeout: Duration, busy: bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            let n = self.qp.cq().poll(&mut self.wcs[..1])?;
+            if n == 1 {
+                let wc = &self.wcs[0];
+                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    // SAFETY: static NUL-terminated string.
+                    let status = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) }
+                        .to_string_lossy()
+                        .into_owned();
+                    return Err(RdmaError::Completion {
+                        status,
+                        vendor_err: wc.vendor_err,
+                    });
+                }
+                // SAFETY: a successful RECV_RDMA_WITH_IMM completion carries immediate data.
+                let got = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+                if wc.opcode != ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM || got != want {
+                    return Err(RdmaError::Peer(format!(
+                        "mark {got:#x} (opcode {}) where mark {want:#x} was due",
+                        wc.opcode
+                    )));
+                }
+                self.qp.post_mark_recv(self.posted)?;
+                self.posted += 1;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(RdmaError::Stalled(timeout));
+            }
+            idle(&mut spins, busy);
+        }
     }
 }
 

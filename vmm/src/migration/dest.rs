@@ -376,6 +376,10 @@ fn receive_inner(
         };
         match f.msg {
             Message::RoundEnd { round, pages } => {
+                // RDMA: the round's pages are in once each sender queue pair's mark arrived.
+                if let Some(c) = rdma_conn.as_mut() {
+                    c.wait_round(round)?;
+                }
                 if round == 1 && crate::fault::point("dest-precopy") == crate::fault::Fault::Drop {
                     return Err(MigrationError::Aborted(
                         "fault injected: connection dropped in pre-copy".into(),
@@ -432,6 +436,10 @@ fn receive_inner(
                 }
             }
             Message::State(bytes) => {
+                // RDMA: the state may overtake the final pages; their mark says they landed.
+                if let Some(c) = rdma_conn.as_mut() {
+                    c.wait_final()?;
+                }
                 if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
                     return Err(MigrationError::Aborted(
                         "fault injected: connection dropped in stop-and-copy".into(),

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use blip_transport::protocol::{self, Message, RdmaConnect, RdmaRegion};
 use blip_transport::rdma::{
-    self, state, Access, CompletionQueue, LocalRegion, PeerQp, Port, ProtectionDomain, QueuePair,
-    RdmaError, Writer,
+    self, state, Access, CompletionQueue, LocalRegion, Marks, PeerQp, Port, ProtectionDomain,
+    QueuePair, RdmaError, Writer, FINAL_MARK, MARK_DEPTH,
 };
 use blip_transport::tcp::Endpoint;
 use serde::{Deserialize, Serialize};
@@ -178,14 +178,36 @@ impl DestRegistration {
     }
 }
 
-/// Destination, connected: holds the registrations and queue pairs the source writes through.
-/// Dropping it revokes the rkeys.
+/// Destination, connected: holds the registrations and queue pairs the source writes through,
+/// and receives the marks that end rounds and the final pages. Dropping it revokes the rkeys.
 pub struct DestRdma {
     // Field order = drop order: queue pairs before the memory they expose.
-    _qps: Vec<QueuePair<state::Rts>>,
+    /// One per source queue pair: the sender threads' first, the controller's last.
+    marks: Vec<Marks>,
     _regions: Vec<LocalRegion>,
     /// "rxe0:1", for logs.
     pub port: String,
+}
+
+impl DestRdma {
+    /// Round `round` is over: every sender queue pair's mark for it has arrived, so every page
+    /// written before it is in guest memory.
+    pub fn wait_round(&mut self, round: u32) -> Result<(), MigrationError> {
+        let n = self.marks.len().saturating_sub(1);
+        for m in &mut self.marks[..n] {
+            m.wait(round, peer_timeout(), false)?;
+        }
+        Ok(())
+    }
+
+    /// The final pages are in (the controller queue pair's final mark arrived). Busy-polls: this
+    /// is the blackout.
+    pub fn wait_final(&mut self) -> Result<(), MigrationError> {
+        if let Some(m) = self.marks.last_mut() {
+            m.wait(FINAL_MARK, peer_timeout(), true)?;
+        }
+        Ok(())
+    }
 }
 
 /// Registers `mem` for remote writes on the RDMA port that carries `local_ip`.
@@ -204,6 +226,12 @@ pub fn connect_dest(
     control: &mut TcpStream,
 ) -> Result<DestRdma, MigrationError> {
     let side = Side::new(&reg.pd, n, true)?;
+    // Receives for the marks, posted before the source can send one.
+    for qp in &side.qps {
+        for id in 0..u64::from(MARK_DEPTH) {
+            qp.post_mark_recv(id)?;
+        }
+    }
     let peer = read(control)?;
     let regions: Vec<RdmaRegion> = reg
         .regions
@@ -220,7 +248,10 @@ pub fn connect_dest(
     let qps = side.connect(&peer)?;
     protocol::write_message(control, &Message::RdmaConnect(hello))?;
     Ok(DestRdma {
-        _qps: qps,
+        marks: qps
+            .into_iter()
+            .map(|qp| Marks::new(qp, u64::from(MARK_DEPTH)))
+            .collect(),
         _regions: reg.regions,
         port,
     })

@@ -165,14 +165,42 @@ fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), Migrati
     }
 }
 
-/// Has the destination gone (control connection closed or reset) or spoken out of turn (an
-/// Abort) while a round runs? Never blocks.
-fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
+/// Waits for the final RDMA writes to complete, or for the destination to speak (Ready means
+/// it saw the final mark, so every write landed; anything else is read by the caller).
+fn await_final(w: &mut Writer, control: &mut TcpStream) -> Result<(), MigrationError> {
+    let mut spoke = false;
+    let r = w.flush_watching(|| {
+        spoke = peer_spoke(control);
+        spoke
+    });
+    match r {
+        Ok(()) => Ok(()),
+        Err(_) if spoke => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Is there something to read (or an end) on the control connection? Never blocks, reads nothing.
+fn peer_spoke(control: &TcpStream) -> bool {
+    peek(control).is_some()
+}
+
+/// Peeks one byte of the control connection without blocking: `None` while nothing is there.
+fn peek(control: &TcpStream) -> Option<std::io::Result<usize>> {
     control.set_nonblocking(true).ok()?;
     let mut b = [0u8; 1];
     let r = control.peek(&mut b);
     let _ = control.set_nonblocking(false);
     match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
+    }
+}
+
+/// Has the destination gone (control connection closed or reset) or spoken out of turn (an
+/// Abort) while a round runs? Never blocks.
+fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
+    match peek(control)? {
         Ok(0) => Some(MigrationError::Aborted(
             "the destination closed the control connection".into(),
         )),
@@ -181,7 +209,6 @@ fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
             Ok(f) => MigrationError::from_unexpected(f.msg.unexpected("RoundAck")),
             Err(e) => e.into(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
         Err(e) => Some(MigrationError::Io(e)),
     }
 }
@@ -243,8 +270,12 @@ fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<St
                         protocol::write_message(conn, &Message::RoundEnd { round, pages })
                             .map_err(MigrationError::from)
                     }
-                    // Every write of the round acknowledged by the peer: the pages landed.
-                    Sink::Rdma(w) => w.flush().map_err(MigrationError::from),
+                    // The round's mark follows its pages on the same queue pair (the
+                    // destination waits for it); the flush reports failures before RoundEnd.
+                    Sink::Rdma(w) => w
+                        .mark(round)
+                        .and_then(|()| w.flush())
+                        .map_err(MigrationError::from),
                 };
                 let _ = results.send(r.map(|_| (pages, bytes)));
                 pages = 0;
@@ -852,14 +883,17 @@ fn migrate_inner(
     let t = now_ns();
     report.final_pages = match run.final_writer.as_mut() {
         Some(w) => {
-            // Zero copy from the paused guest's memory; busy-poll until the peer has them.
+            // Zero copy from the paused guest's memory, then the final mark behind them on the
+            // same queue pair. No waiting here: the state goes out while the pages fly, and the
+            // destination restores only after the mark arrived. The completions are reaped after
+            // the blackout.
             w.set_busy_poll(true);
             let mut pages = 0;
             for r in &runs {
                 w.write(r.gpa(), r.pages * PAGE_SIZE)?;
                 pages += r.pages;
             }
-            flush_watching(w, control)?;
+            w.mark(blip_transport::rdma::FINAL_MARK)?;
             pages
         }
         None => send_batches(control, &mem, &runs, &mut batch_buf, &mut batch_runs)?,
@@ -880,6 +914,12 @@ fn migrate_inner(
     report.state_bytes = bytes.len() as u64;
     let t = now_ns();
     protocol::write_message(control, &Message::State(bytes))?;
+    // RDMA: while the destination restores, reap the final writes; a write that fails (the
+    // peer's NIC gone) fails the migration now rather than when the destination gives up
+    // waiting for the final mark.
+    if let Some(w) = run.final_writer.as_mut() {
+        await_final(w, control)?;
+    }
     let dst_digest = match read(control)? {
         Message::Ready { mem_hash } => mem_hash,
         other => return Err(MigrationError::from_unexpected(other.unexpected("Ready"))),
@@ -938,5 +978,10 @@ fn migrate_inner(
         elapsed_ns: report.total_ns,
     });
     let _ = control.flush();
+    // The final writes landed before the destination said Ready; reap their completions before
+    // the registration goes.
+    if let Some(w) = run.final_writer.as_mut() {
+        let _ = w.flush();
+    }
     Ok(report)
 }
