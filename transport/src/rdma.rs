@@ -531,6 +531,36 @@ pub struct QueuePair<S> {
     _s: PhantomData<S>,
 }
 
+/// Attributes that move a queue pair to `state`, everything else zero.
+fn qp_attr(state: ibv_qp_state::Type) -> ibv_qp_attr {
+    // SAFETY: plain C struct; all-zero is a valid value.
+    let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+    attr.qp_state = state;
+    attr
+}
+
+/// `n` zeroed work completions to poll into.
+fn zeroed_wcs(n: usize) -> Vec<ibv_wc> {
+    (0..n)
+        .map(|_| {
+            // SAFETY: plain C struct; all-zero is a valid value.
+            unsafe { std::mem::zeroed::<ibv_wc>() }
+        })
+        .collect()
+}
+
+/// The error of a failed work completion.
+fn completion_error(wc: &ibv_wc) -> RdmaError {
+    // SAFETY: ibv_wc_status_str returns a static NUL-terminated string.
+    let status = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) }
+        .to_string_lossy()
+        .into_owned();
+    RdmaError::Completion {
+        status,
+        vendor_err: wc.vendor_err,
+    }
+}
+
 fn modify(qp: *mut ibv_qp, attr: &mut ibv_qp_attr, mask: u32, call: &'static str) -> Result<()> {
     // SAFETY: `qp` is alive (held by the caller's handle) and `attr` is a valid attribute set
     // for the bits in `mask`.
@@ -542,6 +572,14 @@ fn modify(qp: *mut ibv_qp, attr: &mut ibv_qp_attr, mask: u32, call: &'static str
 }
 
 impl<S> QueuePair<S> {
+    /// The same queue pair, now in state `T` (after a successful `modify`).
+    fn into_state<T>(self) -> QueuePair<T> {
+        QueuePair {
+            h: self.h,
+            psn: self.psn,
+            _s: PhantomData,
+        }
+    }
     /// Posts a receive with no buffer, for one mark (RDMA WRITE WITH IMMEDIATE) from the peer.
     /// Allowed from INIT on, so marks can be provisioned before the peer connects.
     pub fn post_mark_recv(&self, id: u64) -> Result<()> {
@@ -590,9 +628,7 @@ impl QueuePair<state::Init> {
             cq: cq.clone(),
             _pd: pd.clone(),
         };
-        // SAFETY: plain C struct.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_INIT;
+        let mut attr = qp_attr(ibv_qp_state::IBV_QPS_INIT);
         attr.pkey_index = 0;
         attr.port_num = pd.port.port;
         attr.qp_access_flags = if remote_write {
@@ -626,9 +662,7 @@ impl QueuePair<state::Init> {
         if !(1..=5).contains(&peer.mtu) {
             return Err(RdmaError::Peer(format!("MTU value {}", peer.mtu)));
         }
-        // SAFETY: plain C struct.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
+        let mut attr = qp_attr(ibv_qp_state::IBV_QPS_RTR);
         attr.path_mtu = port.mtu.min(peer.mtu);
         attr.dest_qp_num = peer.qpn;
         attr.rq_psn = peer.psn;
@@ -647,20 +681,14 @@ impl QueuePair<state::Init> {
             | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC.0
             | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER.0;
         modify(self.h.qp, &mut attr, mask, "ibv_modify_qp(RTR)")?;
-        Ok(QueuePair {
-            h: self.h,
-            psn: self.psn,
-            _s: PhantomData,
-        })
+        Ok(self.into_state())
     }
 }
 
 impl QueuePair<state::Rtr> {
     /// RTR → RTS: the queue pair may send.
     pub fn into_rts(self) -> Result<QueuePair<state::Rts>> {
-        // SAFETY: plain C struct.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTS;
+        let mut attr = qp_attr(ibv_qp_state::IBV_QPS_RTS);
         // 4.096 µs × 2^14 ≈ 67 ms per try, 7 tries: a vanished peer fails a write in ~0.5 s.
         attr.timeout = 14;
         attr.retry_cnt = 7;
@@ -674,11 +702,7 @@ impl QueuePair<state::Rtr> {
             | ibv_qp_attr_mask::IBV_QP_SQ_PSN.0
             | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC.0;
         modify(self.h.qp, &mut attr, mask, "ibv_modify_qp(RTS)")?;
-        Ok(QueuePair {
-            h: self.h,
-            psn: self.psn,
-            _s: PhantomData,
-        })
+        Ok(self.into_state())
     }
 }
 
@@ -709,9 +733,7 @@ impl QueuePair<state::Rts> {
     /// Moves the queue pair to ERROR: the device stops processing it and completes every
     /// outstanding work request (signalled or not) with a flush error, promptly.
     pub fn set_error(&self) -> Result<()> {
-        // SAFETY: plain C struct.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        let mut attr = qp_attr(ibv_qp_state::IBV_QPS_ERR);
         modify(
             self.h.qp,
             &mut attr,
@@ -888,12 +910,7 @@ impl Writer {
                 unsafe { std::mem::zeroed::<ibv_send_wr>() }
             })
             .collect();
-        let wcs = (0..BATCH)
-            .map(|_| {
-                // SAFETY: plain C struct.
-                unsafe { std::mem::zeroed::<ibv_wc>() }
-            })
-            .collect();
+        let wcs = zeroed_wcs(BATCH);
         Writer {
             qp,
             local,
@@ -1103,14 +1120,7 @@ impl Writer {
         for wc in &self.wcs[..n] {
             if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
                 self.failed = true;
-                // SAFETY: ibv_wc_status_str returns a static NUL-terminated string.
-                let status = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) }
-                    .to_string_lossy()
-                    .into_owned();
-                return Err(RdmaError::Completion {
-                    status,
-                    vendor_err: wc.vendor_err,
-                });
+                return Err(completion_error(wc));
             }
             self.window.complete(wc.wr_id);
         }
@@ -1170,7 +1180,7 @@ fn idle(spins: &mut u32, busy: bool) {
 /// expected (marks arrive in order; anything else is a protocol error).
 pub struct Marks {
     qp: QueuePair<state::Rts>,
-    wcs: Vec<ibv_wc>,
+    wc: Vec<ibv_wc>,
     posted: u64,
 }
 
@@ -1181,13 +1191,11 @@ impl Marks {
     /// Takes a connected queue pair whose receives were provisioned with
     /// [`QueuePair::post_mark_recv`] (`posted` of them).
     pub fn new(qp: QueuePair<state::Rts>, posted: u64) -> Marks {
-        let wcs = (0..4)
-            .map(|_| {
-                // SAFETY: plain C struct.
-                unsafe { std::mem::zeroed::<ibv_wc>() }
-            })
-            .collect();
-        Marks { qp, wcs, posted }
+        Marks {
+            qp,
+            wc: zeroed_wcs(1),
+            posted,
+        }
     }
 
     /// Waits (spinning; yielding unless `busy`) for the next mark, which must be `want`.
@@ -1195,18 +1203,10 @@ impl Marks {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {
-            let n = self.qp.cq().poll(&mut self.wcs[..1])?;
-            if n == 1 {
-                let wc = &self.wcs[0];
+            if self.qp.cq().poll(&mut self.wc)? == 1 {
+                let wc = &self.wc[0];
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
-                    // SAFETY: static NUL-terminated string.
-                    let status = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) }
-                        .to_string_lossy()
-                        .into_owned();
-                    return Err(RdmaError::Completion {
-                        status,
-                        vendor_err: wc.vendor_err,
-                    });
+                    return Err(completion_error(wc));
                 }
                 // SAFETY: a successful RECV_RDMA_WITH_IMM completion carries immediate data.
                 let got = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
