@@ -268,7 +268,7 @@ fn receive_inner(
             )))
         }
     };
-    let mut premade = cfg.premade;
+    let premade = cfg.premade;
     if let Some(p) = &premade {
         let have = mem_size(&p.mem);
         if have != offer.mem_size {
@@ -289,8 +289,7 @@ fn receive_inner(
     check_offer(vm_max, &offer, &kvm).map_err(MigrationError::Incompatible)?;
 
     // Build the whole VM now, before any page moves.
-    let premade_mem = premade.as_mut().map(|p| p.mem.clone());
-    let was_premade = premade_mem.is_some();
+    let premade_mem = premade.as_ref().map(|p| p.mem.clone());
     let vm = Vm::create_in(
         VmConfig {
             mem_size: offer.mem_size,
@@ -312,7 +311,8 @@ fn receive_inner(
             piece_names(missing)
         )));
     }
-    if !was_premade {
+    // Premade memory was pre-faulted when it was made.
+    if premade.is_none() {
         memory::prefault(vm.memory())?;
     }
     let mem = vm.memory().clone();
@@ -337,7 +337,7 @@ fn receive_inner(
     let mut rdma_conn = None;
     let streams = match prep {
         Some(reg) => {
-            let n = offer.streams.clamp(1, 16) as usize + 1;
+            let n = super::rdma::queue_pairs(offer.streams);
             let c = super::rdma::connect_dest(reg, n, control)?;
             eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
             rdma_conn = Some(c);

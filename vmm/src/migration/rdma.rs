@@ -56,6 +56,12 @@ pub fn wants_rdma(endpoint: &Endpoint, choice: TransportChoice) -> bool {
     }
 }
 
+/// Queue pairs of an RDMA migration with `streams` sender threads: one per sender, plus the
+/// controller's (last live round, final pages). Both ends compute it from the Offer.
+pub fn queue_pairs(streams: u32) -> usize {
+    streams.clamp(1, 16) as usize + 1
+}
+
 /// Fails with a clear error unless this host has an active RDMA port (`blip receive --listen
 /// rdma://` checks this before it binds).
 pub fn require_device() -> Result<(), MigrationError> {

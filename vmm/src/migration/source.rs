@@ -641,7 +641,8 @@ fn migrate_inner(
     let mut conns = Vec::new();
     if run.rdma {
         // One queue pair per sender thread, plus the controller's for the final pages.
-        let mut writers = super::rdma::connect_source(control, &mem, streams as usize + 1)?;
+        let mut writers =
+            super::rdma::connect_source(control, &mem, super::rdma::queue_pairs(streams))?;
         run.final_writer = writers.pop();
         conns.extend(writers.into_iter().map(|w| Sink::Rdma(Box::new(w))));
     }
