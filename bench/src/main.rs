@@ -122,6 +122,13 @@ struct Args {
     quick: bool,
 }
 
+impl Args {
+    /// The first `--max-blackout-us` (the target of the non-matrix blip cells).
+    fn first_target_us(&self) -> u64 {
+        self.max_blackout_us.first().copied().unwrap_or(1000)
+    }
+}
+
 /// The `blip` binary next to this one (`$BLIP_BIN` overrides).
 fn blip_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BLIP_BIN") {
@@ -292,7 +299,7 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
 
 /// The `qemu` scenario: blip's serial cell and the QEMU cells per memory size, then the table.
 fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
-    let target_us = a.max_blackout_us.first().copied().unwrap_or(1000);
+    let target_us = a.first_target_us();
     let scratch = std::env::temp_dir().join(format!("blip-bench-q-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&scratch);
     let n = if a.quick { 2 } else { a.qemu_migrations.max(1) };
@@ -403,7 +410,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
 
 fn main() {
     let a = Args::parse();
-    let target_us = a.max_blackout_us.first().copied().unwrap_or(1000);
+    let target_us = a.first_target_us();
     for o in &a.only {
         if !SCENARIOS.contains(&o.as_str()) {
             eprintln!(
@@ -413,10 +420,14 @@ fn main() {
             std::process::exit(2);
         }
     }
-    if let Err(e) = migrate_cells(&a) {
-        eprintln!("blip-bench: error: {e}");
-        std::process::exit(2);
-    }
+    // The matrix is checked (and built) once, before anything runs.
+    let (cells, skipped) = match migrate_cells(&a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("blip-bench: error: {e}");
+            std::process::exit(2);
+        }
+    };
     if a.replot {
         let p = a.out.join("latest.json");
         let doc: Value = match std::fs::read(&p)
@@ -478,13 +489,6 @@ fn main() {
             migrations: if a.quick { 5 } else { a.migrations.max(1) },
             max_blackout_ns: target_us * 1000,
             via: a.via,
-        };
-        let (cells, skipped) = match migrate_cells(&a) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("blip-bench: {e}");
-                std::process::exit(2);
-            }
         };
         for note in &skipped {
             println!("migrate | {note}");

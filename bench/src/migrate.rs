@@ -71,6 +71,16 @@ impl std::str::FromStr for Load {
     }
 }
 
+/// A dirty rate as the guest's cmdline and the cell names say it: `max` for 0, else the
+/// pages/s followed by `unit`.
+fn rate_word(rate: u32, unit: &str) -> String {
+    if rate == 0 {
+        "max".to_string()
+    } else {
+        format!("{rate}{unit}")
+    }
+}
+
 /// One cell of the matrix.
 #[derive(Clone, Copy, Debug)]
 pub struct Cell {
@@ -116,12 +126,7 @@ impl Cell {
         match self.load {
             Load::Idle => "idle".into(),
             Load::Dirty { rate, .. } => {
-                let rate = if rate == 0 {
-                    "max".to_string()
-                } else {
-                    format!("{rate}pps")
-                };
-                format!("dirty {}M@{rate}", self.ws_mib())
+                format!("dirty {}M@{}", self.ws_mib(), rate_word(rate, "pps"))
             }
         }
     }
