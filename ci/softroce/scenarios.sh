@@ -200,6 +200,14 @@ mig_ready() {
     return 0
 }
 
+# Gives process $1 up to $2 seconds to exit by itself, then kills it; returns its status.
+reap() {
+    n=0
+    while kill -0 "$1" 2>/dev/null && [ "$n" -lt "$(($2 * 10))" ]; do sleep 0.1; n=$((n + 1)); done
+    kill "$1" 2>/dev/null
+    wait "$1"
+}
+
 # Starts `blip receive` on $1://ME:$2 (serial $3, api $4, then extra arguments) in the
 # background; sets RECV_PID.
 start_receive() {
@@ -284,10 +292,7 @@ scenario_migrate() {
             fi
         fi
         if [ "$brc" = 0 ]; then mark "$name-back-done" ok; else mark "$name-back-done" "rc$brc"; fi
-        n=0
-        while kill -0 "$rpid" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$rpid" 2>/dev/null
-        wait "$rpid"
+        reap "$rpid" 30
         rrc=$?
         show blip-receive "/tmp/$P-b.serial.out"
         prereg=yes
@@ -329,10 +334,7 @@ scenario_migrate() {
         mms=$(ms_since "$t1")
         show migrate "/tmp/$P-ab.json"
         if [ "$mrc" = 0 ]; then mark "$name-done" ok; else mark "$name-done" "rc$mrc"; fi
-        n=0
-        while kill -0 "$spid" 2>/dev/null && [ "$n" -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$spid" 2>/dev/null
-        wait "$spid"
+        reap "$spid" 30
         src=$?
         show blip-run "/tmp/$P-a.serial.out"
         back=$(wait_peer "$name-back-done" 300) || back=timeout
@@ -341,10 +343,7 @@ scenario_migrate() {
             timeout 120 blip check --api "/tmp/$P-a2.sock" >/tmp/check.out 2>&1
             crc=$?
         fi
-        n=0
-        while kill -0 "$rpid" 2>/dev/null && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$rpid" 2>/dev/null
-        wait "$rpid"
+        reap "$rpid" 60
         show blip-receive-back "/tmp/$P-a2.serial.out"
         show a2.serial "/tmp/$P-a2.serial"
         if [ "$mrc" = 0 ] && [ "$back" = ok ] && [ "$crc" = 0 ] && grep -q 'check: ok' "/tmp/$P-a2.serial" &&
@@ -414,10 +413,7 @@ scenario_fault() {
             timeout 120 blip check --api /tmp/f-a.sock >/tmp/check.out 2>&1
             crc=$?
         fi
-        n=0
-        while kill -0 "$spid" 2>/dev/null && [ "$n" -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
-        kill "$spid" 2>/dev/null
-        wait "$spid"
+        reap "$spid" 60
         src=$?
         show blip-run /tmp/f-a.serial.out
         if [ "$mrc" != 0 ] && [ "$crc" = 0 ] && [ "$src" = 0 ] && grep -q 'check: ok' /tmp/f-a.serial; then
