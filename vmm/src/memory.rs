@@ -78,6 +78,12 @@ pub fn create(size: u64, backing: Backing) -> Result<GuestMem, MemoryError> {
     GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map(size, e.into()))
 }
 
+/// Total size of guest memory in bytes (every region).
+pub fn size(mem: &GuestMem) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| r.len()).sum()
+}
+
 /// Faults in every page of guest memory now (`MADV_POPULATE_WRITE`), so a migration
 /// destination takes no page faults while pages arrive or after it resumes. Falls back to
 /// touching one byte per page where the kernel lacks the advice.

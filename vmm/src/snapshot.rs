@@ -37,7 +37,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use blip_transport::protocol::{self, read_full, Message, ProtocolError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::now_ns;
 use crate::memory::{Backing, GuestMem, PAGE_SIZE};
@@ -224,7 +224,7 @@ pub fn write_stream(
     state: &VmState,
 ) -> Result<Written, SnapshotError> {
     let mut w = Counting { inner: w, n: 0 };
-    let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
+    let mem_size = crate::memory::size(mem);
     let encoded = persist::encode(state).map_err(SnapshotError::Save)?;
     w.write_all(&Header { vcpus, mem_size }.encode())
         .map_err(SnapshotError::Write)?;

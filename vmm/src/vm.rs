@@ -192,7 +192,7 @@ impl Vm {
             }
         }
         let mem = match premade {
-            Some(m) if m.iter().map(|r| r.len()).sum::<u64>() == cfg.mem_size => m,
+            Some(m) if memory::size(&m) == cfg.mem_size => m,
             Some(_) => {
                 return Err(VmError::Memory(MemoryError::OutOfRange {
                     size: cfg.mem_size,

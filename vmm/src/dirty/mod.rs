@@ -207,7 +207,7 @@ impl Tracker {
         vcpus: &[VcpuFd],
         mem: &GuestMem,
     ) -> Result<Tracker, DirtyError> {
-        let pages = mem.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE;
+        let pages = crate::memory::size(mem) / PAGE_SIZE;
         let mut rings = Vec::new();
         if let Active::Ring { entries, .. } = active {
             for (i, v) in vcpus.iter().enumerate() {

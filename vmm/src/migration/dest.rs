@@ -270,7 +270,7 @@ fn receive_inner(
     };
     let premade = cfg.premade;
     if let Some(p) = &premade {
-        let have = mem_size(&p.mem);
+        let have = memory::size(&p.mem);
         if have != offer.mem_size {
             return Err(MigrationError::Incompatible(format!(
                 "guest memory of {} MiB (this destination prepared {} MiB with --mem)",
@@ -423,7 +423,7 @@ fn receive_inner(
             }
             Message::PageBatch { runs, data } => {
                 let mut off = 0usize;
-                let size = mem_size(&mem);
+                let size = memory::size(&mem);
                 for (gpa, count) in runs {
                     let len = count as usize * PAGE_SIZE as usize;
                     if gpa % PAGE_SIZE != 0 || gpa.checked_add(len as u64).is_none_or(|e| e > size)
@@ -496,12 +496,6 @@ fn receive_inner(
     }
 }
 
-fn mem_size(mem: &GuestMem) -> u64 {
-    vm_memory::GuestMemoryBackend::iter(mem)
-        .map(vm_memory::GuestMemoryRegion::len)
-        .sum()
-}
-
 /// Reads a Pages payload straight into guest memory, refusing anything outside it.
 fn recv_pages(
     conn: &mut TcpStream,
@@ -512,7 +506,7 @@ fn recv_pages(
     scratch: &mut [u8],
 ) -> Result<(), MigrationError> {
     let len = u64::from(count) * PAGE_SIZE;
-    let size = mem_size(mem);
+    let size = memory::size(mem);
     if gpa % PAGE_SIZE != 0 || gpa.checked_add(len).is_none_or(|end| end > size) {
         return Err(MigrationError::OutOfBounds { gpa, count });
     }
