@@ -440,50 +440,40 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, Persi
         msrs.extend(m.as_slice().iter().map(|e| (e.index, e.data)));
     }
 
+    // Each optional piece is read only where this VM's KVM has it, and marked as travelling.
     let mut pieces = 0;
-    let xsave = if caps.pieces & PIECE_XSAVE != 0 {
-        pieces |= PIECE_XSAVE;
-        Some(get_xsave(fd, index, caps.xsave_size)?)
-    } else {
-        None
+    let mut piece = |flag: u64| {
+        let has = caps.pieces & flag != 0;
+        if has {
+            pieces |= flag;
+        }
+        has
     };
-    let xcrs = if caps.pieces & PIECE_XCRS != 0 {
-        pieces |= PIECE_XCRS;
-        Some(fd.get_xcrs().map_err(kvm("read XCRs", index))?)
-    } else {
-        None
-    };
-    let events = if caps.pieces & PIECE_VCPU_EVENTS != 0 {
-        pieces |= PIECE_VCPU_EVENTS;
-        Some(
-            fd.get_vcpu_events()
-                .map_err(kvm("read vCPU events", index))?,
-        )
-    } else {
-        None
-    };
+    let xsave = piece(PIECE_XSAVE)
+        .then(|| get_xsave(fd, index, caps.xsave_size))
+        .transpose()?;
+    let xcrs = piece(PIECE_XCRS)
+        .then(|| fd.get_xcrs().map_err(kvm("read XCRs", index)))
+        .transpose()?;
+    let events = piece(PIECE_VCPU_EVENTS)
+        .then(|| fd.get_vcpu_events().map_err(kvm("read vCPU events", index)))
+        .transpose()?;
     let mp_state = fd
         .get_mp_state()
         .map_err(kvm("read MP state", index))?
         .mp_state;
-    let debugregs = if caps.pieces & PIECE_DEBUGREGS != 0 {
-        pieces |= PIECE_DEBUGREGS;
-        Some(
+    let debugregs = piece(PIECE_DEBUGREGS)
+        .then(|| {
             fd.get_debug_regs()
-                .map_err(kvm("read debug registers", index))?,
-        )
-    } else {
-        None
-    };
-    let tsc_khz = if caps.pieces & PIECE_TSC_KHZ != 0 {
-        pieces |= PIECE_TSC_KHZ;
-        Some(
+                .map_err(kvm("read debug registers", index))
+        })
+        .transpose()?;
+    let tsc_khz = piece(PIECE_TSC_KHZ)
+        .then(|| {
             fd.get_tsc_khz()
-                .map_err(kvm("read the TSC frequency", index))?,
-        )
-    } else {
-        None
-    };
+                .map_err(kvm("read the TSC frequency", index))
+        })
+        .transpose()?;
     Ok(VcpuState {
         index,
         pieces,
