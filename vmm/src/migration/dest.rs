@@ -77,6 +77,8 @@ pub struct Incoming {
     pub resumed_ns: u64,
     /// The name the source registered the guest under (may be empty).
     pub guest_name: String,
+    /// Notes from the state restore (e.g. a TSC frequency this host could not match).
+    pub restore_notes: Vec<String>,
 }
 
 /// Binds the listening socket (so callers can report the address before blocking). An

@@ -282,6 +282,15 @@ pub struct Report {
     pub state_bytes: u64,
     /// Why the pre-copy stopped.
     pub stop_reason: String,
+    /// The blackout target (`--max-blackout`), in nanoseconds.
+    #[serde(default)]
+    pub target_ns: u64,
+    /// Whether the VMM blackout stayed within the target (`blip migrate` exits 5 when not).
+    #[serde(default)]
+    pub target_met: bool,
+    /// Notes from the destination's state restore (e.g. a TSC frequency it could not match).
+    #[serde(default)]
+    pub restore_notes: Vec<String>,
 }
 
 /// A fingerprint of the CPU a guest sees from this host: vendor, family/model/stepping and a
