@@ -362,7 +362,7 @@ fn key_file(s: &Settings) -> Result<std::path::PathBuf, String> {
             .mode(0o600)
             .open(&k)
             .map_err(|e| format!("cannot create {}: {e}", k.display()))?;
-        let secret: [u8; 32] = blip_vmm::migration::random_bytes();
+        let secret: [u8; 32] = blip_vmm::migration::random_bytes().map_err(|e| e.to_string())?;
         let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         std::io::Write::write_all(&mut f, hex.as_bytes())
             .map_err(|e| format!("cannot write the key: {e}"))?;

@@ -119,7 +119,8 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             .mode(0o600)
             .open(&key)
             .map_err(|e| Failure(format!("cannot create {}: {e}", key.display())))?;
-        let secret: [u8; 32] = blip_vmm::migration::random_bytes();
+        let secret: [u8; 32] =
+            blip_vmm::migration::random_bytes().map_err(|e| Failure(e.to_string()))?;
         let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         std::io::Write::write_all(&mut f, hex.as_bytes())
             .map_err(|e| Failure(format!("cannot write the key: {e}")))?;

@@ -9,18 +9,17 @@ use std::net::{TcpListener, TcpStream};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use blip_transport::auth::{Key, Proof};
-use blip_transport::protocol::{
-    self, crc32c_append, Message, PagesReceipt, Role, AUTH_HMAC_SHA256, AUTH_NONE, TRANSPORT_RDMA,
-    TRANSPORT_TCP,
-};
+use blip_transport::auth::Key;
+use blip_transport::protocol::{self, Message, TRANSPORT_RDMA, TRANSPORT_TCP};
 use blip_transport::tcp::{self, Endpoint};
-use crossbeam_channel::{Receiver, Sender};
 use std::net::IpAddr;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::link::{check_run, recv_pages, DestLink};
+use super::session::Session;
 use super::source::VERIFY_FLAG;
-use super::{cpu_fingerprint, host_id, peer_timeout, random_bytes, MigrationError};
+use super::stage::{step, Stage};
+use super::{cpu_fingerprint, peer_timeout, MigrationError};
 use crate::devices::now_ns;
 use crate::memory::{self, digest, Backing, GuestMem, PAGE_SIZE};
 use crate::persist::{self, piece_names, Caps};
@@ -114,9 +113,13 @@ pub fn receive(
     control.set_read_timeout(Some(peer_timeout()))?;
     control.set_write_timeout(Some(peer_timeout()))?;
     let mut vm_slot: Option<Vm> = None;
-    let r = receive_inner(listener, &mut control, cfg, &mut vm_slot);
-    match r {
-        Ok(inc) => Ok((vm_slot.take().ok_or(MigrationError::Busy)?, inc)),
+    match receive_on(listener, &mut control, cfg, &mut vm_slot) {
+        Ok(inc) => {
+            let vm = vm_slot
+                .take()
+                .ok_or(MigrationError::Internal("resumed without a VM"))?;
+            Ok((vm, inc))
+        }
         Err(e) => {
             // Discard everything; tell the source why (best effort).
             let msg = match &e {
@@ -144,6 +147,281 @@ fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
             "the source closed the connection before committing".into(),
         )),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The sequence: session, offer, VM built (and registered for RDMA) before Accept, the page
+/// link, then the messages of the migration through the [`Stage`] machine.
+fn receive_on(
+    listener: &TcpListener,
+    control: &mut TcpStream,
+    cfg: ReceiveConfig,
+    vm_slot: &mut Option<Vm>,
+) -> Result<Incoming, MigrationError> {
+    // Nothing about this host (layout, acceptance) is said before the source proves the key.
+    let session = Session::open_destination(control, cfg.key.clone())?;
+    let _slot = crate::registry::take_slot(crate::registry::Direction::Incoming).map_err(|n| {
+        MigrationError::Incompatible(format!(
+            "destination busy: it already receives {n} migrations (its limit)"
+        ))
+    })?;
+    let offer = match read(control)?.msg {
+        Message::Offer(o) => o,
+        other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),
+    };
+    let rdma = transport_of(&offer, cfg.rdma)?;
+    let (vm, registration) = prepare(&offer, cfg.backing, cfg.serial, cfg.dirty, cfg.premade)?;
+    let mem = vm.memory().clone();
+    *vm_slot = Some(vm);
+    // RDMA: guest memory registered for remote writes before the source hears Accept
+    // (already at start when it could be).
+    let registration = match (rdma, registration) {
+        (false, _) => None,
+        (true, Some(reg)) => Some(reg),
+        (true, None) => Some(
+            super::rdma::register_dest(control.local_addr()?.ip(), &mem).map_err(|e| {
+                MigrationError::Incompatible(format!("RDMA set-up failed here: {e}"))
+            })?,
+        ),
+    };
+    protocol::write_message(control, &Message::Accept)?;
+    // RDMA: queue pairs connect over control and the rkeys go out; the pages then land with no
+    // work here. TCP: the data streams connect.
+    let link = match registration {
+        Some(reg) => {
+            let c =
+                super::rdma::connect_dest(reg, super::rdma::queue_pairs(offer.streams), control)?;
+            eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
+            DestLink::Rdma(c)
+        }
+        None => DestLink::tcp(listener, &session, offer.streams, &mem, &cfg.allow, control)?,
+    };
+    let mut r = Receiver {
+        control,
+        link: Some(link),
+        mem,
+        verify: offer.state_pieces & VERIFY_FLAG != 0,
+        scratch: vec![0u8; 1 << 20],
+        inc: Incoming {
+            guest_name: offer.guest_name.clone(),
+            ..Default::default()
+        },
+    };
+    r.run(vm_slot)?;
+    Ok(r.inc)
+}
+
+/// Which transport the offer asks for, refused where this listener cannot give it.
+fn transport_of(offer: &protocol::Offer, rdma_listener: bool) -> Result<bool, MigrationError> {
+    match (offer.transport, rdma_listener) {
+        (TRANSPORT_TCP, _) => Ok(false),
+        (TRANSPORT_RDMA, true) => Ok(true),
+        (TRANSPORT_RDMA, false) => Err(MigrationError::Incompatible(
+            "the source asks for RDMA but this destination listens on tcp:// (migrate with tcp://, or run blip receive --listen rdma://)".into(),
+        )),
+        (other, _) => Err(MigrationError::Incompatible(format!(
+            "unknown transport {other}"
+        ))),
+    }
+}
+
+/// Checks the offer against this host and builds the whole VM (vCPUs created, memory
+/// pre-faulted) before any page moves. Returns the VM and the premade RDMA registration, if
+/// one was made at start.
+fn prepare(
+    offer: &protocol::Offer,
+    backing: Backing,
+    serial: Box<dyn Write + Send>,
+    dirty: DirtyConfig,
+    premade: Option<Premade>,
+) -> Result<(Vm, Option<super::rdma::DestRegistration>), MigrationError> {
+    if let Some(p) = &premade {
+        let have = memory::size(&p.mem);
+        if have != offer.mem_size {
+            return Err(MigrationError::Incompatible(format!(
+                "guest memory of {} MiB (this destination prepared {} MiB with --mem)",
+                offer.mem_size >> 20,
+                have >> 20
+            )));
+        }
+    }
+    let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
+        MigrationError::Vm(crate::vm::VmError::Kvm {
+            what: "open /dev/kvm",
+            source,
+        })
+    })?;
+    let vm_max = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS));
+    check_offer(vm_max, offer, &kvm).map_err(MigrationError::Incompatible)?;
+    let (premade_mem, registration) = match premade {
+        Some(p) => (Some(p.mem), p.rdma),
+        None => (None, None),
+    };
+    let prefaulted = premade_mem.is_some();
+    let config = VmConfig {
+        mem_size: offer.mem_size,
+        vcpus: offer.vcpus,
+        cmdline: String::new(),
+        backing,
+        image: None,
+        serial,
+    };
+    let vm = Vm::create_in(config, dirty, premade_mem)?;
+    let missing = (offer.state_pieces & !VERIFY_FLAG) & !Caps::of_vm(vm.fd()).pieces;
+    if missing != 0 {
+        return Err(MigrationError::Incompatible(format!(
+            "vCPU state pieces this host's KVM cannot restore: {}",
+            piece_names(missing)
+        )));
+    }
+    // Premade memory was pre-faulted when it was made.
+    if !prefaulted {
+        memory::prefault(vm.memory())?;
+    }
+    Ok((vm, registration))
+}
+
+/// The destination after Accept: reads the control stream and acts on each message the
+/// [`Stage`] machine lets through.
+struct Receiver<'a> {
+    control: &'a mut TcpStream,
+    /// Dropped right after resume (RDMA: the registration, and so every rkey, dies then).
+    link: Option<DestLink>,
+    mem: GuestMem,
+    verify: bool,
+    scratch: Vec<u8>,
+    inc: Incoming,
+}
+
+impl Receiver<'_> {
+    fn run(&mut self, vm_slot: &mut Option<Vm>) -> Result<(), MigrationError> {
+        let vm = vm_slot
+            .as_mut()
+            .ok_or(MigrationError::Internal("no VM after Accept"))?;
+        let mut stage = Stage::Precopy;
+        while stage != Stage::Resumed {
+            let f = match read(self.control) {
+                Ok(f) => f,
+                // A data stream that failed shuts the control socket down: report its error.
+                Err(e) => return Err(self.link()?.stream_failure().unwrap_or(e)),
+            };
+            stage = step(stage, &f.msg)?;
+            match f.msg {
+                Message::RoundEnd { round, pages } => self.end_round(round, pages)?,
+                Message::Pages { gpa, count } => {
+                    let receipt = f.pages.ok_or(MigrationError::Internal(
+                        "a Pages frame without its receipt",
+                    ))?;
+                    recv_pages(
+                        self.control,
+                        &self.mem,
+                        gpa,
+                        count,
+                        &receipt,
+                        &mut self.scratch,
+                    )?;
+                    self.inc.pages += u64::from(count);
+                }
+                Message::PageBatch { runs, data } => self.write_batch(&runs, &data)?,
+                Message::State(bytes) => self.restore(vm, &bytes)?,
+                Message::Commit => self.resume(vm)?,
+                _ => {
+                    return Err(MigrationError::Internal(
+                        "a message the stage machine let through",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn link(&mut self) -> Result<&mut DestLink, MigrationError> {
+        self.link
+            .as_mut()
+            .ok_or(MigrationError::Internal("the page link is gone"))
+    }
+
+    /// A pre-copy round ended: wait until its pages are all in, then ack.
+    fn end_round(&mut self, round: u32, pages: u64) -> Result<(), MigrationError> {
+        self.link()?.wait_round(round, pages)?;
+        if round == 1 && crate::fault::point("dest-precopy") == crate::fault::Fault::Drop {
+            return Err(MigrationError::Aborted(
+                "fault injected: connection dropped in pre-copy".into(),
+            ));
+        }
+        self.inc.pages += pages;
+        self.inc.rounds = round + 1;
+        protocol::write_message(self.control, &Message::RoundAck { round })?;
+        Ok(())
+    }
+
+    /// Final pages (guest paused on the source), checked by the frame's CRC.
+    fn write_batch(&mut self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), MigrationError> {
+        let mut off = 0usize;
+        for &(gpa, count) in runs {
+            let len = check_run(&self.mem, gpa, u64::from(count))? as usize;
+            let chunk = data
+                .get(off..off + len)
+                .ok_or(MigrationError::OutOfBounds { gpa, count })?;
+            self.mem.write_slice(chunk, GuestAddress(gpa))?;
+            off += len;
+            self.inc.pages += u64::from(count);
+        }
+        Ok(())
+    }
+
+    /// The state: once the final pages are in, restore it and say Ready.
+    fn restore(&mut self, vm: &mut Vm, bytes: &[u8]) -> Result<(), MigrationError> {
+        // RDMA: the state may overtake the final pages; their mark says they landed.
+        self.link()?.wait_final()?;
+        if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
+            return Err(MigrationError::Aborted(
+                "fault injected: connection dropped in stop-and-copy".into(),
+            ));
+        }
+        let t = now_ns();
+        let state = persist::decode(bytes)?;
+        let notes = vm.restore_state(&state)?;
+        self.inc.restore_ns = now_ns() - t;
+        for n in &notes {
+            eprintln!("blip: note: {n}");
+        }
+        self.inc.restore_notes = notes.iter().map(ToString::to_string).collect();
+        let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
+        protocol::write_message(self.control, &Message::Ready { mem_hash })?;
+        Ok(())
+    }
+
+    /// Commit: the guest runs here from now on, whatever the source does.
+    fn resume(&mut self, vm: &mut Vm) -> Result<(), MigrationError> {
+        let beats_before = vm.devices().heartbeats.lock().map(|h| h.total).unwrap_or(0);
+        let t = vm.resume_all()?;
+        self.inc.resumed_ns = t.first_ns;
+        let _ = protocol::write_message(self.control, &Message::Resumed { t_ns: t.first_ns });
+        // Now the rkeys die (after the blackout, not inside it).
+        self.link = None;
+        // Guests that beat through the heartbeat port do so within their period; others
+        // (no heartbeat, or `via=serial`) get a "none" after half a second.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut beat = (0, 0);
+        while Instant::now() < deadline {
+            let hb = vm.devices().heartbeats.lock().map(|h| (h.total, h.last()));
+            if let Ok((total, Some(last))) = hb {
+                if total > beats_before {
+                    beat = (last.counter, last.t_ns);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = protocol::write_message(
+            self.control,
+            &Message::Heartbeat {
+                counter: beat.0,
+                t_ns: beat.1,
+            },
+        );
+        Ok(())
     }
 }
 
@@ -175,370 +453,6 @@ fn check_offer(vm_max: u32, o: &protocol::Offer, kvm: &kvm_ioctls::Kvm) -> Resul
         ));
     }
     Ok(())
-}
-
-fn receive_inner(
-    listener: &TcpListener,
-    control: &mut TcpStream,
-    cfg: ReceiveConfig,
-    vm_slot: &mut Option<Vm>,
-) -> Result<Incoming, MigrationError> {
-    let (session, src_nonce, their_auth) = match read(control)?.msg {
-        Message::Hello {
-            role: Role::Source,
-            session,
-            nonce,
-            auth,
-            ..
-        } => (session, nonce, auth),
-        other => {
-            return Err(MigrationError::from_unexpected(
-                other.unexpected("Hello from a source"),
-            ))
-        }
-    };
-    let dst_nonce: [u8; 32] = random_bytes();
-    protocol::write_message(
-        control,
-        &Message::Hello {
-            role: Role::Destination,
-            session,
-            nonce: dst_nonce,
-            host_id: host_id(),
-            auth: if cfg.key.is_some() {
-                AUTH_HMAC_SHA256
-            } else {
-                AUTH_NONE
-            },
-        },
-    )?;
-    // Nothing about this host (layout, acceptance) is said before the source proves the key.
-    match (&cfg.key, their_auth) {
-        (Some(_), AUTH_NONE) => {
-            return Err(MigrationError::Auth(
-                "the source did not authenticate (it runs --insecure; this host requires --key)"
-                    .into(),
-            ))
-        }
-        (None, AUTH_HMAC_SHA256) => {
-            return Err(MigrationError::Auth(
-                "the source requires authentication but this host runs --insecure".into(),
-            ))
-        }
-        (Some(k), AUTH_HMAC_SHA256) => match read(control)?.msg {
-            Message::Auth { mac }
-                if k.verify(Proof::Source, session, &src_nonce, &dst_nonce, &mac) =>
-            {
-                let mac = k.prove(Proof::Destination, session, &src_nonce, &dst_nonce);
-                protocol::write_message(control, &Message::Auth { mac })?;
-            }
-            Message::Auth { .. } => {
-                return Err(MigrationError::Auth(
-                    "the source does not hold this host's key (wrong key?)".into(),
-                ))
-            }
-            other => return Err(MigrationError::from_unexpected(other.unexpected("Auth"))),
-        },
-        (None, AUTH_NONE) => {}
-        (_, other) => {
-            return Err(MigrationError::Auth(format!(
-                "unknown authentication scheme {other}"
-            )))
-        }
-    }
-    let stream_auth = cfg.key.clone().map(|k| (k, src_nonce, dst_nonce));
-    let _slot = crate::registry::take_slot(crate::registry::Direction::Incoming).map_err(|n| {
-        MigrationError::Incompatible(format!(
-            "destination busy: it already receives {n} migrations (its limit)"
-        ))
-    })?;
-    let offer = match read(control)?.msg {
-        Message::Offer(o) => o,
-        other => return Err(MigrationError::from_unexpected(other.unexpected("Offer"))),
-    };
-    let rdma = match (offer.transport, cfg.rdma) {
-        (TRANSPORT_TCP, _) => false,
-        (TRANSPORT_RDMA, true) => true,
-        (TRANSPORT_RDMA, false) => {
-            return Err(MigrationError::Incompatible(
-                "the source asks for RDMA but this destination listens on tcp:// (migrate with tcp://, or run blip receive --listen rdma://)".into(),
-            ))
-        }
-        (other, _) => {
-            return Err(MigrationError::Incompatible(format!(
-                "unknown transport {other}"
-            )))
-        }
-    };
-    let premade = cfg.premade;
-    if let Some(p) = &premade {
-        let have = memory::size(&p.mem);
-        if have != offer.mem_size {
-            return Err(MigrationError::Incompatible(format!(
-                "guest memory of {} MiB (this destination prepared {} MiB with --mem)",
-                offer.mem_size >> 20,
-                have >> 20
-            )));
-        }
-    }
-    let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
-        MigrationError::Vm(crate::vm::VmError::Kvm {
-            what: "open /dev/kvm",
-            source,
-        })
-    })?;
-    let vm_max = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS));
-    check_offer(vm_max, &offer, &kvm).map_err(MigrationError::Incompatible)?;
-
-    // Build the whole VM now, before any page moves.
-    let premade_mem = premade.as_ref().map(|p| p.mem.clone());
-    let vm = Vm::create_in(
-        VmConfig {
-            mem_size: offer.mem_size,
-            vcpus: offer.vcpus,
-            cmdline: String::new(),
-            backing: cfg.backing,
-            image: None,
-            serial: cfg.serial,
-        },
-        cfg.dirty,
-        premade_mem,
-    )?;
-    let caps = Caps::of_vm(vm.fd());
-    let wanted = offer.state_pieces & !VERIFY_FLAG;
-    let missing = wanted & !caps.pieces;
-    if missing != 0 {
-        return Err(MigrationError::Incompatible(format!(
-            "vCPU state pieces this host's KVM cannot restore: {}",
-            piece_names(missing)
-        )));
-    }
-    // Premade memory was pre-faulted when it was made.
-    if premade.is_none() {
-        memory::prefault(vm.memory())?;
-    }
-    let mem = vm.memory().clone();
-    *vm_slot = Some(vm);
-    let prep = if rdma {
-        // Guest memory registered for remote writes before the source hears Accept (already
-        // at start when it could be).
-        let reg = match premade.and_then(|p| p.rdma) {
-            Some(reg) => reg,
-            None => super::rdma::register_dest(control.local_addr()?.ip(), &mem).map_err(|e| {
-                MigrationError::Incompatible(format!("RDMA set-up failed here: {e}"))
-            })?,
-        };
-        Some(reg)
-    } else {
-        None
-    };
-    protocol::write_message(control, &Message::Accept)?;
-
-    // RDMA: queue pairs connect over control and the rkeys go out; the pages then land with no
-    // work here. TCP: the data streams connect.
-    let mut rdma_conn = None;
-    let streams = match prep {
-        Some(reg) => {
-            let n = super::rdma::queue_pairs(offer.streams);
-            let c = super::rdma::connect_dest(reg, n, control)?;
-            eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
-            rdma_conn = Some(c);
-            crossbeam_channel::never()
-        }
-        None => accept_streams(
-            listener,
-            session,
-            offer.streams,
-            &mem,
-            stream_auth.as_ref(),
-            &cfg.allow,
-            control,
-        )?,
-    };
-    let n_streams = if rdma { 0 } else { offer.streams as usize };
-    let mut done_round: Vec<Option<u32>> = vec![None; n_streams];
-    let mut inc = Incoming {
-        guest_name: offer.guest_name.clone(),
-        ..Default::default()
-    };
-    let mut scratch = vec![0u8; 1 << 20];
-    let verify = offer.state_pieces & VERIFY_FLAG != 0;
-    loop {
-        let f = match read(control) {
-            Ok(f) => f,
-            Err(e) => {
-                // A data stream that failed shuts the control socket down: report its error.
-                while let Ok(news) = streams.try_recv() {
-                    if let Err(se) = news {
-                        return Err(MigrationError::Stream(Box::new(se)));
-                    }
-                }
-                return Err(e);
-            }
-        };
-        match f.msg {
-            Message::RoundEnd { round, pages } => {
-                // RDMA: the round's pages are in once each sender queue pair's mark arrived.
-                if let Some(c) = rdma_conn.as_mut() {
-                    c.wait_round(round)?;
-                }
-                if round == 1 && crate::fault::point("dest-precopy") == crate::fault::Fault::Drop {
-                    return Err(MigrationError::Aborted(
-                        "fault injected: connection dropped in pre-copy".into(),
-                    ));
-                }
-                let mut got = 0;
-                while done_round.iter().any(|r| r.is_none_or(|r| r < round)) {
-                    match streams.recv_timeout(peer_timeout()) {
-                        Ok(Ok((i, r, p))) => {
-                            done_round[i] = Some(r);
-                            if r == round {
-                                got += p;
-                            }
-                        }
-                        Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
-                        Err(_) => {
-                            return Err(MigrationError::Stream(Box::new(MigrationError::Io(
-                                std::io::Error::new(
-                                    std::io::ErrorKind::TimedOut,
-                                    "a data stream went silent",
-                                ),
-                            ))))
-                        }
-                    }
-                }
-                if !rdma && got != pages {
-                    return Err(MigrationError::Stream(Box::new(MigrationError::Io(
-                        std::io::Error::other(format!(
-                            "round {round}: the source sent {pages} pages but {got} arrived"
-                        )),
-                    ))));
-                }
-                inc.pages += pages;
-                inc.rounds = round + 1;
-                protocol::write_message(control, &Message::RoundAck { round })?;
-            }
-            Message::Pages { gpa, count } => {
-                let receipt = f.pages.ok_or(MigrationError::Busy)?;
-                recv_pages(control, &mem, gpa, count, &receipt, &mut scratch)?;
-                inc.pages += u64::from(count);
-            }
-            Message::PageBatch { runs, data } => {
-                let mut off = 0usize;
-                let size = memory::size(&mem);
-                for (gpa, count) in runs {
-                    let len = count as usize * PAGE_SIZE as usize;
-                    if gpa % PAGE_SIZE != 0 || gpa.checked_add(len as u64).is_none_or(|e| e > size)
-                    {
-                        return Err(MigrationError::OutOfBounds { gpa, count });
-                    }
-                    mem.write_slice(&data[off..off + len], GuestAddress(gpa))?;
-                    off += len;
-                    inc.pages += u64::from(count);
-                }
-            }
-            Message::State(bytes) => {
-                // RDMA: the state may overtake the final pages; their mark says they landed.
-                if let Some(c) = rdma_conn.as_mut() {
-                    c.wait_final()?;
-                }
-                if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
-                    return Err(MigrationError::Aborted(
-                        "fault injected: connection dropped in stop-and-copy".into(),
-                    ));
-                }
-                let t = now_ns();
-                let state = persist::decode(&bytes)?;
-                let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;
-                let _notes = vm.restore_state(&state)?;
-                inc.restore_ns = now_ns() - t;
-                let mem_hash = if verify { digest(&mem) } else { 0 };
-                protocol::write_message(control, &Message::Ready { mem_hash })?;
-            }
-            Message::Commit => {
-                let vm = vm_slot.as_mut().ok_or(MigrationError::Busy)?;
-                let _still_registered = rdma_conn.take();
-                let beats_before = vm.devices().heartbeats.lock().map(|h| h.total).unwrap_or(0);
-                let t = vm.resume_all()?;
-                inc.resumed_ns = t.first_ns;
-                // Committed: from here on the guest is ours whatever the source does.
-                let _ = protocol::write_message(control, &Message::Resumed { t_ns: t.first_ns });
-                // Now the rkeys die (after the blackout, not inside it).
-                drop(_still_registered);
-                // Guests that beat through the heartbeat port do so within their period; others
-                // (no heartbeat, or `via=serial`) get a "none" after half a second.
-                let deadline = Instant::now() + Duration::from_millis(500);
-                let mut beat = (0, 0);
-                while Instant::now() < deadline {
-                    let hb = vm.devices().heartbeats.lock().map(|h| (h.total, h.last()));
-                    if let Ok((total, Some(last))) = hb {
-                        if total > beats_before {
-                            beat = (last.counter, last.t_ns);
-                            break;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                let _ = protocol::write_message(
-                    control,
-                    &Message::Heartbeat {
-                        counter: beat.0,
-                        t_ns: beat.1,
-                    },
-                );
-                return Ok(inc);
-            }
-            Message::Abort { reason } => return Err(MigrationError::Aborted(reason)),
-            other => {
-                return Err(MigrationError::from_unexpected(
-                    other.unexpected("RoundEnd, Pages, State or Commit"),
-                ))
-            }
-        }
-    }
-}
-
-/// Reads a Pages payload straight into guest memory, refusing anything outside it.
-fn recv_pages(
-    conn: &mut TcpStream,
-    mem: &GuestMem,
-    gpa: u64,
-    count: u32,
-    receipt: &PagesReceipt,
-    scratch: &mut [u8],
-) -> Result<(), MigrationError> {
-    let len = u64::from(count) * PAGE_SIZE;
-    let size = memory::size(mem);
-    if gpa % PAGE_SIZE != 0 || gpa.checked_add(len).is_none_or(|end| end > size) {
-        return Err(MigrationError::OutOfBounds { gpa, count });
-    }
-    let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
-    vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
-        .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
-    if receipt.data_checked {
-        let mut crc = receipt.partial_crc;
-        let mut off = 0u64;
-        while off < len {
-            let n = ((len - off) as usize).min(scratch.len());
-            mem.read_slice(&mut scratch[..n], GuestAddress(gpa + off))?;
-            crc = crc32c_append(crc, &scratch[..n]);
-            off += n as u64;
-        }
-        receipt.verify(crc)?;
-    }
-    Ok(())
-}
-
-/// Reads and checks a data stream's proof of the key (always true with --insecure).
-fn stream_proven(
-    c: &mut TcpStream,
-    auth: Option<&(Key, [u8; 32], [u8; 32])>,
-    session: u64,
-    index: u32,
-) -> bool {
-    let Some((k, s, d)) = auth else { return true };
-    matches!(protocol::read_message(c).map(|f| f.msg),
-        Ok(Message::Auth { mac }) if k.verify(Proof::Stream(index), session, s, d, &mac))
 }
 
 /// An allowed network (`--allow 10.0.0.0/8`).
@@ -601,109 +515,6 @@ impl Cidr {
 }
 
 /// Empty list = everyone.
-fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
+pub(crate) fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|c| c.contains(ip))
-}
-
-/// A stream's news: (stream index, round ended, pages it carried in that round).
-type StreamNews = Result<(usize, u32, u64), MigrationError>;
-
-fn accept_streams(
-    listener: &TcpListener,
-    session: u64,
-    n: u32,
-    mem: &GuestMem,
-    auth: Option<&(Key, [u8; 32], [u8; 32])>,
-    allow: &[Cidr],
-    control: &TcpStream,
-) -> Result<Receiver<StreamNews>, MigrationError> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = vec![false; n as usize];
-    while seen.iter().any(|s| !s) {
-        match listener.accept() {
-            Ok((mut c, peer)) => {
-                if !allowed(allow, peer.ip()) {
-                    continue;
-                }
-                c.set_nonblocking(false)?;
-                tcp::tune(&c)?;
-                c.set_read_timeout(Some(peer_timeout()))?;
-                match protocol::read_message(&mut c).map(|f| f.msg) {
-                    Ok(Message::StreamHello { session: s, index })
-                        if s == session
-                            && index < n
-                            && !seen[index as usize]
-                            && stream_proven(&mut c, auth, session, index) =>
-                    {
-                        seen[index as usize] = true;
-                        let mem = mem.clone();
-                        let tx: Sender<StreamNews> = tx.clone();
-                        let ctl = control.try_clone().ok();
-                        std::thread::Builder::new()
-                            .name(format!("mig-recv{index}"))
-                            .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
-                    }
-                    // Not one of this session's streams: drop it.
-                    _ => {}
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    listener.set_nonblocking(false)?;
-                    return Err(MigrationError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the source did not open its data streams",
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    listener.set_nonblocking(false)?;
-    Ok(rx)
-}
-
-fn receiver(
-    mut conn: TcpStream,
-    index: usize,
-    mem: GuestMem,
-    news: Sender<StreamNews>,
-    control: Option<TcpStream>,
-) {
-    let mut scratch = vec![0u8; 1 << 20];
-    loop {
-        let r = match protocol::read_message(&mut conn) {
-            Ok(f) => match f.msg {
-                Message::Pages { gpa, count } => match f.pages {
-                    Some(receipt) => {
-                        recv_pages(&mut conn, &mem, gpa, count, &receipt, &mut scratch)
-                    }
-                    None => Err(MigrationError::Busy),
-                },
-                Message::RoundEnd { round, pages } => {
-                    if news.send(Ok((index, round, pages))).is_err() {
-                        return;
-                    }
-                    Ok(())
-                }
-                other => Err(MigrationError::from_unexpected(
-                    other.unexpected("Pages or RoundEnd"),
-                )),
-            },
-            // The source closes its data streams before stop-and-copy.
-            Err(protocol::ProtocolError::Closed) => return,
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = r {
-            let _ = news.send(Err(e));
-            // Wake the control loop now rather than at the next round boundary.
-            if let Some(c) = &control {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-            return;
-        }
-    }
 }

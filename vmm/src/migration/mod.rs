@@ -23,9 +23,13 @@
 //! page is dirty again and is resent). Round 0 (scanned for zero pages through a bounce buffer)
 //! and the final round (guest paused) carry a CRC over the data too.
 
+pub mod controller;
 pub mod dest;
+pub mod link;
 pub mod rdma;
+pub mod session;
 pub mod source;
+pub mod stage;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -128,13 +132,27 @@ pub enum MigrationError {
     #[error("the peer sent pages outside guest memory (gpa {gpa:#x}, {count} pages)")]
     OutOfBounds { gpa: u64, count: u32 },
     #[error(
-        "pre-copy did not converge within {0:?} (--max-precopy-time) and --on-timeout is abort"
+        "pre-copy did not converge within {limit:?} (--max-precopy-time): predicted blackout {} us above the target {} us, and --on-timeout is abort",
+        predicted_ns / 1000,
+        target_ns / 1000
     )]
-    NoConvergence(Duration),
+    NoConvergence {
+        limit: Duration,
+        predicted_ns: u64,
+        target_ns: u64,
+    },
     #[error("memory verification failed: source digest {src:#x}, destination {dst:#x}")]
     VerifyMismatch { src: u64, dst: u64 },
-    #[error("a migration is already running")]
-    Busy,
+    #[error("message {got:?} out of order in stage {stage:?} (expected {expected})")]
+    OutOfOrder {
+        stage: stage::Stage,
+        got: protocol::MessageKind,
+        expected: &'static str,
+    },
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    #[error("cannot get random bytes for the handshake nonce")]
+    Random(#[source] std::io::Error),
     #[error("cancelled; the guest keeps running on the source")]
     Cancelled,
     #[error("{0} (limit {1} simultaneous migrations per direction; set BLIP_MAX_MIGRATIONS)")]
@@ -334,14 +352,15 @@ pub fn host_id() -> u64 {
     })
 }
 
-/// Fresh random bytes (nonces, session ids) from the kernel.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+/// Fresh random bytes (nonces, session ids) from the kernel; a failure is an error, never
+/// zeros.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], MigrationError> {
+    use std::io::Read;
     let mut b = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(MigrationError::Random)?;
+    Ok(b)
 }
 
 #[cfg(test)]
@@ -376,6 +395,6 @@ mod tests {
     #[test]
     fn host_id_is_stable() {
         assert_eq!(host_id(), host_id());
-        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+        assert_ne!(random_bytes::<16>().unwrap(), random_bytes::<16>().unwrap());
     }
 }

@@ -1,0 +1,805 @@
+//! How pages leave the source and arrive at the destination: one concrete type per side,
+//! [`SourceLink`] and [`DestLink`], each `Tcp` or `Rdma`, with one API whatever the transport.
+//!
+//! Why here and not in the engine: the engine's phases (pre-copy rounds, the last live round,
+//! the final pages, the wait for them) are the same for both transports; only how bytes move
+//! differs. Keeping every `match` on the transport in this file lets `source.rs` and `dest.rs`
+//! read as the migration sequence.
+//!
+//! Source: one sender thread per data stream (TCP connection or RDMA queue pair) takes jobs
+//! (round 0 scans, live runs, round ends); the controller's own path (the TCP control stream,
+//! or a queue pair of its own) carries the last live round and the final pages.
+//! Destination: TCP receiver threads read pages straight into guest memory and report each
+//! RoundEnd; over RDMA the pages land with no work here, and round marks say when.
+
+use std::io::{IoSlice, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blip_transport::protocol::{self, crc32c_append, Message, PagesReceipt};
+use blip_transport::rdma::{Writer, FINAL_MARK};
+use blip_transport::tcp;
+use crossbeam_channel::{Receiver, Sender};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::dest::{allowed, Cidr};
+use super::session::Session;
+use super::{peer_timeout, MigrationError, PAGES_PER_FRAME};
+use crate::dirty::{split_runs, Run};
+use crate::memory::{self, GuestMem, PAGE_SIZE};
+
+/// Most pages in one final PageBatch (a pre-allocated 8 MiB buffer).
+const FINAL_BATCH_PAGES: u64 = 2048;
+
+// ---------------------------------------------------------------------------------------------
+// Source
+// ---------------------------------------------------------------------------------------------
+
+enum Job {
+    /// Round 0: send every non-zero page of `[first, first + pages)` (pfns), checked.
+    Scan { first: u64, pages: u64 },
+    /// Send these runs live from guest memory.
+    Live(Vec<Run>),
+    /// End of round: write RoundEnd (TCP) or the round's mark (RDMA) and report.
+    End(u32),
+}
+
+/// A sender thread's report for one round: pages and bytes it sent.
+type StreamResult = Result<(u64, u64), MigrationError>;
+
+/// Where a sender thread puts pages.
+enum Sink {
+    Tcp(TcpStream),
+    Rdma(Box<Writer>),
+}
+
+struct Stream {
+    jobs: Sender<Job>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The sender threads of one migration.
+pub struct Senders {
+    streams: Vec<Stream>,
+    results: Receiver<StreamResult>,
+    /// Set when the senders are dropped: RDMA writers stop waiting for completions.
+    abort: Arc<AtomicBool>,
+}
+
+/// The source's side of the page transport.
+pub enum SourceLink {
+    /// Data streams are TCP connections; the last live round and the final pages go on the
+    /// control stream (ordered before the state).
+    Tcp {
+        senders: Option<Senders>,
+        /// The final PageBatch buffer and run table, allocated before the blackout.
+        batch: Vec<u8>,
+        table: Vec<(u64, u32)>,
+    },
+    /// Data streams are RDMA queue pairs; the controller has one more for the last live
+    /// round and the final pages.
+    Rdma {
+        senders: Option<Senders>,
+        controller: Box<Writer>,
+    },
+}
+
+impl SourceLink {
+    /// Opens `streams` authenticated TCP data streams to `addr` (after Accept).
+    pub fn tcp(
+        mem: &GuestMem,
+        addr: &tcp::Address,
+        url: &str,
+        streams: u32,
+        session: &Session,
+    ) -> Result<SourceLink, MigrationError> {
+        let mut conns = Vec::new();
+        for index in 0..streams {
+            let mut c = tcp::connect(addr, Duration::from_secs(10)).map_err(|source| {
+                MigrationError::Connect {
+                    addr: url.to_string(),
+                    source,
+                }
+            })?;
+            c.set_write_timeout(Some(peer_timeout()))?;
+            let hello = Message::StreamHello {
+                session: session.id,
+                index,
+            };
+            protocol::write_message(&mut c, &hello)?;
+            if let Some(mac) = session.stream_mac(index) {
+                protocol::write_message(&mut c, &Message::Auth { mac })?;
+            }
+            conns.push(Sink::Tcp(c));
+        }
+        Ok(SourceLink::Tcp {
+            senders: Some(Senders::start(mem, conns)),
+            batch: vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize],
+            table: Vec::with_capacity(FINAL_BATCH_PAGES as usize),
+        })
+    }
+
+    /// Connects one queue pair per sender plus the controller's over `control` (after Accept).
+    pub fn rdma(
+        mem: &GuestMem,
+        control: &mut TcpStream,
+        streams: u32,
+    ) -> Result<SourceLink, MigrationError> {
+        let mut writers =
+            super::rdma::connect_source(control, mem, super::rdma::queue_pairs(streams))?;
+        let controller = Box::new(writers.pop().ok_or(MigrationError::Internal(
+            "RDMA connect returned no queue pair",
+        ))?);
+        let conns = writers
+            .into_iter()
+            .map(|w| Sink::Rdma(Box::new(w)))
+            .collect();
+        Ok(SourceLink::Rdma {
+            senders: Some(Senders::start(mem, conns)),
+            controller,
+        })
+    }
+
+    /// "tcp" or "rdma", for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceLink::Tcp { .. } => "tcp",
+            SourceLink::Rdma { .. } => "rdma",
+        }
+    }
+
+    fn senders(&self) -> Result<&Senders, MigrationError> {
+        match self {
+            SourceLink::Tcp { senders, .. } | SourceLink::Rdma { senders, .. } => {
+                senders.as_ref().ok_or(MigrationError::Internal(
+                    "a round after the data streams closed",
+                ))
+            }
+        }
+    }
+
+    /// Round 0: every non-zero page of guest memory, spread over the streams.
+    pub fn send_everything(&self, total_pages: u64) -> Result<(), MigrationError> {
+        let s = self.senders()?;
+        let mut first = 0;
+        let mut i = 0;
+        while first < total_pages {
+            let n = PAGES_PER_FRAME.min(total_pages - first);
+            s.streams[i % s.streams.len()].send(Job::Scan { first, pages: n });
+            first += n;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// A later round: these dirty runs, live from guest memory, spread over the streams.
+    pub fn send_runs(&self, runs: &[Run]) -> Result<(), MigrationError> {
+        let s = self.senders()?;
+        let n = s.streams.len();
+        let mut per: Vec<Vec<Run>> = vec![Vec::new(); n];
+        for (i, r) in split_runs(runs, PAGES_PER_FRAME).into_iter().enumerate() {
+            per[i % n].push(r);
+        }
+        for (stream, runs) in s.streams.iter().zip(per) {
+            stream.send(Job::Live(runs));
+        }
+        Ok(())
+    }
+
+    /// Ends round `round` on every stream and sums what they sent (pages, bytes), watching the
+    /// control connection meanwhile.
+    pub fn finish_round(
+        &self,
+        round: u32,
+        control: &mut TcpStream,
+    ) -> Result<(u64, u64), MigrationError> {
+        self.senders()?.finish_round(round, control)
+    }
+
+    /// The last live round, without an ack: on the control stream ahead of the final batch
+    /// (TCP) or on the controller's queue pair ahead of the final pages (RDMA, flushed so the
+    /// blackout carries only what is dirtied from here on). Returns pages sent.
+    pub fn last_live_round(
+        &mut self,
+        mem: &GuestMem,
+        runs: &[Run],
+        control: &mut TcpStream,
+    ) -> Result<u64, MigrationError> {
+        let mut pages = 0;
+        for r in split_runs(runs, PAGES_PER_FRAME) {
+            let len = r.pages * PAGE_SIZE;
+            match self {
+                SourceLink::Tcp { .. } => {
+                    protocol::write_pages_live_header(control, r.gpa(), r.pages as u32)?;
+                    mem.write_all_volatile_to(GuestAddress(r.gpa()), control, len as usize)?;
+                }
+                SourceLink::Rdma { controller, .. } => controller.write(r.gpa(), len)?,
+            }
+            pages += r.pages;
+        }
+        if let SourceLink::Rdma { controller, .. } = self {
+            flush_watching(controller, control)?;
+        }
+        Ok(pages)
+    }
+
+    /// Closes the data streams (their readers on the destination finish).
+    pub fn close_streams(&mut self) {
+        match self {
+            SourceLink::Tcp { senders, .. } | SourceLink::Rdma { senders, .. } => *senders = None,
+        }
+    }
+
+    /// The final pages (guest paused). TCP: as few PageBatch frames as fit the buffer, on the
+    /// control stream. RDMA: zero copy from guest memory, then the final mark on the same queue
+    /// pair; not waited for here (the state goes out while they fly). Returns pages sent.
+    pub fn final_pages(
+        &mut self,
+        mem: &GuestMem,
+        runs: &[Run],
+        control: &mut TcpStream,
+    ) -> Result<u64, MigrationError> {
+        match self {
+            SourceLink::Tcp { batch, table, .. } => send_batches(control, mem, runs, batch, table),
+            SourceLink::Rdma { controller, .. } => {
+                controller.set_busy_poll(true);
+                let mut pages = 0;
+                for r in runs {
+                    controller.write(r.gpa(), r.pages * PAGE_SIZE)?;
+                    pages += r.pages;
+                }
+                controller.mark(FINAL_MARK)?;
+                Ok(pages)
+            }
+        }
+    }
+
+    /// RDMA: reaps the final writes while the destination restores, returning as soon as it
+    /// speaks (Ready means it saw the final mark). A write that fails fails the migration now.
+    /// TCP: nothing to wait for.
+    pub fn await_final(&mut self, control: &mut TcpStream) -> Result<(), MigrationError> {
+        let SourceLink::Rdma { controller, .. } = self else {
+            return Ok(());
+        };
+        let mut spoke = false;
+        let r = controller.flush_watching(|| {
+            spoke = peek(control).is_some();
+            spoke
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(_) if spoke => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// After the handover: reaps completions before the registration goes.
+    pub fn finish(&mut self) {
+        if let SourceLink::Rdma { controller, .. } = self {
+            let _ = controller.flush();
+        }
+    }
+}
+
+impl Stream {
+    fn send(&self, job: Job) {
+        // A sender that died reports its error at the round's end.
+        let _ = self.jobs.send(job);
+    }
+}
+
+/// Flushes the controller's RDMA writer, failing at once (with the destination's own reason
+/// when it sent one) if the destination goes away meanwhile.
+fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), MigrationError> {
+    let mut lost = None;
+    let r = w.flush_watching(|| {
+        lost = control_lost(control);
+        lost.is_some()
+    });
+    match (r, lost) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
+    }
+}
+
+/// Peeks one byte of the control connection without blocking: `None` while nothing is there.
+fn peek(control: &TcpStream) -> Option<std::io::Result<usize>> {
+    control.set_nonblocking(true).ok()?;
+    let mut b = [0u8; 1];
+    let r = control.peek(&mut b);
+    let _ = control.set_nonblocking(false);
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
+    }
+}
+
+/// Has the destination gone (control connection closed or reset) or spoken out of turn (an
+/// Abort) while a round runs? Never blocks.
+fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
+    match peek(control)? {
+        Ok(0) => Some(MigrationError::Aborted(
+            "the destination closed the control connection".into(),
+        )),
+        // The destination says something only when it gives up: read why.
+        Ok(_) => Some(match protocol::read_message(control) {
+            Ok(f) => MigrationError::from_unexpected(f.msg.unexpected("RoundAck")),
+            Err(e) => e.into(),
+        }),
+        Err(e) => Some(MigrationError::Io(e)),
+    }
+}
+
+impl Senders {
+    fn start(mem: &GuestMem, conns: Vec<Sink>) -> Senders {
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        let abort = Arc::new(AtomicBool::new(false));
+        let streams = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut conn)| {
+                if let Sink::Rdma(w) = &mut conn {
+                    w.set_abort(abort.clone());
+                }
+                let (jtx, jrx) = crossbeam_channel::unbounded();
+                let mem = mem.clone();
+                let rtx = rtx.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("mig-send{i}"))
+                    .spawn(move || sender(conn, mem, jrx, rtx))
+                    .ok();
+                Stream { jobs: jtx, thread }
+            })
+            .collect();
+        Senders {
+            streams,
+            results: rrx,
+            abort,
+        }
+    }
+
+    /// Ends round `round` on every stream and sums what they sent. While it waits it watches
+    /// the control connection: a destination that dies or aborts mid-round fails the round at
+    /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
+    /// queue pair just stop completing).
+    fn finish_round(
+        &self,
+        round: u32,
+        control: &mut TcpStream,
+    ) -> Result<(u64, u64), MigrationError> {
+        for s in &self.streams {
+            s.send(Job::End(round));
+        }
+        let (mut pages, mut bytes) = (0, 0);
+        let deadline = Instant::now() + peer_timeout();
+        let mut pending = self.streams.len();
+        while pending > 0 {
+            match self.results.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok((p, b))) => {
+                    pages += p;
+                    bytes += b;
+                    pending -= 1;
+                }
+                Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
+                Err(_) => {
+                    if let Some(e) = control_lost(control) {
+                        return Err(e);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(stream_timeout("a data stream stopped responding"));
+                    }
+                }
+            }
+        }
+        Ok((pages, bytes))
+    }
+}
+
+fn stream_timeout(what: &'static str) -> MigrationError {
+    MigrationError::Stream(Box::new(MigrationError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        what,
+    ))))
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
+        for s in &mut self.streams {
+            let (tx, _) = crossbeam_channel::unbounded();
+            drop(std::mem::replace(&mut s.jobs, tx));
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// One sender thread: runs jobs until its channel closes. After a failure it skips the jobs
+/// and reports the failure at the next round end.
+fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<StreamResult>) {
+    let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
+    let (mut pages, mut bytes) = (0u64, 0u64);
+    let mut failed: Option<MigrationError> = None;
+    for job in jobs {
+        if let Job::End(round) = job {
+            let r = match failed.take() {
+                Some(e) => Err(e),
+                None => sink.end_round(round, pages).map(|()| (pages, bytes)),
+            };
+            let _ = results.send(r);
+            (pages, bytes) = (0, 0);
+            continue;
+        }
+        if failed.is_some() {
+            continue;
+        }
+        match sink.run(&job, &mem, &mut buf) {
+            Ok((p, b)) => {
+                pages += p;
+                bytes += b;
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+}
+
+impl Sink {
+    /// Sends a Scan or Live job. Returns (pages, bytes) sent.
+    fn run(
+        &mut self,
+        job: &Job,
+        mem: &GuestMem,
+        buf: &mut [u8],
+    ) -> Result<(u64, u64), MigrationError> {
+        match job {
+            Job::Scan { first, pages } => self.send_nonzero(mem, buf, *first, *pages),
+            Job::Live(runs) => {
+                let mut pages = 0;
+                for r in runs {
+                    let len = r.pages * PAGE_SIZE;
+                    match self {
+                        Sink::Tcp(conn) => {
+                            protocol::write_pages_live_header(conn, r.gpa(), r.pages as u32)?;
+                            mem.write_all_volatile_to(GuestAddress(r.gpa()), conn, len as usize)?;
+                        }
+                        Sink::Rdma(w) => w.write(r.gpa(), len)?,
+                    }
+                    pages += r.pages;
+                }
+                Ok((pages, pages * PAGE_SIZE))
+            }
+            Job::End(_) => Ok((0, 0)),
+        }
+    }
+
+    /// Round 0: reads `n` pages from pfn `first` into `buf` and sends each run of non-zero
+    /// pages (what was never written is skipped). TCP sends from the bounce buffer, so the
+    /// CRC covers exactly the bytes sent; RDMA writes straight from guest memory (a page
+    /// changed since is dirty again).
+    fn send_nonzero(
+        &mut self,
+        mem: &GuestMem,
+        buf: &mut [u8],
+        first: u64,
+        n: u64,
+    ) -> Result<(u64, u64), MigrationError> {
+        let page = PAGE_SIZE as usize;
+        let len = n as usize * page;
+        mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
+        let mut pages = 0u64;
+        for (start, count) in nonzero_runs(&buf[..len]) {
+            let gpa = (first + start as u64) * PAGE_SIZE;
+            let data = &buf[start * page..(start + count) * page];
+            match self {
+                Sink::Tcp(conn) => protocol::write_pages(conn, gpa, &[IoSlice::new(data)])?,
+                Sink::Rdma(w) => w.write(gpa, data.len() as u64)?,
+            }
+            pages += count as u64;
+        }
+        Ok((pages, pages * PAGE_SIZE))
+    }
+
+    /// Ends a round on this stream: RoundEnd after its pages (TCP), or the round's mark behind
+    /// them on the same queue pair, flushed so failures show before RoundEnd (RDMA).
+    fn end_round(&mut self, round: u32, pages: u64) -> Result<(), MigrationError> {
+        match self {
+            // The destination counts what arrived; `pages` says what this stream sent.
+            Sink::Tcp(conn) => protocol::write_message(conn, &Message::RoundEnd { round, pages })?,
+            Sink::Rdma(w) => {
+                w.mark(round)?;
+                w.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends `runs` (guest paused) as few PageBatch frames as fit `buf`: one write, one read and
+/// one CRC for the whole final round. Returns pages sent.
+fn send_batches(
+    w: &mut dyn Write,
+    mem: &GuestMem,
+    runs: &[Run],
+    buf: &mut [u8],
+    table: &mut Vec<(u64, u32)>,
+) -> Result<u64, MigrationError> {
+    let mut pages = 0u64;
+    let mut used = 0usize;
+    table.clear();
+    for r in split_runs(runs, FINAL_BATCH_PAGES) {
+        let len = (r.pages * PAGE_SIZE) as usize;
+        if used + len > buf.len() {
+            protocol::write_page_batch(w, table, &buf[..used])?;
+            table.clear();
+            used = 0;
+        }
+        mem.read_slice(&mut buf[used..used + len], GuestAddress(r.gpa()))?;
+        table.push((r.gpa(), r.pages as u32));
+        used += len;
+        pages += r.pages;
+    }
+    if !table.is_empty() {
+        protocol::write_page_batch(w, table, &buf[..used])?;
+    }
+    Ok(pages)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP stream's news: (stream index, round ended, pages it carried in that round).
+type StreamNews = Result<(usize, u32, u64), MigrationError>;
+
+/// The destination's side of the page transport.
+pub enum DestLink {
+    /// Receiver threads, one per data stream, and the last round each reported ended.
+    Tcp {
+        news: Receiver<StreamNews>,
+        done: Vec<Option<u32>>,
+    },
+    /// Queue pairs connected, memory registered (dropping this deregisters it: rkeys die).
+    Rdma(super::rdma::DestRdma),
+}
+
+impl DestLink {
+    /// Accepts the source's `n` authenticated data streams of this session on `listener`.
+    pub fn tcp(
+        listener: &TcpListener,
+        session: &Session,
+        n: u32,
+        mem: &GuestMem,
+        allow: &[Cidr],
+        control: &TcpStream,
+    ) -> Result<DestLink, MigrationError> {
+        let news = accept_streams(listener, session, n, mem, allow, control)?;
+        Ok(DestLink::Tcp {
+            news,
+            done: vec![None; n as usize],
+        })
+    }
+
+    /// Waits until round `round`'s pages are all in guest memory. TCP: every stream reported
+    /// its RoundEnd and the pages that arrived on them add up to the `pages` the source says
+    /// it sent. RDMA: every sender queue pair's mark arrived.
+    pub fn wait_round(&mut self, round: u32, pages: u64) -> Result<(), MigrationError> {
+        let (news, done) = match self {
+            DestLink::Rdma(c) => return c.wait_round(round),
+            DestLink::Tcp { news, done } => (news, done),
+        };
+        let mut got = 0;
+        while done.iter().any(|r| r.is_none_or(|r| r < round)) {
+            match news.recv_timeout(peer_timeout()) {
+                Ok(Ok((i, r, p))) => {
+                    done[i] = Some(r);
+                    if r == round {
+                        got += p;
+                    }
+                }
+                Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
+                Err(_) => return Err(stream_timeout("a data stream went silent")),
+            }
+        }
+        if got != pages {
+            return Err(MigrationError::Stream(Box::new(MigrationError::Io(
+                std::io::Error::other(format!(
+                    "round {round}: the source sent {pages} pages but {got} arrived"
+                )),
+            ))));
+        }
+        Ok(())
+    }
+
+    /// After a control-stream read failed: the error of a data stream that failed first (it
+    /// shut the control socket down to wake the reader), if any.
+    pub fn stream_failure(&self) -> Option<MigrationError> {
+        let DestLink::Tcp { news, .. } = self else {
+            return None;
+        };
+        news.try_iter()
+            .find_map(|n| n.err())
+            .map(|e| MigrationError::Stream(Box::new(e)))
+    }
+
+    /// RDMA: the final pages (which the state may overtake) landed. TCP: they came in order
+    /// on the control stream already.
+    pub fn wait_final(&mut self) -> Result<(), MigrationError> {
+        match self {
+            DestLink::Rdma(c) => c.wait_final(),
+            DestLink::Tcp { .. } => Ok(()),
+        }
+    }
+}
+
+/// Reads a Pages payload straight into guest memory, refusing anything outside it; checks the
+/// data CRC when the frame carries one.
+pub fn recv_pages(
+    conn: &mut TcpStream,
+    mem: &GuestMem,
+    gpa: u64,
+    count: u32,
+    receipt: &PagesReceipt,
+    scratch: &mut [u8],
+) -> Result<(), MigrationError> {
+    let len = check_run(mem, gpa, u64::from(count))?;
+    let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
+    vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
+        .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
+    if receipt.data_checked {
+        let mut crc = receipt.partial_crc;
+        let mut off = 0u64;
+        while off < len {
+            let n = ((len - off) as usize).min(scratch.len());
+            mem.read_slice(&mut scratch[..n], GuestAddress(gpa + off))?;
+            crc = crc32c_append(crc, &scratch[..n]);
+            off += n as u64;
+        }
+        receipt.verify(crc)?;
+    }
+    Ok(())
+}
+
+fn accept_streams(
+    listener: &TcpListener,
+    session: &Session,
+    n: u32,
+    mem: &GuestMem,
+    allow: &[Cidr],
+    control: &TcpStream,
+) -> Result<Receiver<StreamNews>, MigrationError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = vec![false; n as usize];
+    while seen.iter().any(|s| !s) {
+        match listener.accept() {
+            Ok((mut c, peer)) => {
+                if !allowed(allow, peer.ip()) {
+                    continue;
+                }
+                c.set_nonblocking(false)?;
+                tcp::tune(&c)?;
+                c.set_read_timeout(Some(peer_timeout()))?;
+                match protocol::read_message(&mut c).map(|f| f.msg) {
+                    Ok(Message::StreamHello { session: s, index })
+                        if s == session.id
+                            && index < n
+                            && !seen[index as usize]
+                            && session.stream_proven(&mut c, index) =>
+                    {
+                        seen[index as usize] = true;
+                        let mem = mem.clone();
+                        let tx: Sender<StreamNews> = tx.clone();
+                        let ctl = control.try_clone().ok();
+                        std::thread::Builder::new()
+                            .name(format!("mig-recv{index}"))
+                            .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
+                    }
+                    // Not one of this session's streams: drop it.
+                    _ => {}
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    listener.set_nonblocking(false)?;
+                    return Err(MigrationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the source did not open its data streams",
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    listener.set_nonblocking(false)?;
+    Ok(rx)
+}
+
+/// One TCP data stream: pages straight into guest memory; RoundEnds reported as news.
+fn receiver(
+    mut conn: TcpStream,
+    index: usize,
+    mem: GuestMem,
+    news: Sender<StreamNews>,
+    control: Option<TcpStream>,
+) {
+    let mut scratch = vec![0u8; 1 << 20];
+    let mut pages = 0u64;
+    loop {
+        let r = match protocol::read_message(&mut conn) {
+            Ok(protocol::Frame {
+                msg: Message::Pages { gpa, count },
+                pages: Some(receipt),
+            }) => recv_pages(&mut conn, &mem, gpa, count, &receipt, &mut scratch)
+                .map(|()| pages += u64::from(count)),
+            Ok(protocol::Frame {
+                msg: Message::RoundEnd { round, .. },
+                ..
+            }) => {
+                if news.send(Ok((index, round, pages))).is_err() {
+                    return;
+                }
+                pages = 0;
+                Ok(())
+            }
+            Ok(f) => Err(MigrationError::from_unexpected(
+                f.msg.unexpected("Pages or RoundEnd"),
+            )),
+            // The source closes its data streams before stop-and-copy.
+            Err(protocol::ProtocolError::Closed) => return,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = r {
+            let _ = news.send(Err(e));
+            // Wake the control loop now rather than at the next round boundary.
+            if let Some(c) = &control {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            return;
+        }
+    }
+}
+
+/// Checks that `pages` pages from `gpa` lie inside guest memory, page-aligned; returns their
+/// length in bytes.
+pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationError> {
+    let out = || MigrationError::OutOfBounds {
+        gpa,
+        count: pages as u32,
+    };
+    let len = pages.checked_mul(PAGE_SIZE).ok_or_else(out)?;
+    let end = gpa.checked_add(len).ok_or_else(out)?;
+    if gpa % PAGE_SIZE != 0 || end > memory::size(mem) {
+        return Err(out());
+    }
+    Ok(len)
+}
+
+/// The runs of non-zero pages in `buf`: (first page, pages).
+fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    let page = PAGE_SIZE as usize;
+    let nonzero: Vec<bool> = buf
+        .chunks(page)
+        .map(|p| p.iter().any(|b| *b != 0))
+        .collect();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < nonzero.len() {
+        if !nonzero[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < nonzero.len() && nonzero[i] {
+            i += 1;
+        }
+        runs.push((start, i - start));
+    }
+    runs
+}
