@@ -7,7 +7,9 @@
 //!   (connect with timeout, listen, `TCP_NODELAY`).
 //!
 //! - [`rdma`]: the RDMA transport — safe wrappers over rdma-sys (device, protection domain,
-//!   memory region, completion queue, queue pair by state) and the page [`rdma::Writer`].
+//!   memory region, completion queue, queue pair by state), the bring-up of both ends from raw
+//!   memory regions ([`rdma::SourceEnd`], [`rdma::DestEnd`]: `prepare`, then
+//!   `handshake(remote)`), the page [`rdma::Writer`] and the destination's [`rdma::DestLink`].
 //! - [`auth`]: HMAC-SHA256 proofs of the shared migration key on the control channel.
 //!
 //! This crate must not know about KVM: it sees only bytes, addresses and counts.

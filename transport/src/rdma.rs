@@ -27,6 +27,12 @@
 //! [`SIGNAL_EVERY`]th write (and the last of a flush) asks for one, and since a send queue
 //! completes in order, one completion retires every write posted before it.
 //!
+//! Bring-up: [`SourceEnd`] and [`DestEnd`] (module `ends`) register raw memory
+//! ([`SourceMemory`], [`DestMemory`]), create and connect the queue pairs from the peer's
+//! [`crate::protocol::RdmaConnect`] (`prepare`, then `handshake(remote)`), and hand back the
+//! source's [`Writer`]s or the destination's [`DestLink`], which waits for marks. A user of
+//! this crate carries descriptions over its control channel and never drives a verb.
+//!
 //! RoCE needs no subnet manager: ports are addressed by GID, and for RoCE v2 over IPv4 the GID
 //! is the IPv4-mapped address of the interface the RDMA device is bound to. [`Port::for_ip`]
 //! finds the device and GID that carry the address the control connection uses.
@@ -43,6 +49,12 @@ use std::time::{Duration, Instant};
 use rdma_sys::*;
 
 use crate::protocol::RdmaRegion;
+
+mod ends;
+pub use ends::{
+    check_peer_regions, check_queue_pairs, check_regions, peer_qps, DestEnd, DestLink, DestMemory,
+    RawRegion, SourceEnd, SourceMemory, CQ_DEPTH,
+};
 
 /// Most bytes in one RDMA WRITE (larger runs are split).
 pub const MAX_WRITE: u64 = 1 << 20;
@@ -98,6 +110,9 @@ pub enum RdmaError {
     /// The peer's connection parameters cannot be used.
     #[error("the peer's RDMA parameters are unusable: {0}")]
     Peer(String),
+    /// What this side was asked to set up cannot be (memory regions, queue-pair count).
+    #[error("cannot set up RDMA: {0}")]
+    Setup(String),
     /// Completions stopped arriving.
     #[error("RDMA writes did not complete within {0:?} (peer gone?)")]
     Stalled(Duration),

@@ -1,26 +1,28 @@
 //! The migration engine's side of the RDMA transport: which transport a migration uses, and
 //! connecting queue pairs over the (already authenticated) control stream.
 //!
-//! The verbs themselves live in `blip_transport::rdma`; this module only decides what to
-//! register (guest memory, via [`crate::memory::register_rdma`]) and what to tell the peer.
-//! The destination registers its guest memory for remote writes before it accepts the offer,
-//! so everything is in place before the first page; rkeys go out only after the source proved
-//! the key, in the destination's [`RdmaConnect`]. Dropping [`DestRdma`] (commit or abort)
-//! deregisters the memory, and with it the rkeys die.
+//! The verbs themselves — registration, queue pairs, completion queues, mark receives — live
+//! in `blip_transport::rdma` ([`SourceEnd`], [`DestEnd`]); this module only says which memory
+//! to register (guest memory, kept alive by a clone of it) and carries the two
+//! [`RdmaConnect`] descriptions over the control stream. The destination registers its guest
+//! memory for remote writes before it accepts the offer, so everything is in place before the
+//! first page; rkeys go out only after the source proved the key, in the destination's
+//! [`RdmaConnect`]. Dropping [`DestRdma`] (commit or abort) deregisters the memory, and with
+//! it the rkeys die.
 
 use std::net::{IpAddr, TcpStream};
-use std::sync::Arc;
 
-use blip_transport::protocol::{self, Message, RdmaConnect, RdmaRegion};
+use blip_transport::protocol::{self, Message, RdmaConnect};
 use blip_transport::rdma::{
-    self, state, Access, CompletionQueue, LocalRegion, Marks, PeerQp, Port, ProtectionDomain,
-    QueuePair, RdmaError, Writer, FINAL_MARK, MARK_DEPTH,
+    self, DestEnd, DestLink, DestMemory, Port, RawRegion, RdmaError, SourceEnd, SourceMemory,
+    Writer,
 };
 use blip_transport::tcp::Endpoint;
 use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{peer_timeout, MigrationError};
-use crate::memory::{register_rdma, GuestMem};
+use crate::memory::GuestMem;
 
 /// `--transport`: how pages travel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -82,59 +84,25 @@ fn read(control: &mut TcpStream) -> Result<RdmaConnect, MigrationError> {
     }
 }
 
-/// Queue pairs in INIT on one port, and what to tell the peer about them.
-struct Side {
-    pd: Arc<ProtectionDomain>,
-    qps: Vec<QueuePair<state::Init>>,
-}
-
-impl Side {
-    fn new(pd: &Arc<ProtectionDomain>, n: usize, remote_write: bool) -> Result<Side, RdmaError> {
-        let mut qps = Vec::with_capacity(n);
-        for _ in 0..n {
-            // Each queue pair keeps its own completion queue alive.
-            let cq = CompletionQueue::new(pd.port(), rdma::SQ_DEPTH * 2)?;
-            qps.push(QueuePair::create(pd, &cq, remote_write)?);
-        }
-        Ok(Side {
-            pd: pd.clone(),
-            qps,
-        })
-    }
-
-    fn hello(&self, regions: Vec<RdmaRegion>) -> RdmaConnect {
-        let port = self.pd.port();
-        RdmaConnect {
-            gid: port.gid,
-            mtu: port.mtu,
-            qps: self.qps.iter().map(QueuePair::endpoint).collect(),
-            regions,
-        }
-    }
-
-    /// INIT → RTR → RTS against the peer's queue pairs, in order.
-    fn connect(self, peer: &RdmaConnect) -> Result<Vec<QueuePair<state::Rts>>, RdmaError> {
-        if peer.qps.len() != self.qps.len() {
-            return Err(RdmaError::Peer(format!(
-                "{} queue pairs, {} expected",
-                peer.qps.len(),
-                self.qps.len()
-            )));
-        }
-        self.qps
-            .into_iter()
-            .zip(&peer.qps)
-            .map(|(qp, (qpn, psn))| {
-                qp.into_rtr(&PeerQp {
-                    gid: peer.gid,
-                    mtu: peer.mtu,
-                    qpn: *qpn,
-                    psn: *psn,
-                })?
-                .into_rts()
+/// Guest memory as the transport sees it: (guest physical base, host address, length) of
+/// each region.
+fn raw_regions(mem: &GuestMem) -> Result<Vec<RawRegion>, RdmaError> {
+    mem.iter()
+        .map(|region| {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| RdmaError::OutOfRange {
+                    side: "local",
+                    addr: region.start_addr().0,
+                    len: region.len(),
+                })?;
+            Ok(RawRegion {
+                base: region.start_addr().0,
+                host,
+                len: region.len(),
             })
-            .collect()
-    }
+        })
+        .collect()
 }
 
 /// Source: registers guest memory, connects `n` queue pairs to the destination over
@@ -145,53 +113,35 @@ pub fn connect_source(
     n: usize,
 ) -> Result<Vec<Writer>, MigrationError> {
     let port = Port::for_ip(control.local_addr()?.ip())?;
-    let pd = ProtectionDomain::new(&port)?;
-    let side = Side::new(&pd, n, false)?;
-    let local: Vec<LocalRegion> = register_rdma(&side.pd, mem, Access::Local)?;
-    protocol::write_message(control, &Message::RdmaConnect(side.hello(Vec::new())))?;
-    let peer = read(control)?;
-    if peer.regions.is_empty() {
-        return Err(RdmaError::Peer("no memory regions offered".into()).into());
-    }
-    let qps = side.connect(&peer)?;
-    Ok(qps
-        .into_iter()
-        .map(|qp| {
-            let local = local
-                .iter()
-                .map(|l| LocalRegion {
-                    base: l.base,
-                    mr: l.mr.clone(),
-                })
-                .collect();
-            Writer::new(qp, local, peer.regions.clone(), peer_timeout())
-        })
-        .collect())
+    let regions = raw_regions(mem)?;
+    // SAFETY: `regions` are the live read-write mappings of `mem`, and every registration
+    // keeps a clone of `mem` (which keeps those mappings) for as long as it exists.
+    let memory = unsafe { SourceMemory::register(&port, &regions, mem.clone()) }?;
+    let (local, end) = SourceEnd::prepare(memory, n)?;
+    protocol::write_message(control, &Message::RdmaConnect(local))?;
+    let remote = read(control)?;
+    Ok(end.handshake(&remote, peer_timeout())?)
 }
 
 /// Destination guest memory registered for remote writes on the port that carries the
 /// destination's address. Made before the source hears Accept — at `blip receive` start when
 /// `--mem` and a specific listen address are given, else when the offer arrives.
 pub struct DestRegistration {
-    pd: Arc<ProtectionDomain>,
-    regions: Vec<LocalRegion>,
+    memory: DestMemory,
 }
 
 impl DestRegistration {
     /// "rxe0:1 gid index N", for logs.
     pub fn port(&self) -> String {
-        format!("{:?}", self.pd.port())
+        format!("{:?}", self.memory.port())
     }
 }
 
 /// Destination, connected: holds the registrations and queue pairs the source writes through,
 /// and receives the marks that end rounds and the final pages. Dropping it revokes the rkeys.
 pub struct DestRdma {
-    // Field order = drop order: queue pairs before the memory they expose.
-    /// One per source queue pair: the sender threads' first, the controller's last.
-    marks: Vec<Marks>,
-    _regions: Vec<LocalRegion>,
-    /// "rxe0:1", for logs.
+    link: DestLink,
+    /// "rxe0:1 gid index N", for logs.
     pub port: String,
 }
 
@@ -199,66 +149,39 @@ impl DestRdma {
     /// Round `round` is over: every sender queue pair's mark for it has arrived, so every page
     /// written before it is in guest memory.
     pub fn wait_round(&mut self, round: u32) -> Result<(), MigrationError> {
-        let n = self.marks.len().saturating_sub(1);
-        for m in &mut self.marks[..n] {
-            m.wait(round, peer_timeout(), false)?;
-        }
-        Ok(())
+        Ok(self.link.wait_round(round)?)
     }
 
     /// The final pages are in (the controller queue pair's final mark arrived). Busy-polls: this
     /// is the blackout.
     pub fn wait_final(&mut self) -> Result<(), MigrationError> {
-        if let Some(m) = self.marks.last_mut() {
-            m.wait(FINAL_MARK, peer_timeout(), true)?;
-        }
-        Ok(())
+        Ok(self.link.wait_final()?)
     }
 }
 
 /// Registers `mem` for remote writes on the RDMA port that carries `local_ip`.
 pub fn register_dest(local_ip: IpAddr, mem: &GuestMem) -> Result<DestRegistration, MigrationError> {
     let port = Port::for_ip(local_ip)?;
-    let pd = ProtectionDomain::new(&port)?;
-    let regions = register_rdma(&pd, mem, Access::RemoteWrite)?;
-    Ok(DestRegistration { pd, regions })
+    let regions = raw_regions(mem)?;
+    // SAFETY: `regions` are the live read-write mappings of `mem`, and every registration
+    // keeps a clone of `mem` for as long as it exists. The source writes into guest memory
+    // only while the guest here is not running (before restore), which is what a destination
+    // registers it for.
+    let memory = unsafe { DestMemory::register(&port, &regions, mem.clone()) }?;
+    Ok(DestRegistration { memory })
 }
 
-/// Destination, after Accept: creates `n` queue pairs, reads the source's, connects, and
-/// answers with ours and the memory regions (the rkeys).
+/// Destination, after Accept: creates `n` queue pairs (mark receives posted), reads the
+/// source's, connects, and answers with ours and the memory regions (the rkeys).
 pub fn connect_dest(
     reg: DestRegistration,
     n: usize,
     control: &mut TcpStream,
 ) -> Result<DestRdma, MigrationError> {
-    let side = Side::new(&reg.pd, n, true)?;
-    // Receives for the marks, posted before the source can send one.
-    for qp in &side.qps {
-        for id in 0..u64::from(MARK_DEPTH) {
-            qp.post_mark_recv(id)?;
-        }
-    }
-    let peer = read(control)?;
-    let regions: Vec<RdmaRegion> = reg
-        .regions
-        .iter()
-        .map(|l| RdmaRegion {
-            base: l.base,
-            addr: l.mr.addr(),
-            len: l.mr.len(),
-            rkey: l.mr.rkey(),
-        })
-        .collect();
-    let hello = side.hello(regions);
     let port = reg.port();
-    let qps = side.connect(&peer)?;
-    protocol::write_message(control, &Message::RdmaConnect(hello))?;
-    Ok(DestRdma {
-        marks: qps
-            .into_iter()
-            .map(|qp| Marks::new(qp, u64::from(MARK_DEPTH)))
-            .collect(),
-        _regions: reg.regions,
-        port,
-    })
+    let end = DestEnd::prepare(reg.memory, n)?;
+    let remote = read(control)?;
+    let (local, link) = end.handshake(&remote, peer_timeout())?;
+    protocol::write_message(control, &Message::RdmaConnect(local))?;
+    Ok(DestRdma { link, port })
 }
