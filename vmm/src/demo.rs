@@ -214,7 +214,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             "{:>4} | {:>12} | {:>6} | {:>8} | {:>9.1} us | {:>9} | {:>7.1} ms | {:>6.1} us | {:>6.1} us | {:>6.1} us",
             i,
             url.trim_start_matches("tcp://"),
-            r.rounds.len(),
+            r.round_count,
             r.pages_sent + r.final_pages,
             r.blackout_ns as f64 / 1e3,
             r.guest_blackout_ns.map_or("n/a".to_string(), |g| format!("{:.1} us", g as f64 / 1e3)),

@@ -601,7 +601,7 @@ pub fn render_report(r: &Report) -> String {
         "  total {:.1} ms (pre-copy {:.1} ms), {} rounds, {} pages, {:.1} MiB sent, state {} bytes ({}){}\n",
         r.total_ns as f64 / 1e6,
         r.precopy_ns as f64 / 1e6,
-        r.rounds.len(),
+        r.round_count,
         r.pages_sent + r.final_pages,
         r.bytes_sent as f64 / (1 << 20) as f64,
         r.state_bytes,
@@ -611,6 +611,13 @@ pub fn render_report(r: &Report) -> String {
             _ => "",
         }
     ));
+    if r.rounds.len() < r.round_count as usize {
+        s.push_str(&format!(
+            "  ({} of the {} rounds shown: the first and the latest)\n",
+            r.rounds.len(),
+            r.round_count
+        ));
+    }
     s.push_str("  round |    pages |    MiB/s | dirty after | dirty rate/s | predicted\n");
     for x in &r.rounds {
         s.push_str(&format!(
