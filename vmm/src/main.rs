@@ -1,6 +1,7 @@
 //! The `blip` command. Parses the command line, dispatches, and turns every error into one line
-//! on stderr with a non-zero exit status (2 for blip's own errors, 4 for a crashed guest, 130
-//! after Ctrl-C; a guest's own exit code otherwise).
+//! on stderr with a non-zero exit status (2 for blip's own errors, 4 for a crashed guest, 5 when
+//! `blip migrate` moved the guest but missed the blackout target, 130 after Ctrl-C; a guest's
+//! own exit code otherwise).
 
 mod demo;
 mod drain;
@@ -552,11 +553,46 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     } else {
         print!("{}", render_report(&report));
     }
+    if target_missed(&report) {
+        eprintln!(
+            "blip: the guest moved, but its blackout ({}) missed the {} target",
+            us(report.blackout_ns),
+            ms(report.target_ns)
+        );
+        return Ok(5);
+    }
     Ok(0)
 }
 
 fn us(ns: u64) -> String {
     format!("{:.1} us", ns as f64 / 1e3)
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.1} ms", ns as f64 / 1e6)
+}
+
+/// Did the migration miss its blackout target? A report without one (`target_ns` 0) did not.
+pub fn target_missed(r: &Report) -> bool {
+    r.target_ns > 0 && !r.target_met
+}
+
+/// "target 1.0 ms: met" or "target 1.0 ms: MISSED (predicted X, actual Y)"; None when the
+/// report names no target.
+pub fn target_verdict(r: &Report) -> Option<String> {
+    if r.target_ns == 0 {
+        return None;
+    }
+    let verdict = if target_missed(r) {
+        format!(
+            "MISSED (predicted {}, actual {})",
+            us(r.predicted_blackout_ns),
+            us(r.blackout_ns)
+        )
+    } else {
+        "met".to_string()
+    };
+    Some(format!("target {}: {verdict}", ms(r.target_ns)))
 }
 
 /// The human report of one migration.
@@ -586,6 +622,18 @@ pub fn render_report(r: &Report) -> String {
         us(r.predicted_blackout_ns),
         r.stop_reason
     ));
+    if let Some(v) = target_verdict(r) {
+        s.push_str(&format!(
+            "  {v}
+"
+        ));
+    }
+    for n in &r.restore_notes {
+        s.push_str(&format!(
+            "  note: {n}
+"
+        ));
+    }
     s.push_str(&format!(
         "  phases: pause {} | final harvest {} | final pages {} ({} pages) | state save {} | transfer+restore {} | resume {}{}\n",
         us(p.pause),
@@ -728,4 +776,52 @@ fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
         r.load_ns as f64 / 1e6
     );
     serve_vm(vm, server, reg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(target_ns: u64, target_met: bool) -> Report {
+        Report {
+            target_ns,
+            target_met,
+            predicted_blackout_ns: 800_000,
+            blackout_ns: 1_300_000,
+            round_count: 70,
+            restore_notes: vec!["TSC frequency 2.0 GHz not matched".into()],
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn the_target_verdict_says_met_or_missed() {
+        assert_eq!(
+            target_verdict(&report(0, false)),
+            None,
+            "no target, no verdict"
+        );
+        assert!(!target_missed(&report(0, false)));
+        assert_eq!(
+            target_verdict(&report(1_000_000, true)).as_deref(),
+            Some("target 1.0 ms: met")
+        );
+        assert!(target_missed(&report(1_000_000, false)));
+        assert_eq!(
+            target_verdict(&report(1_000_000, false)).as_deref(),
+            Some("target 1.0 ms: MISSED (predicted 800.0 us, actual 1300.0 us)")
+        );
+    }
+
+    #[test]
+    fn the_report_counts_every_round_and_prints_notes() {
+        let text = render_report(&report(1_000_000, false));
+        assert!(text.contains(", 70 rounds,"), "{text}");
+        assert!(text.contains("(0 of the 70 rounds shown"), "{text}");
+        assert!(text.contains("\n  target 1.0 ms: MISSED"), "{text}");
+        assert!(
+            text.contains("\n  note: TSC frequency 2.0 GHz not matched\n"),
+            "{text}"
+        );
+    }
 }
