@@ -159,6 +159,41 @@ fn ten_migrations_in_a_row() {
     assert_alive_then_check(&mut cur);
 }
 
+#[test]
+fn text_report_counts_rounds_and_the_exit_status_follows_the_target() {
+    let dir = scratch("mig-text");
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let k = key(&dir);
+    let api = a.api.to_str().unwrap().to_string();
+    let o = blip(&[
+        "migrate",
+        "--api",
+        &api,
+        "--to",
+        &url,
+        "--key",
+        &k,
+        "--max-blackout",
+        "5ms",
+    ])
+    .output()
+    .unwrap();
+    let out = stdout(&o);
+    assert!(out.contains(" rounds, "), "{out}");
+    // 5: the guest moved but missed its target; 0: it moved within it (or no target known).
+    let missed = out.contains("target 5.0 ms: MISSED (predicted ");
+    assert_eq!(
+        o.status.code(),
+        Some(if missed { 5 } else { 0 }),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.wait(), Some(0), "the source hands over: {}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}
+
 fn netns(args: &[&str]) -> bool {
     std::process::Command::new("ip")
         .args(args)
