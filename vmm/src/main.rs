@@ -337,7 +337,10 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         }
         None => None,
     };
-    eprintln!("blip: waiting for an incoming migration on {scheme}://{local}");
+    // One write for the whole line: stderr is unbuffered, and whoever waits for this line
+    // (tests, bench, `blip demo`) may read it the moment its first piece lands.
+    let waiting = format!("blip: waiting for an incoming migration on {scheme}://{local}");
+    eprintln!("{waiting}");
     let key = a
         .auth
         .resolve()
