@@ -159,6 +159,37 @@ fn ten_migrations_in_a_row() {
     assert_alive_then_check(&mut cur);
 }
 
+#[test]
+fn report_counts_rounds_and_the_exit_status_follows_the_target() {
+    let dir = scratch("mig-target");
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let o = migrate(&a, &url, &["--max-blackout", "5ms"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
+    let kept = r["rounds"].as_array().unwrap().len() as u64;
+    assert!(r["round_count"].as_u64().unwrap() >= kept.max(1), "{r}");
+    // The target is --max-blackout, or 0 while the engine does not report it.
+    assert!(
+        matches!(r["target_ns"].as_u64(), Some(0 | 5_000_000)),
+        "{r}"
+    );
+    assert!(
+        r["target_met"].is_boolean() && r["restore_notes"].is_array(),
+        "{r}"
+    );
+    // 5: the guest moved but missed its target; 0: it moved within it (or no target known).
+    let missed = r["target_ns"].as_u64() > Some(0) && r["target_met"] == false;
+    assert_eq!(
+        o.status.code(),
+        Some(if missed { 5 } else { 0 }),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.wait(), Some(0), "the source hands over: {}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}
+
 fn netns(args: &[&str]) -> bool {
     std::process::Command::new("ip")
         .args(args)

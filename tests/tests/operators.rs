@@ -397,3 +397,39 @@ fn drain_three_guests_one_destination_killed_midway() {
     );
     let _ = guests[2].kill();
 }
+
+#[test]
+fn status_list_and_check_replies_read_back() {
+    let dir = scratch("op-status");
+    let a = host_dir(&dir, "a");
+    let mut g = guest(&dir, &a, "api-1");
+    let api = format!("{a}/api-1.sock");
+    let o = blip_on(&a, &["status", "--api", &api]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["event"], "status", "{s}");
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["mem_size"], 32 << 20, "{s}");
+    assert!(s["vcpus"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["heartbeats"].is_u64(), "{s}");
+    assert!(!s["dirty_tracking"].as_str().unwrap().is_empty(), "{s}");
+    // `blip list` reads the same status through the typed reply.
+    let e = &listed(&a)[0];
+    assert_eq!(e["name"], "api-1", "{e}");
+    assert_eq!(e["api"], api.as_str(), "{e}");
+    assert_eq!(e["state"], "running", "{e}");
+    assert!(e["heartbeats"].is_u64(), "{e}");
+    assert!(e["pid"].is_u64() && e["started"].is_u64(), "{e}");
+    let text = String::from_utf8_lossy(&blip_on(&a, &["list"]).stdout).to_string();
+    let row = text.lines().find(|l| l.starts_with("api-1 ")).unwrap_or("");
+    assert!(row.contains("32Mi") && row.contains("running"), "{text}");
+    let o = blip_on(&a, &["check", "--api", &api]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ok: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ok, serde_json::json!({"event": "ok"}));
+    assert_eq!(
+        g.wait().unwrap().code(),
+        Some(0),
+        "the guest's memory check"
+    );
+}

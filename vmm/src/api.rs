@@ -2,13 +2,15 @@
 //!
 //! A running blip (`blip run --api SOCK`, `blip receive --api SOCK`) answers:
 //!
-//! | request | replies |
+//! | request ([`Request`]) | replies ([`Reply`]) |
 //! |---|---|
-//! | `{"cmd":"status"}` | one `{"event":"status", ...}` |
+//! | `{"cmd":"status"}` | one `{"event":"status", ...}` ([`Status`]) |
 //! | `{"cmd":"check"}` | one `{"event":"ok"}`; the guest then checks its memory and exits |
-//! | `{"cmd":"cancel"}` | one `{"event":"ok"}` (a running migration stops in pre-copy) or an error |
-//! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines, then `{"event":"done","report":{...}}` or `{"event":"error","message":"..."}` |
-//! | `{"cmd":"snapshot","path":"/abs/file","stop":false}` | one `{"event":"done","snapshot":{...}}` or an error (see [`crate::snapshot`]) |
+//! | `{"cmd":"cancel"}` | one `{"event":"ok","message":"..."}` (a running migration stops in pre-copy) or an error |
+//! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines ([`Progress`]), then `{"event":"done","report":{...}}` ([`Report`]) or `{"event":"error","message":"..."}` |
+//! | `{"cmd":"snapshot","path":"/abs/file","stop":false}` | one `{"event":"done","snapshot":{...}}` ([`Saved`]) or an error (see [`crate::snapshot`]) |
+//!
+//! Any request may be answered by `{"event":"error","message":"..."}`, always its last line.
 //!
 //! The socket thread only parses and forwards: requests reach the thread that owns the VM as
 //! [`ApiRequest`]s, so nothing about the VM is shared with the API.
@@ -21,9 +23,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::migration::Options;
+use crate::migration::{source, Options, Report};
+use crate::snapshot::Saved;
 
 /// A request on the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -45,10 +47,114 @@ pub enum Request {
     },
 }
 
-/// A request with the channel its replies go to (one JSON value per line).
+/// A reply on the control socket (one JSON line each, tagged by `event`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Reply {
+    /// The answer to `status`.
+    Status(Status),
+    /// `check` accepted, or `cancel` requested (then with a message).
+    Ok {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// A migration's live progress; any number of them come before its final reply.
+    Progress(Progress),
+    /// The final reply of a migration or a snapshot.
+    Done(Done),
+    /// The request failed.
+    Error { message: String },
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply::Error {
+            message: message.into(),
+        }
+    }
+}
+
+/// What a finished request produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Done {
+    /// The guest now runs on the destination.
+    Migrated { report: Box<Report> },
+    /// The snapshot file is written.
+    Snapshot {
+        #[serde(with = "SavedFields")]
+        snapshot: Saved,
+    },
+}
+
+/// A running guest, as `status` describes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Always "running": a blip answers only while its guest runs.
+    pub state: String,
+    pub vcpus: usize,
+    pub mem_size: u64,
+    /// The dirty tracker in use, in words.
+    pub dirty_tracking: String,
+    /// Heartbeats received from the guest so far.
+    pub heartbeats: u64,
+    /// The guest's counter in its last heartbeat.
+    pub last_heartbeat: Option<u64>,
+}
+
+/// A migration's live progress on the wire ([`source::Progress`], which is only written).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// "precopy", or "done" once the last live round is sent.
+    pub phase: String,
+    pub round: u32,
+    pub pages_sent: u64,
+    pub remaining_dirty: u64,
+    /// Guest dirty rate, pages per second.
+    pub dirty_rate: f64,
+    /// Bytes per second.
+    pub throughput: f64,
+    pub predicted_blackout_ns: u64,
+    pub elapsed_ns: u64,
+}
+
+impl From<&source::Progress> for Progress {
+    fn from(p: &source::Progress) -> Self {
+        Progress {
+            phase: p.phase.to_string(),
+            round: p.round,
+            pages_sent: p.pages_sent,
+            remaining_dirty: p.remaining_dirty,
+            dirty_rate: p.dirty_rate,
+            throughput: p.throughput,
+            predicted_blackout_ns: p.predicted_blackout_ns,
+            elapsed_ns: p.elapsed_ns,
+        }
+    }
+}
+
+/// How [`Saved`] (which only derives `Serialize`) reads back from the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Saved")]
+struct SavedFields {
+    path: PathBuf,
+    pages: u64,
+    bytes: u64,
+    state_bytes: u64,
+    pause_ns: u64,
+    stop_ns: u64,
+    caps_ns: u64,
+    state_ns: u64,
+    write_ns: u64,
+    sync_ns: u64,
+    stopped: bool,
+}
+
+/// A request with the channel its replies go to (one JSON line each).
 pub struct ApiRequest {
     pub request: Request,
-    pub reply: Sender<Value>,
+    pub reply: Sender<Reply>,
 }
 
 /// Errors of the control API.
@@ -70,7 +176,7 @@ pub enum ApiError {
     },
     #[error("the control socket connection failed")]
     Io(#[from] std::io::Error),
-    #[error("blip sent a reply that is not JSON")]
+    #[error("blip sent a reply this blip cannot read")]
     Json(#[from] serde_json::Error),
     #[error("blip closed the control connection without a final reply")]
     NoReply,
@@ -154,38 +260,44 @@ fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let v = serde_json::json!({"event": "error", "message": format!("bad request: {e}")});
-            let _ = writeln!(out, "{v}");
+            let _ = send(&mut out, &Reply::error(format!("bad request: {e}")));
             return;
         }
     };
     if let Request::Cancel = request {
-        let running = crate::migration::request_cancel();
-        let v = if running {
-            serde_json::json!({"event": "ok", "message": "cancel requested; the guest keeps running here"})
+        let reply = if crate::migration::request_cancel() {
+            Reply::Ok {
+                message: Some("cancel requested; the guest keeps running here".into()),
+            }
         } else {
-            serde_json::json!({"event": "error", "message": "no migration is running"})
+            Reply::error("no migration is running")
         };
-        let _ = writeln!(out, "{v}");
+        let _ = send(&mut out, &reply);
         return;
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     if requests.send(ApiRequest { request, reply: tx }).is_err() {
         return;
     }
-    for v in rx {
-        if writeln!(out, "{v}").is_err() {
+    for reply in rx {
+        if send(&mut out, &reply).is_err() {
             return;
         }
     }
+}
+
+/// Writes one reply line.
+fn send(out: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let line = serde_json::to_string(reply).map_err(std::io::Error::other)?;
+    writeln!(out, "{line}")
 }
 
 /// The client side: sends `request`, calls `on_event` for each reply line, returns the last.
 pub fn call(
     path: &Path,
     request: &Request,
-    on_event: &mut dyn FnMut(&Value),
-) -> Result<Value, ApiError> {
+    on_event: &mut dyn FnMut(&Reply),
+) -> Result<Reply, ApiError> {
     let mut conn = UnixStream::connect(path).map_err(|source| ApiError::Connect {
         path: path.to_path_buf(),
         source,
@@ -193,9 +305,9 @@ pub fn call(
     writeln!(conn, "{}", serde_json::to_string(request)?)?;
     let mut last = None;
     for line in BufReader::new(conn).lines() {
-        let v: Value = serde_json::from_str(&line?)?;
-        on_event(&v);
-        last = Some(v);
+        let reply: Reply = serde_json::from_str(&line?)?;
+        on_event(&reply);
+        last = Some(reply);
     }
     last.ok_or(ApiError::NoReply)
 }
@@ -223,17 +335,115 @@ mod tests {
             let req = rx.recv().unwrap();
             assert!(matches!(req.request, Request::Check));
             req.reply
-                .send(serde_json::json!({"event": "progress"}))
+                .send(Reply::Progress(Progress::default()))
                 .unwrap();
-            req.reply.send(serde_json::json!({"event": "ok"})).unwrap();
+            req.reply.send(Reply::Ok { message: None }).unwrap();
         });
         let mut seen = 0;
         let last = call(&path, &Request::Check, &mut |_| seen += 1).unwrap();
         t.join().unwrap();
         assert_eq!(seen, 2);
-        assert_eq!(last["event"], "ok");
+        assert!(matches!(last, Reply::Ok { message: None }));
         drop(server);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The JSON of `reply`, and `reply` read back from it.
+    fn round_trip(reply: &Reply) -> (serde_json::Value, Reply) {
+        let line = serde_json::to_string(reply).unwrap();
+        assert!(!line.contains('\n'), "one line per reply: {line}");
+        (
+            serde_json::from_str(&line).unwrap(),
+            serde_json::from_str(&line).unwrap(),
+        )
+    }
+
+    #[test]
+    fn short_replies_keep_their_wire_form() {
+        let (v, _) = round_trip(&Reply::Ok { message: None });
+        assert_eq!(v, serde_json::json!({"event": "ok"}));
+        let (v, back) = round_trip(&Reply::error("no migration is running"));
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "error", "message": "no migration is running"})
+        );
+        assert!(matches!(back, Reply::Error { message } if message == "no migration is running"));
+        let ok: Reply =
+            serde_json::from_str(r#"{"event":"ok","message":"cancel requested"}"#).unwrap();
+        assert!(matches!(ok, Reply::Ok { message: Some(m) } if m == "cancel requested"));
+        assert!(serde_json::from_str::<Reply>(r#"{"event":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let status = Status {
+            state: "running".into(),
+            vcpus: 2,
+            mem_size: 32 << 20,
+            dirty_tracking: "dirty bitmap".into(),
+            heartbeats: 7,
+            last_heartbeat: Some(6),
+        };
+        let (v, back) = round_trip(&Reply::Status(status.clone()));
+        assert_eq!(v["event"], "status");
+        assert_eq!(v["last_heartbeat"], 6);
+        assert_eq!(v["state"], "running");
+        assert!(matches!(back, Reply::Status(s) if s == status));
+    }
+
+    #[test]
+    fn progress_has_the_fields_the_source_writes() {
+        let p = source::Progress {
+            phase: "precopy",
+            round: 3,
+            pages_sent: 100,
+            remaining_dirty: 5,
+            dirty_rate: 1.5,
+            throughput: 2.5,
+            predicted_blackout_ns: 900,
+            elapsed_ns: 1_000,
+        };
+        let mut old = serde_json::to_value(&p).unwrap();
+        old["event"] = "progress".into();
+        let (v, back) = round_trip(&Reply::Progress(Progress::from(&p)));
+        assert_eq!(v, old);
+        assert!(matches!(back, Reply::Progress(q) if q == Progress::from(&p)));
+    }
+
+    #[test]
+    fn final_reports_round_trip() {
+        let report = Report {
+            round_count: 70,
+            target_ns: 1_000_000,
+            target_met: false,
+            restore_notes: vec!["TSC frequency not matched".into()],
+            ..Report::default()
+        };
+        let (v, back) = round_trip(&Reply::Done(Done::Migrated {
+            report: Box::new(report),
+        }));
+        assert_eq!(v["event"], "done");
+        assert_eq!(v["report"]["round_count"], 70);
+        let Reply::Done(Done::Migrated { report }) = back else {
+            panic!("not a migration report: {v}");
+        };
+        assert_eq!((report.target_ns, report.target_met), (1_000_000, false));
+        assert_eq!(report.restore_notes, ["TSC frequency not matched"]);
+
+        let saved = Saved {
+            path: "/tmp/g.snap".into(),
+            pages: 9,
+            write_ns: 4,
+            ..Saved::default()
+        };
+        let (v, back) = round_trip(&Reply::Done(Done::Snapshot {
+            snapshot: saved.clone(),
+        }));
+        assert_eq!(v["snapshot"], serde_json::to_value(&saved).unwrap());
+        let Reply::Done(Done::Snapshot { snapshot }) = back else {
+            panic!("not a snapshot: {v}");
+        };
+        assert_eq!((snapshot.path, snapshot.pages), (saved.path, 9));
     }
 }

@@ -13,7 +13,7 @@ use blip_vmm::api::{self, Request};
 use blip_vmm::cli::DemoArgs;
 use blip_vmm::migration::{OnTimeout, Options, Report};
 
-use crate::{run_migration, Failure};
+use crate::{run_migration, target_missed, target_verdict, Failure};
 
 /// A child blip, killed if the demo ends early.
 struct Blip {
@@ -163,7 +163,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
     std::thread::sleep(Duration::from_millis(300));
 
     println!(
-        "{:>4} | {:>12} | {:>6} | {:>8} | {:>12} | {:>12} | {:>10} | {:>9} | {:>9} | {:>9}",
+        "{:>4} | {:>12} | {:>6} | {:>8} | {:>12} | {:>12} | {:>10} | {:>9} | {:>9} | {:>9} | target",
         "hop",
         "to",
         "rounds",
@@ -212,10 +212,10 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         }
         wait_for_api(&mut next)?;
         println!(
-            "{:>4} | {:>12} | {:>6} | {:>8} | {:>9.1} us | {:>9} | {:>7.1} ms | {:>6.1} us | {:>6.1} us | {:>6.1} us",
+            "{:>4} | {:>12} | {:>6} | {:>8} | {:>9.1} us | {:>9} | {:>7.1} ms | {:>6.1} us | {:>6.1} us | {:>6.1} us | {}",
             i,
             url.trim_start_matches("tcp://"),
-            r.rounds.len(),
+            r.round_count,
             r.pages_sent + r.final_pages,
             r.blackout_ns as f64 / 1e3,
             r.guest_blackout_ns.map_or("n/a".to_string(), |g| format!("{:.1} us", g as f64 / 1e3)),
@@ -223,7 +223,12 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             r.phases.pause as f64 / 1e3,
             r.phases.state_save as f64 / 1e3,
             r.phases.transfer_restore as f64 / 1e3,
+            // A missed target is shown, not fatal: the guest moved.
+            target_verdict(&r).unwrap_or_else(|| "-".into()),
         );
+        for n in &r.restore_notes {
+            println!("     note: {n}");
+        }
         reports.push(r);
         cur = next;
     }
@@ -231,12 +236,19 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
     b.sort_unstable();
     let mut g: Vec<u64> = reports.iter().filter_map(|r| r.guest_blackout_ns).collect();
     g.sort_unstable();
+    let known = reports.iter().filter(|r| r.target_ns > 0).count();
+    let missed = reports.iter().filter(|r| target_missed(r)).count();
     println!(
-        "blip demo: VMM blackout p50 {:.1} us, max {:.1} us | guest-observed p50 {:.1} us, max {:.1} us ",
+        "blip demo: VMM blackout p50 {:.1} us, max {:.1} us | guest-observed p50 {:.1} us, max {:.1} us{}",
         pct(&b, 0.5),
         pct(&b, 1.0),
         pct(&g, 0.5),
-        pct(&g, 1.0)
+        pct(&g, 1.0),
+        if known > 0 {
+            format!(" | target missed on {missed} of {known} hops")
+        } else {
+            String::new()
+        }
     );
 
     // The guest on the last host checks the whole memory pattern it wrote across all hops.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blip_transport::auth::Key;
-use blip_vmm::api::{self, Request};
+use blip_vmm::api::{self, Done, Reply, Request};
 use blip_vmm::cli::DrainArgs;
 use blip_vmm::migration::{OnTimeout, Options};
 use blip_vmm::registry;
@@ -100,44 +100,35 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
                         guest_name: String::new(),
                         transport: Default::default(),
                     };
-                    let result = api::call(&g.api, &Request::Migrate { options }, &mut |v| {
-                        if v["event"] == "progress" {
+                    let result = api::call(&g.api, &Request::Migrate { options }, &mut |reply| {
+                        if let Reply::Progress(p) = reply {
                             let s = format!(
                                 "round {} | {} dirty | predicted {:.0} us",
-                                v["round"],
-                                v["remaining_dirty"],
-                                v["predicted_blackout_ns"].as_f64().unwrap_or(0.0) / 1e3
+                                p.round,
+                                p.remaining_dirty,
+                                p.predicted_blackout_ns as f64 / 1e3
                             );
                             set(&|r| r.state = s.clone());
                         }
                     });
-                    match result {
-                        Ok(v) if v["event"] == "done" => {
-                            let rep = &v["report"];
-                            let b = rep["blackout_ns"].as_f64().map(|x| x / 1e3);
-                            let t = rep["total_ns"].as_f64().map(|x| x / 1e6);
+                    let failure = match result {
+                        Ok(Reply::Done(Done::Migrated { report })) => {
                             set(&|r| {
                                 r.state = "migrated".into();
-                                r.blackout_us = b;
-                                r.total_ms = t;
+                                r.blackout_us = Some(report.blackout_ns as f64 / 1e3);
+                                r.total_ms = Some(report.total_ns as f64 / 1e6);
                                 r.ok = Some(true);
                             });
+                            continue;
                         }
-                        Ok(v) => {
-                            let m = v["message"].as_str().unwrap_or("failed").to_string();
-                            set(&|r| {
-                                r.state = format!("FAILED: {m}");
-                                r.ok = Some(false);
-                            });
-                        }
-                        Err(e) => {
-                            let m = blip_vmm::cli::error_chain(&e);
-                            set(&|r| {
-                                r.state = format!("FAILED: {m}");
-                                r.ok = Some(false);
-                            });
-                        }
-                    }
+                        Ok(Reply::Error { message }) => message,
+                        Ok(_) => "the source blip ended the migration without a result".into(),
+                        Err(e) => blip_vmm::cli::error_chain(&e),
+                    };
+                    set(&|r| {
+                        r.state = format!("FAILED: {failure}");
+                        r.ok = Some(false);
+                    });
                 }
             })
         })

@@ -1,6 +1,7 @@
 //! The `blip` command. Parses the command line, dispatches, and turns every error into one line
-//! on stderr with a non-zero exit status (2 for blip's own errors, 4 for a crashed guest, 130
-//! after Ctrl-C; a guest's own exit code otherwise).
+//! on stderr with a non-zero exit status (2 for blip's own errors, 4 for a crashed guest, 5 when
+//! `blip migrate` moved the guest but missed the blackout target, 130 after Ctrl-C; a guest's
+//! own exit code otherwise).
 
 mod demo;
 mod drain;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use blip_transport::auth::Key;
-use blip_vmm::api::{self, Request};
+use blip_vmm::api::{self, Done, Reply, Request};
 use blip_vmm::cli::{error_chain, Cli, Cmd, GuestArgs, MigrateArgs, ReceiveArgs, RunArgs, Serial};
 use blip_vmm::loader::{Image, EMBEDDED_GUEST};
 use blip_vmm::migration::{dest, source, Options, Report};
@@ -211,29 +212,29 @@ fn serve_vm(
                         .map(|h| (h.total, h.last()))
                         .ok();
                     let (total, last) = hb.unwrap_or((0, None));
-                    let _ = req.reply.send(serde_json::json!({
-                        "event": "status",
-                        "state": "running",
-                        "vcpus": vm.vcpu_count(),
-                        "mem_size": vm.mem_size(),
-                        "dirty_tracking": vm.tracker().active().to_string(),
-                        "heartbeats": total,
-                        "last_heartbeat": last.map(|b| b.counter),
+                    let _ = req.reply.send(Reply::Status(api::Status {
+                        state: "running".into(),
+                        vcpus: vm.vcpu_count(),
+                        mem_size: vm.mem_size(),
+                        dirty_tracking: vm.tracker().active().to_string(),
+                        heartbeats: total,
+                        last_heartbeat: last.map(|b| b.counter),
                     }));
                 }
                 Request::Check => {
                     let r = vm.send_guest_command(1);
                     let _ = req.reply.send(match r {
-                        Ok(()) => serde_json::json!({"event": "ok"}),
-                        Err(e) => serde_json::json!({"event": "error", "message": error_chain(&e)}),
+                        Ok(()) => Reply::Ok { message: None },
+                        Err(e) => Reply::error(error_chain(&e)),
                     });
                 }
                 Request::Snapshot { ref path, stop } => {
                     match blip_vmm::snapshot::save(&mut vm, path, stop) {
                         Ok(saved) => {
+                            let pause_ns = saved.pause_ns;
                             let _ = req
                                 .reply
-                                .send(serde_json::json!({"event": "done", "snapshot": saved}));
+                                .send(Reply::Done(Done::Snapshot { snapshot: saved }));
                             if stop {
                                 eprintln!(
                                     "blip: snapshot written to {}; guest stopped",
@@ -248,7 +249,7 @@ fn serve_vm(
                             eprintln!(
                                 "blip: snapshot written to {} (guest paused {:.1} ms)",
                                 path.display(),
-                                saved.pause_ns as f64 / 1e6
+                                pause_ns as f64 / 1e6
                             );
                         }
                         Err(e) => {
@@ -257,16 +258,12 @@ fn serve_vm(
                                 "blip: snapshot to {} failed: {msg}; the guest keeps running",
                                 path.display()
                             );
-                            let _ = req
-                                .reply
-                                .send(serde_json::json!({"event": "error", "message": msg}));
+                            let _ = req.reply.send(Reply::error(msg));
                         }
                     }
                 }
                 Request::Cancel => {
-                    let _ = req.reply.send(
-                        serde_json::json!({"event": "error", "message": "no migration is running"}),
-                    );
+                    let _ = req.reply.send(Reply::error("no migration is running"));
                 }
                 Request::Migrate { ref options } => {
                     let mut options = options.clone();
@@ -277,9 +274,7 @@ fn serve_vm(
                     }
                     let reply = req.reply.clone();
                     let mut progress = |p: &source::Progress| {
-                        let mut v = serde_json::to_value(p).unwrap_or_default();
-                        v["event"] = "progress".into();
-                        let _ = reply.send(v);
+                        let _ = reply.send(Reply::Progress(p.into()));
                     };
                     match source::migrate(&mut vm, &options, &mut progress) {
                         Ok(report) => {
@@ -288,9 +283,9 @@ fn serve_vm(
                                 options.to,
                                 report.blackout_ns as f64 / 1e3
                             );
-                            let _ = req
-                                .reply
-                                .send(serde_json::json!({"event": "done", "report": report}));
+                            let _ = req.reply.send(Reply::Done(Done::Migrated {
+                                report: Box::new(report),
+                            }));
                             drop(reply);
                             drop(req);
                             vm.shutdown();
@@ -303,9 +298,7 @@ fn serve_vm(
                                 "blip: migration to {} failed: {msg}; the guest keeps running here",
                                 options.to
                             );
-                            let _ = req
-                                .reply
-                                .send(serde_json::json!({"event": "error", "message": msg}));
+                            let _ = req.reply.send(Reply::error(msg));
                         }
                     }
                 }
@@ -344,7 +337,10 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         }
         None => None,
     };
-    eprintln!("blip: waiting for an incoming migration on {scheme}://{local}");
+    // One write for the whole line: stderr is unbuffered, and whoever waits for this line
+    // (tests, bench, `blip demo`) may read it the moment its first piece lands.
+    let waiting = format!("blip: waiting for an incoming migration on {scheme}://{local}");
+    eprintln!("{waiting}");
     let key = a
         .auth
         .resolve()
@@ -381,22 +377,33 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     serve_vm(vm, server, reg)
 }
 
+/// One guest in `blip list`: its registry entry and what its `status` says.
+#[derive(serde::Serialize)]
+struct Listed {
+    #[serde(flatten)]
+    entry: registry::Entry,
+    /// None when the guest does not answer.
+    heartbeats: Option<u64>,
+    state: String,
+}
+
 fn list(json: bool) -> Result<i32, Failure> {
-    let entries = registry::list();
-    let rows: Vec<serde_json::Value> = entries
-        .iter()
-        .map(|e| {
-            let st = api::call(&e.api, &Request::Status, &mut |_| {}).ok();
-            serde_json::json!({
-                "name": e.name, "pid": e.pid, "vcpus": e.vcpus, "mem_size": e.mem_size,
-                "api": e.api, "started": e.started,
-                "heartbeats": st.as_ref().map(|s| s["heartbeats"].clone()),
-                "state": st.as_ref().map_or("not answering".into(), |s| s["state"].clone()),
-            })
+    let rows: Vec<Listed> = registry::list()
+        .into_iter()
+        .map(|entry| {
+            let status = match api::call(&entry.api, &Request::Status, &mut |_| {}) {
+                Ok(Reply::Status(s)) => Some(s),
+                _ => None,
+            };
+            Listed {
+                heartbeats: status.as_ref().map(|s| s.heartbeats),
+                state: status.map_or("not answering".into(), |s| s.state),
+                entry,
+            }
         })
         .collect();
     if json {
-        println!("{}", serde_json::Value::Array(rows));
+        println!("{}", serde_json::to_string(&rows)?);
         return Ok(0);
     }
     println!(
@@ -404,17 +411,16 @@ fn list(json: bool) -> Result<i32, Failure> {
         "NAME", "PID", "VCPUS", "MEM", "HEARTBEATS", "STATE"
     );
     for r in &rows {
+        let e = &r.entry;
         println!(
             "{:<24} {:>8} {:>5} {:>6}Mi {:>12} {:<14} {}",
-            r["name"].as_str().unwrap_or(""),
-            r["pid"],
-            r["vcpus"],
-            r["mem_size"].as_u64().unwrap_or(0) >> 20,
-            r["heartbeats"]
-                .as_u64()
-                .map_or("-".into(), |h| h.to_string()),
-            r["state"].as_str().unwrap_or(""),
-            r["api"].as_str().unwrap_or("")
+            e.name,
+            e.pid,
+            e.vcpus,
+            e.mem_size >> 20,
+            r.heartbeats.map_or("-".into(), |h| h.to_string()),
+            r.state,
+            e.api.display()
         );
     }
     if rows.is_empty() {
@@ -426,31 +432,31 @@ fn list(json: bool) -> Result<i32, Failure> {
     Ok(0)
 }
 
+/// `blip status` and `blip check`: prints the reply as JSON.
 fn simple_call(path: &std::path::Path, req: &Request) -> Result<i32, Failure> {
-    let last = api::call(path, req, &mut |_| {})?;
-    if last["event"] == "error" {
-        return Err(Failure(
-            last["message"].as_str().unwrap_or("failed").to_string(),
-        ));
+    match api::call(path, req, &mut |_| {})? {
+        Reply::Error { message } => Err(Failure(message)),
+        last => {
+            println!("{}", serde_json::to_string(&last)?);
+            Ok(0)
+        }
     }
-    println!("{last}");
-    Ok(0)
 }
 
 /// Runs one migration through the control socket at `api`, streaming progress to `on_progress`.
 pub fn run_migration(
     api: &std::path::Path,
     options: Options,
-    on_progress: &mut dyn FnMut(&serde_json::Value),
+    on_progress: &mut dyn FnMut(&api::Progress),
 ) -> Result<Report, Failure> {
-    let last = api::call(api, &Request::Migrate { options }, on_progress)?;
-    match last["event"].as_str() {
-        Some("done") => serde_json::from_value(last["report"].clone())
-            .map_err(|e| Failure(format!("unreadable migration report: {e}"))),
-        Some("error") => Err(Failure(format!(
-            "migration failed: {}",
-            last["message"].as_str().unwrap_or("unknown error")
-        ))),
+    let last = api::call(api, &Request::Migrate { options }, &mut |reply| {
+        if let Reply::Progress(p) = reply {
+            on_progress(p);
+        }
+    })?;
+    match last {
+        Reply::Done(Done::Migrated { report }) => Ok(*report),
+        Reply::Error { message } => Err(Failure(format!("migration failed: {message}"))),
         _ => Err(Failure(
             "the source blip ended the migration without a result".into(),
         )),
@@ -476,21 +482,13 @@ fn source_socket(a: &MigrateArgs) -> Result<std::path::PathBuf, Failure> {
 
 /// Sends a cancel to the source blip at `api`.
 fn cancel(api: &std::path::Path) -> Result<i32, Failure> {
-    let last = api::call(api, &Request::Cancel, &mut |_| {})?;
-    match last["event"].as_str() {
-        Some("ok") => {
-            eprintln!(
-                "blip: {}",
-                last["message"].as_str().unwrap_or("cancel requested")
-            );
+    match api::call(api, &Request::Cancel, &mut |_| {})? {
+        Reply::Ok { message } => {
+            eprintln!("blip: {}", message.as_deref().unwrap_or("cancel requested"));
             Ok(0)
         }
-        _ => Err(Failure(
-            last["message"]
-                .as_str()
-                .unwrap_or("cancel failed")
-                .to_string(),
-        )),
+        Reply::Error { message } => Err(Failure(message)),
+        _ => Err(Failure("cancel failed: unexpected reply".into())),
     }
 }
 
@@ -528,15 +526,15 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;
     let tty = std::io::stderr().is_terminal() && !a.json;
-    let mut on_progress = |v: &serde_json::Value| {
-        if v["event"] == "progress" && !a.json {
+    let mut on_progress = |p: &api::Progress| {
+        if !a.json {
             let line = format!(
                 "round {:>3} | sent {:>8} pages | dirty {:>7} | rate {:>9.0} pages/s | predicted blackout {:>9.1} us",
-                v["round"],
-                v["pages_sent"],
-                v["remaining_dirty"],
-                v["dirty_rate"].as_f64().unwrap_or(0.0),
-                v["predicted_blackout_ns"].as_f64().unwrap_or(0.0) / 1e3
+                p.round,
+                p.pages_sent,
+                p.remaining_dirty,
+                p.dirty_rate,
+                p.predicted_blackout_ns as f64 / 1e3
             );
             if tty {
                 eprint!("\r{line}");
@@ -558,11 +556,46 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     } else {
         print!("{}", render_report(&report));
     }
+    if target_missed(&report) {
+        eprintln!(
+            "blip: the guest moved, but its blackout ({}) missed the {} target",
+            us(report.blackout_ns),
+            ms(report.target_ns)
+        );
+        return Ok(5);
+    }
     Ok(0)
 }
 
 fn us(ns: u64) -> String {
     format!("{:.1} us", ns as f64 / 1e3)
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.1} ms", ns as f64 / 1e6)
+}
+
+/// Did the migration miss its blackout target? A report without one (`target_ns` 0) did not.
+pub fn target_missed(r: &Report) -> bool {
+    r.target_ns > 0 && !r.target_met
+}
+
+/// "target 1.0 ms: met" or "target 1.0 ms: MISSED (predicted X, actual Y)"; None when the
+/// report names no target.
+pub fn target_verdict(r: &Report) -> Option<String> {
+    if r.target_ns == 0 {
+        return None;
+    }
+    let verdict = if target_missed(r) {
+        format!(
+            "MISSED (predicted {}, actual {})",
+            us(r.predicted_blackout_ns),
+            us(r.blackout_ns)
+        )
+    } else {
+        "met".to_string()
+    };
+    Some(format!("target {}: {verdict}", ms(r.target_ns)))
 }
 
 /// The human report of one migration.
@@ -592,6 +625,18 @@ pub fn render_report(r: &Report) -> String {
         us(r.predicted_blackout_ns),
         r.stop_reason
     ));
+    if let Some(v) = target_verdict(r) {
+        s.push_str(&format!(
+            "  {v}
+"
+        ));
+    }
+    for n in &r.restore_notes {
+        s.push_str(&format!(
+            "  note: {n}
+"
+        ));
+    }
     s.push_str(&format!(
         "  phases: pause {} | final harvest {} | final pages {} ({} pages) | state save {} | transfer+restore {} | resume {}{}\n",
         us(p.pause),
@@ -607,7 +652,7 @@ pub fn render_report(r: &Report) -> String {
         "  total {:.1} ms (pre-copy {:.1} ms), {} rounds, {} pages, {:.1} MiB sent, state {} bytes ({}){}\n",
         r.total_ns as f64 / 1e6,
         r.precopy_ns as f64 / 1e6,
-        r.rounds.len(),
+        r.round_count,
         r.pages_sent + r.final_pages,
         r.bytes_sent as f64 / (1 << 20) as f64,
         r.state_bytes,
@@ -617,6 +662,13 @@ pub fn render_report(r: &Report) -> String {
             _ => "",
         }
     ));
+    if r.rounds.len() < r.round_count as usize {
+        s.push_str(&format!(
+            "  ({} of the {} rounds shown: the first and the latest)\n",
+            r.rounds.len(),
+            r.round_count
+        ));
+    }
     s.push_str("  round |    pages |    MiB/s | dirty after | dirty rate/s | predicted\n");
     for x in &r.rounds {
         s.push_str(&format!(
@@ -666,39 +718,36 @@ fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
         path: path.clone(),
         stop: a.stop,
     };
-    let last = api::call(&a.api, &req, &mut |_| {})?;
-    if last["event"] != "done" {
-        return Err(Failure(format!(
-            "snapshot failed: {}",
-            last["message"].as_str().unwrap_or("unknown error")
-        )));
-    }
-    let s = &last["snapshot"];
+    let s = match api::call(&a.api, &req, &mut |_| {})? {
+        Reply::Done(Done::Snapshot { snapshot }) => snapshot,
+        Reply::Error { message } => return Err(Failure(format!("snapshot failed: {message}"))),
+        _ => return Err(Failure("snapshot failed: unexpected reply".into())),
+    };
     if a.json {
-        println!("{s}");
+        println!("{}", serde_json::to_string(&s)?);
         return Ok(0);
     }
-    let ms = |k: &str| s[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    let ms = |ns: u64| ns as f64 / 1e6;
     let guest = if a.stop {
         format!(
             "guest stopped (writing took {:.1} ms, fsync {:.1} ms)",
-            ms("write_ns"),
-            ms("sync_ns")
+            ms(s.write_ns),
+            ms(s.sync_ns)
         )
     } else {
         format!(
             "guest paused {:.1} ms (writing {:.1} ms), fsync {:.1} ms after resume",
-            ms("pause_ns"),
-            ms("write_ns"),
-            ms("sync_ns")
+            ms(s.pause_ns),
+            ms(s.write_ns),
+            ms(s.sync_ns)
         )
     };
     println!(
         "snapshot written to {}: {:.1} MiB, {} pages, state {} bytes; {guest}",
         path.display(),
-        s["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
-        s["pages"],
-        s["state_bytes"]
+        s.bytes as f64 / (1 << 20) as f64,
+        s.pages,
+        s.state_bytes
     );
     Ok(0)
 }
@@ -730,4 +779,52 @@ fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
         r.load_ns as f64 / 1e6
     );
     serve_vm(vm, server, reg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(target_ns: u64, target_met: bool) -> Report {
+        Report {
+            target_ns,
+            target_met,
+            predicted_blackout_ns: 800_000,
+            blackout_ns: 1_300_000,
+            round_count: 70,
+            restore_notes: vec!["TSC frequency 2.0 GHz not matched".into()],
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn the_target_verdict_says_met_or_missed() {
+        assert_eq!(
+            target_verdict(&report(0, false)),
+            None,
+            "no target, no verdict"
+        );
+        assert!(!target_missed(&report(0, false)));
+        assert_eq!(
+            target_verdict(&report(1_000_000, true)).as_deref(),
+            Some("target 1.0 ms: met")
+        );
+        assert!(target_missed(&report(1_000_000, false)));
+        assert_eq!(
+            target_verdict(&report(1_000_000, false)).as_deref(),
+            Some("target 1.0 ms: MISSED (predicted 800.0 us, actual 1300.0 us)")
+        );
+    }
+
+    #[test]
+    fn the_report_counts_every_round_and_prints_notes() {
+        let text = render_report(&report(1_000_000, false));
+        assert!(text.contains(", 70 rounds,"), "{text}");
+        assert!(text.contains("(0 of the 70 rounds shown"), "{text}");
+        assert!(text.contains("\n  target 1.0 ms: MISSED"), "{text}");
+        assert!(
+            text.contains("\n  note: TSC frequency 2.0 GHz not matched\n"),
+            "{text}"
+        );
+    }
 }
