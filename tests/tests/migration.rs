@@ -99,14 +99,19 @@ fn assert_alive_then_check(b: &mut Bg) {
     );
 }
 
+/// The report of a migration that moved the guest: exit 0, or 5 when the blackout target was
+/// missed (a loaded machine may miss any target; the report must then say so).
 fn report(o: &std::process::Output) -> serde_json::Value {
+    let code = o.status.code();
     assert!(
-        o.status.success(),
+        matches!(code, Some(0 | 5)),
         "migrate failed: {} {}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
+    assert_eq!(r["target_met"] == true, code == Some(0), "{r}");
+    r
 }
 
 #[test]
@@ -168,9 +173,8 @@ fn report_counts_rounds_and_the_exit_status_follows_the_target() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
     let kept = r["rounds"].as_array().unwrap().len() as u64;
     assert!(r["round_count"].as_u64().unwrap() >= kept.max(1), "{r}");
-    // The target is --max-blackout, or 0 while the engine does not report it.
     assert!(
-        matches!(r["target_ns"].as_u64(), Some(0 | 5_000_000)),
+        matches!(r["target_ns"].as_u64(), Some(5_000_000)),
         "{r}"
     );
     assert!(

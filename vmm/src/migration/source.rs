@@ -229,32 +229,42 @@ struct Calibration {
     state_len: u64,
 }
 
-/// Measures the fixed costs of a blackout while disturbing the guest as little as possible:
-/// the capability probe and three timed state saves run between two KVM_RUNs of the running
-/// vCPUs (a save of a running vCPU is not a consistent snapshot, but it costs the same
-/// ioctls); one pause/resume cycle, with nothing in between, measures pause and resume.
+/// Measures the fixed costs of a blackout: three short pause → state save → resume cycles,
+/// each as the blackout will do it (a save of a *running* vCPU waits for its next exit, which
+/// under a busy guest takes milliseconds and made the prediction 10–50× the blackout). Each
+/// cost is the median of its three samples, so one preempted sample does not hold pre-copy
+/// open to its time limit. The guest sees three gaps of about a blackout's fixed cost.
 fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let caps = g.vm.persist_caps()?;
-    let mut saves = Vec::new();
+    let (mut saves, mut pauses, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
     let mut state_len = 0;
     for _ in 0..3 {
+        let p = g.vm.pause_all()?;
+        g.paused = true;
         let t0 = now_ns();
         let state = g.vm.save_state_with(&caps)?;
         state_len = persist::encode(&state)?.len() as u64;
         saves.push(now_ns() - t0);
+        let r = g.vm.resume_all()?;
+        g.paused = false;
+        pauses.push(p.last_ns - p.requested_ns);
+        resumes.push(r.first_ns.saturating_sub(r.requested_ns));
     }
-    let p = g.vm.pause_all()?;
-    g.paused = true;
-    let r = g.vm.resume_all()?;
-    g.paused = false;
-    saves.sort_unstable();
-    let fixed_ns =
-        (p.last_ns - p.requested_ns) + 2 * saves[1] + r.first_ns.saturating_sub(r.requested_ns);
+    if std::env::var_os("BLIP_DEBUG_PHASES").is_some() {
+        eprintln!("debug: calibration pauses {pauses:?} saves {saves:?} resumes {resumes:?} ns");
+    }
+    // Restore costs about what save costs.
+    let fixed_ns = median(&mut pauses) + 2 * median(&mut saves) + median(&mut resumes);
     Ok(Calibration {
         caps,
         fixed_ns,
         state_len,
     })
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
 }
 
 /// Offers the guest's shape; the destination checks it, builds its VM and accepts.
