@@ -355,8 +355,20 @@ scenario_migrate() {
     fi
 }
 
+# The pre-copy round of the newest whole progress line `blip migrate` wrote to file $1
+# ("round   N | sent ... | predicted blackout ... us"), or nothing before the first one.
+precopy_round() {
+    sed -n 's/^round  *\([0-9][0-9]*\) | .* predicted blackout  *[0-9.]* us$/\1/p' "$1" 2>/dev/null | tail -n 1
+}
+
 # Host b's blip receive is killed (SIGKILL) in the middle of pre-copy over $1://: the migration
 # fails on a, the guest keeps running there (it passes its memory check), and no copy runs on b.
+# No timing decides it. The kill follows an event: a's `blip migrate` printed a progress line
+# for pre-copy round 1 or later (a says so in flag $name-precopy; b kills when it reads it). And
+# pre-copy cannot end by itself before the kill: a 1 us blackout target is never predicted (a
+# round trip alone costs more), a guest that sweeps 8 MiB at full speed leaves pages dirty after
+# every round (so the controller never finds an empty dirty set), and running out of pre-copy
+# time aborts (--on-timeout abort) after 600 s, not before. The migration can only fail.
 scenario_fault() {
     P=$1 name=fault-$1
     port=$((MIG_PORT + 20))
@@ -373,40 +385,62 @@ scenario_fault() {
         fi
         rpid=$RECV_PID
         mark "$name-listen" ready
-        st=$(wait_peer "$name-migrating" 180) || st=timeout
-        sleep 3
+        st=$(wait_peer "$name-precopy" 300) || st=timeout
         kill -9 "$rpid" 2>/dev/null
         wait "$rpid" 2>/dev/null
-        log "killed blip receive (pid $rpid) ${st} + 3 s"
+        log "killed blip receive (pid $rpid): source says pre-copy $st"
         mark "$name-killed" ok
         show blip-receive /tmp/f-b.serial.out
-        sleep 1
+        # `wait` reaped the receiver: any blip left here is another process.
         if pidof blip >/dev/null 2>&1; then
             result "$name" FAIL "role=dest a blip still runs here: $(pidof blip)"
-        elif [ -e /tmp/f-b.sock ] && grep -q 'check' /tmp/f-b.serial 2>/dev/null; then
+        elif grep -q 'guest received' /tmp/f-b.serial.out ||
+            { [ -e /tmp/f-b.sock ] && grep -q 'check' /tmp/f-b.serial 2>/dev/null; }; then
             result "$name" FAIL "role=dest a guest ran here"
         else
-            result "$name" PASS "role=dest killed_mid_precopy no_guest_here"
+            case "$st" in
+                round*) result "$name" PASS "role=dest killed_mid_precopy at_source_$st no_guest_here" ;;
+                *) result "$name" FAIL "role=dest the source never reported pre-copy round >= 1 ($st): nothing was killed mid pre-copy" ;;
+            esac
         fi
     else
-        if ! start_source /tmp/f-a.sock /tmp/f-a.serial "1 rate=max"; then
-            mark "$name-migrating" fail
+        if ! start_source /tmp/f-a.sock /tmp/f-a.serial "8 rate=max"; then
+            mark "$name-precopy" fail
             result "$name" FAIL "role=source no control socket"
             return
         fi
         spid=$RUN_PID
         st=$(wait_peer "$name-listen" 180) || st=timeout
-        [ "$st" = ready ] || { kill "$spid"; mark "$name-migrating" fail; result "$name" FAIL "role=source destination=$st"; return; }
-        # A target no dirtying guest can meet: pre-copy runs until the kill.
-        timeout 300 blip migrate --api /tmp/f-a.sock --to "$P://$PEER:$port" --max-blackout 1us \
-            --max-precopy-time 120s --on-timeout abort --json >/tmp/f-mig.out 2>&1 &
+        [ "$st" = ready ] || { kill "$spid"; mark "$name-precopy" fail; result "$name" FAIL "role=source destination=$st"; return; }
+        # Without --json, `blip migrate` prints a progress line per pre-copy round (stderr is
+        # a file, so one whole line each): the event the kill on b follows.
+        timeout 700 blip migrate --api /tmp/f-a.sock --to "$P://$PEER:$port" --max-blackout 1us \
+            --max-precopy-time 600s --on-timeout abort >/tmp/f-mig.out 2>&1 &
         mpid=$!
-        sleep 1
-        mark "$name-migrating" ok
         t1=$(now_cs)
+        round=""
+        n=0
+        while kill -0 "$mpid" 2>/dev/null && [ "$n" -lt 3000 ]; do
+            round=$(precopy_round /tmp/f-mig.out)
+            [ -n "$round" ] && [ "$round" -ge 1 ] && break
+            sleep 0.1
+            n=$((n + 1))
+        done
+        [ -n "$round" ] || round=$(precopy_round /tmp/f-mig.out)
+        if [ -n "$round" ] && [ "$round" -ge 1 ] && kill -0 "$mpid" 2>/dev/null; then
+            mark "$name-precopy" "round$round"
+            log "pre-copy round $round after $(ms_since "$t1") ms: b may kill its receiver"
+        else
+            # Never reached (or no longer in) pre-copy round 1: b kills its receiver anyway and
+            # fails; so does this side (below).
+            mark "$name-precopy" "none-last-round-${round:-none}"
+            kill "$mpid" 2>/dev/null
+        fi
+        t2=$(now_cs)
         wait "$mpid"
         mrc=$?
-        fail_ms=$(ms_since "$t1")
+        fail_ms=$(ms_since "$t2")
+        killed=$(wait_peer "$name-killed" 120) || killed=timeout
         show migrate /tmp/f-mig.out
         crc=1
         if kill -0 "$spid" 2>/dev/null; then
@@ -417,9 +451,9 @@ scenario_fault() {
         src=$?
         show blip-run /tmp/f-a.serial.out
         if [ "$mrc" != 0 ] && [ "$crc" = 0 ] && [ "$src" = 0 ] && grep -q 'check: ok' /tmp/f-a.serial; then
-            result "$name" PASS "role=source migrate_rc=$mrc failed_after_ms=$fail_ms guest_kept_running $(grep -o 'check: ok.*' /tmp/f-a.serial | head -1 | tr ' ' _)"
+            result "$name" PASS "role=source migrate_rc=$mrc signalled_at_round=${round:-none} failed_after_ms=$fail_ms peer_killed=$killed guest_kept_running $(grep -o 'check: ok.*' /tmp/f-a.serial | head -1 | tr ' ' _)"
         else
-            result "$name" FAIL "role=source migrate_rc=$mrc check_rc=$crc source_rc=$src"
+            result "$name" FAIL "role=source migrate_rc=$mrc signalled_at_round=${round:-none} check_rc=$crc source_rc=$src peer_killed=$killed"
         fi
     fi
 }

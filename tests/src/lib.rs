@@ -151,14 +151,14 @@ impl Bg {
         }
     }
 
-    /// Its stdout so far.
+    /// Its stdout so far (possibly ending in a line still being written).
     pub fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.out", self.name))).unwrap_or_default()
+        read_lossy(&self.dir.join(format!("{}.out", self.name)))
     }
 
-    /// Its stderr so far.
+    /// Its stderr so far (possibly ending in a line still being written).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.err", self.name))).unwrap_or_default()
+        read_lossy(&self.dir.join(format!("{}.err", self.name)))
     }
 
     /// `blip status` as JSON, or None when it does not answer.
@@ -188,16 +188,26 @@ impl Bg {
         }
     }
 
-    /// Waits until stderr contains `needle` (hang guard: 60 s).
-    pub fn wait_stderr(&mut self, needle: &str) {
+    /// Waits until stderr has a whole line (ended by '\n') containing `needle` and returns the
+    /// first such line, without its newline (hang guard: 60 s). blip writes a line in pieces,
+    /// so a line without its newline yet may still be growing: it is never matched.
+    pub fn wait_stderr(&mut self, needle: &str) -> String {
         let start = Instant::now();
-        while !self.stderr().contains(needle) {
+        loop {
+            if let Some(line) = complete_line(&self.stderr(), needle) {
+                return line;
+            }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("{} exited early ({st}): {}", self.name, self.stderr());
+                // It may have written the line just before exiting: look once more.
+                let err = self.stderr();
+                if let Some(line) = complete_line(&err, needle) {
+                    return line;
+                }
+                panic!("{} exited early ({st}): {err}", self.name);
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "{} never said {needle:?}: {}",
+                "{} never said {needle:?} in a whole line: {}",
                 self.name,
                 self.stderr()
             );
@@ -248,14 +258,40 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A receiver's listen URL, read from its "waiting" line.
+/// The first whole (newline-terminated) line of `text` containing `needle`, without its
+/// newline; a last line with no newline yet is ignored.
+pub fn complete_line(text: &str, needle: &str) -> Option<String> {
+    text.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .find(|l| l.contains(needle))
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+}
+
+/// A file's text so far, or "" when it does not exist yet. Lossy, so bytes of a character still
+/// being written cannot turn the whole text into an error.
+fn read_lossy(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// What a receiver prints once it listens; its URL follows, then the end of the line.
+pub const WAITING: &str = "waiting for an incoming migration on ";
+
+/// A receiver's listen URL, parsed from its whole "waiting for an incoming migration on URL"
+/// line only (never from a line still being written).
 pub fn listen_url(b: &mut Bg) -> String {
-    b.wait_stderr("waiting for an incoming migration on ");
-    b.stderr()
-        .split_whitespace()
-        .find(|w| w.starts_with("tcp://"))
-        .expect("url")
-        .to_string()
+    let line = b.wait_stderr(WAITING);
+    let url = line
+        .split_once(WAITING)
+        .map(|(_, rest)| rest.trim())
+        .unwrap_or_default();
+    assert!(
+        url.contains("://") && !url.contains(char::is_whitespace),
+        "{}: no URL in its waiting line {line:?}",
+        b.name
+    );
+    url.to_string()
 }
 
 /// Writes a fresh shared migration key (mode 0600) into `dir` and returns its path.
@@ -304,4 +340,27 @@ pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
     );
     s.wait_api();
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{complete_line, WAITING};
+
+    #[test]
+    fn a_line_still_being_written_is_not_matched() {
+        let partial = format!("blip: 32 MiB pre-faulted\nblip: {WAITING}tcp");
+        assert_eq!(complete_line(&partial, WAITING), None);
+        let whole = format!("{partial}://127.0.0.1:4000\nmore");
+        assert_eq!(
+            complete_line(&whole, WAITING),
+            Some(format!("blip: {WAITING}tcp://127.0.0.1:4000"))
+        );
+    }
+
+    #[test]
+    fn the_first_whole_line_wins_and_carriage_returns_go() {
+        let text = "a x 1\r\nb x 2\n";
+        assert_eq!(complete_line(text, "x"), Some("a x 1".to_string()));
+        assert_eq!(complete_line(text, "y"), None);
+    }
 }
