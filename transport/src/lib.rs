@@ -9,10 +9,12 @@
 //! - [`rdma`]: the RDMA transport — safe wrappers over rdma-sys (device, protection domain,
 //!   memory region, completion queue, queue pair by state) and the page [`rdma::Writer`].
 //! - [`auth`]: HMAC-SHA256 proofs of the shared migration key on the control channel.
+//! - [`random`]: fresh random bytes (nonces, session ids, PSNs); a failure is an error.
 //!
 //! This crate must not know about KVM: it sees only bytes, addresses and counts.
 
 pub mod auth;
 pub mod protocol;
+pub mod random;
 pub mod rdma;
 pub mod tcp;
