@@ -26,7 +26,8 @@
 //! |        |      | one `State` frame: `persist::encode` of the VM state (its own envelope) |
 //! |        |      | `RoundEnd { round: u32::MAX, pages: total }`: the end marker |
 //!
-//! Every frame carries its own CRC32C. Pages that are not in the file are zero. Nothing may
+//! The header is a layout of the transport's one framing helper ([`ENVELOPE`]), which makes
+//! the magic, version and CRC checks. Every frame carries its own CRC32C. Pages that are not in the file are zero. Nothing may
 //! follow the end marker. A reader refuses, with one line and before the guest runs: a file
 //! that is not a snapshot, another format version, a header or frame whose CRC does not match,
 //! pages outside guest memory, a missing or repeated state, a page count that disagrees with
@@ -36,7 +37,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use blip_transport::protocol::{self, read_full, Message, ProtocolError};
+use blip_transport::protocol::{self, read_full, Envelope, EnvelopeError, Message, ProtocolError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::now_ns;
@@ -54,6 +55,14 @@ pub const HEADER_LEN: usize = 32;
 pub const BATCH_PAGES: usize = 1024;
 /// `RoundEnd.round` of the end marker.
 pub const END_ROUND: u32 = u32::MAX;
+
+/// The fixed header (the table above) in the transport's one framing helper: no payload, so
+/// its CRC covers the header's own bytes 0..24; vCPUs and memory size are the caller fields.
+pub const ENVELOPE: Envelope = Envelope::new(&MAGIC, FORMAT_VERSION, 4)
+    .with_fields(12)
+    .with_reserved(4);
+
+const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
 
 /// Compared against with `==` (a memcmp, fast even in debug builds).
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
@@ -104,12 +113,10 @@ impl Header {
     /// The 32 header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.vcpus.to_le_bytes());
-        b[16..24].copy_from_slice(&self.mem_size.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        let f = ENVELOPE.fields_mut(&mut b);
+        f[..4].copy_from_slice(&self.vcpus.to_le_bytes());
+        f[4..].copy_from_slice(&self.mem_size.to_le_bytes());
+        ENVELOPE.write_header(&mut b, 0, 0);
         b
     }
 
@@ -117,40 +124,28 @@ impl Header {
     /// version is named, not called corrupt), then the CRC and the values.
     pub fn read(r: &mut dyn Read) -> Result<Header, SnapshotError> {
         let mut b = [0u8; HEADER_LEN];
-        let n = read_full(r, &mut b).map_err(SnapshotError::Read)?;
-        let m = n.min(MAGIC.len());
-        if b[..m] != MAGIC[..m] {
-            return Err(SnapshotError::NotSnapshot);
-        }
-        if n == 0 {
-            return Err(SnapshotError::Truncated(
-                "before its header (empty file)".into(),
-            ));
-        }
-        if n < 12 {
-            return Err(SnapshotError::Truncated(format!(
-                "inside its header, at byte {n}"
-            )));
-        }
-        let found = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-        if found != FORMAT_VERSION {
-            return Err(SnapshotError::Version { found });
-        }
-        if n < HEADER_LEN {
-            return Err(SnapshotError::Truncated(format!(
-                "inside its header, at byte {n}"
-            )));
-        }
-        let crc = u32::from_le_bytes(b[24..28].try_into().unwrap_or_default());
-        let actual = crc32c::crc32c(&b[..24]);
-        if crc != actual {
-            return Err(SnapshotError::Corrupt(format!(
-                "header CRC32C {actual:#010x}, header says {crc:#010x}"
-            )));
-        }
+        ENVELOPE.read_header(r, &mut b).map_err(|e| match e {
+            EnvelopeError::BadMagic => SnapshotError::NotSnapshot,
+            EnvelopeError::Truncated { have: 0, .. } => {
+                SnapshotError::Truncated("before its header (empty file)".into())
+            }
+            EnvelopeError::Truncated { have, .. } => {
+                SnapshotError::Truncated(format!("inside its header, at byte {have}"))
+            }
+            EnvelopeError::Version { found, .. } => SnapshotError::Version { found },
+            EnvelopeError::Crc { expected, actual } => SnapshotError::Corrupt(format!(
+                "header CRC32C {actual:#010x}, header says {expected:#010x}"
+            )),
+            EnvelopeError::Io(e) => SnapshotError::Read(e),
+            // No length field: neither a cap nor a payload to trail.
+            e @ (EnvelopeError::TooLarge { .. } | EnvelopeError::Trailing(_)) => {
+                SnapshotError::Corrupt(e.to_string())
+            }
+        })?;
+        let f = ENVELOPE.fields(&b);
         let h = Header {
-            vcpus: u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()),
-            mem_size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+            vcpus: u32::from_le_bytes(f[..4].try_into().unwrap_or_default()),
+            mem_size: u64::from_le_bytes(f[4..].try_into().unwrap_or_default()),
         };
         if h.vcpus == 0 || h.vcpus > u32::from(MAX_VCPUS) {
             return Err(SnapshotError::Corrupt(format!("{} vCPUs", h.vcpus)));
@@ -567,6 +562,15 @@ mod tests {
     fn snapshot_header_round_trips() {
         let b = header().encode();
         assert_eq!(Header::read(&mut &b[..]).unwrap(), header());
+        // The documented layout, byte for byte.
+        let mut want = b"BLIPSNAP".to_vec();
+        want.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        want.extend_from_slice(&2u32.to_le_bytes());
+        want.extend_from_slice(&(4u64 << 20).to_le_bytes());
+        let crc = crc32c::crc32c(&want);
+        want.extend_from_slice(&crc.to_le_bytes());
+        want.extend_from_slice(&[0; 4]);
+        assert_eq!(b[..], want[..]);
     }
 
     #[test]
