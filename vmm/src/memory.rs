@@ -17,6 +17,8 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use vm_memory::bitmap::AtomicBitmap;
+
+use crate::hash::Fnv;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest memory type used everywhere in blip.
@@ -156,17 +158,17 @@ pub fn register_rdma(
 pub fn digest(mem: &GuestMem) -> u64 {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
     let mut buf = vec![0u8; 1 << 20];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv::new();
     for region in mem.iter() {
         let mut off = 0u64;
         while off < region.len() {
             let n = ((region.len() - off) as usize).min(buf.len());
             let _ = region.read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off));
-            h = (h ^ u64::from(crc32c::crc32c(&buf[..n]))).wrapping_mul(0x1000_0000_01b3);
+            h.word(u64::from(crc32c::crc32c(&buf[..n])));
             off += n as u64;
         }
     }
-    h
+    h.finish()
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {
