@@ -41,7 +41,7 @@ use blip_transport::protocol::{self, read_full, Envelope, EnvelopeError, Message
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::now_ns;
-use crate::memory::{Backing, GuestMem, PAGE_SIZE};
+use crate::memory::{self, Backing, GuestMem, PAGE_SIZE};
 use crate::persist::{self, PersistError, VmState};
 use crate::vm::{DirtyConfig, Vm, VmConfig, VmError, MAX_VCPUS};
 
@@ -63,9 +63,6 @@ pub const ENVELOPE: Envelope = Envelope::new(&MAGIC, FORMAT_VERSION, 4)
     .with_reserved(4);
 
 const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
-
-/// Compared against with `==` (a memcmp, fast even in debug builds).
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// Errors writing or reading a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +223,7 @@ pub fn write_stream(
     let page = PAGE_SIZE as usize;
     let mut buf = vec![0u8; BATCH_PAGES * page];
     let mut runs: Vec<(u64, u32)> = Vec::new();
+    let mut found: Vec<(usize, usize)> = Vec::new();
     let mut pages = 0u64;
     let mut gpa = 0u64;
     while gpa < mem_size {
@@ -235,20 +233,16 @@ pub fn write_stream(
         // Compact the non-zero pages to the front of the buffer (they only move left).
         runs.clear();
         let mut used = 0usize;
-        for i in 0..len / page {
-            let src = i * page;
-            if buf[src..src + page] == ZERO_PAGE {
-                continue;
-            }
+        found.clear();
+        found.extend(memory::nonzero_runs(&buf[..len], page));
+        for &(first, n) in &found {
+            let (src, bytes) = (first * page, n * page);
             if used != src {
-                buf.copy_within(src..src + page, used);
+                buf.copy_within(src..src + bytes, used);
             }
-            used += page;
-            let at = gpa + src as u64;
-            match runs.last_mut() {
-                Some((g, c)) if *g + u64::from(*c) * PAGE_SIZE == at => *c += 1,
-                _ => runs.push((at, 1)),
-            }
+            used += bytes;
+            // n <= BATCH_PAGES.
+            runs.push((gpa + src as u64, n as u32));
         }
         if !runs.is_empty() {
             protocol::write_page_batch(&mut w, &runs, &buf[..used]).map_err(wr)?;
@@ -316,15 +310,12 @@ pub fn read_stream(
             Message::PageBatch { runs, data } => {
                 let mut off = 0usize;
                 for (gpa, count) in runs {
-                    let len = count as usize * PAGE_SIZE as usize;
-                    let fits = gpa % PAGE_SIZE == 0
-                        && gpa
-                            .checked_add(len as u64)
-                            .is_some_and(|e| e <= header.mem_size);
-                    if !fits || off + len > data.len() {
+                    let len = memory::check_run(mem, gpa, u64::from(count))
+                        .map_err(|e| SnapshotError::Corrupt(format!("frame at byte {at}: {e}")))?
+                        as usize;
+                    if off + len > data.len() {
                         return Err(SnapshotError::Corrupt(format!(
-                            "frame at byte {at}: {count} pages at {gpa:#x} lie outside the {}-byte guest memory",
-                            header.mem_size
+                            "frame at byte {at}: page data shorter than its runs"
                         )));
                     }
                     mem.write_slice(&data[off..off + len], GuestAddress(gpa))
