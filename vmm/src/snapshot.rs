@@ -42,7 +42,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::now_ns;
 use crate::memory::{self, Backing, GuestMem, PAGE_SIZE};
-use crate::persist::{self, PersistError, VmState};
+use crate::persist::{self, PersistError, TscNote, VmState};
 use crate::vm::{DirtyConfig, Vm, VmConfig, VmError, MAX_VCPUS};
 
 /// File magic.
@@ -496,7 +496,7 @@ pub struct RestoreConfig {
 }
 
 /// Summary of a restore.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Restored {
     pub pages: u64,
     pub bytes: u64,
@@ -504,10 +504,15 @@ pub struct Restored {
     pub mem_size: u64,
     /// Reading the file into memory and restoring the state.
     pub load_ns: u64,
+    /// vCPUs whose TSC frequency differs from the snapshot's and could not be scaled (the
+    /// guest runs, its timing off by the ratio); [`load`] has printed each on stderr.
+    pub notes: Vec<TscNote>,
 }
 
 /// Builds a blank VM of the recorded size and loads the snapshot at `path` into it. The VM is
 /// returned paused; nothing of the guest has run. Any damage is an error and the VM is dropped.
+/// Each TSC note of the restore is printed on stderr as one `blip: note: ...` line (and
+/// returned in [`Restored::notes`]).
 pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotError> {
     let t = now_ns();
     let file = File::open(path).map_err(SnapshotError::Open)?;
@@ -525,7 +530,10 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
         cfg.dirty,
     )?;
     let (state, read) = read_stream(&mut r, &header, vm.memory())?;
-    vm.restore_state(&state).map_err(SnapshotError::Restore)?;
+    let notes = vm.restore_state(&state).map_err(SnapshotError::Restore)?;
+    for n in &notes {
+        eprintln!("blip: note: {n}");
+    }
     Ok((
         vm,
         Restored {
@@ -534,6 +542,7 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
             vcpus: header.vcpus,
             mem_size: header.mem_size,
             load_ns: now_ns() - t,
+            notes,
         },
     ))
 }
