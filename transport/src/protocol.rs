@@ -606,7 +606,8 @@ impl Header {
         Header { kind, len, crc }
     }
 
-    /// The wire form (`len` is not checked against [`MAX_PAYLOAD`]: see [`sealed_header`]).
+    /// The wire form. `len` is not checked against [`MAX_PAYLOAD`] (so tests can build hostile
+    /// headers); the writers check it before they encode.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         FRAME
