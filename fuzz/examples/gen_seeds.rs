@@ -51,6 +51,7 @@ fn handshake() -> Vec<u8> {
             streams: 2,
             state_pieces: 0x3f,
             guest_name: "demo".into(),
+            transport: blip_transport::protocol::TRANSPORT_TCP,
         }),
         Message::Accept,
         Message::StreamHello {

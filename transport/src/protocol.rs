@@ -36,7 +36,10 @@
 //! # Framing
 //!
 //! Every message is a [`Header`] (16 bytes, little-endian: magic `b"BLIP"`, version, kind,
-//! payload length, CRC32C of the payload) followed by `len` payload bytes. Payload fields are
+//! payload length, CRC32C of the payload) followed by `len` payload bytes. The header is the
+//! [`FRAME`] layout of [`Envelope`], the one framing helper blip has: the VMM's saved-state
+//! envelope and its snapshot file header are other layouts of it, so the magic, version,
+//! length-cap and CRC checks are written once. Payload fields are
 //! little-endian and fixed-size; strings and byte blobs are a `u32` length followed by the
 //! bytes. A payload must be consumed exactly: trailing or missing bytes are
 //! [`ProtocolError::Malformed`]. Payloads are capped at [`MAX_PAYLOAD`], checked before anything
@@ -62,7 +65,7 @@ use std::io::{self, IoSlice, Read, Write};
 pub use crc32c::crc32c_append;
 
 /// `b"BLIP"` read as a little-endian `u32`.
-pub const MAGIC: u32 = 0x5049_4c42;
+pub const MAGIC: u32 = u32::from_le_bytes(*b"BLIP");
 /// The protocol version this build speaks; the peer must speak the same one.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the encoded [`Header`].
@@ -75,6 +78,14 @@ pub const PAGE_SIZE: usize = 4096;
 pub const PAGES_FIXED_LEN: usize = 16;
 /// Most pages one [`Message::Pages`] can carry within [`MAX_PAYLOAD`].
 pub const MAX_PAGES_PER_MESSAGE: u32 = (MAX_PAYLOAD - PAGES_FIXED_LEN as u32) / PAGE_SIZE as u32;
+
+/// The frame header as an [`Envelope`]: magic `b"BLIP"`, u16 version, the message kind (u16)
+/// as its caller field, u32 payload length capped at [`MAX_PAYLOAD`], CRC32C of the payload.
+pub const FRAME: Envelope = Envelope::new(b"BLIP", PROTOCOL_VERSION as u32, 2)
+    .with_fields(2)
+    .with_len(4, MAX_PAYLOAD as u64);
+
+const _: () = assert!(FRAME.header_len() == HEADER_LEN);
 
 /// Errors of the wire protocol.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +152,343 @@ pub enum ProtocolError {
 }
 
 type Result<T> = std::result::Result<T, ProtocolError>;
+
+/// The one framing of blip's byte formats: a fixed header of
+///
+/// ```text
+/// magic | version | caller fields | payload length | CRC32C | reserved (zero)
+/// ```
+///
+/// (little-endian integers), followed by `length` payload bytes, which the CRC covers. An
+/// envelope without a length field has no payload: its CRC covers the header bytes in front
+/// of the CRC instead (a file header that guards its own fields).
+///
+/// Three formats use it: the migration frame header ([`FRAME`]: 4-byte magic, u16 version, the
+/// message kind as the caller field, u32 length), the VMM's saved-state envelope (8-byte magic,
+/// u32 version, u64 length) and the snapshot file header (8-byte magic, u32 version, 12 bytes
+/// of caller fields, no length, 4 reserved bytes). The checks are the same for all: magic
+/// first (a foreign input), then the version (so another version is named, not called
+/// corrupt), then the length against the cap (before anything is allocated), then the CRC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    magic: &'static [u8],
+    version: u32,
+    version_len: usize,
+    fields_len: usize,
+    len_len: usize,
+    reserved: usize,
+    max_len: u64,
+}
+
+/// What is wrong with an envelope. Each format turns these into its own error enum, with its
+/// own words ("not a blip snapshot", ...).
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The input does not start with the magic (checked on as many bytes as arrived).
+    #[error("bad magic")]
+    BadMagic,
+    /// The header names another format version.
+    #[error("format version {found}, this build reads {ours}")]
+    Version {
+        /// The version in the header.
+        found: u32,
+        /// The one version this build reads.
+        ours: u32,
+    },
+    /// The input ends before the header or the payload does.
+    #[error("truncated: {have} of {need} bytes")]
+    Truncated {
+        /// Bytes the envelope needs (header, or header plus payload).
+        need: u64,
+        /// Bytes there are.
+        have: u64,
+    },
+    /// The payload length is above the envelope's cap.
+    #[error("length {len} above cap {max}")]
+    TooLarge {
+        /// The length (saturated to `u64::MAX`).
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// The CRC32C does not match.
+    #[error("CRC mismatch: CRC32C {actual:#010x}, header says {expected:#010x}")]
+    Crc {
+        /// CRC from the header.
+        expected: u32,
+        /// CRC computed over what arrived.
+        actual: u32,
+    },
+    /// Bytes follow the payload where exactly one envelope was expected.
+    #[error("{0} bytes after the payload")]
+    Trailing(u64),
+    /// Reading failed (other than by ending early).
+    #[error("read failed")]
+    Io(#[source] io::Error),
+}
+
+/// A header that passed the magic, version and length checks (and, without a length field,
+/// the CRC check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// Payload length (0 without a length field).
+    pub len: u64,
+    /// CRC32C from the header.
+    pub crc: u32,
+}
+
+impl Checked {
+    /// Compares `actual` (the CRC32C of the payload that arrived) with the header's.
+    pub fn verify(&self, actual: u32) -> std::result::Result<(), EnvelopeError> {
+        if actual == self.crc {
+            Ok(())
+        } else {
+            Err(EnvelopeError::Crc {
+                expected: self.crc,
+                actual,
+            })
+        }
+    }
+}
+
+fn get_le(b: &[u8]) -> u64 {
+    b.iter().rev().fold(0, |v, x| (v << 8) | u64::from(*x))
+}
+
+fn put_le(b: &mut [u8], v: u64) {
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (v >> (8 * i)) as u8;
+    }
+}
+
+impl Envelope {
+    /// An envelope of `magic`, then `version` in a `version_len`-byte field (2 or 4), with no
+    /// caller fields, no length (no payload) and nothing reserved. The `with_*` methods add
+    /// the rest; they are `const`, and a layout that cannot work fails to compile.
+    pub const fn new(magic: &'static [u8], version: u32, version_len: usize) -> Envelope {
+        assert!(!magic.is_empty());
+        assert!(version_len == 2 || version_len == 4);
+        assert!(version_len == 4 || version <= u16::MAX as u32);
+        Envelope {
+            magic,
+            version,
+            version_len,
+            fields_len: 0,
+            len_len: 0,
+            reserved: 0,
+            max_len: 0,
+        }
+    }
+
+    /// `n` bytes of caller fields after the version (see [`Envelope::fields`]).
+    pub const fn with_fields(mut self, n: usize) -> Envelope {
+        self.fields_len = n;
+        self
+    }
+
+    /// A payload length field of `width` bytes (4 or 8) after the caller fields; payloads
+    /// above `max_len` bytes are refused.
+    pub const fn with_len(mut self, width: usize, max_len: u64) -> Envelope {
+        assert!(width == 4 || width == 8);
+        assert!(width == 8 || max_len <= u32::MAX as u64);
+        self.len_len = width;
+        self.max_len = max_len;
+        self
+    }
+
+    /// `n` reserved bytes after the CRC: written as zero, not checked on reading.
+    pub const fn with_reserved(mut self, n: usize) -> Envelope {
+        self.reserved = n;
+        self
+    }
+
+    const fn fields_at(&self) -> usize {
+        self.magic.len() + self.version_len
+    }
+
+    const fn len_at(&self) -> usize {
+        self.fields_at() + self.fields_len
+    }
+
+    const fn crc_at(&self) -> usize {
+        self.len_at() + self.len_len
+    }
+
+    /// Size of the header.
+    pub const fn header_len(&self) -> usize {
+        self.crc_at() + 4 + self.reserved
+    }
+
+    /// The one version this envelope reads and writes.
+    pub const fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Largest payload (0 without a length field).
+    pub const fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
+    /// The caller fields of `header`.
+    pub fn fields<'a>(&self, header: &'a [u8]) -> &'a [u8] {
+        &header[self.fields_at()..self.len_at()]
+    }
+
+    /// The caller fields of `header`, to fill in before sealing.
+    pub fn fields_mut<'a>(&self, header: &'a mut [u8]) -> &'a mut [u8] {
+        &mut header[self.fields_at()..self.len_at()]
+    }
+
+    /// Refuses a payload length above the cap.
+    pub fn check_len(&self, len: u64) -> std::result::Result<(), EnvelopeError> {
+        if len > self.max_len {
+            return Err(EnvelopeError::TooLarge {
+                len,
+                max: self.max_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes magic, version, `len` and `crc` (the payload's CRC32C) into the first
+    /// [`Envelope::header_len`] bytes of `header`, leaving the caller fields as they are and
+    /// zeroing the reserved bytes. `len` is not checked against the cap (so tests can build
+    /// hostile headers): [`Envelope::check_len`] or [`Envelope::seal_in_place`] do that. An
+    /// envelope without a length field ignores `len` and `crc` and covers its own header.
+    pub fn write_header(&self, header: &mut [u8], len: u64, crc: u32) {
+        let header = &mut header[..self.header_len()];
+        header[..self.magic.len()].copy_from_slice(self.magic);
+        put_le(
+            &mut header[self.magic.len()..self.fields_at()],
+            u64::from(self.version),
+        );
+        put_le(&mut header[self.len_at()..self.crc_at()], len);
+        let crc = if self.len_len == 0 {
+            crc32c::crc32c(&header[..self.crc_at()])
+        } else {
+            crc
+        };
+        header[self.crc_at()..self.crc_at() + 4].copy_from_slice(&crc.to_le_bytes());
+        header[self.crc_at() + 4..].fill(0);
+    }
+
+    /// Seals `buf` = header (caller fields filled in, the rest anything) + payload: checks the
+    /// payload length against the cap and writes magic, version, length and CRC.
+    pub fn seal_in_place(&self, buf: &mut [u8]) -> std::result::Result<(), EnvelopeError> {
+        let (header, payload) = buf.split_at_mut(self.header_len());
+        if self.len_len == 0 && !payload.is_empty() {
+            return Err(EnvelopeError::Trailing(payload.len() as u64));
+        }
+        let len = payload.len() as u64;
+        if self.len_len != 0 {
+            self.check_len(len)?;
+        }
+        self.write_header(header, len, crc32c::crc32c(payload));
+        Ok(())
+    }
+
+    /// `fields` and `payload` in a new envelope.
+    pub fn seal(
+        &self,
+        fields: &[u8],
+        payload: &[u8],
+    ) -> std::result::Result<Vec<u8>, EnvelopeError> {
+        let mut buf = vec![0u8; self.header_len()];
+        self.fields_mut(&mut buf).copy_from_slice(fields);
+        buf.extend_from_slice(payload);
+        self.seal_in_place(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Checks a header, of which `h` is what arrived (it may be short): magic, version, length
+    /// cap, and for an envelope without a length field the CRC. A short `h` whose bytes are
+    /// right so far is [`EnvelopeError::Truncated`].
+    pub fn check_header(&self, h: &[u8]) -> std::result::Result<Checked, EnvelopeError> {
+        let have = h.len();
+        let truncated = EnvelopeError::Truncated {
+            need: self.header_len() as u64,
+            have: have as u64,
+        };
+        let m = have.min(self.magic.len());
+        if h[..m] != self.magic[..m] {
+            return Err(EnvelopeError::BadMagic);
+        }
+        if have < self.fields_at() {
+            return Err(truncated);
+        }
+        let found = get_le(&h[self.magic.len()..self.fields_at()]) as u32;
+        if found != self.version {
+            return Err(EnvelopeError::Version {
+                found,
+                ours: self.version,
+            });
+        }
+        let mut len = 0;
+        if self.len_len != 0 {
+            if have < self.crc_at() {
+                return Err(truncated);
+            }
+            len = get_le(&h[self.len_at()..self.crc_at()]);
+            self.check_len(len)?;
+        }
+        if have < self.header_len() {
+            return Err(truncated);
+        }
+        let crc = get_le(&h[self.crc_at()..self.crc_at() + 4]) as u32;
+        let checked = Checked { len, crc };
+        if self.len_len == 0 {
+            checked.verify(crc32c::crc32c(&h[..self.crc_at()]))?;
+        }
+        Ok(checked)
+    }
+
+    /// Opens `bytes`, which must be exactly one envelope: checks the header, the length
+    /// (truncated, or bytes after the payload) and the CRC; returns the payload.
+    pub fn open<'a>(&self, bytes: &'a [u8]) -> std::result::Result<&'a [u8], EnvelopeError> {
+        let hl = self.header_len();
+        let c = self.check_header(&bytes[..bytes.len().min(hl)])?;
+        let need = hl as u64 + c.len;
+        let have = bytes.len() as u64;
+        if have < need {
+            return Err(EnvelopeError::Truncated { need, have });
+        }
+        if have > need {
+            return Err(EnvelopeError::Trailing(have - need));
+        }
+        let payload = &bytes[hl..];
+        c.verify(crc32c::crc32c(payload))?;
+        Ok(payload)
+    }
+
+    /// Reads a header from `r` into `header` (at least [`Envelope::header_len`] bytes) and
+    /// checks it. An input that ends at once is `Truncated { have: 0, .. }`.
+    pub fn read_header(
+        &self,
+        r: &mut dyn Read,
+        header: &mut [u8],
+    ) -> std::result::Result<Checked, EnvelopeError> {
+        let header = &mut header[..self.header_len()];
+        let got = read_full(r, header).map_err(EnvelopeError::Io)?;
+        self.check_header(&header[..got])
+    }
+
+    /// Reads one envelope from `r` (and nothing after it): the header first, so the payload
+    /// buffer is allocated only once its length passed the cap, and then grows with the bytes
+    /// that actually arrive. Returns the checked payload.
+    pub fn read(&self, r: &mut dyn Read) -> std::result::Result<Vec<u8>, EnvelopeError> {
+        let mut header = vec![0u8; self.header_len()];
+        let c = self.read_header(r, &mut header)?;
+        let payload = read_growing(r, c.len as usize).map_err(EnvelopeError::Io)?;
+        if (payload.len() as u64) < c.len {
+            return Err(EnvelopeError::Truncated {
+                need: self.header_len() as u64 + c.len,
+                have: (self.header_len() + payload.len()) as u64,
+            });
+        }
+        c.verify(crc32c::crc32c(&payload))?;
+        Ok(payload)
+    }
+}
 
 /// Message kinds, as carried in [`Header::kind`].
 #[repr(u16)]
@@ -239,14 +587,11 @@ impl fmt::Display for MessageKind {
     }
 }
 
-/// The fixed header in front of every message (16 bytes, little-endian on the wire).
-#[repr(C)]
+/// The fixed header in front of every message: the caller's view of a [`FRAME`] envelope
+/// (16 bytes on the wire, little-endian: magic, version, kind, length, CRC). Magic and version
+/// belong to [`FRAME`]: [`Header::encode`] writes this build's, [`Header::decode`] refuses others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// [`MAGIC`].
-    pub magic: u32,
-    /// [`PROTOCOL_VERSION`].
-    pub version: u16,
     /// What the payload is.
     pub kind: MessageKind,
     /// Payload bytes after the header (for Pages: fixed part plus page data).
@@ -255,58 +600,76 @@ pub struct Header {
     pub crc: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
-
 impl Header {
-    /// A header of this build's magic and version.
+    /// A header of `kind` for a payload of `len` bytes whose CRC32C is `crc`.
     pub fn new(kind: MessageKind, len: u32, crc: u32) -> Header {
-        Header {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            kind,
-            len,
-            crc,
-        }
+        Header { kind, len, crc }
     }
 
-    /// The wire form.
+    /// The wire form. `len` is not checked against [`MAX_PAYLOAD`] (so tests can build hostile
+    /// headers); the writers check it before they encode.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0..4].copy_from_slice(&self.magic.to_le_bytes());
-        b[4..6].copy_from_slice(&self.version.to_le_bytes());
-        b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
+        FRAME
+            .fields_mut(&mut b)
+            .copy_from_slice(&(self.kind as u16).to_le_bytes());
+        FRAME.write_header(&mut b, u64::from(self.len), self.crc);
         b
     }
 
-    /// Parses and validates a header: magic, version, known kind, `len <= MAX_PAYLOAD`.
+    /// Parses and validates a header: magic, version, `len <= MAX_PAYLOAD`, known kind.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header> {
-        let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        if magic != MAGIC {
-            return Err(ProtocolError::BadMagic(magic));
-        }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != PROTOCOL_VERSION {
-            return Err(ProtocolError::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-            });
-        }
-        let raw_kind = u16::from_le_bytes([b[6], b[7]]);
+        let c = FRAME
+            .check_header(b)
+            .map_err(|e| ProtocolError::envelope(e, b))?;
+        let f = FRAME.fields(b);
+        let raw_kind = u16::from_le_bytes([f[0], f[1]]);
         let kind = MessageKind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
-        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if len > MAX_PAYLOAD {
-            return Err(ProtocolError::TooLarge(len));
-        }
-        let crc = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
         Ok(Header {
-            magic,
-            version,
             kind,
-            len,
-            crc,
+            len: c.len as u32,
+            crc: c.crc,
         })
+    }
+}
+
+/// The encoded header of a frame of `kind` whose payload is `len` bytes with CRC32C `crc`,
+/// refusing a payload above [`MAX_PAYLOAD`].
+fn sealed_header(kind: MessageKind, len: usize, crc: u32) -> Result<[u8; HEADER_LEN]> {
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    FRAME
+        .check_len(u64::from(len))
+        .map_err(|_| ProtocolError::TooLarge(len))?;
+    Ok(Header::new(kind, len, crc).encode())
+}
+
+impl ProtocolError {
+    /// The protocol's words for what [`FRAME`] found wrong with header `h` (as much of it as
+    /// arrived).
+    fn envelope(e: EnvelopeError, h: &[u8]) -> ProtocolError {
+        match e {
+            EnvelopeError::BadMagic => {
+                let mut m = [0u8; 4];
+                let n = h.len().min(4);
+                m[..n].copy_from_slice(&h[..n]);
+                ProtocolError::BadMagic(u32::from_le_bytes(m))
+            }
+            EnvelopeError::Version { found, ours } => ProtocolError::VersionMismatch {
+                ours: ours as u16,
+                theirs: found as u16,
+            },
+            EnvelopeError::TooLarge { len, .. } => {
+                ProtocolError::TooLarge(u32::try_from(len).unwrap_or(u32::MAX))
+            }
+            EnvelopeError::Truncated { have: 0, .. } => ProtocolError::Closed,
+            EnvelopeError::Truncated { .. } => eof("stream ended inside a message header"),
+            EnvelopeError::Io(e) => ProtocolError::Io(e),
+            // A frame header has a length field: its CRC covers the payload, checked by the
+            // reader of the payload; nothing trails a header.
+            EnvelopeError::Crc { .. } | EnvelopeError::Trailing(_) => {
+                ProtocolError::Io(io::Error::other(e))
+            }
+        }
     }
 }
 
@@ -668,13 +1031,12 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
         Message::Resumed { t_ns } => e.u64(*t_ns),
     }
     let mut buf = e.0;
-    let payload_len = buf.len() - HEADER_LEN;
-    let len = u32::try_from(payload_len).unwrap_or(u32::MAX);
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(len));
-    }
-    let header = Header::new(msg.kind(), len, crc32c::crc32c(&buf[HEADER_LEN..]));
-    buf[..HEADER_LEN].copy_from_slice(&header.encode());
+    let (head, payload) = buf.split_at_mut(HEADER_LEN);
+    head.copy_from_slice(&sealed_header(
+        msg.kind(),
+        payload.len(),
+        crc32c::crc32c(payload),
+    )?);
     w.write_all(&buf)?;
     Ok(())
 }
@@ -689,16 +1051,16 @@ pub const PAGES_LIVE: u32 = 1;
 /// writes the `count * 4096` data bytes straight after (e.g. from guest memory, zero-copy).
 pub fn write_pages_live_header(w: &mut dyn Write, gpa: u64, count: u32) -> Result<()> {
     let total = count as usize * PAGE_SIZE;
-    let len = u32::try_from(total + PAGES_FIXED_LEN).unwrap_or(u32::MAX);
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(len));
-    }
     let mut head = [0u8; HEADER_LEN + PAGES_FIXED_LEN];
     head[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&gpa.to_le_bytes());
     head[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&count.to_le_bytes());
     head[HEADER_LEN + 12..].copy_from_slice(&PAGES_LIVE.to_le_bytes());
     let crc = crc32c::crc32c(&head[HEADER_LEN..]);
-    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::Pages, len, crc).encode());
+    head[..HEADER_LEN].copy_from_slice(&sealed_header(
+        MessageKind::Pages,
+        total + PAGES_FIXED_LEN,
+        crc,
+    )?);
     w.write_all(&head)?;
     Ok(())
 }
@@ -720,12 +1082,9 @@ pub fn write_page_batch(w: &mut dyn Write, runs: &[(u64, u32)], data: &[u8]) -> 
         head.extend_from_slice(&gpa.to_le_bytes());
         head.extend_from_slice(&pages.to_le_bytes());
     }
-    let len = u32::try_from(head.len() - HEADER_LEN + data.len()).unwrap_or(u32::MAX);
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(len));
-    }
+    let len = head.len() - HEADER_LEN + data.len();
     let crc = crc32c_append(crc32c::crc32c(&head[HEADER_LEN..]), data);
-    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::PageBatch, len, crc).encode());
+    head[..HEADER_LEN].copy_from_slice(&sealed_header(MessageKind::PageBatch, len, crc)?);
     write_all_vectored(w, &mut [IoSlice::new(&head), IoSlice::new(data)])?;
     Ok(())
 }
@@ -744,10 +1103,11 @@ pub fn write_pages(w: &mut dyn Write, gpa: u64, data: &[IoSlice<'_>]) -> Result<
             what: "page data is not a multiple of 4096 bytes",
         });
     }
-    let len = u32::try_from(total + PAGES_FIXED_LEN).unwrap_or(u32::MAX);
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(len));
-    }
+    FRAME
+        .check_len((total + PAGES_FIXED_LEN) as u64)
+        .map_err(|_| {
+            ProtocolError::TooLarge(u32::try_from(total + PAGES_FIXED_LEN).unwrap_or(u32::MAX))
+        })?;
     // Cannot truncate: total <= MAX_PAYLOAD.
     let count = (total / PAGE_SIZE) as u32;
 
@@ -760,7 +1120,11 @@ pub fn write_pages(w: &mut dyn Write, gpa: u64, data: &[IoSlice<'_>]) -> Result<
         .fold(crc32c::crc32c(&head[HEADER_LEN..]), |crc, s| {
             crc32c_append(crc, s)
         });
-    head[..HEADER_LEN].copy_from_slice(&Header::new(MessageKind::Pages, len, crc).encode());
+    head[..HEADER_LEN].copy_from_slice(&sealed_header(
+        MessageKind::Pages,
+        total + PAGES_FIXED_LEN,
+        crc,
+    )?);
 
     let mut iov = [IoSlice::new(&[]); IOV_BATCH];
     iov[0] = IoSlice::new(&head);
@@ -802,11 +1166,11 @@ fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [IoSlice<'_>]) -> io::Re
 /// [`Frame::pages`] says how much of it there is and how to verify it.
 pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
     let mut hb = [0u8; HEADER_LEN];
-    match read_full(r, &mut hb)? {
-        0 => return Err(ProtocolError::Closed),
-        HEADER_LEN => {}
-        _ => return Err(eof("stream ended inside a message header")),
-    }
+    let got = read_full(r, &mut hb)?;
+    // Closed (nothing arrived), a foreign stream, or a header cut short.
+    FRAME
+        .check_header(&hb[..got])
+        .map_err(|e| ProtocolError::envelope(e, &hb[..got]))?;
     let h = Header::decode(&hb)?;
     let kind = h.kind;
     let len = h.len as usize;
@@ -861,13 +1225,15 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
 
     let payload = read_payload(r, len)?;
     let actual = crc32c::crc32c(&payload);
-    if actual != h.crc {
-        return Err(ProtocolError::Crc {
-            kind,
-            expected: h.crc,
-            actual,
-        });
-    }
+    let checked = Checked {
+        len: len as u64,
+        crc: h.crc,
+    };
+    checked.verify(actual).map_err(|_| ProtocolError::Crc {
+        kind,
+        expected: h.crc,
+        actual,
+    })?;
     let mut d = Dec {
         kind,
         buf: &payload,
@@ -1030,10 +1396,19 @@ thread_local! {
     static LARGEST_PAYLOAD_ALLOC: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Reads a payload of `len` (already checked against [`MAX_PAYLOAD`]) bytes. The buffer grows
-/// with the bytes that actually arrive, so a lying length costs at most twice what was sent,
-/// and never more than `len`.
+/// Reads a payload of `len` (already checked against [`MAX_PAYLOAD`]) bytes.
 fn read_payload(r: &mut dyn Read, len: usize) -> Result<Vec<u8>> {
+    let buf = read_growing(r, len)?;
+    if buf.len() != len {
+        return Err(eof("stream ended inside a message payload"));
+    }
+    Ok(buf)
+}
+
+/// Reads up to `len` bytes (fewer if the input ends first; already checked against a cap).
+/// The buffer grows with the bytes that actually arrive, so a lying length costs at most twice
+/// what was sent, and never more than `len`.
+fn read_growing(r: &mut dyn Read, len: usize) -> io::Result<Vec<u8>> {
     const FIRST_STEP: usize = 64 * 1024;
     let mut buf = Vec::new();
     while buf.len() < len {
@@ -1043,8 +1418,10 @@ fn read_payload(r: &mut dyn Read, len: usize) -> Result<Vec<u8>> {
         buf.resize(filled + step, 0);
         #[cfg(test)]
         LARGEST_PAYLOAD_ALLOC.with(|m| m.set(m.get().max(buf.capacity())));
-        if read_full(r, &mut buf[filled..])? != step {
-            return Err(eof("stream ended inside a message payload"));
+        let got = read_full(r, &mut buf[filled..])?;
+        if got != step {
+            buf.truncate(filled + got);
+            break;
         }
     }
     Ok(buf)
@@ -1646,6 +2023,103 @@ mod tests {
         }
         let largest = LARGEST_PAYLOAD_ALLOC.with(|m| m.get());
         assert!(largest <= MAX_PAYLOAD as usize, "allocated {largest} bytes");
+    }
+
+    #[test]
+    fn frame_header_bytes_are_the_documented_layout() {
+        let b = Header::new(MessageKind::Resumed, 8, 0x1234_5678).encode();
+        assert_eq!(
+            b,
+            [b'B', b'L', b'I', b'P', 2, 0, 12, 0, 8, 0, 0, 0, 0x78, 0x56, 0x34, 0x12]
+        );
+    }
+
+    const WIDE: Envelope = Envelope::new(b"TESTWIDE", 3, 4).with_len(8, 100);
+    const FIXED: Envelope = Envelope::new(b"FIXD", 1, 4).with_fields(4).with_reserved(4);
+
+    #[test]
+    fn envelope_seals_and_opens() {
+        assert_eq!(WIDE.header_len(), 24);
+        let b = WIDE.seal(&[], b"payload").unwrap();
+        assert_eq!(&b[..8], b"TESTWIDE");
+        assert_eq!(&b[8..12], &3u32.to_le_bytes());
+        assert_eq!(&b[12..20], &7u64.to_le_bytes());
+        assert_eq!(&b[20..24], &crc32c::crc32c(b"payload").to_le_bytes());
+        assert_eq!(WIDE.open(&b).unwrap(), b"payload");
+        assert_eq!(WIDE.read(&mut &b[..]).unwrap(), b"payload");
+        // Empty payloads are envelopes too.
+        let e = WIDE.seal(&[], &[]).unwrap();
+        assert_eq!(WIDE.open(&e).unwrap(), b"");
+
+        // Without a length, the CRC covers the header (fields included); reserved is zero.
+        assert_eq!(FIXED.header_len(), 20);
+        let f = FIXED.seal(&[1, 2, 3, 4], &[]).unwrap();
+        assert_eq!(&f[8..12], &[1, 2, 3, 4]);
+        assert_eq!(&f[12..16], &crc32c::crc32c(&f[..12]).to_le_bytes());
+        assert_eq!(&f[16..], &[0; 4]);
+        let mut h = [0u8; 20];
+        let c = FIXED.read_header(&mut &f[..], &mut h).unwrap();
+        assert_eq!(c.len, 0);
+        assert_eq!(FIXED.fields(&h), &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn envelope_refusals_in_order() {
+        let b = WIDE.seal(&[], b"payload").unwrap();
+        let err = |bytes: &[u8]| WIDE.open(bytes).unwrap_err();
+        assert!(matches!(err(b"GIF89a"), EnvelopeError::BadMagic));
+        assert!(matches!(
+            err(b"TEST"),
+            EnvelopeError::Truncated { have: 4, .. }
+        ));
+        assert!(matches!(err(b""), EnvelopeError::Truncated { have: 0, .. }));
+        let mut v = b.clone();
+        v[8] = 9;
+        let e = err(&v);
+        assert_eq!(e.to_string(), "format version 9, this build reads 3");
+        let mut big = b.clone();
+        big[12..20].copy_from_slice(&101u64.to_le_bytes());
+        assert_eq!(err(&big).to_string(), "length 101 above cap 100");
+        // The cap is checked from the header alone, before the payload is read.
+        assert!(matches!(
+            WIDE.read(&mut &big[..24]),
+            Err(EnvelopeError::TooLarge { len: 101, max: 100 })
+        ));
+        let mut flip = b.clone();
+        flip[25] ^= 1;
+        assert!(err(&flip).to_string().starts_with("CRC mismatch"));
+        assert!(matches!(
+            WIDE.read(&mut &flip[..]),
+            Err(EnvelopeError::Crc { .. })
+        ));
+        for cut in [12, 20, 23, 24, b.len() - 1] {
+            assert!(
+                matches!(err(&b[..cut]), EnvelopeError::Truncated { have, .. } if have == cut as u64),
+                "cut {cut}"
+            );
+            assert!(matches!(
+                WIDE.read(&mut &b[..cut]),
+                Err(EnvelopeError::Truncated { .. })
+            ));
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(matches!(err(&long), EnvelopeError::Trailing(1)));
+        assert!(matches!(
+            WIDE.seal(&[], &[0; 101]),
+            Err(EnvelopeError::TooLarge { len: 101, .. })
+        ));
+
+        let mut f = FIXED.seal(&[1, 2, 3, 4], &[]).unwrap();
+        f[9] ^= 1;
+        assert!(matches!(
+            FIXED.check_header(&f),
+            Err(EnvelopeError::Crc { .. })
+        ));
+        assert!(matches!(
+            FIXED.seal(&[0; 4], &[1]),
+            Err(EnvelopeError::Trailing(1))
+        ));
     }
 
     #[test]

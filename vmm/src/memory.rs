@@ -17,6 +17,8 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use vm_memory::bitmap::AtomicBitmap;
+
+use crate::hash::Fnv;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest memory type used everywhere in blip.
@@ -55,6 +57,12 @@ pub enum MemoryError {
     Prefault(#[source] std::io::Error),
     #[error("cannot map {0} bytes of guest memory")]
     Map(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("{pages} pages at {gpa:#x} lie outside the {size}-byte guest memory")]
+    OutOfBounds { gpa: u64, pages: u64, size: u64 },
+    #[error("page run at {0:#x} does not start on a page boundary")]
+    UnalignedRun(u64),
+    #[error("guest memory at {0:#x} has no host mapping")]
+    NoHostMapping(u64),
 }
 
 /// Allocates `size` bytes of guest RAM at guest-physical 0.
@@ -82,6 +90,96 @@ pub fn create(size: u64, backing: Backing) -> Result<GuestMem, MemoryError> {
 pub fn size(mem: &GuestMem) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.iter().map(|r| r.len()).sum()
+}
+
+/// Checks that `pages` pages from `gpa` lie inside guest memory and `gpa` is page-aligned,
+/// before a peer's or a file's page run is written there. Returns the run's length in bytes.
+pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MemoryError> {
+    if gpa % PAGE_SIZE != 0 {
+        return Err(MemoryError::UnalignedRun(gpa));
+    }
+    let size = size(mem);
+    pages
+        .checked_mul(PAGE_SIZE)
+        .filter(|len| gpa.checked_add(*len).is_some_and(|end| end <= size))
+        .ok_or(MemoryError::OutOfBounds { gpa, pages, size })
+}
+
+/// The KVM memory slots of guest memory: slot `i` maps region `i` at its guest address, with
+/// `flags` (0, or `KVM_MEM_LOG_DIRTY_PAGES`). VM creation registers them and dirty logging
+/// re-registers them with another flag: both build them here.
+pub fn kvm_slots(
+    mem: &GuestMem,
+    flags: u32,
+) -> Result<Vec<kvm_bindings::kvm_userspace_memory_region>, MemoryError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| MemoryError::NoHostMapping(region.start_addr().0))?;
+            Ok(kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            })
+        })
+        .collect()
+}
+
+/// Runs of non-zero pages in `buf`, as (first page, pages) in page units of `page` bytes
+/// (a last partial page counts as a page). Zero pages need not travel or be stored: a
+/// destination's or a restored guest's memory starts zeroed.
+///
+/// # Panics
+///
+/// If `page` is 0.
+pub fn nonzero_runs(buf: &[u8], page: usize) -> NonzeroRuns<'_> {
+    assert!(page > 0, "page size 0");
+    NonzeroRuns { buf, page, at: 0 }
+}
+
+/// The iterator of [`nonzero_runs`].
+#[derive(Clone, Debug)]
+pub struct NonzeroRuns<'a> {
+    buf: &'a [u8],
+    page: usize,
+    /// Next page to look at.
+    at: usize,
+}
+
+impl NonzeroRuns<'_> {
+    fn page_is_zero(&self, i: usize) -> bool {
+        /// Compared against with `==` (a memcmp, fast even in debug builds).
+        static ZERO: [u8; 4096] = [0; 4096];
+        let start = i * self.page;
+        let end = (start + self.page).min(self.buf.len());
+        self.buf[start..end]
+            .chunks(ZERO.len())
+            .all(|c| c == &ZERO[..c.len()])
+    }
+}
+
+impl Iterator for NonzeroRuns<'_> {
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let pages = self.buf.len().div_ceil(self.page);
+        while self.at < pages && self.page_is_zero(self.at) {
+            self.at += 1;
+        }
+        if self.at == pages {
+            return None;
+        }
+        let first = self.at;
+        while self.at < pages && !self.page_is_zero(self.at) {
+            self.at += 1;
+        }
+        Some((first, self.at - first))
+    }
 }
 
 /// Faults in every page of guest memory now (`MADV_POPULATE_WRITE`), so a migration
@@ -156,17 +254,17 @@ pub fn register_rdma(
 pub fn digest(mem: &GuestMem) -> u64 {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
     let mut buf = vec![0u8; 1 << 20];
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv::new();
     for region in mem.iter() {
         let mut off = 0u64;
         while off < region.len() {
             let n = ((region.len() - off) as usize).min(buf.len());
             let _ = region.read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off));
-            h = (h ^ u64::from(crc32c::crc32c(&buf[..n]))).wrapping_mul(0x1000_0000_01b3);
+            h.word(u64::from(crc32c::crc32c(&buf[..n])));
             off += n as u64;
         }
     }
-    h
+    h.finish()
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {
@@ -202,6 +300,69 @@ mod tests {
             create(4 << 30, Backing::Anon),
             Err(MemoryError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn nonzero_runs_finds_each_run() {
+        let page = 8;
+        let mut buf = vec![0u8; 10 * page];
+        for p in [1, 2, 3, 6, 9] {
+            buf[p * page + p % page] = 1;
+        }
+        let runs: Vec<_> = nonzero_runs(&buf, page).collect();
+        assert_eq!(runs, [(1, 3), (6, 1), (9, 1)]);
+        assert_eq!(nonzero_runs(&[], page).count(), 0);
+        assert_eq!(nonzero_runs(&buf[..page], page).count(), 0);
+        // A byte at the very end of a page, and pages larger than the zero block compared.
+        let big = 3 * 4096 + 100;
+        let mut b = vec![0u8; 2 * big];
+        b[2 * big - 1] = 7;
+        assert_eq!(nonzero_runs(&b, big).collect::<Vec<_>>(), [(1, 1)]);
+        // A last partial page is a page.
+        let mut p = vec![0u8; 2 * page + 3];
+        p[2 * page + 2] = 1;
+        assert_eq!(nonzero_runs(&p, page).collect::<Vec<_>>(), [(2, 1)]);
+        // All non-zero: one run.
+        assert_eq!(nonzero_runs(&[1u8; 4 * 8], 8).collect::<Vec<_>>(), [(0, 4)]);
+    }
+
+    #[test]
+    fn check_run_refuses_what_lies_outside() {
+        let mem = create(4 << 20, Backing::Anon).unwrap();
+        let pages = (4 << 20) / PAGE_SIZE;
+        assert_eq!(check_run(&mem, 0, pages).unwrap(), 4 << 20);
+        assert_eq!(check_run(&mem, 0x1000, 2).unwrap(), 0x2000);
+        assert_eq!(check_run(&mem, 4 << 20, 0).unwrap(), 0);
+        assert!(matches!(
+            check_run(&mem, 0x1001, 1),
+            Err(MemoryError::UnalignedRun(0x1001))
+        ));
+        for (gpa, n) in [
+            (0, pages + 1),
+            (4 << 20, 1),
+            ((4 << 20) - PAGE_SIZE, 2),
+            (!(PAGE_SIZE - 1), 1),
+            (0x1000, u64::MAX / PAGE_SIZE + 1),
+        ] {
+            let e = check_run(&mem, gpa, n).unwrap_err();
+            assert!(
+                matches!(e, MemoryError::OutOfBounds { gpa: g, pages: p, size } if g == gpa && p == n && size == 4 << 20),
+                "{gpa:#x} {n}: {e}"
+            );
+            assert!(e.to_string().contains("outside"));
+        }
+    }
+
+    #[test]
+    fn kvm_slots_cover_guest_memory() {
+        let mem = create(4 << 20, Backing::Anon).unwrap();
+        let slots = kvm_slots(&mem, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES).unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].slot, 0);
+        assert_eq!(slots[0].guest_phys_addr, 0);
+        assert_eq!(slots[0].memory_size, 4 << 20);
+        assert_eq!(slots[0].flags, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES);
+        assert_ne!(slots[0].userspace_addr, 0);
     }
 
     #[test]

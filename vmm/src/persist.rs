@@ -14,7 +14,8 @@
 //! `KVM_GET_MSR_INDEX_LIST` that `KVM_GET_MSRS` can actually read on this host, probed once per
 //! VM ([`Vm::persist_caps`]) so the blackout path asks only for readable ones.
 //!
-//! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope:
+//! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope
+//! ([`ENVELOPE`]: a layout of the transport's one framing helper, which does every check):
 //!
 //! | offset | size | field |
 //! |--------|------|-------|
@@ -32,6 +33,7 @@ use std::io::Read;
 use std::sync::{mpsc, Arc};
 
 use bincode::Options;
+use blip_transport::protocol::{Envelope, EnvelopeError};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
@@ -50,6 +52,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (and produced).
 pub const MAX_STATE_SIZE: u64 = 64 << 20;
+
+/// The state envelope (the table above) in the transport's one framing helper.
+pub const ENVELOPE: Envelope = Envelope::new(&MAGIC, FORMAT_VERSION, 4).with_len(8, MAX_STATE_SIZE);
+
+const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
 
 /// Optional state pieces (bits of [`VcpuState::pieces`], [`VmState::pieces`], [`Caps::pieces`]).
 /// CPUID, regs, sregs, FPU, MSRs and MP state always travel.
@@ -683,65 +690,29 @@ pub fn encode(state: &VmState) -> Result<Vec<u8>, PersistError> {
         return Err(PersistError::TooLarge { size });
     }
     let mut out = Vec::with_capacity(HEADER_LEN + size as usize);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&size.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    out.resize(HEADER_LEN, 0);
     bincode_opts()
         .serialize_into(&mut out, state)
         .map_err(PersistError::Encode)?;
-    let crc = crc32c::crc32c(&out[HEADER_LEN..]);
-    out[20..24].copy_from_slice(&crc.to_le_bytes());
+    ENVELOPE.seal_in_place(&mut out)?;
     Ok(out)
 }
 
-/// A checked envelope header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Header {
-    len: u64,
-    crc: u32,
+impl From<EnvelopeError> for PersistError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::BadMagic => PersistError::NotBlipState,
+            EnvelopeError::Version { found, .. } => PersistError::UnsupportedVersion { found },
+            EnvelopeError::Truncated { need, have } => PersistError::Truncated { need, have },
+            EnvelopeError::TooLarge { len, .. } => PersistError::TooLarge { size: len },
+            EnvelopeError::Crc { expected, actual } => PersistError::Crc { expected, actual },
+            EnvelopeError::Trailing(n) => PersistError::Trailing(n),
+            EnvelopeError::Io(e) => PersistError::Io(e),
+        }
+    }
 }
 
-/// Checks magic, version and length of a header (`h` may be shorter than a header).
-fn parse_header(h: &[u8]) -> Result<Header, PersistError> {
-    let have = h.len() as u64;
-    let truncated = PersistError::Truncated {
-        need: HEADER_LEN as u64,
-        have,
-    };
-    let m = h.len().min(MAGIC.len());
-    if h[..m] != MAGIC[..m] {
-        return Err(PersistError::NotBlipState);
-    }
-    if h.len() < 12 {
-        return Err(truncated);
-    }
-    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(PersistError::UnsupportedVersion { found: version });
-    }
-    if h.len() < 20 {
-        return Err(truncated);
-    }
-    let len = u64::from_le_bytes(h[12..20].try_into().expect("8 bytes"));
-    if len > MAX_STATE_SIZE {
-        return Err(PersistError::TooLarge { size: len });
-    }
-    if h.len() < HEADER_LEN {
-        return Err(truncated);
-    }
-    let crc = u32::from_le_bytes(h[20..24].try_into().expect("4 bytes"));
-    Ok(Header { len, crc })
-}
-
-fn decode_payload(h: Header, payload: &[u8]) -> Result<VmState, PersistError> {
-    let actual = crc32c::crc32c(payload);
-    if actual != h.crc {
-        return Err(PersistError::Crc {
-            expected: h.crc,
-            actual,
-        });
-    }
+fn decode_payload(payload: &[u8]) -> Result<VmState, PersistError> {
     bincode_opts()
         .deserialize(payload)
         .map_err(PersistError::Undecodable)
@@ -749,37 +720,13 @@ fn decode_payload(h: Header, payload: &[u8]) -> Result<VmState, PersistError> {
 
 /// Unwraps and checks the envelope, then decodes the state.
 pub fn decode(bytes: &[u8]) -> Result<VmState, PersistError> {
-    let h = parse_header(&bytes[..bytes.len().min(HEADER_LEN)])?;
-    let need = HEADER_LEN as u64 + h.len;
-    let have = bytes.len() as u64;
-    if have < need {
-        return Err(PersistError::Truncated { need, have });
-    }
-    if have > need {
-        return Err(PersistError::Trailing(have - need));
-    }
-    decode_payload(h, &bytes[HEADER_LEN..])
+    decode_payload(ENVELOPE.open(bytes)?)
 }
 
 /// Reads one envelope from `r` (header first: the payload buffer is allocated only once its
 /// length passed the size cap) and decodes it.
 pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
-    let mut head = [0u8; HEADER_LEN];
-    let got = blip_transport::protocol::read_full(r, &mut head).map_err(PersistError::Io)?;
-    let h = parse_header(&head[..got])?;
-    // Grow with the bytes that actually arrive: a lying length costs nothing up front.
-    let mut payload = Vec::with_capacity((h.len as usize).min(1 << 20));
-    let read = r
-        .take(h.len)
-        .read_to_end(&mut payload)
-        .map_err(PersistError::Io)?;
-    if (read as u64) < h.len {
-        return Err(PersistError::Truncated {
-            need: HEADER_LEN as u64 + h.len,
-            have: (HEADER_LEN + read) as u64,
-        });
-    }
-    decode_payload(h, &payload)
+    decode_payload(&ENVELOPE.read(r)?)
 }
 
 impl Vm {

@@ -26,7 +26,8 @@
 //! |        |      | one `State` frame: `persist::encode` of the VM state (its own envelope) |
 //! |        |      | `RoundEnd { round: u32::MAX, pages: total }`: the end marker |
 //!
-//! Every frame carries its own CRC32C. Pages that are not in the file are zero. Nothing may
+//! The header is a layout of the transport's one framing helper ([`ENVELOPE`]), which makes
+//! the magic, version and CRC checks. Every frame carries its own CRC32C. Pages that are not in the file are zero. Nothing may
 //! follow the end marker. A reader refuses, with one line and before the guest runs: a file
 //! that is not a snapshot, another format version, a header or frame whose CRC does not match,
 //! pages outside guest memory, a missing or repeated state, a page count that disagrees with
@@ -36,12 +37,12 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use blip_transport::protocol::{self, read_full, Message, ProtocolError};
+use blip_transport::protocol::{self, read_full, Envelope, EnvelopeError, Message, ProtocolError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::now_ns;
-use crate::memory::{Backing, GuestMem, PAGE_SIZE};
-use crate::persist::{self, PersistError, VmState};
+use crate::memory::{self, Backing, GuestMem, PAGE_SIZE};
+use crate::persist::{self, PersistError, TscNote, VmState};
 use crate::vm::{DirtyConfig, Vm, VmConfig, VmError, MAX_VCPUS};
 
 /// File magic.
@@ -55,8 +56,13 @@ pub const BATCH_PAGES: usize = 1024;
 /// `RoundEnd.round` of the end marker.
 pub const END_ROUND: u32 = u32::MAX;
 
-/// Compared against with `==` (a memcmp, fast even in debug builds).
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+/// The fixed header (the table above) in the transport's one framing helper: no payload, so
+/// its CRC covers the header's own bytes 0..24; vCPUs and memory size are the caller fields.
+pub const ENVELOPE: Envelope = Envelope::new(&MAGIC, FORMAT_VERSION, 4)
+    .with_fields(12)
+    .with_reserved(4);
+
+const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
 
 /// Errors writing or reading a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -104,12 +110,10 @@ impl Header {
     /// The 32 header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.vcpus.to_le_bytes());
-        b[16..24].copy_from_slice(&self.mem_size.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        let f = ENVELOPE.fields_mut(&mut b);
+        f[..4].copy_from_slice(&self.vcpus.to_le_bytes());
+        f[4..].copy_from_slice(&self.mem_size.to_le_bytes());
+        ENVELOPE.write_header(&mut b, 0, 0);
         b
     }
 
@@ -117,40 +121,28 @@ impl Header {
     /// version is named, not called corrupt), then the CRC and the values.
     pub fn read(r: &mut dyn Read) -> Result<Header, SnapshotError> {
         let mut b = [0u8; HEADER_LEN];
-        let n = read_full(r, &mut b).map_err(SnapshotError::Read)?;
-        let m = n.min(MAGIC.len());
-        if b[..m] != MAGIC[..m] {
-            return Err(SnapshotError::NotSnapshot);
-        }
-        if n == 0 {
-            return Err(SnapshotError::Truncated(
-                "before its header (empty file)".into(),
-            ));
-        }
-        if n < 12 {
-            return Err(SnapshotError::Truncated(format!(
-                "inside its header, at byte {n}"
-            )));
-        }
-        let found = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-        if found != FORMAT_VERSION {
-            return Err(SnapshotError::Version { found });
-        }
-        if n < HEADER_LEN {
-            return Err(SnapshotError::Truncated(format!(
-                "inside its header, at byte {n}"
-            )));
-        }
-        let crc = u32::from_le_bytes(b[24..28].try_into().unwrap_or_default());
-        let actual = crc32c::crc32c(&b[..24]);
-        if crc != actual {
-            return Err(SnapshotError::Corrupt(format!(
-                "header CRC32C {actual:#010x}, header says {crc:#010x}"
-            )));
-        }
+        ENVELOPE.read_header(r, &mut b).map_err(|e| match e {
+            EnvelopeError::BadMagic => SnapshotError::NotSnapshot,
+            EnvelopeError::Truncated { have: 0, .. } => {
+                SnapshotError::Truncated("before its header (empty file)".into())
+            }
+            EnvelopeError::Truncated { have, .. } => {
+                SnapshotError::Truncated(format!("inside its header, at byte {have}"))
+            }
+            EnvelopeError::Version { found, .. } => SnapshotError::Version { found },
+            EnvelopeError::Crc { expected, actual } => SnapshotError::Corrupt(format!(
+                "header CRC32C {actual:#010x}, header says {expected:#010x}"
+            )),
+            EnvelopeError::Io(e) => SnapshotError::Read(e),
+            // No length field: neither a cap nor a payload to trail.
+            e @ (EnvelopeError::TooLarge { .. } | EnvelopeError::Trailing(_)) => {
+                SnapshotError::Corrupt(e.to_string())
+            }
+        })?;
+        let f = ENVELOPE.fields(&b);
         let h = Header {
-            vcpus: u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()),
-            mem_size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+            vcpus: u32::from_le_bytes(f[..4].try_into().unwrap_or_default()),
+            mem_size: u64::from_le_bytes(f[4..].try_into().unwrap_or_default()),
         };
         if h.vcpus == 0 || h.vcpus > u32::from(MAX_VCPUS) {
             return Err(SnapshotError::Corrupt(format!("{} vCPUs", h.vcpus)));
@@ -231,6 +223,7 @@ pub fn write_stream(
     let page = PAGE_SIZE as usize;
     let mut buf = vec![0u8; BATCH_PAGES * page];
     let mut runs: Vec<(u64, u32)> = Vec::new();
+    let mut found: Vec<(usize, usize)> = Vec::new();
     let mut pages = 0u64;
     let mut gpa = 0u64;
     while gpa < mem_size {
@@ -240,20 +233,16 @@ pub fn write_stream(
         // Compact the non-zero pages to the front of the buffer (they only move left).
         runs.clear();
         let mut used = 0usize;
-        for i in 0..len / page {
-            let src = i * page;
-            if buf[src..src + page] == ZERO_PAGE {
-                continue;
-            }
+        found.clear();
+        found.extend(memory::nonzero_runs(&buf[..len], page));
+        for &(first, n) in &found {
+            let (src, bytes) = (first * page, n * page);
             if used != src {
-                buf.copy_within(src..src + page, used);
+                buf.copy_within(src..src + bytes, used);
             }
-            used += page;
-            let at = gpa + src as u64;
-            match runs.last_mut() {
-                Some((g, c)) if *g + u64::from(*c) * PAGE_SIZE == at => *c += 1,
-                _ => runs.push((at, 1)),
-            }
+            used += bytes;
+            // n <= BATCH_PAGES.
+            runs.push((gpa + src as u64, n as u32));
         }
         if !runs.is_empty() {
             protocol::write_page_batch(&mut w, &runs, &buf[..used]).map_err(wr)?;
@@ -321,15 +310,12 @@ pub fn read_stream(
             Message::PageBatch { runs, data } => {
                 let mut off = 0usize;
                 for (gpa, count) in runs {
-                    let len = count as usize * PAGE_SIZE as usize;
-                    let fits = gpa % PAGE_SIZE == 0
-                        && gpa
-                            .checked_add(len as u64)
-                            .is_some_and(|e| e <= header.mem_size);
-                    if !fits || off + len > data.len() {
+                    let len = memory::check_run(mem, gpa, u64::from(count))
+                        .map_err(|e| SnapshotError::Corrupt(format!("frame at byte {at}: {e}")))?
+                        as usize;
+                    if off + len > data.len() {
                         return Err(SnapshotError::Corrupt(format!(
-                            "frame at byte {at}: {count} pages at {gpa:#x} lie outside the {}-byte guest memory",
-                            header.mem_size
+                            "frame at byte {at}: page data shorter than its runs"
                         )));
                     }
                     mem.write_slice(&data[off..off + len], GuestAddress(gpa))
@@ -510,7 +496,7 @@ pub struct RestoreConfig {
 }
 
 /// Summary of a restore.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Restored {
     pub pages: u64,
     pub bytes: u64,
@@ -518,10 +504,15 @@ pub struct Restored {
     pub mem_size: u64,
     /// Reading the file into memory and restoring the state.
     pub load_ns: u64,
+    /// vCPUs whose TSC frequency differs from the snapshot's and could not be scaled (the
+    /// guest runs, its timing off by the ratio); [`load`] has printed each on stderr.
+    pub notes: Vec<TscNote>,
 }
 
 /// Builds a blank VM of the recorded size and loads the snapshot at `path` into it. The VM is
 /// returned paused; nothing of the guest has run. Any damage is an error and the VM is dropped.
+/// Each TSC note of the restore is printed on stderr as one `blip: note: ...` line (and
+/// returned in [`Restored::notes`]).
 pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotError> {
     let t = now_ns();
     let file = File::open(path).map_err(SnapshotError::Open)?;
@@ -539,7 +530,10 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
         cfg.dirty,
     )?;
     let (state, read) = read_stream(&mut r, &header, vm.memory())?;
-    vm.restore_state(&state).map_err(SnapshotError::Restore)?;
+    let notes = vm.restore_state(&state).map_err(SnapshotError::Restore)?;
+    for n in &notes {
+        eprintln!("blip: note: {n}");
+    }
     Ok((
         vm,
         Restored {
@@ -548,6 +542,7 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
             vcpus: header.vcpus,
             mem_size: header.mem_size,
             load_ns: now_ns() - t,
+            notes,
         },
     ))
 }
@@ -567,6 +562,15 @@ mod tests {
     fn snapshot_header_round_trips() {
         let b = header().encode();
         assert_eq!(Header::read(&mut &b[..]).unwrap(), header());
+        // The documented layout, byte for byte.
+        let mut want = b"BLIPSNAP".to_vec();
+        want.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        want.extend_from_slice(&2u32.to_le_bytes());
+        want.extend_from_slice(&(4u64 << 20).to_le_bytes());
+        let crc = crc32c::crc32c(&want);
+        want.extend_from_slice(&crc.to_le_bytes());
+        want.extend_from_slice(&[0; 4]);
+        assert_eq!(b[..], want[..]);
     }
 
     #[test]

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestAddress;
 
 use crate::cpu::{self, CpuError};
 use crate::devices::Devices;
@@ -205,18 +204,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         fd.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set the TSS address"))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::Memory(MemoryError::Unaligned(0)))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+        for r in memory::kvm_slots(&mem, 0)? {
+            // SAFETY: the slot is a live mapping of exactly `memory_size` bytes owned by
             // `mem`, which the Vm keeps alive for as long as the VM fd exists.
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_enable_cap, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -67,6 +67,8 @@ pub enum DirtyError {
     Raw(#[from] KvmDirtyError),
     #[error("cannot start the dirty-ring collector thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DirtyError {
@@ -246,21 +248,8 @@ impl Tracker {
     }
 
     fn set_log_flag(&self, mem: &GuestMem, on: bool) -> Result<(), DirtyError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| {
-                    DirtyError::Raw(KvmDirtyError::Reset(std::io::Error::other(
-                        "no host address",
-                    )))
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        for r in crate::memory::kvm_slots(mem, flags)? {
             // SAFETY: same slot, same live mapping as registered at VM creation; only the
             // flags change.
             unsafe { self.shared.vm.set_user_memory_region(r) }
