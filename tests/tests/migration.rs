@@ -173,10 +173,7 @@ fn report_counts_rounds_and_the_exit_status_follows_the_target() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
     let kept = r["rounds"].as_array().unwrap().len() as u64;
     assert!(r["round_count"].as_u64().unwrap() >= kept.max(1), "{r}");
-    assert!(
-        matches!(r["target_ns"].as_u64(), Some(5_000_000)),
-        "{r}"
-    );
+    assert!(matches!(r["target_ns"].as_u64(), Some(5_000_000)), "{r}");
     assert!(
         r["target_met"].is_boolean() && r["restore_notes"].is_array(),
         "{r}"

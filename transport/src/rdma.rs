@@ -656,8 +656,9 @@ impl QueuePair<state::Init> {
             | ibv_qp_attr_mask::IBV_QP_PORT.0
             | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS.0;
         modify(qp, &mut attr, mask, "ibv_modify_qp(INIT)")?;
-        let mut psn = [0u8; 4];
-        let _ = getrandom_psn(&mut psn);
+        // A PSN only needs to differ between connections: a kernel without randomness
+        // would fail the migration's nonces long before this, so zero is an acceptable fallback.
+        let psn: [u8; 4] = crate::random::random_bytes().unwrap_or_default();
         Ok(QueuePair {
             h,
             psn: u32::from_le_bytes(psn) & 0x00ff_ffff,
@@ -756,12 +757,6 @@ impl QueuePair<state::Rts> {
             "ibv_modify_qp(ERR)",
         )
     }
-}
-
-/// Fills `b` from /dev/urandom (a PSN only needs to differ between connections).
-fn getrandom_psn(b: &mut [u8]) -> io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
 }
 
 /// One queued RDMA WRITE: `len` bytes from local `laddr` (under `lkey`) to remote `raddr`.

@@ -492,7 +492,7 @@ impl Sink {
         let len = n as usize * page;
         mem.read_slice(&mut buf[..len], GuestAddress(first * PAGE_SIZE))?;
         let mut pages = 0u64;
-        for (start, count) in nonzero_runs(&buf[..len]) {
+        for (start, count) in memory::nonzero_runs(&buf[..len], page) {
             let gpa = (first + start as u64) * PAGE_SIZE;
             let data = &buf[start * page..(start + count) * page];
             match self {
@@ -766,40 +766,10 @@ fn receiver(
     }
 }
 
-/// Checks that `pages` pages from `gpa` lie inside guest memory, page-aligned; returns their
-/// length in bytes.
+/// [`memory::check_run`] with the migration's error: pages the peer sent outside guest memory.
 pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationError> {
-    let out = || MigrationError::OutOfBounds {
+    memory::check_run(mem, gpa, pages).map_err(|_| MigrationError::OutOfBounds {
         gpa,
         count: pages as u32,
-    };
-    let len = pages.checked_mul(PAGE_SIZE).ok_or_else(out)?;
-    let end = gpa.checked_add(len).ok_or_else(out)?;
-    if gpa % PAGE_SIZE != 0 || end > memory::size(mem) {
-        return Err(out());
-    }
-    Ok(len)
-}
-
-/// The runs of non-zero pages in `buf`: (first page, pages).
-fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
-    let page = PAGE_SIZE as usize;
-    let nonzero: Vec<bool> = buf
-        .chunks(page)
-        .map(|p| p.iter().any(|b| *b != 0))
-        .collect();
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < nonzero.len() {
-        if !nonzero[i] {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < nonzero.len() && nonzero[i] {
-            i += 1;
-        }
-        runs.push((start, i - start));
-    }
-    runs
+    })
 }

@@ -151,8 +151,8 @@ pub enum MigrationError {
     },
     #[error("internal error: {0}")]
     Internal(&'static str),
-    #[error("cannot get random bytes for the handshake nonce")]
-    Random(#[source] std::io::Error),
+    #[error("no random bytes for the handshake nonce")]
+    Random(#[source] blip_transport::random::RandomError),
     #[error("cancelled; the guest keeps running on the source")]
     Cancelled,
     #[error("{0} (limit {1} simultaneous migrations per direction; set BLIP_MAX_MIGRATIONS)")]
@@ -320,7 +320,7 @@ pub fn cpu_fingerprint(kvm: &Kvm, vcpus: u8) -> ([u8; 12], u32, u64) {
     let c = cpu::cpuid_for(&base, 0, vcpus, 0);
     let mut vendor = [0u8; 12];
     let mut signature = 0;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::hash::Fnv::new();
     for e in c.as_slice() {
         match e.function {
             0 => {
@@ -338,29 +338,22 @@ pub fn cpu_fingerprint(kvm: &Kvm, vcpus: u8) -> ([u8; 12], u32, u64) {
             _ => (e.ebx, e.edx),
         };
         for v in [e.function, e.index, e.eax, ebx, e.ecx, edx] {
-            h = (h ^ u64::from(v)).wrapping_mul(0x1000_0000_01b3);
+            h.word(u64::from(v));
         }
     }
-    (vendor, signature, h)
+    (vendor, signature, h.finish())
 }
 
 /// An identifier of this host's boot (same value ⇒ same CLOCK_MONOTONIC).
 pub fn host_id() -> u64 {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    id.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3)
-    })
+    crate::hash::fnv1a(id.trim().as_bytes())
 }
 
 /// Fresh random bytes (nonces, session ids) from the kernel; a failure is an error, never
 /// zeros.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], MigrationError> {
-    use std::io::Read;
-    let mut b = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(MigrationError::Random)?;
-    Ok(b)
+    blip_transport::random::random_bytes().map_err(MigrationError::Random)
 }
 
 #[cfg(test)]
