@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{source, Options, Report};
+use crate::migration::{Options, Report};
 use crate::snapshot::Saved;
 
 /// A request on the control socket.
@@ -103,36 +103,8 @@ pub struct Status {
     pub last_heartbeat: Option<u64>,
 }
 
-/// A migration's live progress on the wire ([`source::Progress`], which is only written).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    /// "precopy", or "done" once the last live round is sent.
-    pub phase: String,
-    pub round: u32,
-    pub pages_sent: u64,
-    pub remaining_dirty: u64,
-    /// Guest dirty rate, pages per second.
-    pub dirty_rate: f64,
-    /// Bytes per second.
-    pub throughput: f64,
-    pub predicted_blackout_ns: u64,
-    pub elapsed_ns: u64,
-}
-
-impl From<&source::Progress> for Progress {
-    fn from(p: &source::Progress) -> Self {
-        Progress {
-            phase: p.phase.to_string(),
-            round: p.round,
-            pages_sent: p.pages_sent,
-            remaining_dirty: p.remaining_dirty,
-            dirty_rate: p.dirty_rate,
-            throughput: p.throughput,
-            predicted_blackout_ns: p.predicted_blackout_ns,
-            elapsed_ns: p.elapsed_ns,
-        }
-    }
-}
+/// A migration's live progress on the wire: the type the source writes.
+pub use crate::migration::source::Progress;
 
 /// How [`Saved`] (which only derives `Serialize`) reads back from the wire.
 #[derive(Serialize, Deserialize)]
@@ -394,8 +366,8 @@ mod tests {
 
     #[test]
     fn progress_has_the_fields_the_source_writes() {
-        let p = source::Progress {
-            phase: "precopy",
+        let p = Progress {
+            phase: "precopy".into(),
             round: 3,
             pages_sent: 100,
             remaining_dirty: 5,
@@ -406,9 +378,9 @@ mod tests {
         };
         let mut old = serde_json::to_value(&p).unwrap();
         old["event"] = "progress".into();
-        let (v, back) = round_trip(&Reply::Progress(Progress::from(&p)));
+        let (v, back) = round_trip(&Reply::Progress(p.clone()));
         assert_eq!(v, old);
-        assert!(matches!(back, Reply::Progress(q) if q == Progress::from(&p)));
+        assert!(matches!(back, Reply::Progress(q) if q == p));
     }
 
     #[test]

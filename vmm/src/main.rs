@@ -274,7 +274,7 @@ fn serve_vm(
                     }
                     let reply = req.reply.clone();
                     let mut progress = |p: &source::Progress| {
-                        let _ = reply.send(Reply::Progress(p.into()));
+                        let _ = reply.send(Reply::Progress(p.clone()));
                     };
                     match source::migrate(&mut vm, &options, &mut progress) {
                         Ok(report) => {

@@ -577,7 +577,11 @@ impl DestLink {
         allow: &[Cidr],
         control: &TcpStream,
     ) -> Result<DestLink, MigrationError> {
-        let news = accept_streams(listener, session, n, mem, allow, control)?;
+        let (tx, news) = crossbeam_channel::unbounded();
+        listener.set_nonblocking(true)?;
+        let r = accept_streams(listener, session, n, mem, allow, control, tx);
+        listener.set_nonblocking(false)?;
+        r?;
         Ok(DestLink::Tcp {
             news,
             done: vec![None; n as usize],
@@ -664,6 +668,9 @@ pub fn recv_pages(
     Ok(())
 }
 
+/// Accepts connections on the (non-blocking) `listener` until each of the session's `n`
+/// streams said StreamHello and proved the key; anything else is dropped. Each stream gets a
+/// [`receiver`] thread that sends its news on `tx`.
 fn accept_streams(
     listener: &TcpListener,
     session: &Session,
@@ -671,54 +678,50 @@ fn accept_streams(
     mem: &GuestMem,
     allow: &[Cidr],
     control: &TcpStream,
-) -> Result<Receiver<StreamNews>, MigrationError> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    listener.set_nonblocking(true)?;
+    tx: Sender<StreamNews>,
+) -> Result<(), MigrationError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = vec![false; n as usize];
     while seen.iter().any(|s| !s) {
-        match listener.accept() {
-            Ok((mut c, peer)) => {
-                if !allowed(allow, peer.ip()) {
-                    continue;
-                }
-                c.set_nonblocking(false)?;
-                tcp::tune(&c)?;
-                c.set_read_timeout(Some(peer_timeout()))?;
-                match protocol::read_message(&mut c).map(|f| f.msg) {
-                    Ok(Message::StreamHello { session: s, index })
-                        if s == session.id
-                            && index < n
-                            && !seen[index as usize]
-                            && session.stream_proven(&mut c, index) =>
-                    {
-                        seen[index as usize] = true;
-                        let mem = mem.clone();
-                        let tx: Sender<StreamNews> = tx.clone();
-                        let ctl = control.try_clone().ok();
-                        std::thread::Builder::new()
-                            .name(format!("mig-recv{index}"))
-                            .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
-                    }
-                    // Not one of this session's streams: drop it.
-                    _ => {}
-                }
-            }
+        let (mut c, peer) = match listener.accept() {
+            Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    listener.set_nonblocking(false)?;
                     return Err(MigrationError::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "the source did not open its data streams",
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
             Err(e) => return Err(e.into()),
+        };
+        if !allowed(allow, peer.ip()) {
+            continue;
+        }
+        c.set_nonblocking(false)?;
+        tcp::tune(&c)?;
+        c.set_read_timeout(Some(peer_timeout()))?;
+        match protocol::read_message(&mut c).map(|f| f.msg) {
+            Ok(Message::StreamHello { session: s, index })
+                if s == session.id
+                    && index < n
+                    && !seen[index as usize]
+                    && session.stream_proven(&mut c, index) =>
+            {
+                seen[index as usize] = true;
+                let (mem, tx) = (mem.clone(), tx.clone());
+                let ctl = control.try_clone().ok();
+                std::thread::Builder::new()
+                    .name(format!("mig-recv{index}"))
+                    .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
+            }
+            // Not one of this session's streams: drop it.
+            _ => {}
         }
     }
-    listener.set_nonblocking(false)?;
-    Ok(rx)
+    Ok(())
 }
 
 /// One TCP data stream: pages straight into guest memory; RoundEnds reported as news.

@@ -21,7 +21,7 @@ use std::time::Duration;
 use blip_transport::auth::Key;
 use blip_transport::protocol::{self, Message, Offer, TRANSPORT_RDMA, TRANSPORT_TCP};
 use blip_transport::tcp::{self, Endpoint};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::controller::{Controller, Decision, Limits, RoundStats};
 use super::link::SourceLink;
@@ -45,10 +45,11 @@ pub const VERIFY_FLAG: u64 = 1 << 63;
 /// Rounds kept in a report (the first half and the latest half of them).
 const MAX_REPORTED_ROUNDS: usize = 64;
 
-/// Live progress, streamed to `blip migrate` and the control API.
-#[derive(Clone, Debug, Serialize)]
+/// Live progress, streamed to `blip migrate` and the control API (one type on both ends).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
-    pub phase: &'static str,
+    /// "precopy", or "done" once the guest runs on the destination.
+    pub phase: String,
     pub round: u32,
     pub pages_sent: u64,
     pub remaining_dirty: u64,
@@ -205,7 +206,7 @@ fn run(
     commit(g, &mut report, &h, session.same_host, ctl.rtt_ns())?;
     report.total_ns = now_ns() - t_start;
     progress(&Progress {
-        phase: "done",
+        phase: "done".into(),
         round: report.round_count.saturating_sub(1),
         pages_sent: report.pages_sent + report.final_pages,
         remaining_dirty: 0,
@@ -338,7 +339,7 @@ impl Precopy<'_> {
             if now - last_progress >= 50_000_000 || round == 0 {
                 last_progress = now;
                 progress(&Progress {
-                    phase: "precopy",
+                    phase: "precopy".into(),
                     round,
                     pages_sent: report.pages_sent + rr.pages,
                     remaining_dirty: rr.dirty_after,
