@@ -1,7 +1,7 @@
 //! blip: a minimal, unikernel-style VMM on KVM built for live migration with a blackout in
 //! microseconds. This crate is the `blip` binary's engine: KVM VM and vCPU threads, guest
 //! memory, the PVH loader, the three devices, and (in later modules) dirty tracking and the
-//! migration engine. See `../shared/DESIGN.md` for the big picture.
+//! migration engine. See `docs/ARCHITECTURE.md` for the big picture.
 
 pub mod api;
 pub mod cli;

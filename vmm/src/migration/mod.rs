@@ -2,16 +2,15 @@
 //! guest and never runs it twice.
 //!
 //! The wire protocol (messages, framing, the sequence diagram) lives in
-//! `blip_transport::protocol`; this module is the engine on both ends:
+//! `blip_transport::protocol`. The engine is in parts that follow the migration sequence
+//! (`docs/ARCHITECTURE.md` has the whole picture):
 //!
-//! - [`source::migrate`] runs inside the source `blip` (driven by the control API): handshake,
-//!   round 0 (every non-zero page), rounds of pages dirtied during the previous round until the
-//!   predicted blackout is under the target, then stop-and-copy: pause all vCPUs, final harvest,
-//!   final pages and the vCPU/device state on the control stream (same stream = ordered after the
-//!   pages), wait for Ready, Commit, wait for Resumed.
-//! - [`dest::receive`] runs in `blip receive`: accept one source, check the offer, build the VM
-//!   (vCPUs created, memory pre-faulted) before any page moves, write pages straight into guest
-//!   memory, restore state, answer Ready, and resume only after Commit.
+//! - [`session`]: Hello and authentication, once for both roles;
+//! - [`controller`]: the pure stop rule (Continue / Throttle / Stop / Abort);
+//! - [`link`]: how pages move, one type per side (`SourceLink`, `DestLink`), TCP or RDMA;
+//! - [`source`]: negotiate → calibrate → offer → pre-copy → stop-and-copy → commit, under a
+//!   rollback guard;
+//! - [`stage`]: the destination's pure state machine; [`dest`] drives it.
 //!
 //! Failure rules: before the source has sent Commit, any failure (peer killed, connection
 //! lost, CRC error, refusal, timeout) resumes the guest on the source and the destination
