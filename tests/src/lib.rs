@@ -26,9 +26,23 @@ pub fn blip_bin() -> PathBuf {
     bin
 }
 
+/// The run directory (registry and migration slots) of every blip this test process starts,
+/// unless a test sets its own `BLIP_RUN_DIR`: the host-wide `/run/blip` would make two test
+/// runs on one machine (a developer's and CI's) take each other's migration slots.
+pub fn default_run_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("blip-tests-run-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .clone()
+}
+
 /// A `Command` for the blip binary with `args`.
 pub fn blip(args: &[&str]) -> Command {
     let mut c = Command::new(blip_bin());
+    c.env("BLIP_RUN_DIR", default_run_dir());
     c.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -110,6 +124,7 @@ impl Bg {
         let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
         let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
         let mut c = Command::new(blip_bin());
+        c.env("BLIP_RUN_DIR", default_run_dir());
         c.args(args)
             .arg("--api")
             .arg(&api)
