@@ -4,6 +4,8 @@
 //! `cargo test`); set `BLIP_BIN` to test another build. Timeouts here only protect CI from a
 //! hung guest; no test asserts on how long anything took.
 
+pub mod relay;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -934,3 +934,64 @@ fn receive_with_premade_memory_takes_that_size_only() {
     b.wait_api();
     assert_alive_then_check(&mut b);
 }
+
+#[test]
+fn a_page_altered_in_a_live_round_never_lands() {
+    use blip_tests::relay::{Action, Dir, Relay};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = scratch("mig-flip");
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    // Flip one bit of page data in the first Pages frame a data stream carries after its
+    // first RoundEnd (round 1 or later: sent live while the guest runs).
+    let flipped = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let (f, e) = (flipped.clone(), ended.clone());
+    let relay = Relay::start(&url, move |fr| {
+        if fr.dir == Dir::ToDest && fr.conn >= 1 {
+            let mut ended = e.lock().unwrap();
+            if fr.kind == protocol::MessageKind::RoundEnd as u16 {
+                ended.push(fr.conn);
+            } else if fr.kind == protocol::MessageKind::Pages as u16
+                && ended.contains(&fr.conn)
+                && !f.swap(true, Ordering::SeqCst)
+            {
+                // Header (16) + gpa, count, reserved (16) + into the first page.
+                fr.bytes[16 + 16 + 100] ^= 0x04;
+            }
+        }
+        Action::Forward
+    });
+    let o = migrate(
+        &a,
+        &relay.url,
+        &[
+            "--max-blackout",
+            "1ns",
+            "--max-precopy-time",
+            "60s",
+            "--on-timeout",
+            "abort",
+        ],
+    );
+    assert!(
+        flipped.load(Ordering::SeqCst),
+        "the relay altered no live page"
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success(),
+        "an altered page must fail the migration"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_ne!(b.wait(), Some(0), "destination: {}", b.stderr());
+    assert!(
+        b.stderr().contains("CRC"),
+        "the destination names the check that failed: {}",
+        b.stderr()
+    );
+    assert!(!b.stdout().contains("check:"), "destination ran a guest");
+    assert!(a.alive(), "source died: {}", a.stderr());
+    assert_alive_then_check(&mut a);
+}

@@ -210,13 +210,11 @@ impl SourceLink {
     ) -> Result<u64, MigrationError> {
         let mut pages = 0;
         for r in split_runs(runs, PAGES_PER_FRAME) {
-            let len = r.pages * PAGE_SIZE;
             match self {
-                SourceLink::Tcp { .. } => {
-                    protocol::write_pages_live_header(control, r.gpa(), r.pages as u32)?;
-                    mem.write_all_volatile_to(GuestAddress(r.gpa()), control, len as usize)?;
+                SourceLink::Tcp { batch, .. } => send_checked(control, mem, &r, batch)?,
+                SourceLink::Rdma { controller, .. } => {
+                    controller.write(r.gpa(), r.pages * PAGE_SIZE)?
                 }
-                SourceLink::Rdma { controller, .. } => controller.write(r.gpa(), len)?,
             }
             pages += r.pages;
         }
@@ -461,13 +459,9 @@ impl Sink {
             Job::Live(runs) => {
                 let mut pages = 0;
                 for r in runs {
-                    let len = r.pages * PAGE_SIZE;
                     match self {
-                        Sink::Tcp(conn) => {
-                            protocol::write_pages_live_header(conn, r.gpa(), r.pages as u32)?;
-                            mem.write_all_volatile_to(GuestAddress(r.gpa()), conn, len as usize)?;
-                        }
-                        Sink::Rdma(w) => w.write(r.gpa(), len)?,
+                        Sink::Tcp(conn) => send_checked(conn, mem, r, buf)?,
+                        Sink::Rdma(w) => w.write(r.gpa(), r.pages * PAGE_SIZE)?,
                     }
                     pages += r.pages;
                 }
@@ -517,6 +511,23 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Sends one run (at most `buf`'s size) as a Pages frame whose CRC covers the data: the pages
+/// are copied out of guest memory first, so the checksum is over exactly the bytes sent even
+/// while the guest rewrites them (such a page is dirty again and is resent later). A page
+/// altered in transit is then refused by the destination instead of landing in the guest; the
+/// copy and the CRC cost far less than the network write.
+fn send_checked(
+    w: &mut dyn Write,
+    mem: &GuestMem,
+    r: &Run,
+    buf: &mut [u8],
+) -> Result<(), MigrationError> {
+    let data = &mut buf[..(r.pages * PAGE_SIZE) as usize];
+    mem.read_slice(data, GuestAddress(r.gpa()))?;
+    protocol::write_pages(w, r.gpa(), &[IoSlice::new(data)])?;
+    Ok(())
 }
 
 /// Sends `runs` (guest paused) as few PageBatch frames as fit `buf`: one write, one read and
@@ -640,8 +651,9 @@ impl DestLink {
     }
 }
 
-/// Reads a Pages payload straight into guest memory, refusing anything outside it; checks the
-/// data CRC when the frame carries one.
+/// Reads a Pages payload straight into guest memory, refusing anything outside it, and checks
+/// its data CRC. A frame without a data CRC is refused: no page lands unchecked. (A page that
+/// fails the check is in guest memory, but the migration fails and this VM never runs.)
 pub fn recv_pages(
     conn: &mut TcpStream,
     mem: &GuestMem,
@@ -651,20 +663,21 @@ pub fn recv_pages(
     scratch: &mut [u8],
 ) -> Result<(), MigrationError> {
     let len = check_run(mem, gpa, u64::from(count))?;
+    if !receipt.data_checked {
+        return Err(MigrationError::Unchecked { gpa, count });
+    }
     let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
     vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
         .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
-    if receipt.data_checked {
-        let mut crc = receipt.partial_crc;
-        let mut off = 0u64;
-        while off < len {
-            let n = ((len - off) as usize).min(scratch.len());
-            mem.read_slice(&mut scratch[..n], GuestAddress(gpa + off))?;
-            crc = crc32c_append(crc, &scratch[..n]);
-            off += n as u64;
-        }
-        receipt.verify(crc)?;
+    let mut crc = receipt.partial_crc;
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(scratch.len());
+        mem.read_slice(&mut scratch[..n], GuestAddress(gpa + off))?;
+        crc = crc32c_append(crc, &scratch[..n]);
+        off += n as u64;
     }
+    receipt.verify(crc)?;
     Ok(())
 }
 

@@ -17,10 +17,10 @@
 //! discards everything. Once Commit is sent the source never resumes: if the destination then
 //! dies, the guest is lost rather than duplicated. The window is one message.
 //!
-//! Pre-copy pages travel "live" (zero-copy from guest memory while the guest runs; the CRC
-//! covers only the frame header, because the guest may change a page while it is sent — such a
-//! page is dirty again and is resent). Round 0 (scanned for zero pages through a bounce buffer)
-//! and the final round (guest paused) carry a CRC over the data too.
+//! Every page frame over TCP carries a CRC over its data, and the destination refuses frames
+//! without one: live pages are copied out of guest memory before they are sent, so the CRC is
+//! over exactly the bytes sent even while the guest rewrites them (such a page is dirty again
+//! and is resent). Over RDMA the NIC's ICRC covers the wire.
 
 pub mod controller;
 pub mod dest;
@@ -148,6 +148,8 @@ pub enum MigrationError {
         got: protocol::MessageKind,
         expected: &'static str,
     },
+    #[error("the peer sent pages without a data checksum (gpa {gpa:#x}, {count} pages)")]
+    Unchecked { gpa: u64, count: u32 },
     #[error("internal error: {0}")]
     Internal(&'static str),
     #[error("no random bytes for the handshake nonce")]
