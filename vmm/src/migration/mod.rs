@@ -150,6 +150,8 @@ pub enum MigrationError {
     },
     #[error("the peer sent pages without a data checksum (gpa {gpa:#x}, {count} pages)")]
     Unchecked { gpa: u64, count: u32 },
+    #[error("bad migration option: {0}")]
+    Options(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
     #[error("no random bytes for the handshake nonce")]

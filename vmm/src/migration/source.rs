@@ -163,7 +163,13 @@ fn run(
     let key = opts.key.as_deref().map(Key::load).transpose()?;
     let session = Session::open_source(&mut g.control, key)?;
     let cal = calibrate(g)?;
-    let streams = opts.streams.clamp(1, 16);
+    let streams = opts.streams;
+    if !(1..=super::dest::MAX_STREAMS).contains(&streams) {
+        return Err(MigrationError::Options(format!(
+            "--streams {streams}: 1 to {}",
+            super::dest::MAX_STREAMS
+        )));
+    }
     offer(g, opts, &cal, streams, rdma)?;
     let mem = g.vm.memory().clone();
     let mut link = if rdma {
