@@ -78,6 +78,10 @@ pub struct Incoming {
     pub guest_name: String,
     /// Notes from the state restore (e.g. a TSC frequency this host could not match).
     pub restore_notes: Vec<String>,
+    /// Set when contact with the source was lost after Ready and before Commit: the guest is
+    /// restored here but paused, and may still be paused on the source too. Only an explicit
+    /// `blip resolve` resumes it (on exactly one side). Says what was lost.
+    pub in_doubt: Option<String>,
 }
 
 /// Binds the listening socket (so callers can report the address before blocking). An
@@ -300,10 +304,24 @@ impl Receiver<'_> {
             .ok_or(MigrationError::Internal("no VM after Accept"))?;
         let mut stage = Stage::Precopy;
         while stage != Stage::Resumed {
-            let f = match read(self.control) {
+            let f = match protocol::read_message(self.control) {
                 Ok(f) => f,
+                // Ready went out: the source may have sent Commit (or died) and count on this
+                // copy. Keep the restored guest, paused, and say so. Only an Abort message
+                // from the source discards it.
+                Err(e) if stage == Stage::Restored => {
+                    self.inc.in_doubt = Some(format!(
+                        "contact with the source was lost after Ready, before Commit ({e})"
+                    ));
+                    return Ok(());
+                }
+                Err(protocol::ProtocolError::Closed) => {
+                    return Err(MigrationError::Aborted(
+                        "the source closed the connection before committing".into(),
+                    ))
+                }
                 // A data stream that failed shuts the control socket down: report its error.
-                Err(e) => return Err(self.link()?.stream_failure().unwrap_or(e)),
+                Err(e) => return Err(self.link()?.stream_failure().unwrap_or(e.into())),
             };
             stage = step(stage, &f.msg)?;
             match f.msg {

@@ -312,6 +312,12 @@ pub struct Report {
     /// Notes from the destination's state restore (e.g. a TSC frequency it could not match).
     #[serde(default)]
     pub restore_notes: Vec<String>,
+    /// Set when Commit went out (or may have) but the destination never confirmed it runs the
+    /// guest: the guest is paused here and maybe on the destination, and an operator (or a
+    /// cluster manager with fencing) must resume it on exactly one side (`blip resolve`).
+    /// Says what was lost.
+    #[serde(default)]
+    pub in_doubt: Option<String>,
 }
 
 /// A fingerprint of the CPU a guest sees from this host: vendor, family/model/stepping and a

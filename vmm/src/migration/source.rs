@@ -531,6 +531,12 @@ fn stop_and_copy(
 }
 
 /// The point of no return: Commit, then the destination's Resumed and first heartbeat.
+///
+/// After Commit the source never resumes the guest by itself. If the destination does not
+/// confirm (Commit or Resumed lost, the connection cut, the destination gone), nobody here can
+/// know whether it runs the guest: the report says the handover is *in doubt*, the guest stays
+/// paused here, and `blip resolve` decides. An explicit Abort in answer to Commit means the
+/// destination did not run it: the guest resumes here.
 fn commit(
     g: &mut Rollback,
     report: &mut Report,
@@ -539,39 +545,55 @@ fn commit(
     rtt_ns: u64,
 ) -> Result<(), MigrationError> {
     let t_commit = now_ns();
-    g.write(&Message::Commit)?;
-    // After this write the source never resumes the guest.
+    let sent = g.write(&Message::Commit);
     g.committed = true;
-    let resumed = match g.read() {
-        Ok(Message::Resumed { t_ns }) => Some(t_ns),
-        _ => None,
+    let answer = match sent {
+        Ok(()) => g.read(),
+        Err(e) => Err(e),
     };
     let t_ack = now_ns();
+    let t_dst = match answer {
+        Ok(Message::Resumed { t_ns }) => t_ns,
+        Ok(Message::Abort { reason }) => {
+            // The destination refused to run it and discards its copy: ours is the only one.
+            g.committed = false;
+            return Err(MigrationError::Aborted(reason));
+        }
+        Ok(other) => return in_doubt(report, &h.phases, other.unexpected("Resumed").to_string()),
+        Err(e) => return in_doubt(report, &h.phases, e.to_string()),
+    };
     let mut ph = h.phases.clone();
-    match resumed {
-        Some(t_dst) if same_host => {
-            report.blackout_ns = t_dst.saturating_sub(h.t_pause);
-            ph.resume = t_dst.saturating_sub(t_commit);
-            report.blackout_method = "shared-clock".into();
-        }
-        _ => {
-            let half_rtt = rtt_ns / 2;
-            report.blackout_ns = (t_ack - h.t_pause).saturating_sub(half_rtt);
-            ph.resume = (t_ack - t_commit).saturating_sub(half_rtt);
-            report.blackout_method = "rtt-corrected".into();
-        }
+    if same_host {
+        report.blackout_ns = t_dst.saturating_sub(h.t_pause);
+        ph.resume = t_dst.saturating_sub(t_commit);
+        report.blackout_method = "shared-clock".into();
+    } else {
+        let half_rtt = rtt_ns / 2;
+        report.blackout_ns = (t_ack - h.t_pause).saturating_sub(half_rtt);
+        ph.resume = (t_ack - t_commit).saturating_sub(half_rtt);
+        report.blackout_method = "rtt-corrected".into();
     }
     report.phases = ph;
     report.target_met = report.blackout_ns <= report.target_ns;
     // The destination reports the guest's first heartbeat after resume (counter 0: none).
-    if resumed.is_some() {
-        g.control.set_read_timeout(Some(Duration::from_secs(5)))?;
-        if let Ok(Message::Heartbeat { counter, t_ns }) = g.read() {
-            if let (true, Some(src)) = (counter > 0 && same_host, h.last_src_beat) {
-                report.guest_blackout_ns = Some(t_ns.saturating_sub(src.t_ns));
-            }
+    g.control.set_read_timeout(Some(Duration::from_secs(5)))?;
+    if let Ok(Message::Heartbeat { counter, t_ns }) = g.read() {
+        if let (true, Some(src)) = (counter > 0 && same_host, h.last_src_beat) {
+            report.guest_blackout_ns = Some(t_ns.saturating_sub(src.t_ns));
         }
     }
+    Ok(())
+}
+
+/// Records an in-doubt handover: what was lost, and no blackout figure (none is known).
+fn in_doubt(report: &mut Report, phases: &Phases, lost: String) -> Result<(), MigrationError> {
+    report.in_doubt = Some(format!(
+        "Commit was sent but the destination never confirmed it runs the guest ({lost})"
+    ));
+    report.phases = phases.clone();
+    report.blackout_ns = 0;
+    report.blackout_method = "unknown (no Resumed from the destination)".into();
+    report.target_met = false;
     Ok(())
 }
 
