@@ -221,3 +221,84 @@ fn missing_or_forbidden_kvm_is_one_line() {
         assert!(stderr(&o).contains("ermission denied"), "{}", stderr(&o));
     }
 }
+
+/// Issue 14: files that are not regular files are refused at once, with one line: a FIFO as
+/// `--key` used to block blip for good, `--kernel /dev/zero` to eat memory until killed.
+#[test]
+fn non_regular_kernel_and_key_files_are_refused() {
+    use blip_tests::{blip, scratch, wait_with_limit};
+    use std::time::Duration;
+    let dir = scratch("core-nonregular");
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(made.success());
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let fifo = fifo.to_str().unwrap();
+    let limit = Duration::from_secs(60); // a hang guard only
+    for kernel in ["/dev/zero", fifo] {
+        let o = wait_with_limit(blip(&["run", "--kernel", kernel]).spawn().unwrap(), limit);
+        one_line_error(&o, &format!("kernel image {kernel} is not a regular file"));
+    }
+    let o = wait_with_limit(
+        blip(&[
+            "migrate",
+            "--api",
+            "/nonexistent/blip.sock",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--key",
+            fifo,
+        ])
+        .spawn()
+        .unwrap(),
+        limit,
+    );
+    one_line_error(&o, &format!("key file {fifo} is not a regular file"));
+    // A (sparse) image larger than any guest memory is refused from its size, not read.
+    let big = dir.join("big.elf");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let o = wait_with_limit(
+        blip(&["run", "--kernel", big.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+        limit,
+    );
+    one_line_error(&o, "more than the guest's");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 14: a bad `--name` (control characters, '/', more than 64 characters) and a
+/// `--streams` outside 1..=16 are refused by the parser with exactly one line, exit 2.
+#[test]
+fn bad_names_and_stream_counts_are_one_line_errors() {
+    let long = "n".repeat(65);
+    for name in ["a\nb", "tab\there", "a/b", "../x", long.as_str()] {
+        for cmd in [
+            &["run", "--name", name][..],
+            &["restore", "f", "--name", name],
+        ] {
+            let o = run_blip(cmd);
+            one_line_error(&o, "invalid --name");
+            assert!(stderr(&o).contains(&format!("{name:?}")), "{}", stderr(&o));
+        }
+    }
+    for n in ["0", "17", "1000"] {
+        let o = run_blip(&[
+            "migrate",
+            "--api",
+            "/nonexistent/blip.sock",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--streams",
+            n,
+        ]);
+        one_line_error(&o, "--streams");
+        assert!(stderr(&o).contains("1..=16"), "{}", stderr(&o));
+    }
+}

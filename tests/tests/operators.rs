@@ -433,3 +433,90 @@ fn status_list_and_check_replies_read_back() {
         "the guest's memory check"
     );
 }
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// `blip list` as the unprivileged user `nobody`.
+fn list_as_nobody(host: &str) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(blip_tests::blip_bin())
+        .args(["list", "--json"])
+        .env("BLIP_RUN_DIR", host)
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
+/// Issue 14: `blip list` run by another user must not take a live guest for dead (its
+/// `kill(pid, 0)` fails with EPERM, which means alive) and delete its entry, even where it may
+/// (a world-writable run directory with a readable entry); where it cannot read the run
+/// directory it deletes nothing either.
+#[test]
+fn list_by_another_user_keeps_live_guests() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: needs root to run blip as another user");
+        return;
+    }
+    let dir = scratch("op-other-user");
+    let host = host_dir(&dir, "h");
+    let set = |p: &str, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    set(dir.to_str().unwrap(), 0o755).unwrap();
+    let mut g = guest(&dir, &host, "rooted");
+    let entry = format!("{host}/rooted.json");
+    set(&host, 0o777).unwrap();
+    set(&entry, 0o644).unwrap();
+    let o = list_as_nobody(&host);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["name"], "rooted");
+    assert!(
+        std::path::Path::new(&entry).exists(),
+        "nobody's list deleted a live guest"
+    );
+    // A run directory nobody cannot read: nothing is deleted.
+    set(&host, 0o700).unwrap();
+    let o = list_as_nobody(&host);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    assert!(std::path::Path::new(&entry).exists());
+    assert_eq!(listed(&host).len(), 1, "root still lists the guest");
+    let _ = g.kill();
+    let _ = g.wait();
+}
+
+/// Issue 14: a blip killed with -9 leaves its entry and socket; the next `blip list` removes
+/// both (the socket only because it is a socket nobody listens on: a regular file with a
+/// socket's name stays).
+#[test]
+fn entries_and_sockets_of_killed_guests_are_swept() {
+    let dir = scratch("op-sweep");
+    let host = host_dir(&dir, "h");
+    let mut g = guest(&dir, &host, "doomed");
+    let pid = g.id();
+    let entry = std::path::Path::new(&host).join("doomed.json");
+    let sock = std::path::Path::new(&host).join("doomed.sock");
+    g.kill().unwrap();
+    g.wait().unwrap();
+    assert!(
+        entry.exists() && sock.exists(),
+        "kill -9 left nothing to sweep"
+    );
+    // Another dead guest whose "socket" is a regular file.
+    let fake = serde_json::json!({
+        "name": "fake", "pid": pid, "vcpus": 1, "mem_size": 1 << 25, "started": 0,
+        "api": format!("{host}/fake.sock"),
+    });
+    std::fs::write(format!("{host}/fake.json"), fake.to_string()).unwrap();
+    std::fs::write(format!("{host}/fake.sock"), b"not a socket").unwrap();
+    assert!(listed(&host).is_empty());
+    assert!(!entry.exists(), "stale entry left");
+    assert!(!sock.exists(), "stale socket left");
+    assert!(!std::path::Path::new(&format!("{host}/fake.json")).exists());
+    assert!(std::path::Path::new(&format!("{host}/fake.sock")).exists());
+}

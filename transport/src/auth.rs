@@ -30,7 +30,14 @@ pub enum AuthError {
     TooShort { path: String, len: usize },
     #[error("key file {path} is readable by other users (chmod 600 it)")]
     Permissions { path: String },
+    #[error("key file {path} is not a regular file")]
+    NotRegular { path: String },
+    #[error("key file {path} is larger than {MAX_KEY_FILE} bytes; a key is a short secret")]
+    TooLarge { path: String },
 }
+
+/// Largest key file read (a key is 16 to a few hundred bytes).
+pub const MAX_KEY_FILE: u64 = 4096;
 
 /// A shared migration key.
 #[derive(Clone)]
@@ -53,21 +60,37 @@ pub enum Proof {
 
 impl Key {
     /// Loads a key file: its whole content (whitespace at the ends trimmed) is the key. Files
-    /// readable by group or others are refused.
+    /// readable by group or others, files that are not regular files (a FIFO would block the
+    /// read forever, a device never end it) and files over [`MAX_KEY_FILE`] bytes are refused.
     pub fn load(path: &Path) -> Result<Key, AuthError> {
+        use std::io::Read;
         use std::os::unix::fs::PermissionsExt;
         let p = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|source| AuthError::Read {
+        let read_err = |source| AuthError::Read {
             path: p.clone(),
             source,
-        })?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(AuthError::Permissions { path: p });
+        };
+        // Checked before opening (opening a FIFO blocks until a writer comes), and again on
+        // the opened file, which is the one read.
+        let checked = |meta: std::fs::Metadata| {
+            if !meta.file_type().is_file() {
+                Err(AuthError::NotRegular { path: p.clone() })
+            } else if meta.permissions().mode() & 0o077 != 0 {
+                Err(AuthError::Permissions { path: p.clone() })
+            } else {
+                Ok(())
+            }
+        };
+        checked(std::fs::metadata(path).map_err(read_err)?)?;
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        checked(file.metadata().map_err(read_err)?)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_KEY_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Err(AuthError::TooLarge { path: p });
         }
-        let bytes = std::fs::read(path).map_err(|source| AuthError::Read {
-            path: p.clone(),
-            source,
-        })?;
         let trimmed = bytes.trim_ascii();
         if trimmed.len() < MIN_KEY_LEN {
             return Err(AuthError::TooShort {
@@ -175,6 +198,15 @@ mod tests {
         assert!(matches!(
             Key::load(&dir.join("missing")),
             Err(AuthError::Read { .. })
+        ));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&f, vec![b'k'; MAX_KEY_FILE as usize + 1]).unwrap();
+        assert!(matches!(Key::load(&f), Err(AuthError::TooLarge { .. })));
+        // Not regular files: refused without opening (a FIFO would block), whatever the mode.
+        assert!(matches!(Key::load(&dir), Err(AuthError::NotRegular { .. })));
+        assert!(matches!(
+            Key::load(Path::new("/dev/zero")),
+            Err(AuthError::NotRegular { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }

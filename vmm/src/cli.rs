@@ -115,7 +115,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
     /// Name of this guest in the host registry (`blip list`, `blip drain`).
-    #[arg(long)]
+    #[arg(long, value_parser = GuestName)]
     pub name: Option<String>,
 }
 
@@ -144,7 +144,7 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
     /// Name of the received guest in this host's registry.
-    #[arg(long)]
+    #[arg(long, value_parser = GuestName)]
     pub name: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
@@ -209,7 +209,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "SOCKET", required_unless_present = "guest")]
     pub api: Option<PathBuf>,
     /// Name of the source guest in this host's registry.
-    #[arg(long, conflicts_with = "api")]
+    #[arg(long, conflicts_with = "api", value_parser = GuestName)]
     pub guest: Option<String>,
     /// Destination: tcp://HOST:PORT or rdma://HOST:PORT (a `blip receive --listen`).
     #[arg(long, value_name = "URL", required_unless_present = "cancel")]
@@ -224,8 +224,9 @@ pub struct MigrateArgs {
     /// Blackout target: pre-copy continues until the predicted blackout is below it.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,
-    /// Parallel TCP data streams.
-    #[arg(long, default_value_t = 1)]
+    /// Parallel TCP data streams (1 to 16).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_STREAMS)))]
     pub streams: u32,
     /// Longest pre-copy before --on-timeout applies.
     #[arg(long, default_value = "30s", value_parser = parse_duration_ns)]
@@ -297,8 +298,44 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
     /// Name of the restored guest in this host's registry.
-    #[arg(long)]
+    #[arg(long, value_parser = GuestName)]
     pub name: Option<String>,
+}
+
+/// Most parallel data streams of one migration.
+pub const MAX_STREAMS: u32 = 16;
+
+/// Parses a guest name (`--name`, `--guest`): it becomes a file name in the run directory, so
+/// it is checked here, and a bad one is refused with one line that shows it escaped (a name
+/// with a newline must not split the error in two).
+#[derive(Clone, Copy, Debug)]
+pub struct GuestName;
+
+impl clap::builder::TypedValueParser for GuestName {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let flag = arg.and_then(|a| a.get_long()).unwrap_or("name");
+        let name = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("invalid --{flag} {value:?}: not UTF-8\n"),
+            )
+        })?;
+        crate::registry::check_name(name)
+            .map(|()| name.to_string())
+            .map_err(|e| {
+                clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("invalid --{flag}: {e}\n"),
+                )
+            })
+    }
 }
 
 /// COM1 sink.
@@ -433,5 +470,49 @@ mod tests {
             _ => panic!("expected run"),
         }
         assert!(Cli::try_parse_from(["blip", "run", "--mem", "lots"]).is_err());
+    }
+
+    /// The first line of a parse error, as `main` prints it.
+    fn parse_error(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).unwrap_err();
+        let text = e.to_string();
+        text.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn names_are_checked_when_parsed() {
+        for bad in ["a\nb", "a/b", "", ".x", "bell\u{7}"] {
+            let first = parse_error(&["blip", "run", "--name", bad]);
+            assert!(first.contains("invalid --name"), "{bad:?}: {first}");
+            assert!(first.contains(&format!("{bad:?}")), "{bad:?}: {first}");
+        }
+        let long = "x".repeat(65);
+        assert!(parse_error(&["blip", "restore", "f", "--name", &long]).contains("invalid --name"));
+        let first = parse_error(&["blip", "migrate", "--guest", "a\nb", "--to", "tcp://x:1"]);
+        assert!(first.contains("invalid --guest"), "{first}");
+        let c = Cli::try_parse_from(["blip", "run", "--name", "web-1.a_b"]).unwrap();
+        assert!(matches!(c.command, Cmd::Run(r) if r.name.as_deref() == Some("web-1.a_b")));
+    }
+
+    #[test]
+    fn streams_out_of_range_are_refused() {
+        let m = |n: &str| {
+            Cli::try_parse_from([
+                "blip",
+                "migrate",
+                "--api",
+                "s",
+                "--to",
+                "tcp://x:1",
+                "--streams",
+                n,
+            ])
+        };
+        for bad in ["0", "17", "1000", "-1"] {
+            assert!(m(bad).is_err(), "{bad}");
+        }
+        for good in ["1", "16"] {
+            assert!(m(good).is_ok(), "{good}");
+        }
     }
 }

@@ -67,6 +67,10 @@ pub enum LoaderError {
         #[source]
         source: std::io::Error,
     },
+    #[error("kernel image {path} is not a regular file")]
+    NotRegular { path: String },
+    #[error("kernel image {path} is {len} bytes, more than the guest's {mem} bytes of memory")]
+    FileTooLarge { path: String, len: u64, mem: u64 },
     #[error("kernel image is not an ELF file")]
     NotElf,
     #[error("kernel image is a 32-bit ELF; blip loads ELF64 images (link PVH guests as ELF64)")]
@@ -106,15 +110,38 @@ pub struct Image {
 }
 
 impl Image {
-    /// Reads an image from a file.
+    /// Reads an image from a file that must fit in the largest guest memory blip makes
+    /// ([`crate::memory::MAX_MEM`]); [`Image::from_file_within`] bounds it by the guest's.
     pub fn from_file(path: &Path) -> Result<Self, LoaderError> {
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|source| LoaderError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        Self::from_file_within(path, crate::memory::MAX_MEM)
+    }
+
+    /// Reads an image from a regular file of at most `mem_size` bytes (an image cannot be
+    /// larger than the memory it is loaded into). Anything else is refused before it is read:
+    /// a FIFO (opened without blocking), a device such as /dev/zero, a file too large.
+    pub fn from_file_within(path: &Path, mem_size: u64) -> Result<Self, LoaderError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = || path.display().to_string();
+        let open = |source| LoaderError::Open { path: p(), source };
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(open)?;
+        let meta = file.metadata().map_err(open)?;
+        if !meta.file_type().is_file() {
+            return Err(LoaderError::NotRegular { path: p() });
+        }
+        if meta.len() > mem_size {
+            return Err(LoaderError::FileTooLarge {
+                path: p(),
+                len: meta.len(),
+                mem: mem_size,
+            });
+        }
+        // Bounded again while reading: the file may grow after the check.
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(mem_size).read_to_end(&mut bytes).map_err(open)?;
         Ok(Image { bytes })
     }
 
@@ -340,6 +367,38 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(INFO_PAGE)).unwrap(),
             INFO_MAGIC
         );
+    }
+
+    #[test]
+    fn image_files_must_be_regular_and_fit_in_memory() {
+        let r = Image::from_file(Path::new("/dev/zero"));
+        assert!(
+            matches!(r, Err(LoaderError::NotRegular { .. })),
+            "{:?}",
+            r.err()
+        );
+        let r = Image::from_file(Path::new("/"));
+        assert!(matches!(
+            r,
+            Err(LoaderError::NotRegular { .. }) | Err(LoaderError::Open { .. })
+        ));
+        let dir = std::env::temp_dir().join(format!("blip-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("big.elf");
+        // Sparse: refused from its size, never read.
+        File::create(&f).unwrap().set_len(8 << 30).unwrap();
+        let r = Image::from_file(&f);
+        assert!(
+            matches!(r, Err(LoaderError::FileTooLarge { .. })),
+            "{:?}",
+            r.err()
+        );
+        std::fs::write(&f, EMBEDDED_GUEST).unwrap();
+        let len = EMBEDDED_GUEST.len() as u64;
+        let r = Image::from_file_within(&f, len - 1);
+        assert!(matches!(r, Err(LoaderError::FileTooLarge { len: l, .. }) if l == len));
+        assert!(Image::from_file_within(&f, len).unwrap().check().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -8,9 +8,16 @@
 //! - `<name>.json`: `{name, pid, vcpus, mem_size, started}`, removed on exit;
 //! - `slots/in-<i>.lock`, `slots/out-<i>.lock`: migration slots held with `flock`, released by
 //!   the kernel when the holder exits, so a crashed blip never leaks a slot.
+//!
+//! Files are private whatever the umask: the run directory and `slots/` are made 0700 (when
+//! blip creates them), entries and slot files 0600. Entries of processes that are gone (`kill`
+//! says ESRCH; EPERM means alive but another user's) are removed, with their socket, whenever
+//! a blip registers or lists.
 
-use std::fs::File;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,7 +82,7 @@ pub enum RegistryError {
     },
     #[error("a guest named '{0}' is already registered on this host")]
     NameTaken(String),
-    #[error("guest names may use letters, digits, '-', '_' and '.' (got '{0}')")]
+    #[error("guest names are 1 to 64 letters, digits, '-', '_' or '.', not starting with '.' (got {0:?})")]
     BadName(String),
 }
 
@@ -99,9 +106,51 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+/// Whether a process is there, from what `kill(pid, 0)` said: success or any error but ESRCH
+/// (EPERM: it exists but belongs to another user) means alive; only ESRCH means gone.
+pub fn alive_from_kill(result: Result<(), i32>) -> bool {
+    result != Err(libc::ESRCH)
+}
+
+/// Whether process `pid` exists (see [`alive_from_kill`]); pid 0 and pids above `i32::MAX`
+/// are never alive.
+pub fn pid_alive(pid: u32) -> bool {
+    // pid 0 and negative pids name process groups, not a registered process.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    alive_from_kill(if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    })
+}
+
+/// Creates `dir` (and its parents) with mode 0700 where it does not exist yet.
+pub fn create_private_dir(dir: &Path) -> Result<(), RegistryError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| RegistryError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })
+}
+
+/// Creates (or truncates) `path` with mode 0600 for writing.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Registers a running guest.
@@ -113,10 +162,9 @@ pub fn register(
 ) -> Result<Registration, RegistryError> {
     check_name(name)?;
     let dir = run_dir();
-    std::fs::create_dir_all(&dir).map_err(|source| RegistryError::Dir {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    create_private_dir(&dir)?;
+    // Entries of dead processes go first (an unreadable directory is reported below).
+    let _ = try_list();
     let json = dir.join(format!("{name}.json"));
     if let Some(e) = read_entry(&json) {
         if e.pid != std::process::id() && pid_alive(e.pid) {
@@ -135,7 +183,8 @@ pub fn register(
         api: api.to_path_buf(),
     };
     let tmp = dir.join(format!(".{name}.json.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(&entry).unwrap_or_default())
+    create_private(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec(&entry).unwrap_or_default()))
         .and_then(|_| std::fs::rename(&tmp, &json))
         .map_err(|source| RegistryError::Dir {
             path: json.display().to_string(),
@@ -151,10 +200,35 @@ fn read_entry(p: &Path) -> Option<Entry> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
-/// The guests registered on this host (stale entries of dead processes are removed).
-pub fn list() -> Vec<Entry> {
-    let Ok(rd) = std::fs::read_dir(run_dir()) else {
-        return Vec::new();
+/// Removes the entry `json` of the dead process of `e`, and the guest's socket in the run
+/// directory if it is a socket nobody listens on. The socket goes only when this call removed
+/// the entry, so of two blips sweeping at once one touches it, and never once a new guest of
+/// that name listens on it.
+fn remove_dead(json: &Path, e: &Entry) {
+    if std::fs::remove_file(json).is_err() || check_name(&e.name).is_err() {
+        return;
+    }
+    let sock = socket_for(&e.name);
+    let is_socket = std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        let _ = std::fs::remove_file(&sock);
+    }
+}
+
+/// The guests registered on this host; entries of dead processes (and their sockets) are
+/// removed. A run directory that does not exist holds no guests; one that cannot be read is an
+/// error, and then nothing is removed.
+pub fn try_list() -> Result<Vec<Entry>, RegistryError> {
+    let dir = run_dir();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(RegistryError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })
+        }
     };
     let mut out: Vec<Entry> = rd
         .flatten()
@@ -165,13 +239,18 @@ pub fn list() -> Vec<Entry> {
             if pid_alive(e.pid) {
                 Some(e)
             } else {
-                let _ = std::fs::remove_file(&p);
+                remove_dead(&p, &e);
                 None
             }
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    Ok(out)
+}
+
+/// [`try_list`], with an unreadable run directory holding no guests.
+pub fn list() -> Vec<Entry> {
+    try_list().unwrap_or_default()
 }
 
 /// A held migration slot (released on drop, or by the kernel if the process dies).
@@ -190,7 +269,7 @@ pub enum Direction {
 pub fn take_slot(dir: Direction) -> Result<Slot, u32> {
     let limit = slot_limit();
     let slots = run_dir().join("slots");
-    if std::fs::create_dir_all(&slots).is_err() {
+    if create_private_dir(&slots).is_err() {
         // No writable run directory: limits cannot be enforced host-wide; do not block.
         return File::open("/dev/null")
             .map(|f| Slot { _file: f })
@@ -205,6 +284,7 @@ pub fn take_slot(dir: Direction) -> Result<Slot, u32> {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(slots.join(format!("{prefix}-{i}.lock")))
         else {
             continue;
@@ -228,5 +308,47 @@ mod tests {
         assert!(check_name("../etc").is_err());
         assert!(check_name(".hidden").is_err());
         assert!(check_name("a/b").is_err());
+        assert!(check_name("a\nb").is_err());
+        assert!(check_name(&"x".repeat(65)).is_err());
+        assert!(check_name(&"x".repeat(64)).is_ok());
+        // The error shows the name escaped, on one line.
+        let e = check_name("a\nb").unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("\\n"), "{e}");
+    }
+
+    #[test]
+    fn only_esrch_means_dead() {
+        assert!(alive_from_kill(Ok(())));
+        assert!(
+            alive_from_kill(Err(libc::EPERM)),
+            "another user's process is alive"
+        );
+        assert!(!alive_from_kill(Err(libc::ESRCH)));
+        assert!(
+            alive_from_kill(Err(libc::EINVAL)),
+            "unknown: keep the entry"
+        );
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(u32::MAX));
+        // pid 1 exists (EPERM for non-root, success for root): alive either way.
+        assert!(pid_alive(1));
+    }
+
+    #[test]
+    fn private_dir_is_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("blip-reg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        create_private_dir(&d.join("a/b")).unwrap();
+        for p in [d.join("a"), d.join("a/b")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", p.display());
+        }
+        let f = d.join("a/f");
+        create_private(&f).unwrap();
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -21,7 +21,7 @@
 //! | 12     | 4    | vCPUs (u32 LE) |
 //! | 16     | 8    | guest memory size in bytes (u64 LE) |
 //! | 24     | 4    | CRC32C of bytes 0..24 (u32 LE) |
-//! | 28     | 4    | reserved, 0 |
+//! | 28     | 4    | reserved, must be 0 (a reader refuses other values) |
 //! | 32     | ...  | `PageBatch` frames: the non-zero pages, at most [`BATCH_PAGES`] per frame |
 //! |        |      | one `State` frame: `persist::encode` of the VM state (its own envelope) |
 //! |        |      | `RoundEnd { round: u32::MAX, pages: total }`: the end marker |
@@ -60,7 +60,10 @@ pub const END_ROUND: u32 = u32::MAX;
 /// its CRC covers the header's own bytes 0..24; vCPUs and memory size are the caller fields.
 pub const ENVELOPE: Envelope = Envelope::new(&MAGIC, FORMAT_VERSION, 4)
     .with_fields(12)
-    .with_reserved(4);
+    .with_reserved(RESERVED_LEN);
+
+/// The reserved bytes at the end of the header (zero; the envelope does not check them).
+const RESERVED_LEN: usize = 4;
 
 const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
 
@@ -139,6 +142,15 @@ impl Header {
                 SnapshotError::Corrupt(e.to_string())
             }
         })?;
+        // The envelope's CRC covers bytes 0..24 only: the reserved bytes are checked here, so
+        // no byte of the header can change unnoticed. (Files of this format have zeros there.)
+        let reserved = &b[ENVELOPE.header_len() - RESERVED_LEN..];
+        if reserved.iter().any(|&x| x != 0) {
+            return Err(SnapshotError::Corrupt(format!(
+                "reserved header bytes {}..{HEADER_LEN} are {reserved:02x?}, not zero",
+                HEADER_LEN - RESERVED_LEN
+            )));
+        }
         let f = ENVELOPE.fields(&b);
         let h = Header {
             vcpus: u32::from_le_bytes(f[..4].try_into().unwrap_or_default()),
@@ -377,11 +389,56 @@ pub fn read_stream(
     }
 }
 
-/// The `.tmp` file a snapshot is written to before it is renamed into place.
+/// The temporary file a snapshot is written to before it is renamed into place:
+/// `FILE.<pid>.tmp`, named after the writing process so that a writer that died (kill -9) can
+/// be told from one still writing.
 pub fn tmp_path(path: &Path) -> PathBuf {
+    tmp_path_of(path, std::process::id())
+}
+
+fn tmp_path_of(path: &Path, pid: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
+    s.push(format!(".{pid}.tmp"));
     PathBuf::from(s)
+}
+
+/// The writer's pid of `name` if it is a temporary file of a snapshot named `target`.
+fn tmp_writer(name: &[u8], target: &[u8]) -> Option<u32> {
+    let digits = name
+        .strip_prefix(target)?
+        .strip_prefix(b".")?
+        .strip_suffix(b".tmp")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Removes the temporary files next to `path` left by writers that are gone, and one of this
+/// process (pid reuse: no other live process can have written it; this process writes one
+/// snapshot at a time). A file whose writer is alive is never touched, so two blips writing
+/// the same target never delete each other's file; only regular files are removed.
+fn remove_orphans(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(target) = path.file_name() else {
+        return;
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = tmp_writer(e.file_name().as_bytes(), target.as_bytes()) else {
+            continue;
+        };
+        let gone = pid == std::process::id() || !crate::registry::pid_alive(pid);
+        if gone && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The result of [`save`].
@@ -407,22 +464,30 @@ pub struct Saved {
     pub stopped: bool,
 }
 
-/// Pauses `vm`, writes its snapshot to `path` (through `path.tmp`, fsynced, renamed), then
+/// Pauses `vm`, writes its snapshot to `path` (through [`tmp_path`], fsynced, renamed), then
 /// resumes the guest unless `stop`. On any error the guest is resumed and the partial file
 /// removed. With `stop`, success means the snapshot is on disk and the VM stays paused.
 pub fn save(vm: &mut Vm, path: &Path, stop: bool) -> Result<Saved, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tmp_path(path);
+    remove_orphans(path);
     // Never rename over a device, directory or socket (`blip snapshot ... /dev/full`).
     for p in [path, tmp.as_path()] {
         if std::fs::symlink_metadata(p).is_ok_and(|m| !m.file_type().is_file()) {
             return Err(SnapshotError::NotAFile(p.to_path_buf()));
         }
     }
-    // Fail on an unwritable path before the guest is paused.
-    let file = File::create(&tmp).map_err(|source| SnapshotError::Create {
-        path: tmp.clone(),
-        source,
-    })?;
+    // Fail on an unwritable path before the guest is paused. A new file (never through a
+    // symlink planted at the name), private whatever the umask: the rename keeps its mode.
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|source| SnapshotError::Create {
+            path: tmp.clone(),
+            source,
+        })?;
     let r = save_paused(vm, file, &tmp, path, stop);
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -704,6 +769,64 @@ mod tests {
         let mut t = b.clone();
         t.push(0);
         assert!(matches!(load_bytes(&t), Err(SnapshotError::Corrupt(_))));
+    }
+
+    #[test]
+    fn snapshot_reserved_header_bytes_are_checked() {
+        let b = header().encode();
+        for at in HEADER_LEN - RESERVED_LEN..HEADER_LEN {
+            let mut c = b;
+            c[at] ^= 0x01;
+            match Header::read(&mut &c[..]) {
+                Err(SnapshotError::Corrupt(m)) => assert!(m.contains("reserved"), "{m}"),
+                other => panic!("flip at {at}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn snapshot_tmp_names_carry_the_writer() {
+        let t = tmp_path_of(Path::new("/x/guest.snap"), 42);
+        assert_eq!(t, Path::new("/x/guest.snap.42.tmp"));
+        assert_eq!(tmp_writer(b"guest.snap.42.tmp", b"guest.snap"), Some(42));
+        for other in [
+            &b"guest.snap.tmp"[..],
+            b"guest.snap.x42.tmp",
+            b"guest.snap..tmp",
+            b"guest.snapshot.42.tmp",
+            b"other.snap.42.tmp",
+            b"guest.snap.42.tmp.bak",
+            b"guest.snap.99999999999.tmp",
+        ] {
+            assert_eq!(tmp_writer(other, b"guest.snap"), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_orphans_of_dead_writers_only_are_removed() {
+        let d = std::env::temp_dir().join(format!("blip-snap-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let target = d.join("g.snap");
+        // A writer that is gone: a child that has exited and been reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = tmp_path_of(&target, 1); // pid 1 is alive
+        let orphan = tmp_path_of(&target, dead);
+        let mine = tmp_path(&target);
+        let unrelated = d.join("g.snap.tmp");
+        for f in [&live, &orphan, &mine, &unrelated] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        remove_orphans(&target);
+        assert!(live.exists(), "a live writer's file was removed");
+        assert!(
+            unrelated.exists(),
+            "a file without a writer pid was removed"
+        );
+        assert!(!orphan.exists() && !mine.exists());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
