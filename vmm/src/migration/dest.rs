@@ -456,14 +456,18 @@ fn check_offer(vm_max: u32, o: &protocol::Offer, kvm: &kvm_ioctls::Kvm) -> Resul
     if !(memory::MIN_MEM..=memory::MAX_MEM).contains(&o.mem_size) || o.mem_size % PAGE_SIZE != 0 {
         return Err(format!("guest memory of {} bytes", o.mem_size));
     }
-    if !(1..=MAX_STREAMS).contains(&o.streams) {
-        return Err(format!("{} data streams (1 to {MAX_STREAMS})", o.streams));
+    if !(1..=crate::cli::MAX_STREAMS).contains(&o.streams) {
+        return Err(format!(
+            "{} data streams (1 to {})",
+            o.streams,
+            crate::cli::MAX_STREAMS
+        ));
     }
     // 0 = the source's KVM did not say; otherwise 1 MHz to 100 GHz.
     if o.tsc_khz != 0 && !(1_000..=100_000_000).contains(&o.tsc_khz) {
         return Err(format!("a TSC of {} kHz", o.tsc_khz));
     }
-    if !o.guest_name.is_empty() && !valid_guest_name(&o.guest_name) {
+    if !o.guest_name.is_empty() && crate::registry::check_name(&o.guest_name).is_err() {
         return Err(format!(
             "guest name {:?} (up to 64 letters, digits, '.', '_' or '-', not starting with '.')",
             o.guest_name
@@ -484,19 +488,6 @@ fn check_offer(vm_max: u32, o: &protocol::Offer, kvm: &kvm_ioctls::Kvm) -> Resul
         ));
     }
     Ok(())
-}
-
-/// Most data streams (TCP connections or sender queue pairs) one migration may ask for.
-pub const MAX_STREAMS: u32 = 16;
-
-/// A name the registry can use as a file name: 1–64 of `[A-Za-z0-9._-]`, not starting with
-/// '.' (no paths, no hidden files, no control characters).
-pub fn valid_guest_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// An allowed network (`--allow 10.0.0.0/8`).
@@ -561,27 +552,4 @@ impl Cidr {
 /// Empty list = everyone.
 pub(crate) fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|c| c.contains(ip))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::valid_guest_name;
-
-    #[test]
-    fn guest_names_are_file_names_and_nothing_more() {
-        for ok in ["web1", "g-3", "a.b_c", &"x".repeat(64)] {
-            assert!(valid_guest_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".hidden",
-            "../etc",
-            "a/b",
-            "two\nlines",
-            "sp ace",
-            &"x".repeat(65),
-        ] {
-            assert!(!valid_guest_name(bad), "{bad:?}");
-        }
-    }
 }

@@ -164,10 +164,10 @@ fn run(
     let session = Session::open_source(&mut g.control, key)?;
     let cal = calibrate(g)?;
     let streams = opts.streams;
-    if !(1..=super::dest::MAX_STREAMS).contains(&streams) {
+    if !(1..=crate::cli::MAX_STREAMS).contains(&streams) {
         return Err(MigrationError::Options(format!(
             "--streams {streams}: 1 to {}",
-            super::dest::MAX_STREAMS
+            crate::cli::MAX_STREAMS
         )));
     }
     offer(g, opts, &cal, streams, rdma)?;
