@@ -506,9 +506,11 @@ fn off_by(r: f64) -> f64 {
     }
 }
 
-/// A ratio for the table: two decimals, "n/a" when absent, "inf" when not finite.
+/// A ratio for the table: two decimals (below 0.01 in scientific notation, so a far-off
+/// prediction does not read as "0.00"), "n/a" when absent, "inf" when not finite.
 fn ratio_cell(r: Option<f64>) -> String {
     match r {
+        Some(r) if r > 0.0 && r < 0.01 => format!("{r:.1e}"),
         Some(r) if r.is_finite() => format!("{r:.2}"),
         Some(_) => "inf".into(),
         None => "n/a".into(),
@@ -1039,6 +1041,8 @@ mod tests {
         assert_eq!(j["max"], 2.2);
         assert_eq!(j["worst_factor"], 2.5);
         assert_eq!(j["within_2x"], 3);
+        assert_eq!(ratio_cell(Some(0.000_818)), "8.2e-4");
+        assert_eq!(ratio_cell(Some(0.0)), "0.00");
         p.ratios.push(0.0);
         assert_eq!(ratio_cell(p.worst().map(off_by)), "inf");
         assert!(p.json()["worst_factor"].is_null());
