@@ -443,6 +443,8 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
                 let v: Value =
                     serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))?;
                 match v["event"].as_str() {
+                    // The guest moved: a sample, whether or not it met its target
+                    // (`report.target_met`; the CLI says the same with exit code 5).
                     Some("done") => {
                         return serde_json::from_value(v["report"].clone())
                             .map_err(|e| format!("unreadable report: {e}"))
@@ -473,6 +475,108 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
             }
             serde_json::from_slice(&o.stdout).map_err(|e| format!("unreadable report: {e}"))
         }
+    }
+}
+
+/// How the controller's blackout prediction and the blackout target fared in one cell.
+///
+/// Per migration: `predicted_blackout_ns / blackout_ns` (1 = exact, 2 = predicted twice the
+/// actual blackout, 0.5 = half of it) and whether the report says its target was met.
+#[derive(Default)]
+struct Prediction {
+    /// predicted / actual, of each migration whose report has a nonzero blackout.
+    ratios: Vec<f64>,
+    /// Migrations whose report names a target (`target_ns` > 0).
+    with_target: u32,
+    /// Of those, the ones whose report says `target_met`.
+    met: u32,
+}
+
+/// predicted / actual blackout; None when the actual blackout is 0 (nothing to compare to).
+fn pred_ratio(predicted_ns: u64, actual_ns: u64) -> Option<f64> {
+    (actual_ns > 0).then(|| predicted_ns as f64 / actual_ns as f64)
+}
+
+/// How far a ratio is from 1, either way: max(r, 1/r) (infinite for a prediction of 0).
+fn off_by(r: f64) -> f64 {
+    if r > 0.0 {
+        r.max(1.0 / r)
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// A ratio for the table: two decimals (below 0.01 in scientific notation, so a far-off
+/// prediction does not read as "0.00"), "n/a" when absent, "inf" when not finite.
+fn ratio_cell(r: Option<f64>) -> String {
+    match r {
+        Some(r) if r > 0.0 && r < 0.01 => format!("{r:.1e}"),
+        Some(r) if r.is_finite() => format!("{r:.2}"),
+        Some(_) => "inf".into(),
+        None => "n/a".into(),
+    }
+}
+
+impl Prediction {
+    fn record(&mut self, r: &Report) {
+        if let Some(x) = pred_ratio(r.predicted_blackout_ns, r.blackout_ns) {
+            self.ratios.push(x);
+        }
+        if r.target_ns > 0 {
+            self.with_target += 1;
+            if r.target_met {
+                self.met += 1;
+            }
+        }
+    }
+
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.ratios.clone();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    /// The ratio at quantile `q` (nearest rank, as hdrhistogram's `value_at_quantile`).
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let v = self.sorted();
+        if v.is_empty() {
+            return None;
+        }
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        Some(v[rank - 1])
+    }
+
+    /// The ratio farthest from 1 either way (its direction kept: 0.40 or 2.50).
+    fn worst(&self) -> Option<f64> {
+        self.ratios
+            .iter()
+            .copied()
+            .max_by(|a, b| off_by(*a).total_cmp(&off_by(*b)))
+    }
+
+    /// "met 5/5", "met 3/5", or "n/a" when no report named a target.
+    fn met_cell(&self) -> String {
+        if self.with_target == 0 {
+            "n/a".into()
+        } else {
+            format!("met {}/{}", self.met, self.with_target)
+        }
+    }
+
+    fn json(&self) -> Value {
+        let v = self.sorted();
+        let within_2x = v.iter().filter(|&&r| off_by(r) <= 2.0).count();
+        json!({
+            "what": "predicted_blackout_ns / blackout_ns per migration (1 = exact)",
+            "n": v.len(),
+            "p50": self.quantile(0.5),
+            "min": v.first(),
+            "max": v.last(),
+            "worst": self.worst(),
+            // max(r, 1/r) of the worst; null when a prediction was 0 (infinitely off).
+            "worst_factor": self.worst().map(off_by).filter(|f| f.is_finite()),
+            "within_2x": within_2x,
+        })
     }
 }
 
@@ -591,12 +695,20 @@ impl Hists {
 /// The table header.
 pub fn header() {
     println!(
-        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | memory check",
-        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "other", "total", "rounds", "n"
+        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check",
+        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "other", "total", "rounds", "n", "pred/actual p50", "worst", "target met"
     );
     println!(
-        "        | {:>17} | {:>26} | {:>17} | {:>53} | {:>8} | {:>6} | {:>4} |",
-        "", "VMM blackout (us)", "guest gap (us)", "phase p50 (us)", "p50 ms", "p50", ""
+        "        | {:>17} | {:>26} | {:>17} | {:>53} | {:>8} | {:>6} | {:>4} | {:>22} | {:>10} |",
+        "",
+        "VMM blackout (us)",
+        "guest gap (us)",
+        "phase p50 (us)",
+        "p50 ms",
+        "p50",
+        "",
+        "predicted / VMM bo",
+        ""
     );
 }
 
@@ -654,6 +766,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     };
     let n = s.migrations;
     let mut h = Hists::new();
+    let mut pred = Prediction::default();
     let mut errors: Vec<String> = Vec::new();
     let mut samples: Vec<Value> = Vec::new();
     let mut intervals: Vec<Interval> = Vec::new();
@@ -696,7 +809,9 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
             let asked = Instant::now();
             match migrate_once(s, &src, &url) {
                 Ok(r) => {
+                    // A report whose target was missed is a sample like any other.
                     h.record(&r);
+                    pred.record(&r);
                     let serial_gap = match (&src.beats, &rx.beats) {
                         (Some(sb), Some(db)) => {
                             db.wait_beat_after(asked, Duration::from_secs(5));
@@ -722,7 +837,11 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                         r.round_count,
                         r.bytes_sent,
                         serial_gap.map(|g| g.handover_ns),
-                        serial_gap.map(|g| g.max_at_ns)
+                        serial_gap.map(|g| g.max_at_ns),
+                        r.predicted_blackout_ns,
+                        pred_ratio(r.predicted_blackout_ns, r.blackout_ns),
+                        r.target_ns,
+                        r.target_met
                     ]));
                     done += 1;
                     in_a_row = 0;
@@ -826,7 +945,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
         format!("{}{}", c.load(), c.extras()),
@@ -845,6 +964,9 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         p50(&h.total) as f64 / 1e6,
         p50(&h.rounds),
         h.blackout.len(),
+        ratio_cell(pred.quantile(0.5)),
+        ratio_cell(pred.worst()),
+        pred.met_cell(),
         if failed > 0 {
             format!(" ({failed} migration(s) failed)")
         } else {
@@ -876,7 +998,10 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "wall_s": wall.as_secs_f64(),
         "hlog": hlog_written.ok().map(|_| hlog.display().to_string()),
         "histograms": h.json(),
-        "samples_columns": ["blackout_ns", "guest_blackout_ns", "guest_serial_blackout_ns", "total_ns", "round_count", "bytes_sent", "guest_serial_handover_ns", "guest_serial_max_gap_at_ns"],
+        "prediction_ratio": pred.json(),
+        "migrations_target_met": pred.met,
+        "migrations_target_missed": pred.with_target - pred.met,
+        "samples_columns": ["blackout_ns", "guest_blackout_ns", "guest_serial_blackout_ns", "total_ns", "round_count", "bytes_sent", "guest_serial_handover_ns", "guest_serial_max_gap_at_ns", "predicted_blackout_ns", "predicted_over_actual", "target_ns", "target_met"],
         "samples": samples,
     })
 }
@@ -892,6 +1017,36 @@ fn opt_us(h: &Histogram<u64>, q: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prediction_ratios_per_cell() {
+        assert_eq!(pred_ratio(900, 600), Some(1.5));
+        assert_eq!(pred_ratio(900, 0), None);
+        assert_eq!(off_by(0.25), 4.0);
+        assert_eq!(off_by(2.0), 2.0);
+        assert!(off_by(0.0).is_infinite());
+        let mut p = Prediction::default();
+        assert_eq!(p.met_cell(), "n/a");
+        assert_eq!(ratio_cell(p.quantile(0.5)), "n/a");
+        p.ratios = vec![1.5, 0.4, 1.1, 2.2, 0.9];
+        p.with_target = 5;
+        p.met = 4;
+        assert_eq!(p.quantile(0.5), Some(1.1));
+        // 0.4 is 2.5x off, farther than 2.2: the worst keeps its direction.
+        assert_eq!(p.worst(), Some(0.4));
+        assert_eq!(ratio_cell(p.worst()), "0.40");
+        assert_eq!(p.met_cell(), "met 4/5");
+        let j = p.json();
+        assert_eq!(j["min"], 0.4);
+        assert_eq!(j["max"], 2.2);
+        assert_eq!(j["worst_factor"], 2.5);
+        assert_eq!(j["within_2x"], 3);
+        assert_eq!(ratio_cell(Some(0.000_818)), "8.2e-4");
+        assert_eq!(ratio_cell(Some(0.0)), "0.00");
+        p.ratios.push(0.0);
+        assert_eq!(ratio_cell(p.worst().map(off_by)), "inf");
+        assert!(p.json()["worst_factor"].is_null());
+    }
 
     #[test]
     fn workloads_parse_and_name_themselves() {
