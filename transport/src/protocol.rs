@@ -92,10 +92,14 @@ const _: () = assert!(FRAME.header_len() == HEADER_LEN);
 pub enum ProtocolError {
     /// The underlying stream failed (including EOF inside a message).
     #[error("migration stream I/O failed")]
-    Io(#[from] io::Error),
+    Io(#[source] io::Error),
     /// The peer closed the stream cleanly between messages.
     #[error("peer closed the migration stream")]
     Closed,
+    /// No complete message arrived in time (the socket's read timeout, or a per-message
+    /// deadline: a peer that trickles bytes does not keep a message open forever).
+    #[error("{}", timed_out(*.0))]
+    TimedOut(std::time::Duration),
     /// The header does not start with `b"BLIP"`.
     #[error("bad magic {0:#010x}: peer does not speak the blip migration protocol")]
     BadMagic(u32),
@@ -643,7 +647,33 @@ fn sealed_header(kind: MessageKind, len: usize, crc: u32) -> Result<[u8; HEADER_
     Ok(Header::new(kind, len, crc).encode())
 }
 
+impl From<io::Error> for ProtocolError {
+    fn from(e: io::Error) -> Self {
+        ProtocolError::from_io(e)
+    }
+}
+
+/// Says what timed out (zero: the socket's own read timeout, whose length the reader set).
+fn timed_out(limit: std::time::Duration) -> String {
+    if limit.is_zero() {
+        "the peer went silent (nothing arrived within the read timeout)".into()
+    } else {
+        format!("the peer sent no complete message within {limit:?}")
+    }
+}
+
 impl ProtocolError {
+    /// An I/O error, named as a timeout when it is one (a socket read timeout surfaces as
+    /// EAGAIN, "Resource temporarily unavailable", which says nothing to a user).
+    pub fn from_io(e: io::Error) -> ProtocolError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ProtocolError::TimedOut(std::time::Duration::ZERO)
+            }
+            _ => ProtocolError::Io(e),
+        }
+    }
+
     /// The protocol's words for what [`FRAME`] found wrong with header `h` (as much of it as
     /// arrived).
     fn envelope(e: EnvelopeError, h: &[u8]) -> ProtocolError {
@@ -663,7 +693,7 @@ impl ProtocolError {
             }
             EnvelopeError::Truncated { have: 0, .. } => ProtocolError::Closed,
             EnvelopeError::Truncated { .. } => eof("stream ended inside a message header"),
-            EnvelopeError::Io(e) => ProtocolError::Io(e),
+            EnvelopeError::Io(e) => ProtocolError::from_io(e),
             // A frame header has a length field: its CRC covers the payload, checked by the
             // reader of the payload; nothing trails a header.
             EnvelopeError::Crc { .. } | EnvelopeError::Trailing(_) => {

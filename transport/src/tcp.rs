@@ -246,6 +246,46 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)
 }
 
+/// Reads one message from `s` within `limit` for the *whole* message: a peer that trickles one
+/// byte a second cannot hold it open, because every read gets only the time that is left.
+/// Leaves the socket's read timeout at `limit` (for page data read after a Pages header).
+pub fn read_message_within(
+    s: &mut TcpStream,
+    limit: Duration,
+) -> Result<crate::protocol::Frame, crate::protocol::ProtocolError> {
+    let mut d = Deadline {
+        s,
+        until: std::time::Instant::now() + limit,
+    };
+    let r = crate::protocol::read_message(&mut d);
+    let _ = d.s.set_read_timeout(Some(limit));
+    r.map_err(|e| match e {
+        crate::protocol::ProtocolError::TimedOut(_) => {
+            crate::protocol::ProtocolError::TimedOut(limit)
+        }
+        e => e,
+    })
+}
+
+/// A reader that fails with `TimedOut` once `until` has passed.
+struct Deadline<'a> {
+    s: &'a mut TcpStream,
+    until: std::time::Instant,
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,24 +100,15 @@ pub fn listen(url: &str) -> Result<(TcpListener, bool), MigrationError> {
     Ok((l, rdma))
 }
 
-/// Receives one guest on `listener`. On success the returned VM is running it.
+/// Receives one guest on `listener`. On success the returned VM is running it (or, in doubt,
+/// holds it paused: see [`Incoming::in_doubt`]).
 pub fn receive(
     listener: &TcpListener,
     cfg: ReceiveConfig,
 ) -> Result<(Vm, Incoming), MigrationError> {
-    // Peers outside --allow are turned away before a single byte is read.
-    let mut control = loop {
-        let (c, peer) = listener.accept()?;
-        if allowed(&cfg.allow, peer.ip()) {
-            break c;
-        }
-        eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
-    };
-    tcp::tune(&control)?;
-    control.set_read_timeout(Some(peer_timeout()))?;
-    control.set_write_timeout(Some(peer_timeout()))?;
+    let (mut control, session) = accept_source(listener, &cfg)?;
     let mut vm_slot: Option<Vm> = None;
-    match receive_on(listener, &mut control, cfg, &mut vm_slot) {
+    match receive_on(listener, &mut control, session, cfg, &mut vm_slot) {
         Ok(inc) => {
             let vm = vm_slot
                 .take()
@@ -144,8 +135,78 @@ pub fn receive(
     }
 }
 
+/// Waits for a source that completes the session (Hello and, with a key, its proof). Every
+/// connection is heard in a thread of its own, so nothing an unauthenticated peer sends or
+/// withholds (garbage, a wrong key, an idle connection) ends the wait or delays a real source:
+/// each such peer gets one log line and is dropped. Peers outside --allow are turned away
+/// before a single byte is read.
+fn accept_source(
+    listener: &TcpListener,
+    cfg: &ReceiveConfig,
+) -> Result<(TcpStream, Session), MigrationError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    listener.set_nonblocking(true)?;
+    let won = loop {
+        if let Ok(won) = rx.try_recv() {
+            break won;
+        }
+        let (c, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            Err(e) => {
+                listener.set_nonblocking(false)?;
+                return Err(e.into());
+            }
+        };
+        if !allowed(&cfg.allow, peer.ip()) {
+            eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
+            continue;
+        }
+        let (tx, key) = (tx.clone(), cfg.key.clone());
+        std::thread::Builder::new()
+            .name("mig-session".into())
+            .spawn(move || match open_session(c, key) {
+                Ok(won) => {
+                    let _ = tx.send(won);
+                }
+                Err(e) => eprintln!(
+                    "blip: refused a connection from {peer}: {}",
+                    crate::cli::error_chain(&e)
+                ),
+            })?;
+    };
+    listener.set_nonblocking(false)?;
+    Ok(won)
+}
+
+/// One candidate source: socket set-up and the session.
+fn open_session(
+    mut c: TcpStream,
+    key: Option<Key>,
+) -> Result<(TcpStream, Session), MigrationError> {
+    c.set_nonblocking(false)?;
+    tcp::tune(&c)?;
+    c.set_read_timeout(Some(peer_timeout()))?;
+    c.set_write_timeout(Some(peer_timeout()))?;
+    match Session::open_destination(&mut c, key) {
+        Ok(s) => Ok((c, s)),
+        Err(e) => {
+            if let MigrationError::Auth(_) = e {
+                let refuse = Message::Refuse {
+                    reason: "authentication failed".into(),
+                };
+                let _ = protocol::write_message(&mut c, &refuse);
+            }
+            Err(e)
+        }
+    }
+}
+
 fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
-    match protocol::read_message(control) {
+    match super::read_frame(control) {
         Ok(f) => Ok(f),
         Err(protocol::ProtocolError::Closed) => Err(MigrationError::Aborted(
             "the source closed the connection before committing".into(),
@@ -159,11 +220,11 @@ fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
 fn receive_on(
     listener: &TcpListener,
     control: &mut TcpStream,
+    session: Session,
     cfg: ReceiveConfig,
     vm_slot: &mut Option<Vm>,
 ) -> Result<Incoming, MigrationError> {
-    // Nothing about this host (layout, acceptance) is said before the source proves the key.
-    let session = Session::open_destination(control, cfg.key.clone())?;
+    // Nothing about this host (layout, acceptance) was said before the source proved the key.
     let _slot = crate::registry::take_slot(crate::registry::Direction::Incoming).map_err(|n| {
         MigrationError::Incompatible(format!(
             "destination busy: it already receives {n} migrations (its limit)"
@@ -304,7 +365,7 @@ impl Receiver<'_> {
             .ok_or(MigrationError::Internal("no VM after Accept"))?;
         let mut stage = Stage::Precopy;
         while stage != Stage::Resumed {
-            let f = match protocol::read_message(self.control) {
+            let f = match super::read_frame(self.control) {
                 Ok(f) => f,
                 // Ready went out: the source may have sent Commit (or died) and count on this
                 // copy. Keep the restored guest, paused, and say so. Only an Abort message
@@ -315,13 +376,16 @@ impl Receiver<'_> {
                     ));
                     return Ok(());
                 }
-                Err(protocol::ProtocolError::Closed) => {
-                    return Err(MigrationError::Aborted(
-                        "the source closed the connection before committing".into(),
-                    ))
-                }
                 // A data stream that failed shuts the control socket down: report its error.
-                Err(e) => return Err(self.link()?.stream_failure().unwrap_or(e.into())),
+                Err(e) => {
+                    let e = match e {
+                        protocol::ProtocolError::Closed => MigrationError::Aborted(
+                            "the source closed the connection before committing".into(),
+                        ),
+                        e => e.into(),
+                    };
+                    return Err(self.link()?.stream_failure().unwrap_or(e));
+                }
             };
             stage = step(stage, &f.msg)?;
             match f.msg {

@@ -324,7 +324,7 @@ fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
             "the destination closed the control connection".into(),
         )),
         // The destination says something only when it gives up: read why.
-        Ok(_) => Some(match protocol::read_message(control) {
+        Ok(_) => Some(match super::read_frame(control) {
             Ok(f) => MigrationError::from_unexpected(f.msg.unexpected("RoundAck")),
             Err(e) => e.into(),
         }),
@@ -682,8 +682,10 @@ pub fn recv_pages(
 }
 
 /// Accepts connections on the (non-blocking) `listener` until each of the session's `n`
-/// streams said StreamHello and proved the key; anything else is dropped. Each stream gets a
-/// [`receiver`] thread that sends its news on `tx`.
+/// streams said StreamHello and proved the key. Each candidate is heard in a thread of its own
+/// within [`super::HELLO_LIMIT`], so idle or garbage connections (anyone can connect) never
+/// hold up the real streams; they are dropped. Each stream gets a [`receiver`] thread that
+/// sends its news on `tx`.
 fn accept_streams(
     listener: &TcpListener,
     session: &Session,
@@ -694,47 +696,61 @@ fn accept_streams(
     tx: Sender<StreamNews>,
 ) -> Result<(), MigrationError> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, TcpStream)>();
     let mut seen = vec![false; n as usize];
     while seen.iter().any(|s| !s) {
-        let (mut c, peer) = match listener.accept() {
-            Ok(x) => x,
+        for (index, c) in proven.try_iter() {
+            if std::mem::replace(&mut seen[index as usize], true) {
+                continue; // a second stream with the same index: drop it
+            }
+            let (mem, tx) = (mem.clone(), tx.clone());
+            let ctl = control.try_clone().ok();
+            std::thread::Builder::new()
+                .name(format!("mig-recv{index}"))
+                .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
+        }
+        match listener.accept() {
+            Ok((c, peer)) if allowed(allow, peer.ip()) => {
+                let (session, proven_tx) = (session.clone(), proven_tx.clone());
+                std::thread::Builder::new()
+                    .name("mig-hello".into())
+                    .spawn(move || {
+                        if let Some(hello) = stream_hello(c, &session, n) {
+                            let _ = proven_tx.send(hello);
+                        }
+                    })?;
+            }
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     return Err(MigrationError::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "the source did not open its data streams",
+                        "the source did not open its data streams within 10 s",
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(1));
-                continue;
             }
             Err(e) => return Err(e.into()),
-        };
-        if !allowed(allow, peer.ip()) {
-            continue;
-        }
-        c.set_nonblocking(false)?;
-        tcp::tune(&c)?;
-        c.set_read_timeout(Some(peer_timeout()))?;
-        match protocol::read_message(&mut c).map(|f| f.msg) {
-            Ok(Message::StreamHello { session: s, index })
-                if s == session.id
-                    && index < n
-                    && !seen[index as usize]
-                    && session.stream_proven(&mut c, index) =>
-            {
-                seen[index as usize] = true;
-                let (mem, tx) = (mem.clone(), tx.clone());
-                let ctl = control.try_clone().ok();
-                std::thread::Builder::new()
-                    .name(format!("mig-recv{index}"))
-                    .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
-            }
-            // Not one of this session's streams: drop it.
-            _ => {}
         }
     }
     Ok(())
+}
+
+/// Hears a candidate data stream: its StreamHello for this session and its proof of the key.
+/// Returns its index, or `None` for anything else.
+fn stream_hello(mut c: TcpStream, session: &Session, n: u32) -> Option<(u32, TcpStream)> {
+    c.set_nonblocking(false).ok()?;
+    tcp::tune(&c).ok()?;
+    let hello = tcp::read_message_within(&mut c, super::HELLO_LIMIT).ok()?;
+    match hello.msg {
+        Message::StreamHello { session: s, index }
+            if s == session.id && index < n && session.stream_proven(&mut c, index) =>
+        {
+            c.set_read_timeout(Some(peer_timeout())).ok()?;
+            Some((index, c))
+        }
+        _ => None,
+    }
 }
 
 /// One TCP data stream: pages straight into guest memory; RoundEnds reported as news.
@@ -748,7 +764,7 @@ fn receiver(
     let mut scratch = vec![0u8; 1 << 20];
     let mut pages = 0u64;
     loop {
-        let r = match protocol::read_message(&mut conn) {
+        let r = match super::read_frame(&mut conn) {
             Ok(protocol::Frame {
                 msg: Message::Pages { gpa, count },
                 pages: Some(receipt),

@@ -92,6 +92,15 @@ pub fn peer_timeout() -> Duration {
         .map_or(Duration::from_secs(30), Duration::from_millis)
 }
 
+/// Reads one control or data message, the whole message within the peer timeout.
+pub(crate) fn read_frame(s: &mut std::net::TcpStream) -> Result<protocol::Frame, ProtocolError> {
+    blip_transport::tcp::read_message_within(s, peer_timeout())
+}
+
+/// How long an unauthenticated connection may take to say who it is (data streams' hello and
+/// proof): short, so idle or garbage connections cannot hold up a migration.
+pub(crate) const HELLO_LIMIT: Duration = Duration::from_secs(5);
+
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

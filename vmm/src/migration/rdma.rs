@@ -76,7 +76,7 @@ pub fn require_device() -> Result<(), MigrationError> {
 }
 
 fn read(control: &mut TcpStream) -> Result<RdmaConnect, MigrationError> {
-    match protocol::read_message(control)?.msg {
+    match super::read_frame(control)?.msg {
         Message::RdmaConnect(c) => Ok(c),
         other => Err(MigrationError::from_unexpected(
             other.unexpected("RdmaConnect"),

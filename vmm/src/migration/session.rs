@@ -57,6 +57,7 @@ pub fn negotiate(role: Role, ours: bool, theirs: u32) -> Result<Scheme, String> 
 }
 
 /// An authenticated (or knowingly unauthenticated) migration session.
+#[derive(Clone)]
 pub struct Session {
     /// Session id, chosen by the source.
     pub id: u64,
@@ -68,7 +69,7 @@ pub struct Session {
 }
 
 fn read(control: &mut TcpStream) -> Result<Message, MigrationError> {
-    match protocol::read_message(control) {
+    match super::read_frame(control) {
         Ok(f) => Ok(f.msg),
         Err(protocol::ProtocolError::Closed) => Err(MigrationError::Aborted(
             "the peer closed the connection during the handshake".into(),
@@ -225,7 +226,7 @@ impl Session {
         if self.key.is_none() {
             return true;
         }
-        matches!(protocol::read_message(c).map(|f| f.msg),
+        matches!(blip_transport::tcp::read_message_within(c, super::HELLO_LIMIT).map(|f| f.msg),
             Ok(Message::Auth { mac }) if self.verify(Proof::Stream(index), &mac))
     }
 }

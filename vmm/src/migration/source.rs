@@ -94,7 +94,11 @@ impl Drop for Rollback<'_> {
 
 impl Rollback<'_> {
     fn read(&mut self) -> Result<Message, MigrationError> {
-        Ok(protocol::read_message(&mut self.control)?.msg)
+        Ok(super::read_frame(&mut self.control)?.msg)
+    }
+
+    fn read_within(&mut self, limit: Duration) -> Result<Message, MigrationError> {
+        Ok(tcp::read_message_within(&mut self.control, limit)?.msg)
     }
 
     fn write(&mut self, m: &Message) -> Result<(), MigrationError> {
@@ -576,8 +580,7 @@ fn commit(
     report.phases = ph;
     report.target_met = report.blackout_ns <= report.target_ns;
     // The destination reports the guest's first heartbeat after resume (counter 0: none).
-    g.control.set_read_timeout(Some(Duration::from_secs(5)))?;
-    if let Ok(Message::Heartbeat { counter, t_ns }) = g.read() {
+    if let Ok(Message::Heartbeat { counter, t_ns }) = g.read_within(Duration::from_secs(5)) {
         if let (true, Some(src)) = (counter > 0 && same_host, h.last_src_beat) {
             report.guest_blackout_ns = Some(t_ns.saturating_sub(src.t_ns));
         }
