@@ -159,6 +159,23 @@ impl Key {
     }
 }
 
+/// What a Hello says about its host: not the host id itself (before authentication that
+/// would let anyone who connects fingerprint the host), but a hash of it with the session's
+/// nonces. Two ends on the same host compute the same tag from the same nonces; a prober that
+/// replays a nonce still gets a different tag each time, because the destination's own nonce
+/// goes in.
+pub fn host_tag(host_id: u64, nonces: &[&[u8; 32]]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"blip host tag");
+    h.update(host_id.to_le_bytes());
+    for n in nonces {
+        h.update(n);
+    }
+    let d = h.finalize();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -791,7 +791,8 @@ pub enum Message {
         session: u64,
         /// Fresh random bytes of the speaker.
         nonce: [u8; 32],
-        /// Identifies the host (a hash of its boot id): equal on both sides means both read
+        /// Identifies the host without revealing it: `auth::host_tag` of its boot-id hash with
+        /// the source's nonce (source) or both nonces (destination). Equal tags mean both read
         /// the same CLOCK_MONOTONIC, so blackout can be measured end to end.
         host_id: u64,
         /// Authentication the speaker requires: [`AUTH_NONE`] or [`AUTH_HMAC_SHA256`].

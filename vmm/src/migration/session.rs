@@ -19,7 +19,7 @@
 
 use std::net::TcpStream;
 
-use blip_transport::auth::{Key, Proof};
+use blip_transport::auth::{host_tag, Key, Proof};
 use blip_transport::protocol::{self, Message, Role, AUTH_HMAC_SHA256, AUTH_NONE};
 
 use super::{host_id, random_bytes, MigrationError};
@@ -101,7 +101,7 @@ impl Session {
                 role: Role::Source,
                 session: id,
                 nonce: src_nonce,
-                host_id: ours,
+                host_id: host_tag(ours, &[&src_nonce]),
                 auth: auth_word(&key),
             },
         )?;
@@ -121,7 +121,7 @@ impl Session {
         };
         let s = Session {
             id,
-            same_host: theirs == ours,
+            same_host: theirs == host_tag(ours, &[&src_nonce, &dst_nonce]),
             key,
             src_nonce,
             dst_nonce,
@@ -173,13 +173,13 @@ impl Session {
                 role: Role::Destination,
                 session: id,
                 nonce: dst_nonce,
-                host_id: ours,
+                host_id: host_tag(ours, &[&src_nonce, &dst_nonce]),
                 auth: auth_word(&key),
             },
         )?;
         let s = Session {
             id,
-            same_host: theirs == ours,
+            same_host: theirs == host_tag(ours, &[&src_nonce]),
             key,
             src_nonce,
             dst_nonce,
