@@ -150,7 +150,7 @@ fn control_socket(
         .and_then(|_| api::serve(&path))
     {
         Ok(s) => Ok((Some(s), name)),
-        Err(e @ api::ApiError::InUse(_)) => Err(e.into()),
+        Err(e @ (api::ApiError::InUse(_) | api::ApiError::NotASocket(_))) => Err(e.into()),
         Err(e) => {
             eprintln!(
                 "blip: warning: not registered in {} ({}); no control API",
@@ -711,9 +711,14 @@ fn report_heartbeats(vm: &Vm) {
 
 /// `blip snapshot`: asks the running blip to write its guest to a file.
 fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
-    // The running blip may have another working directory.
-    let path = std::path::absolute(&a.file)
-        .map_err(|e| Failure(format!("bad snapshot path {}: {e}", a.file.display())))?;
+    // The running blip has its own working directory: send an absolute path, its directory
+    // resolved here (the server refuses relative paths).
+    let bad = |e: std::io::Error| Failure(format!("bad snapshot path {}: {e}", a.file.display()));
+    let path = std::path::absolute(&a.file).map_err(bad)?;
+    let path = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => dir.canonicalize().map_err(bad)?.join(name),
+        _ => return Err(bad(std::io::ErrorKind::InvalidInput.into())),
+    };
     let req = Request::Snapshot {
         path: path.clone(),
         stop: a.stop,
