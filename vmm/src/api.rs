@@ -543,9 +543,11 @@ pub fn call(
     conn.set_write_timeout(Some(limit))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    match conn.write_all(line.as_bytes()) {
-        Err(e) if is_timeout(&e) => return Err(timeout("take the request")),
-        r => r?,
+    // A server that refuses the request (busy) may close before reading it: its reply is
+    // still there to read, so a failed write is reported only when no reply follows.
+    let written = conn.write_all(line.as_bytes());
+    if matches!(&written, Err(e) if is_timeout(e)) {
+        return Err(timeout("take the request"));
     }
     let mut lines = Lines::new(conn, MAX_REPLY);
     let mut last = None;
@@ -563,13 +565,19 @@ pub fn call(
                     Patience::EachLine(_) => "report migration progress",
                 }))
             }
+            // The connection was already broken while sending: what came is all there is.
+            Err(_) if written.is_err() => break,
             Err(e) => return Err(e),
         };
         let reply: Reply = serde_json::from_slice(&line)?;
         on_event(&reply);
         last = Some(reply);
     }
-    last.ok_or(ApiError::NoReply)
+    match (last, written) {
+        (Some(reply), _) => Ok(reply),
+        (None, Err(e)) => Err(e.into()),
+        (None, Ok(())) => Err(ApiError::NoReply),
+    }
 }
 
 #[cfg(test)]
