@@ -565,7 +565,7 @@ fn api_socket_is_0600_whatever_the_umask() {
 #[test]
 fn api_answers_oversized_non_utf8_and_relative_requests_with_one_error() {
     let dir = scratch("op-api-limits");
-    let mut g = api_guest(&dir, "g");
+    let g = api_guest(&dir, "g");
     let pid = g.child.id();
     let before = rss_kib(pid);
     let msg = one_error(&raw_request(&g.api, &vec![b'x'; 1 << 20]));
