@@ -436,22 +436,13 @@ fn status_list_and_check_replies_read_back() {
 
 // ---- the control socket under hostile or broken use (issue 14) ----
 
+/// `blip run` of a small guest, without its `--api`.
+#[rustfmt::skip]
+const RUN: &[&str] = &["run", "--cmdline", GUEST, "--mem", "32M", "--serial", "none"];
+
 /// A running guest with its API socket at `<dir>/<name>.sock`, answering.
 fn api_guest(dir: &std::path::Path, name: &str) -> Bg {
-    let mut g = Bg::start(
-        dir,
-        name,
-        &[
-            "run",
-            "--cmdline",
-            GUEST,
-            "--mem",
-            "32M",
-            "--serial",
-            "none",
-        ],
-        &[],
-    );
+    let mut g = Bg::start(dir, name, RUN, &[]);
     g.wait_api();
     g
 }
@@ -491,16 +482,7 @@ fn api_path_must_be_a_stale_socket_to_be_replaced() {
     let precious = dir.join("precious.txt");
     std::fs::write(&precious, "data\n").unwrap();
     let run = |api: &std::path::Path| {
-        let args = [
-            "run",
-            "--cmdline",
-            GUEST,
-            "--mem",
-            "32M",
-            "--serial",
-            "none",
-        ];
-        let c = blip(&args).arg("--api").arg(api).spawn().unwrap();
+        let c = blip(RUN).arg("--api").arg(api).spawn().unwrap();
         blip_tests::wait_with_limit(c, Duration::from_secs(60))
     };
     let o = run(&precious);
@@ -528,15 +510,7 @@ fn api_socket_is_0600_whatever_the_umask() {
     let mut c = std::process::Command::new("sh")
         .args(["-c", "umask 000; exec \"$0\" \"$@\""])
         .arg(blip_tests::blip_bin())
-        .args([
-            "run",
-            "--cmdline",
-            GUEST,
-            "--mem",
-            "32M",
-            "--serial",
-            "none",
-        ])
+        .args(RUN)
         .arg("--api")
         .arg(&sock)
         .env("BLIP_RUN_DIR", blip_tests::default_run_dir())
