@@ -712,12 +712,13 @@ fn report_heartbeats(vm: &Vm) {
 /// `blip snapshot`: asks the running blip to write its guest to a file.
 fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
     // The running blip has its own working directory: send an absolute path, its directory
-    // resolved here (the server refuses relative paths).
-    let bad = |e: std::io::Error| Failure(format!("bad snapshot path {}: {e}", a.file.display()));
-    let path = std::path::absolute(&a.file).map_err(bad)?;
-    let path = match (path.parent(), path.file_name()) {
-        (Some(dir), Some(name)) => dir.canonicalize().map_err(bad)?.join(name),
-        _ => return Err(bad(std::io::ErrorKind::InvalidInput.into())),
+    // resolved here when it exists (the server refuses relative paths, and reports a missing
+    // directory as it reports any file it cannot create).
+    let path = std::path::absolute(&a.file)
+        .map_err(|e| Failure(format!("bad snapshot path {}: {e}", a.file.display())))?;
+    let path = match (path.parent().map(|d| d.canonicalize()), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path,
     };
     let req = Request::Snapshot {
         path: path.clone(),
