@@ -520,3 +520,230 @@ fn entries_and_sockets_of_killed_guests_are_swept() {
     assert!(!std::path::Path::new(&format!("{host}/fake.json")).exists());
     assert!(std::path::Path::new(&format!("{host}/fake.sock")).exists());
 }
+
+// ---- the control socket under hostile or broken use (issue 14) ----
+
+/// `blip run` of a small guest, without its `--api`.
+#[rustfmt::skip]
+const RUN: &[&str] = &["run", "--cmdline", GUEST, "--mem", "32M", "--serial", "none"];
+
+/// A running guest with its API socket at `<dir>/<name>.sock`, answering.
+fn api_guest(dir: &std::path::Path, name: &str) -> Bg {
+    let mut g = Bg::start(dir, name, RUN, &[]);
+    g.wait_api();
+    g
+}
+
+/// Sends `bytes` on a fresh connection to `sock` (write errors ignored: the server may close
+/// early) and returns everything it answers.
+fn raw_request(sock: &std::path::Path, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The one error line `text` must be, as its message.
+fn one_error(text: &str) -> String {
+    assert_eq!(text.lines().count(), 1, "one reply line: {text:?}");
+    let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(v["event"], "error", "{v}");
+    v["message"].as_str().unwrap().to_string()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn api_path_must_be_a_stale_socket_to_be_replaced() {
+    let dir = scratch("op-api-path");
+    let precious = dir.join("precious.txt");
+    std::fs::write(&precious, "data\n").unwrap();
+    let run = |api: &std::path::Path| {
+        let c = blip(RUN).arg("--api").arg(api).spawn().unwrap();
+        blip_tests::wait_with_limit(c, Duration::from_secs(60))
+    };
+    let o = run(&precious);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "data\n");
+
+    let mut g = api_guest(&dir, "live");
+    let o = run(&g.api);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("already listening"), "{err}");
+    assert!(g.status().is_some(), "the first guest still answers");
+    assert!(g.alive());
+}
+
+#[test]
+fn api_socket_is_0600_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("op-api-mode");
+    let sock = dir.join("g.sock");
+    let mut c = std::process::Command::new("sh")
+        .args(["-c", "umask 000; exec \"$0\" \"$@\""])
+        .arg(blip_tests::blip_bin())
+        .args(RUN)
+        .arg("--api")
+        .arg(&sock)
+        .env("BLIP_RUN_DIR", blip_tests::default_run_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !blip(&["status", "--api", sock.to_str().unwrap()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(c.try_wait().unwrap().is_none(), "blip exited early");
+        assert!(start.elapsed() < Duration::from_secs(60), "never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    let _ = c.kill();
+    let _ = c.wait();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+}
+
+#[test]
+fn api_answers_oversized_non_utf8_and_relative_requests_with_one_error() {
+    let dir = scratch("op-api-limits");
+    let g = api_guest(&dir, "g");
+    let pid = g.child.id();
+    let before = rss_kib(pid);
+    let msg = one_error(&raw_request(&g.api, &vec![b'x'; 1 << 20]));
+    assert!(msg.contains("longer than 65536 bytes"), "{msg}");
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 16 << 10, "RSS grew by {grown} KiB");
+    let msg = one_error(&raw_request(&g.api, b"{\"cmd\":\"st\xffatus\"}\n"));
+    assert!(msg.contains("not UTF-8"), "{msg}");
+    let msg = one_error(&raw_request(
+        &g.api,
+        b"{\"cmd\":\"snapshot\",\"path\":\"rel.snap\"}\n",
+    ));
+    assert!(msg.contains("relative"), "{msg}");
+    // The client sends the path as the user meant it: relative to the client's directory.
+    let here = dir.join("client-cwd");
+    std::fs::create_dir_all(&here).unwrap();
+    let o = blip(&["snapshot", "--api", g.api.to_str().unwrap(), "rel.snap"])
+        .current_dir(&here)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(here.join("rel.snap").is_file());
+    assert!(g.status().is_some(), "still serving");
+}
+
+#[test]
+fn api_caps_connections_and_drops_idle_ones() {
+    let dir = scratch("op-api-idle");
+    let g = api_guest(&dir, "g");
+    let idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&g.api).unwrap())
+        .collect();
+    // The server counts a connection once it accepts it: wait until it says busy.
+    let start = std::time::Instant::now();
+    let busy = loop {
+        let o = blip(&["status", "--api", g.api.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if !o.status.success() && err.contains("busy") {
+            break err;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never busy: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(busy.lines().count(), 1, "{busy}");
+    // Each idle connection gets one error once its request deadline passes, then is closed.
+    for c in idle {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut text = String::new();
+        (&c).read_to_string(&mut text).unwrap();
+        assert!(one_error(&text).contains("no request line"), "{text}");
+    }
+    let start = std::time::Instant::now();
+    while g.status().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never served again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `blip status` must not wait forever on a blip that cannot answer.
+fn status_times_out(api: &std::path::Path) {
+    let c = blip(&["status", "--api", api.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let o = blip_tests::wait_with_limit(c, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("did not answer within 5 s"), "{err}");
+}
+
+#[test]
+fn client_calls_have_deadlines() {
+    let dir = scratch("op-api-deadline");
+    let a = host_dir(&dir, "a");
+    let mut g = guest(&dir, &a, "frozen");
+    let api = dir.join("a").join("frozen.sock");
+    let pid = g.id().to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    status_times_out(&api);
+    let c = blip(&["list", "--json"])
+        .env("BLIP_RUN_DIR", &a)
+        .spawn()
+        .unwrap();
+    let o = blip_tests::wait_with_limit(c, Duration::from_secs(30));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "not answering", "{rows:?}");
+    signal("-CONT");
+    assert!(blip_on(&a, &["status", "--api", api.to_str().unwrap()])
+        .status
+        .success());
+    let _ = g.kill();
+    let _ = g.wait();
+
+    // A receiver waiting for its migration does not answer either.
+    let mut r = Bg::start(
+        &dir,
+        "rx",
+        &["receive", "--listen", "tcp://127.0.0.1:0", "--insecure"],
+        &[],
+    );
+    r.wait_stderr("waiting");
+    status_times_out(&r.api);
+}

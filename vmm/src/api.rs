@@ -15,11 +15,13 @@
 //! The socket thread only parses and forwards: requests reach the thread that owns the VM as
 //! [`ApiRequest`]s, so nothing about the VM is shared with the API.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -134,6 +136,8 @@ pub struct ApiRequest {
 pub enum ApiError {
     #[error("another blip is already listening on {0}")]
     InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it (pick another path)")]
+    NotASocket(PathBuf),
     #[error("cannot listen on control socket {path}")]
     Bind {
         path: PathBuf,
@@ -146,13 +150,40 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the blip at {path} did not {what} within {} s", .after.as_secs())]
+    Timeout {
+        path: PathBuf,
+        what: &'static str,
+        after: Duration,
+    },
     #[error("the control socket connection failed")]
     Io(#[from] std::io::Error),
     #[error("blip sent a reply this blip cannot read")]
     Json(#[from] serde_json::Error),
     #[error("blip closed the control connection without a final reply")]
     NoReply,
+    #[error("control line longer than {0} bytes")]
+    TooLong(usize),
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error("bad request")]
+    BadRequest(#[source] serde_json::Error),
+    #[error(
+        "snapshot path {0} is relative; send an absolute path (blip has its own working directory)"
+    )]
+    RelativePath(PathBuf),
 }
+
+/// The longest request line the server reads (requests are small JSON objects).
+pub const MAX_REQUEST: usize = 64 << 10;
+/// The longest reply line a client reads (a migration report with many rounds fits easily).
+const MAX_REPLY: usize = 16 << 20;
+/// Connections served at once; more are answered "busy" and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the server may block writing one reply to a client that does not read.
+const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server side: removes the socket file when dropped.
 pub struct Server {
@@ -169,10 +200,10 @@ impl Server {
 
     /// Waits (up to `limit`) until every connection has written its replies; call after
     /// dropping all reply senders, before the process exits.
-    pub fn drain(&self, limit: std::time::Duration) {
-        let deadline = std::time::Instant::now() + limit;
-        while self.open.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+    pub fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -183,18 +214,13 @@ impl Drop for Server {
     }
 }
 
-/// Starts serving the control socket at `path`.
+/// Starts serving the control socket at `path`, created with mode 0600 whatever the umask.
+///
+/// Only a stale socket (one nobody answers on) is replaced; any other file at `path` is an
+/// error and stays untouched.
 pub fn serve(path: &Path) -> Result<Server, ApiError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ApiError::InUse(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path); // stale socket of a dead blip
-    }
-    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    clear_stale(path)?;
+    let listener = bind_private(path)?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let open = Arc::new(AtomicUsize::new(0));
     let counter = open.clone();
@@ -202,15 +228,23 @@ pub fn serve(path: &Path) -> Result<Server, ApiError> {
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
+                if counter.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    counter.fetch_sub(1, Ordering::AcqRel);
+                    refuse_busy(conn);
+                    continue;
+                }
                 let tx = tx.clone();
                 let c = counter.clone();
-                c.fetch_add(1, Ordering::AcqRel);
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        handle(conn, tx);
-                        c.fetch_sub(1, Ordering::AcqRel);
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            handle(conn, tx);
+                            c.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if spawned.is_err() {
+                    counter.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })?;
     Ok(Server {
@@ -220,19 +254,120 @@ pub fn serve(path: &Path) -> Result<Server, ApiError> {
     })
 }
 
+/// Removes the socket at `path` if it is a stale one of a dead blip; refuses anything else.
+fn clear_stale(path: &Path) -> Result<(), ApiError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket(path.to_path_buf()));
+    }
+    match connect(path, Instant::now() + Duration::from_secs(1)) {
+        Err(ApiError::Connect { source, .. }) if source.kind() == ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|source| ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        // Answered, or accepted but too busy to answer: someone is there.
+        Ok(_) | Err(ApiError::Timeout { .. }) => Err(ApiError::InUse(path.to_path_buf())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds a listening socket at `path` (which must not exist) with mode 0600.
+///
+/// The socket is bound inside a fresh 0700 directory next to `path`, set to 0600 there (nobody
+/// else can reach it meanwhile), then hard-linked to `path`: a link never replaces what may
+/// have appeared at `path` since [`clear_stale`], and the socket never exists at `path` with
+/// the umask's mode. (Changing the umask instead would race with every other thread of the
+/// process creating files.)
+fn bind_private(path: &Path) -> Result<UnixListener, ApiError> {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(
+        ".blip{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(bind_err)?;
+    let inner = private.join("s");
+    let bound = (|| {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::hard_link(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound.map_err(bind_err)
+}
+
+/// Tells a connection beyond [`MAX_CONNECTIONS`] to come back later.
+fn refuse_busy(mut conn: UnixStream) {
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = send(
+        &mut conn,
+        &Reply::error(format!(
+            "blip is busy: {MAX_CONNECTIONS} control connections are already open; try again"
+        )),
+    );
+}
+
+/// Decodes one request line (its trailing newline optional): at most [`MAX_REQUEST`] bytes of
+/// UTF-8 JSON naming a known request; a snapshot's path must be absolute.
+pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
+    if line.len() > MAX_REQUEST {
+        return Err(ApiError::TooLong(MAX_REQUEST));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| ApiError::NotUtf8)?;
+    let request: Request = serde_json::from_str(text).map_err(ApiError::BadRequest)?;
+    if let Request::Snapshot { path, .. } = &request {
+        if !path.is_absolute() {
+            return Err(ApiError::RelativePath(path.clone()));
+        }
+    }
+    Ok(request)
+}
+
 fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
     let mut out = match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
     };
-    let mut line = String::new();
-    if BufReader::new(conn).read_line(&mut line).is_err() {
-        return;
-    }
-    let request: Request = match serde_json::from_str(&line) {
+    let _ = out.set_write_timeout(Some(REPLY_WRITE_TIMEOUT));
+    let mut lines = Lines::new(conn, MAX_REQUEST);
+    let request = match lines.next(Instant::now() + REQUEST_DEADLINE) {
+        Ok(Some(line)) => decode_request(&line).map_err(|e| crate::cli::error_chain(&e)),
+        Ok(None) => return,
+        Err(ApiError::Io(e)) if is_timeout(&e) => Err(format!(
+            "no request line within {} s",
+            REQUEST_DEADLINE.as_secs()
+        )),
+        Err(e) => Err(crate::cli::error_chain(&e)),
+    };
+    let request = match request {
         Ok(r) => r,
-        Err(e) => {
-            let _ = send(&mut out, &Reply::error(format!("bad request: {e}")));
+        Err(message) => {
+            let _ = send(&mut out, &Reply::error(message));
             return;
         }
     };
@@ -264,24 +399,185 @@ fn send(out: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     writeln!(out, "{line}")
 }
 
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// Newline-separated lines of at most `cap` bytes read from a socket, each by a deadline.
+struct Lines {
+    conn: UnixStream,
+    cap: usize,
+    buf: Vec<u8>,
+    /// Bytes of `buf` known to hold no newline.
+    scanned: usize,
+}
+
+impl Lines {
+    fn new(conn: UnixStream, cap: usize) -> Lines {
+        Lines {
+            conn,
+            cap,
+            buf: Vec::new(),
+            scanned: 0,
+        }
+    }
+
+    /// The next line without its newline (the last one may lack it), or None at the end.
+    /// Fails with [`ApiError::TooLong`] past `cap` bytes, with a timed-out `Io` error at
+    /// `deadline`.
+    fn next(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>, ApiError> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + at;
+                self.scanned = 0;
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                return capped(line, self.cap).map(Some);
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > self.cap {
+                return Err(ApiError::TooLong(self.cap));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::from(ErrorKind::TimedOut).into());
+            }
+            self.conn.set_read_timeout(Some(left))?;
+            match self.conn.read(&mut chunk) {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => {
+                    self.scanned = 0;
+                    return capped(std::mem::take(&mut self.buf), self.cap).map(Some);
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn capped(line: Vec<u8>, cap: usize) -> Result<Vec<u8>, ApiError> {
+    if line.len() > cap {
+        return Err(ApiError::TooLong(cap));
+    }
+    Ok(line)
+}
+
+/// How long a client waits for the replies to a request.
+enum Patience {
+    /// For the whole exchange (connect, request, the one reply).
+    Whole(Duration),
+    /// For each reply line: a migration streams progress, and may take long in total.
+    EachLine(Duration),
+}
+
+impl Patience {
+    fn of(request: &Request) -> Patience {
+        match request {
+            Request::Status | Request::Check | Request::Cancel => {
+                Patience::Whole(Duration::from_secs(5))
+            }
+            // Pausing the guest and writing (and syncing) all of its memory.
+            Request::Snapshot { .. } => Patience::Whole(Duration::from_secs(300)),
+            // Progress comes every 50 ms in pre-copy; the silent stretches (connecting,
+            // handshake, stop-and-copy, commit) are each bounded by the peer timeout.
+            Request::Migrate { .. } => {
+                Patience::EachLine(crate::migration::peer_timeout() * 2 + Duration::from_secs(30))
+            }
+        }
+    }
+
+    fn limit(&self) -> Duration {
+        match self {
+            Patience::Whole(d) | Patience::EachLine(d) => *d,
+        }
+    }
+}
+
+/// Connects to `path` by `deadline` (a listener whose backlog is full blocks `connect`).
+fn connect(path: &Path, deadline: Instant) -> Result<UnixStream, ApiError> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let target = path.to_path_buf();
+    // Left behind on timeout: it ends when connect does, or with this (short-lived) client.
+    std::thread::Builder::new()
+        .name("api-connect".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(target));
+        })?;
+    match rx.recv_deadline(deadline) {
+        Ok(r) => r.map_err(|source| ApiError::Connect {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(_) => Err(ApiError::Timeout {
+            path: path.to_path_buf(),
+            what: "accept the connection",
+            after: deadline.saturating_duration_since(Instant::now()),
+        }),
+    }
+}
+
 /// The client side: sends `request`, calls `on_event` for each reply line, returns the last.
+///
+/// Every step has a deadline ([`Patience`]): a blip that is stopped, hung or busy with
+/// something else yields [`ApiError::Timeout`] rather than a hang.
 pub fn call(
     path: &Path,
     request: &Request,
     on_event: &mut dyn FnMut(&Reply),
 ) -> Result<Reply, ApiError> {
-    let mut conn = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+    let patience = Patience::of(request);
+    let limit = patience.limit();
+    let start = Instant::now();
+    let timeout = |what| ApiError::Timeout {
         path: path.to_path_buf(),
-        source,
-    })?;
-    writeln!(conn, "{}", serde_json::to_string(request)?)?;
+        what,
+        after: limit,
+    };
+    let mut conn = match connect(path, start + limit) {
+        Err(ApiError::Timeout { what, .. }) => return Err(timeout(what)),
+        r => r?,
+    };
+    conn.set_write_timeout(Some(limit))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    // A server that refuses the request (busy) may close before reading it: its reply is
+    // still there to read, so a failed write is reported only when no reply follows.
+    let written = conn.write_all(line.as_bytes());
+    if matches!(&written, Err(e) if is_timeout(e)) {
+        return Err(timeout("take the request"));
+    }
+    let mut lines = Lines::new(conn, MAX_REPLY);
     let mut last = None;
-    for line in BufReader::new(conn).lines() {
-        let reply: Reply = serde_json::from_str(&line?)?;
+    loop {
+        let deadline = match patience {
+            Patience::Whole(d) => start + d,
+            Patience::EachLine(d) => Instant::now() + d,
+        };
+        let line = match lines.next(deadline) {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(ApiError::Io(e)) if is_timeout(&e) => {
+                return Err(timeout(match patience {
+                    Patience::Whole(_) => "answer",
+                    Patience::EachLine(_) => "report migration progress",
+                }))
+            }
+            // The connection was already broken while sending: what came is all there is.
+            Err(_) if written.is_err() => break,
+            Err(e) => return Err(e),
+        };
+        let reply: Reply = serde_json::from_slice(&line)?;
         on_event(&reply);
         last = Some(reply);
     }
-    last.ok_or(ApiError::NoReply)
+    match (last, written) {
+        (Some(reply), _) => Ok(reply),
+        (None, Err(e)) => Err(e.into()),
+        (None, Ok(())) => Err(ApiError::NoReply),
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +615,77 @@ mod tests {
         drop(server);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn decode_request_refuses_what_it_cannot_serve() {
+        assert!(matches!(
+            decode_request(b"{\"cmd\":\"status\"}\n"),
+            Ok(Request::Status)
+        ));
+        assert!(matches!(
+            decode_request(b"{\"cmd\":\"status\"}\xff"),
+            Err(ApiError::NotUtf8)
+        ));
+        let long = vec![b' '; MAX_REQUEST + 1];
+        assert!(matches!(decode_request(&long), Err(ApiError::TooLong(_))));
+        assert!(matches!(
+            decode_request(br#"{"cmd":"snapshot","path":"rel/g.snap"}"#),
+            Err(ApiError::RelativePath(p)) if p == Path::new("rel/g.snap")
+        ));
+        assert!(matches!(
+            decode_request(br#"{"cmd":"snapshot","path":"/abs/g.snap","stop":true}"#),
+            Ok(Request::Snapshot { stop: true, .. })
+        ));
+        assert!(matches!(
+            decode_request(b"{\"cmd\":\"explode\"}"),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn serve_keeps_other_files_and_binds_0600() {
+        let dir = std::env::temp_dir().join(format!("blip-api-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("precious.txt");
+        std::fs::write(&file, "data").unwrap();
+        assert!(matches!(serve(&file), Err(ApiError::NotASocket(_))));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+        let path = dir.join("api.sock");
+        // A socket nobody listens on any more is stale: replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let server = serve(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Nothing left behind next to it.
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["api.sock", "precious.txt"]);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lines_are_capped_and_split() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"one\ntwo\nthree-is-too-long\nlast").unwrap();
+        drop(a);
+        let mut lines = Lines::new(b, 8);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        assert_eq!(lines.next(soon()).unwrap().unwrap(), b"one");
+        assert_eq!(lines.next(soon()).unwrap().unwrap(), b"two");
+        assert!(matches!(lines.next(soon()), Err(ApiError::TooLong(8))));
+        assert_eq!(lines.next(soon()).unwrap().unwrap(), b"last");
+        assert!(lines.next(soon()).unwrap().is_none());
+        let (_a, b) = UnixStream::pair().unwrap();
+        let err = Lines::new(b, 8)
+            .next(Instant::now() + Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Io(e) if is_timeout(&e)));
     }
 
     /// The JSON of `reply`, and `reply` read back from it.

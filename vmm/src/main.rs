@@ -150,7 +150,7 @@ fn control_socket(
         .and_then(|_| api::serve(&path))
     {
         Ok(s) => Ok((Some(s), name)),
-        Err(e @ api::ApiError::InUse(_)) => Err(e.into()),
+        Err(e @ (api::ApiError::InUse(_) | api::ApiError::NotASocket(_))) => Err(e.into()),
         Err(e) => {
             eprintln!(
                 "blip: warning: not registered in {} ({}); no control API",
@@ -711,9 +711,15 @@ fn report_heartbeats(vm: &Vm) {
 
 /// `blip snapshot`: asks the running blip to write its guest to a file.
 fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
-    // The running blip may have another working directory.
+    // The running blip has its own working directory: send an absolute path, its directory
+    // resolved here when it exists (the server refuses relative paths, and reports a missing
+    // directory as it reports any file it cannot create).
     let path = std::path::absolute(&a.file)
         .map_err(|e| Failure(format!("bad snapshot path {}: {e}", a.file.display())))?;
+    let path = match (path.parent().map(|d| d.canonicalize()), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path,
+    };
     let req = Request::Snapshot {
         path: path.clone(),
         stop: a.stop,
