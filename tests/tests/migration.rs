@@ -1003,3 +1003,70 @@ fn a_page_altered_in_a_live_round_never_lands() {
     assert!(a.alive(), "source died: {}", a.stderr());
     assert_alive_then_check(&mut a);
 }
+
+#[test]
+fn a_lost_commit_leaves_the_guest_in_doubt_on_both_sides_until_resolved() {
+    use blip_tests::relay::{Action, Dir, Relay};
+    let dir = scratch("mig-lost-commit");
+    let env = [("BLIP_PEER_TIMEOUT_MS", "3000")];
+    let mut a = Bg::start(
+        &dir,
+        "a",
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+        ],
+        &env,
+    );
+    a.wait_api();
+    let (mut b, url) = receiver(&dir, "b", &env);
+    // The relay swallows the source's Commit: the source thinks it committed, the destination
+    // never hears it.
+    let relay = Relay::start(&url, |f| {
+        if f.conn == 0 && f.dir == Dir::ToDest && f.kind == protocol::MessageKind::Commit as u16 {
+            Action::Drop
+        } else {
+            Action::Forward
+        }
+    });
+    let o = migrate(&a, &relay.url, &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(6), "in doubt is exit 6: {err}");
+    assert!(err.contains("IN DOUBT"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
+    assert!(r["in_doubt"].is_string(), "{r}");
+    assert_eq!(
+        r["blackout_ns"], 0,
+        "no blackout figure without Resumed: {r}"
+    );
+    // Both sides hold the guest, paused; neither runs it.
+    b.wait_stderr("IN DOUBT");
+    b.wait_api();
+    for side in [&a, &b] {
+        let s = side.status().expect("status");
+        assert_eq!(s["state"], "in-doubt", "{}: {s}", side.name);
+    }
+    // Work other than status and resolve is refused while in doubt.
+    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in doubt"));
+    // The operator resolves: discard the destination's copy, resume the source's.
+    let o = blip(&["resolve", "--api", b.api.to_str().unwrap(), "discard"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(b.wait(), Some(0), "{}", b.stderr());
+    let o = blip(&["resolve", "--api", a.api.to_str().unwrap(), "resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.status().expect("status")["state"], "running");
+    assert_alive_then_check(&mut a);
+}

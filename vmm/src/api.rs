@@ -47,6 +47,11 @@ pub enum Request {
         #[serde(default)]
         stop: bool,
     },
+    /// Ends an in-doubt handover on this side: `resume` the paused guest here, or discard it
+    /// (the operator, or a cluster manager with fencing, resumes it on exactly one side).
+    Resolve {
+        resume: bool,
+    },
 }
 
 /// A reply on the control socket (one JSON line each, tagged by `event`).
@@ -93,8 +98,11 @@ pub enum Done {
 /// A running guest, as `status` describes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// Always "running": a blip answers only while its guest runs.
+    /// "running", or "in-doubt": paused after a handover nobody confirmed (see `in_doubt`).
     pub state: String,
+    /// What was lost, while the guest is in doubt (resolve with `blip resolve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<String>,
     pub vcpus: usize,
     pub mem_size: u64,
     /// The dirty tracker in use, in words.
@@ -476,7 +484,7 @@ enum Patience {
 impl Patience {
     fn of(request: &Request) -> Patience {
         match request {
-            Request::Status | Request::Check | Request::Cancel => {
+            Request::Status | Request::Check | Request::Cancel | Request::Resolve { .. } => {
                 Patience::Whole(Duration::from_secs(5))
             }
             // Pausing the guest and writing (and syncing) all of its memory.
@@ -723,6 +731,7 @@ mod tests {
             dirty_tracking: "dirty bitmap".into(),
             heartbeats: 7,
             last_heartbeat: Some(6),
+            in_doubt: None,
         };
         let (v, back) = round_trip(&Reply::Status(status.clone()));
         assert_eq!(v["event"], "status");

@@ -47,6 +47,17 @@ pub enum Cmd {
     },
     /// Pause a running blip's guest, write it to a snapshot file, then resume it (or stop it).
     Snapshot(SnapshotArgs),
+    /// End an in-doubt handover on one side: resume the paused guest here, or discard it.
+    /// Resume on exactly one side: first make sure the other side's copy is discarded (or its
+    /// node fenced). `blip status` on both sides shows where the guest is.
+    Resolve {
+        /// Control socket of the blip holding the in-doubt guest.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+        /// resume: run the guest here; discard: drop this copy (the process exits 0).
+        #[arg(value_enum)]
+        action: ResolveAction,
+    },
     /// Run a guest from a snapshot file (as `blip run` would run it).
     Restore(RestoreArgs),
     /// Boot the embedded guest and live-migrate it back and forth between local blip
@@ -184,6 +195,13 @@ impl AuthArgs {
             "migration authentication is on by default: pass --key FILE (create one with `head -c 32 /dev/urandom > {DEFAULT_KEY} && chmod 600 {DEFAULT_KEY}` on both hosts) or --insecure"
         ))
     }
+}
+
+/// What `blip resolve` does with an in-doubt guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResolveAction {
+    Resume,
+    Discard,
 }
 
 /// `blip drain`.

@@ -112,6 +112,12 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
                         }
                     });
                     let failure = match result {
+                        Ok(Reply::Done(Done::Migrated { report })) if report.in_doubt.is_some() => {
+                            format!(
+                                "IN DOUBT: {} (blip resolve)",
+                                report.in_doubt.as_deref().unwrap_or_default()
+                            )
+                        }
                         Ok(Reply::Done(Done::Migrated { report })) => {
                             set(&|r| {
                                 r.state = "migrated".into();

@@ -67,6 +67,12 @@ fn main() -> ExitCode {
         Cmd::List { json } => list(json),
         Cmd::Drain(args) => drain::drain(&args, &STOP),
         Cmd::Check { api } => simple_call(&api, &Request::Check),
+        Cmd::Resolve { api, action } => simple_call(
+            &api,
+            &Request::Resolve {
+                resume: action == blip_vmm::cli::ResolveAction::Resume,
+            },
+        ),
         Cmd::Snapshot(args) => snapshot(&args),
         Cmd::Restore(args) => restore(args),
         Cmd::Demo(args) => demo::demo(&args, &STOP),
@@ -181,14 +187,17 @@ fn run(a: &RunArgs) -> Result<i32, Failure> {
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
     let reg = register(&vm, &server, &name);
     vm.resume_all()?;
-    serve_vm(vm, server, reg)
+    serve_vm(vm, server, reg, None)
 }
 
 /// Runs a VM until its guest ends, migrates away, or Ctrl-C; answers the control API.
+/// `in_doubt`: the VM holds a paused guest after a handover nobody confirmed; it stays paused
+/// until `blip resolve` says resume (here) or discard.
 fn serve_vm(
     mut vm: Vm,
     server: Option<api::Server>,
     _reg: Option<registry::Registration>,
+    mut in_doubt: Option<String>,
 ) -> Result<i32, Failure> {
     loop {
         if let Some(exit) = vm.poll(Duration::from_millis(10)) {
@@ -203,7 +212,47 @@ fn serve_vm(
         }
         let Some(server) = &server else { continue };
         while let Ok(req) = server.requests.try_recv() {
+            if let Some(why) = &in_doubt {
+                match &req.request {
+                    Request::Status | Request::Resolve { .. } => {}
+                    _ => {
+                        let _ = req.reply.send(Reply::error(format!(
+                            "the guest is paused in doubt ({why}): resolve it first with blip resolve --api SOCKET resume|discard"
+                        )));
+                        continue;
+                    }
+                }
+            }
             match req.request {
+                Request::Resolve { resume } => {
+                    if in_doubt.is_none() {
+                        let _ = req.reply.send(Reply::error(
+                            "nothing to resolve: the guest is not in doubt",
+                        ));
+                    } else if resume {
+                        match vm.resume_all() {
+                            Ok(_) => {
+                                in_doubt = None;
+                                eprintln!("blip: in-doubt guest resumed here (blip resolve)");
+                                let _ = req.reply.send(Reply::Ok {
+                                    message: Some("the guest runs here".into()),
+                                });
+                            }
+                            Err(e) => {
+                                let _ = req.reply.send(Reply::error(error_chain(&e)));
+                            }
+                        }
+                    } else {
+                        eprintln!("blip: in-doubt guest discarded here (blip resolve)");
+                        let _ = req.reply.send(Reply::Ok {
+                            message: Some("this copy of the guest is discarded".into()),
+                        });
+                        drop(req);
+                        vm.shutdown();
+                        server.drain(Duration::from_secs(5));
+                        return Ok(0);
+                    }
+                }
                 Request::Status => {
                     let hb = vm
                         .devices()
@@ -213,7 +262,13 @@ fn serve_vm(
                         .ok();
                     let (total, last) = hb.unwrap_or((0, None));
                     let _ = req.reply.send(Reply::Status(api::Status {
-                        state: "running".into(),
+                        state: if in_doubt.is_some() {
+                            "in-doubt"
+                        } else {
+                            "running"
+                        }
+                        .into(),
+                        in_doubt: in_doubt.clone(),
                         vcpus: vm.vcpu_count(),
                         mem_size: vm.mem_size(),
                         dirty_tracking: vm.tracker().active().to_string(),
@@ -277,6 +332,17 @@ fn serve_vm(
                         let _ = reply.send(Reply::Progress(p.clone()));
                     };
                     match source::migrate(&mut vm, &options, &mut progress) {
+                        Ok(report) if report.in_doubt.is_some() => {
+                            eprintln!(
+                                "blip: migration to {} is IN DOUBT: {}; the guest is paused here. Resume it on exactly one side: blip status on both, then blip resolve --api SOCKET resume|discard",
+                                options.to,
+                                report.in_doubt.as_deref().unwrap_or_default()
+                            );
+                            in_doubt = report.in_doubt.clone();
+                            let _ = req.reply.send(Reply::Done(Done::Migrated {
+                                report: Box::new(report),
+                            }));
+                        }
                         Ok(report) => {
                             eprintln!(
                                 "blip: guest migrated to {} (blackout {:.1} us)",
@@ -359,12 +425,17 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     let (vm, inc) = dest::receive(&listener, cfg)
         .map_err(|e| Failure(format!("incoming migration failed: {}", error_chain(&e))))?;
     drop(listener);
-    eprintln!(
-        "blip: guest received ({} pages in {} rounds, state restored in {:.1} us); running",
-        inc.pages,
-        inc.rounds,
-        inc.restore_ns as f64 / 1e3
-    );
+    match &inc.in_doubt {
+        None => eprintln!(
+            "blip: guest received ({} pages in {} rounds, state restored in {:.1} us); running",
+            inc.pages,
+            inc.rounds,
+            inc.restore_ns as f64 / 1e3
+        ),
+        Some(why) => eprintln!(
+            "blip: guest received but IN DOUBT: {why}; it is paused here. Resume it on exactly one side: blip status on both, then blip resolve --api SOCKET resume|discard"
+        ),
+    }
     // Keep the name the guest had on its source host, unless --name says otherwise or that
     // name is taken here.
     let name = match (&a.name, registry::check_name(&inc.guest_name)) {
@@ -374,7 +445,7 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         _ => name,
     };
     let reg = register(&vm, &server, &name);
-    serve_vm(vm, server, reg)
+    serve_vm(vm, server, reg, inc.in_doubt)
 }
 
 /// One guest in `blip list`: its registry entry and what its `status` says.
@@ -555,6 +626,12 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         );
     } else {
         print!("{}", render_report(&report));
+    }
+    if let Some(why) = &report.in_doubt {
+        eprintln!(
+            "blip: the handover is IN DOUBT: {why}; the guest is paused on both sides or runs on the destination. Check blip status on both, then blip resolve --api SOCKET resume|discard on each"
+        );
+        return Ok(6);
     }
     if target_missed(&report) {
         eprintln!(
@@ -784,7 +861,7 @@ fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
         r.pages,
         r.load_ns as f64 / 1e6
     );
-    serve_vm(vm, server, reg)
+    serve_vm(vm, server, reg, None)
 }
 
 #[cfg(test)]
