@@ -314,6 +314,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
         out: a.out.clone(),
         migrations: n,
         max_blackout_ns: target_us * 1000,
+        max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
         via: a.via,
     };
     println!("qemu    | blip, the same cells as QEMU (heartbeats via serial):");
@@ -488,6 +489,7 @@ fn main() {
             out: a.out.clone(),
             migrations: if a.quick { 5 } else { a.migrations.max(1) },
             max_blackout_ns: target_us * 1000,
+            max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
             via: a.via,
         };
         for note in &skipped {

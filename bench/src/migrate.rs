@@ -227,6 +227,9 @@ pub struct Settings {
     pub out: PathBuf,
     pub migrations: u32,
     pub max_blackout_ns: u64,
+    /// `--max-precopy-time` of every migration (then `go`): a target the machine cannot meet
+    /// holds pre-copy open this long, so `--quick` keeps it short.
+    pub max_precopy_ms: u64,
     pub via: Via,
 }
 
@@ -420,7 +423,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         to: url.to_string(),
         max_blackout_ns: s.max_blackout_ns,
         streams: 1,
-        max_precopy_ms: 30_000,
+        max_precopy_ms: s.max_precopy_ms,
         on_timeout: OnTimeout::Go,
         // The guest's own check at the end of the cell proves memory; digests would add
         // hashing to every blackout.
@@ -466,6 +469,8 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
                 .arg(key_file(s)?)
                 .arg("--max-blackout")
                 .arg(format!("{}ns", s.max_blackout_ns))
+                .arg("--max-precopy-time")
+                .arg(format!("{}ms", s.max_precopy_ms))
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| format!("cannot run blip migrate: {e}"))?;

@@ -103,7 +103,7 @@ fn serial_sink(s: &Serial) -> Result<Box<dyn Write + Send>, Failure> {
 
 fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
     let image = match &g.kernel {
-        Some(p) => Image::from_file(p)?,
+        Some(p) => Image::from_file_within(p, g.mem)?,
         None => Image::embedded(),
     };
     Ok(VmConfig {
@@ -151,8 +151,8 @@ fn control_socket(
         return Err(registry::RegistryError::NameTaken(name).into());
     }
     let dir = registry::run_dir();
-    match std::fs::create_dir_all(&dir)
-        .map_err(api::ApiError::Io)
+    match registry::create_private_dir(&dir)
+        .map_err(|e| api::ApiError::Io(std::io::Error::other(e)))
         .and_then(|_| api::serve(&path))
     {
         Ok(s) => Ok((Some(s), name)),
@@ -459,7 +459,7 @@ struct Listed {
 }
 
 fn list(json: bool) -> Result<i32, Failure> {
-    let rows: Vec<Listed> = registry::list()
+    let rows: Vec<Listed> = registry::try_list()?
         .into_iter()
         .map(|entry| {
             let status = match api::call(&entry.api, &Request::Status, &mut |_| {}) {
