@@ -339,6 +339,11 @@ pub const DIRTY_GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
 /// Starts `blip run` with [`DIRTY_GUEST`] on 2 vCPUs and 32 MiB (COM1 to its stdout file) and
 /// waits until its control API answers.
 pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
+    dirtying_source_with(dir, name, &[])
+}
+
+/// [`dirtying_source`] with extra environment (e.g. a short `BLIP_PEER_TIMEOUT_MS`).
+pub fn dirtying_source_with(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> Bg {
     let mut s = Bg::start(
         dir,
         name,
@@ -353,7 +358,7 @@ pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
             "--serial",
             "stdout",
         ],
-        &[],
+        env,
     );
     s.wait_api();
     s

@@ -660,23 +660,7 @@ fn allow_list_turns_away_other_peers() {
 #[test]
 fn a_stalled_destination_times_out_and_the_source_keeps_its_guest() {
     let dir = scratch("mig-stall");
-    let mut a = Bg::start(
-        &dir,
-        "a",
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "32M",
-            "--cmdline",
-            GUEST,
-            "--serial",
-            "stdout",
-        ],
-        &[("BLIP_PEER_TIMEOUT_MS", "2000")],
-    );
-    a.wait_api();
+    let mut a = blip_tests::dirtying_source_with(&dir, "a", &[("BLIP_PEER_TIMEOUT_MS", "2000")]);
     let (mut b, url) = receiver(&dir, "b", &[("BLIP_FAULT", "dest-precopy:sleep=15000")]);
     let o = migrate(
         &a,
@@ -1009,21 +993,7 @@ fn a_lost_commit_leaves_the_guest_in_doubt_on_both_sides_until_resolved() {
     use blip_tests::relay::{Action, Dir, Relay};
     let dir = scratch("mig-lost-commit");
     let env = [("BLIP_PEER_TIMEOUT_MS", "3000")];
-    let mut a = Bg::start(
-        &dir,
-        "a",
-        &[
-            "run",
-            "--mem",
-            "32M",
-            "--cmdline",
-            GUEST,
-            "--serial",
-            "stdout",
-        ],
-        &env,
-    );
-    a.wait_api();
+    let mut a = blip_tests::dirtying_source_with(&dir, "a", &env);
     let (mut b, url) = receiver(&dir, "b", &env);
     // The relay swallows the source's Commit: the source thinks it committed, the destination
     // never hears it.

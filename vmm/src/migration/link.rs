@@ -580,6 +580,9 @@ pub enum DestLink {
 
 impl DestLink {
     /// Accepts the source's `n` authenticated data streams of this session on `listener`.
+    /// Each candidate is heard in a thread of its own within [`super::HELLO_LIMIT`], so idle
+    /// or garbage connections (anyone can connect) never hold up the real streams; they are
+    /// dropped. Each stream gets a [`receiver`] thread that reports its rounds.
     pub fn tcp(
         listener: &TcpListener,
         session: &Session,
@@ -589,8 +592,49 @@ impl DestLink {
         control: &TcpStream,
     ) -> Result<DestLink, MigrationError> {
         let (tx, news) = crossbeam_channel::unbounded();
+        let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, TcpStream)>();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = vec![false; n as usize];
         listener.set_nonblocking(true)?;
-        let r = accept_streams(listener, session, n, mem, allow, control, tx);
+        let mut accept = || -> Result<(), MigrationError> {
+            while seen.iter().any(|s| !s) {
+                for (index, c) in proven.try_iter() {
+                    if std::mem::replace(&mut seen[index as usize], true) {
+                        continue; // a second stream with the same index: drop it
+                    }
+                    let (mem, tx) = (mem.clone(), tx.clone());
+                    let ctl = control.try_clone().ok();
+                    std::thread::Builder::new()
+                        .name(format!("mig-recv{index}"))
+                        .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
+                }
+                match listener.accept() {
+                    Ok((c, peer)) if allowed(allow, peer.ip()) => {
+                        let (session, proven_tx) = (session.clone(), proven_tx.clone());
+                        std::thread::Builder::new()
+                            .name("mig-hello".into())
+                            .spawn(move || {
+                                if let Some(hello) = stream_hello(c, &session, n) {
+                                    let _ = proven_tx.send(hello);
+                                }
+                            })?;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(MigrationError::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the source did not open its data streams within 10 s",
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        };
+        let r = accept();
         listener.set_nonblocking(false)?;
         r?;
         Ok(DestLink::Tcp {
@@ -678,61 +722,6 @@ pub fn recv_pages(
         off += n as u64;
     }
     receipt.verify(crc)?;
-    Ok(())
-}
-
-/// Accepts connections on the (non-blocking) `listener` until each of the session's `n`
-/// streams said StreamHello and proved the key. Each candidate is heard in a thread of its own
-/// within [`super::HELLO_LIMIT`], so idle or garbage connections (anyone can connect) never
-/// hold up the real streams; they are dropped. Each stream gets a [`receiver`] thread that
-/// sends its news on `tx`.
-fn accept_streams(
-    listener: &TcpListener,
-    session: &Session,
-    n: u32,
-    mem: &GuestMem,
-    allow: &[Cidr],
-    control: &TcpStream,
-    tx: Sender<StreamNews>,
-) -> Result<(), MigrationError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, TcpStream)>();
-    let mut seen = vec![false; n as usize];
-    while seen.iter().any(|s| !s) {
-        for (index, c) in proven.try_iter() {
-            if std::mem::replace(&mut seen[index as usize], true) {
-                continue; // a second stream with the same index: drop it
-            }
-            let (mem, tx) = (mem.clone(), tx.clone());
-            let ctl = control.try_clone().ok();
-            std::thread::Builder::new()
-                .name(format!("mig-recv{index}"))
-                .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
-        }
-        match listener.accept() {
-            Ok((c, peer)) if allowed(allow, peer.ip()) => {
-                let (session, proven_tx) = (session.clone(), proven_tx.clone());
-                std::thread::Builder::new()
-                    .name("mig-hello".into())
-                    .spawn(move || {
-                        if let Some(hello) = stream_hello(c, &session, n) {
-                            let _ = proven_tx.send(hello);
-                        }
-                    })?;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(MigrationError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the source did not open its data streams within 10 s",
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
     Ok(())
 }
 
