@@ -188,6 +188,7 @@ pub fn spawn(
                 state: State::Paused,
                 dirty,
                 throttle: throttle_percent,
+                pending: None,
             };
             let outcome = runner.run();
             runner.state = State::Exited;
@@ -214,6 +215,8 @@ struct Runner {
     state: State,
     dirty: Option<Arc<crate::dirty::Shared>>,
     throttle: Arc<AtomicU32>,
+    /// A command that arrived during a throttle sleep (which it cut short), handled next.
+    pending: Option<Command>,
 }
 
 impl Runner {
@@ -264,7 +267,7 @@ impl Runner {
 
     /// Handles queued commands while Running. Returns an outcome when told to stop.
     fn poll_commands(&mut self) -> Option<Outcome> {
-        while let Ok(cmd) = self.commands.try_recv() {
+        while let Some(cmd) = self.pending.take().or_else(|| self.commands.try_recv().ok()) {
             match cmd {
                 Command::Pause => {
                     self.paused();
@@ -289,7 +292,11 @@ impl Runner {
                 self.vcpu.set_kvm_immediate_exit(0);
                 let pct = self.throttle.load(Ordering::Relaxed).min(95);
                 if pct > 0 && self.commands.is_empty() {
-                    std::thread::sleep(THROTTLE_PERIOD * pct / 100);
+                    // Sleep on the command channel, not the clock: a Pause (the blackout's
+                    // first step) ends the sleep at once instead of waiting out the period.
+                    if let Ok(cmd) = self.commands.recv_timeout(THROTTLE_PERIOD * pct / 100) {
+                        self.pending = Some(cmd);
+                    }
                 }
                 return None;
             }
