@@ -267,7 +267,11 @@ impl Runner {
 
     /// Handles queued commands while Running. Returns an outcome when told to stop.
     fn poll_commands(&mut self) -> Option<Outcome> {
-        while let Some(cmd) = self.pending.take().or_else(|| self.commands.try_recv().ok()) {
+        while let Some(cmd) = self
+            .pending
+            .take()
+            .or_else(|| self.commands.try_recv().ok())
+        {
             match cmd {
                 Command::Pause => {
                     self.paused();
