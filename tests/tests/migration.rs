@@ -1040,3 +1040,17 @@ fn a_lost_commit_leaves_the_guest_in_doubt_on_both_sides_until_resolved() {
     assert_eq!(a.status().expect("status")["state"], "running");
     assert_alive_then_check(&mut a);
 }
+
+#[test]
+fn a_waiting_receiver_ends_on_sigterm() {
+    let dir = scratch("mig-sigterm");
+    let (mut b, _url) = receiver(&dir, "b", &[]);
+    let pid = b.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(b.wait(), Some(130), "{}", b.stderr());
+    assert!(b.stderr().contains("no guest received"), "{}", b.stderr());
+}

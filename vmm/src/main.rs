@@ -421,9 +421,21 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         allow: a.allow.clone(),
         rdma,
         premade,
+        stop: Some(&STOP),
     };
-    let (vm, inc) = dest::receive(&listener, cfg)
-        .map_err(|e| Failure(format!("incoming migration failed: {}", error_chain(&e))))?;
+    let (vm, inc) = match dest::receive(&listener, cfg) {
+        Ok(r) => r,
+        Err(blip_vmm::migration::MigrationError::Interrupted) => {
+            eprintln!("blip: interrupted while waiting; no guest received");
+            return Ok(130);
+        }
+        Err(e) => {
+            return Err(Failure(format!(
+                "incoming migration failed: {}",
+                error_chain(&e)
+            )))
+        }
+    };
     drop(listener);
     match &inc.in_doubt {
         None => eprintln!(

@@ -39,6 +39,8 @@ pub struct ReceiveConfig {
     /// Guest memory made (and pre-faulted) at start, with `--mem`; offers of another size are
     /// refused.
     pub premade: Option<Premade>,
+    /// Set by Ctrl-C / SIGTERM: stop waiting for a source.
+    pub stop: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// Guest memory a destination prepared before any peer connected, and its RDMA registration
@@ -149,6 +151,13 @@ fn accept_source(
     let won = loop {
         if let Ok(won) = rx.try_recv() {
             break won;
+        }
+        if cfg
+            .stop
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            listener.set_nonblocking(false)?;
+            return Err(MigrationError::Interrupted);
         }
         let (c, peer) = match listener.accept() {
             Ok(x) => x,

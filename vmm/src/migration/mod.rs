@@ -159,6 +159,8 @@ pub enum MigrationError {
     },
     #[error("the peer sent pages without a data checksum (gpa {gpa:#x}, {count} pages)")]
     Unchecked { gpa: u64, count: u32 },
+    #[error("interrupted while waiting for a source; no guest received")]
+    Interrupted,
     #[error("bad migration option: {0}")]
     Options(String),
     #[error("internal error: {0}")]
