@@ -13,7 +13,10 @@ use blip_transport::protocol::{
     write_message, write_page_batch, write_pages, write_pages_live_header, Message, Offer, Role,
     AUTH_HMAC_SHA256, PAGE_SIZE,
 };
+use blip_vmm::memory::{self, Backing};
 use blip_vmm::persist::{encode, HEADER_LEN};
+use blip_vmm::snapshot::{write_stream, HEADER_LEN as SNAP_HEADER_LEN};
+use vm_memory::{Bytes, GuestAddress};
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::create_dir_all(dir).unwrap();
@@ -125,6 +128,39 @@ fn main() {
     let mut elf32 = min_pvh_elf();
     elf32[4] = 1;
     put(&dir, "seed-elf32", &elf32[..64]);
+
+    // Snapshot files: mode 0 (whole file), 1 (after a generated header), 2 (frame program).
+    let snap = small_snapshot(&page);
+    let dir = root.join("snapshot_reader");
+    put(&dir, "seed-valid", &[&[0u8][..], &snap].concat());
+    put(&dir, "seed-truncated", &[&[0u8][..], &snap[..snap.len() - 20]].concat());
+    let mut corrupt = snap.clone();
+    corrupt[SNAP_HEADER_LEN + 100] ^= 0x40; // inside the first page batch: its CRC fails
+    put(&dir, "seed-corrupt", &[&[0u8][..], &corrupt].concat());
+    // Header selector 1: 2 vCPUs, 2 MiB, as small_snapshot's.
+    put(&dir, "seed-after-header", &[&[1u8, 1][..], &snap[SNAP_HEADER_LEN..]].concat());
+    // Cut at 77 (checked only if accepted); header 1; a batch of 2 pages at page 5 filled
+    // with 0x5a; the matching state; the end marker with the right count.
+    let mut prog = vec![2u8];
+    prog.extend_from_slice(&77u32.to_le_bytes());
+    prog.extend_from_slice(&[1, 0, 1, 2]);
+    prog.extend_from_slice(&5u32.to_le_bytes());
+    prog.extend_from_slice(&[2, 0x5a, 2, 0, 3, 0]);
+    put(&dir, "seed-program", &prog);
+}
+
+/// A valid snapshot of a 2 MiB, 2-vCPU guest with three non-zero pages.
+fn small_snapshot(page: &[u8]) -> Vec<u8> {
+    let mem = memory::create(2 << 20, Backing::Anon).unwrap();
+    for gpa in [0x1000u64, 0x2000, 0x1f_f000] {
+        mem.write_slice(page, GuestAddress(gpa)).unwrap();
+    }
+    let mut st = sample_state();
+    st.mem_size = 2 << 20;
+    let mut out = Vec::new();
+    let w = write_stream(&mut out, &mem, 2, &st).unwrap();
+    assert_eq!(w.pages, 3);
+    out
 }
 
 fn min_pvh_elf() -> Vec<u8> {
