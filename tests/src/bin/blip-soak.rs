@@ -298,15 +298,33 @@ impl Soak {
         (r, url)
     }
 
+    /// `blip status` as JSON; None when it does not answer within 1.5 s (a receiver that
+    /// serves no API yet holds the connection until the client's own 5 s deadline).
     fn status(&self, b: &Bg) -> Option<serde_json::Value> {
-        let o = self
+        use std::io::Read;
+        let mut c = self
             .cmd(&["status", "--api", b.api.to_str().unwrap()])
-            .output()
+            .stderr(Stdio::null())
+            .spawn()
             .ok()?;
-        if !o.status.success() {
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = c.try_wait().ok()? {
+                break st;
+            }
+            if start.elapsed() > Duration::from_millis(1500) {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut out = Vec::new();
+        c.stdout.take()?.read_to_end(&mut out).ok()?;
+        if !st.success() {
             return None;
         }
-        serde_json::from_slice(&o.stdout).ok()
+        serde_json::from_slice(&out).ok()
     }
 
     fn observe(&self, b: &mut Bg) -> Obs {
@@ -692,6 +710,9 @@ fn main() {
     if bad == 0 {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // The helpers make a per-process run directory even when BLIP_RUN_DIR points elsewhere:
+    // remove it when it stayed empty.
+    let _ = std::fs::remove_dir(blip_tests::default_run_dir());
     std::process::exit(if bad == 0 { 0 } else { 1 });
 }
 
