@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Soak, two parts, then a leak check:
-#  1. `blip demo --migrations 20 --verify`: back-and-forth migrations of a dirtying guest with
+#  1. `blip demo --migrations 20 --max-blackout 50ms --verify`: back-and-forth migrations of a
+#     dirtying guest (a 50 ms target so each hop converges in well under a second) with
 #     memory digests compared at every hop and the guest's own memory check at the end.
 #  2. `blip-soak --hops N`: N hops of a heartbeating, dirtying guest between fresh blip
 #     processes, one random fault per hop (a lost, stalled or corrupted frame on a relay in
@@ -20,7 +21,7 @@ export BLIP_RUN_DIR="$(mktemp -d /tmp/blip-soak-run.XXXXXX)"
 # blip-soak keeps its processes' sockets and logs under TMPDIR: its leftovers are found by it.
 soak_tmp="$(mktemp -d /tmp/blip-soak-tmp.XXXXXX)"
 start=$(date +%s)
-target/release/blip demo --migrations 20 --verify
+target/release/blip demo --migrations 20 --max-blackout 50ms --verify
 mid=$(date +%s)
 rc=0
 TMPDIR="$soak_tmp" target/debug/blip-soak --hops "$n" --out "${SOAK_JSON:-/dev/null}" || rc=$?
