@@ -5,7 +5,10 @@
 //! by the rule in ARCHITECTURE "In doubt". Every 10 hops and at the end the guest checks its
 //! own memory.
 //!
-//! Usage: blip-soak [--hops N] [--seed S] [--out FILE.json]
+//! Usage: blip-soak [--hops N] [--seed S] [--out FILE.json] [--keep]
+//!
+//! Every process's stdout, stderr and serial output, and every `blip migrate`'s, are kept in a
+//! scratch directory, removed at the end unless an invariant broke or `--keep` is given.
 //!
 //! Needs a debug build of `blip` (fault points are compiled out of release builds); it runs
 //! the `blip` next to this binary unless `BLIP_BIN` says otherwise. Exits 1 when an invariant
@@ -471,6 +474,7 @@ fn main() {
     let mut hops = 20usize;
     let mut seed = 1u64;
     let mut out: Option<PathBuf> = None;
+    let mut keep = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -481,6 +485,7 @@ fn main() {
             "--hops" => hops = val().parse().unwrap_or_else(|_| usage("bad --hops")),
             "--seed" => seed = val().parse().unwrap_or_else(|_| usage("bad --seed")),
             "--out" => out = Some(PathBuf::from(val())),
+            "--keep" => keep = true,
             "-h" | "--help" => usage(""),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -707,7 +712,7 @@ fn main() {
     let secs = began.elapsed().as_secs_f64();
     report(&t, secs, seed, out.as_deref());
     let bad = t.guests_lost + t.duplicates + t.wrong_memory + t.heartbeat_stalls;
-    if bad == 0 {
+    if bad == 0 && !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
     // The helpers make a per-process run directory even when BLIP_RUN_DIR points elsewhere:
@@ -720,7 +725,7 @@ fn usage(why: &str) -> ! {
     if !why.is_empty() {
         eprintln!("blip-soak: {why}");
     }
-    eprintln!("usage: blip-soak [--hops N] [--seed S] [--out FILE.json]");
+    eprintln!("usage: blip-soak [--hops N] [--seed S] [--out FILE.json] [--keep]");
     std::process::exit(if why.is_empty() { 0 } else { 2 });
 }
 
