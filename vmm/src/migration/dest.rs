@@ -374,7 +374,14 @@ impl Receiver<'_> {
             .ok_or(MigrationError::Internal("no VM after Accept"))?;
         let mut stage = Stage::Precopy;
         while stage != Stage::Resumed {
-            let f = match super::read_frame(self.control) {
+            // After Ready the source either commits or (having given up, e.g. on a lost
+            // Ready) sends Abort: wait two peer timeouts, so its Abort lands before this side
+            // would declare the handover in doubt.
+            let limit = match stage {
+                Stage::Restored => super::peer_timeout() * 2,
+                _ => super::peer_timeout(),
+            };
+            let f = match tcp::read_message_within(self.control, limit) {
                 Ok(f) => f,
                 // Ready went out: the source may have sent Commit (or died) and count on this
                 // copy. Keep the restored guest, paused, and say so. Only an Abort message
