@@ -211,45 +211,6 @@ pub fn prefault(mem: &GuestMem) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Registers every region of guest memory for RDMA on `pd` (`Access::RemoteWrite` on a
-/// destination, `Access::Local` on a source). Each registration keeps a clone of `mem` (which
-/// keeps the mappings alive), so a region can never outlive the memory it covers.
-pub fn register_rdma(
-    pd: &std::sync::Arc<blip_transport::rdma::ProtectionDomain>,
-    mem: &GuestMem,
-    access: blip_transport::rdma::Access,
-) -> Result<Vec<blip_transport::rdma::LocalRegion>, blip_transport::rdma::RdmaError> {
-    use blip_transport::rdma::{LocalRegion, MemoryRegion};
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let mut out = Vec::new();
-    for region in mem.iter() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| blip_transport::rdma::RdmaError::OutOfRange {
-                side: "local",
-                addr: region.start_addr().0,
-                len: region.len(),
-            })?;
-        // SAFETY: `host..host+len` is this region's live mapping (read-write), kept mapped by
-        // the clone of `mem` the registration owns. Remote writes into guest memory are the
-        // point of a destination's registration: the guest is not running while they land.
-        let mr = unsafe {
-            MemoryRegion::register(
-                pd,
-                host,
-                region.len() as usize,
-                access,
-                Box::new(mem.clone()),
-            )
-        }?;
-        out.push(LocalRegion {
-            base: region.start_addr().0,
-            mr: std::sync::Arc::new(mr),
-        });
-    }
-    Ok(out)
-}
-
 /// A 64-bit digest of all guest memory (per-MiB CRC32C chained), for `--verify`.
 pub fn digest(mem: &GuestMem) -> u64 {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
