@@ -336,6 +336,17 @@ pub fn key_file(dir: &std::path::Path, name: &str) -> PathBuf {
 /// The dirtying, heartbeating guest the migration and snapshot tests move around.
 pub const DIRTY_GUEST: &str = "dirty ws=4 rate=max heartbeat period=500";
 
+/// `blip run` of [`DIRTY_GUEST`] on 2 vCPUs and 32 MiB (add `--serial` and the rest).
+pub const DIRTY_RUN: [&str; 7] = [
+    "run",
+    "--vcpus",
+    "2",
+    "--mem",
+    "32M",
+    "--cmdline",
+    DIRTY_GUEST,
+];
+
 /// Starts `blip run` with [`DIRTY_GUEST`] on 2 vCPUs and 32 MiB (COM1 to its stdout file) and
 /// waits until its control API answers.
 pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
@@ -344,22 +355,9 @@ pub fn dirtying_source(dir: &std::path::Path, name: &str) -> Bg {
 
 /// [`dirtying_source`] with extra environment (e.g. a short `BLIP_PEER_TIMEOUT_MS`).
 pub fn dirtying_source_with(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> Bg {
-    let mut s = Bg::start(
-        dir,
-        name,
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "32M",
-            "--cmdline",
-            DIRTY_GUEST,
-            "--serial",
-            "stdout",
-        ],
-        env,
-    );
+    let mut args = DIRTY_RUN.to_vec();
+    args.extend_from_slice(&["--serial", "stdout"]);
+    let mut s = Bg::start(dir, name, &args, env);
     s.wait_api();
     s
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blip_tests::relay::{Action, Dir, Relay};
-use blip_tests::{blip, key_file, listen_url, Bg, DIRTY_GUEST};
+use blip_tests::{blip, key_file, listen_url, Bg, DIRTY_RUN};
 use blip_transport::protocol::MessageKind;
 
 /// Every process's peer timeout (ms): faults resolve within a few of these.
@@ -261,21 +261,9 @@ impl Soak {
     fn source(&mut self) -> Bg {
         let name = self.fresh_name();
         let serial = self.dir.join(format!("{name}.serial"));
-        let mut s = self.start(
-            &name,
-            &[
-                "run",
-                "--vcpus",
-                "2",
-                "--mem",
-                "32M",
-                "--cmdline",
-                DIRTY_GUEST,
-                "--serial",
-                serial.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let mut args = DIRTY_RUN.to_vec();
+        args.extend_from_slice(&["--serial", serial.to_str().unwrap()]);
+        let mut s = self.start(&name, &args, &[]);
         s.wait_api();
         s
     }
