@@ -48,8 +48,28 @@ fn state_envelope(payload: &[u8]) -> Vec<u8> {
     b
 }
 
-/// The encoded sample state, resized to `vcpus` vCPUs and `mem_size` bytes.
+thread_local! {
+    /// Encoded sample states by (vCPUs, memory size): encoding one (its xsave area element by
+    /// element, under coverage instrumentation) was most of an execution's time.
+    static STATES: std::cell::RefCell<Vec<((usize, u64), Vec<u8>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The encoded sample state, resized to `vcpus` vCPUs and `mem_size` bytes (cached).
 fn state_for(vcpus: usize, mem_size: u64) -> Vec<u8> {
+    STATES.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((_, b)) = c.iter().find(|(k, _)| *k == (vcpus, mem_size)) {
+            return b.clone();
+        }
+        let b = encode_state(vcpus, mem_size);
+        c.push(((vcpus, mem_size), b.clone()));
+        b
+    })
+}
+
+/// Encodes the sample state resized to `vcpus` vCPUs and `mem_size` bytes.
+fn encode_state(vcpus: usize, mem_size: u64) -> Vec<u8> {
     let mut st = sample_state();
     let one = st.vcpus[0].clone();
     st.vcpus.resize(vcpus, one);
