@@ -500,6 +500,40 @@ fn destination_survives_garbage_and_never_runs_a_partial_guest() {
     assert_alive_then_check(&mut b);
 }
 
+#[test]
+fn a_flood_of_idle_connections_is_capped_and_a_real_source_then_gets_through() {
+    let dir = scratch("mig-flood");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let addr = url.trim_start_matches("tcp://").to_string();
+    // More idle connections than the receiver hears at once: the rest are closed unread.
+    let idle: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let line = b.wait_stderr("already in their handshake");
+    assert!(line.contains("64 connections"), "{line}");
+    let threads = std::fs::read_to_string(format!("/proc/{}/status", b.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Threads:")
+                .map(|n| n.trim().parse::<usize>().unwrap())
+        })
+        .unwrap();
+    assert!(
+        threads <= 64 + 8,
+        "{threads} threads for 80 idle connections"
+    );
+    assert!(b.alive(), "the flood ended the receiver: {}", b.stderr());
+    // Closed connections end their handshakes at once; then a real source gets through.
+    drop(idle);
+    let mut a = source(&dir, "a");
+    let r = report(&migrate(&a, &url, &["--verify"]));
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}
+
 fn stdout_is_empty(b: &Bg) -> bool {
     b.stdout().trim().is_empty()
 }

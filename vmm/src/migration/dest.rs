@@ -137,16 +137,23 @@ pub fn receive(
     }
 }
 
+/// Most connections heard at once while waiting for a source. Each one lives at most one
+/// handshake deadline, so this bounds the threads a flood of idle connections can create;
+/// beyond it a new connection is closed unread (a real source retries nothing, but it only
+/// meets the cap when someone floods the port, and then its own connect is one of many).
+const MAX_HANDSHAKES: usize = 64;
+
 /// Waits for a source that completes the session (Hello and, with a key, its proof). Every
 /// connection is heard in a thread of its own, so nothing an unauthenticated peer sends or
 /// withholds (garbage, a wrong key, an idle connection) ends the wait or delays a real source:
 /// each such peer gets one log line and is dropped. Peers outside --allow are turned away
-/// before a single byte is read.
+/// before a single byte is read; at most [`MAX_HANDSHAKES`] are heard at once.
 fn accept_source(
     listener: &TcpListener,
     cfg: &ReceiveConfig,
 ) -> Result<(TcpStream, Session), MigrationError> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let hearing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     listener.set_nonblocking(true)?;
     let won = loop {
         if let Ok(won) = rx.try_recv() {
@@ -174,18 +181,32 @@ fn accept_source(
             eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
             continue;
         }
-        let (tx, key) = (tx.clone(), cfg.key.clone());
-        std::thread::Builder::new()
+        if hearing.load(std::sync::atomic::Ordering::Acquire) >= MAX_HANDSHAKES {
+            eprintln!(
+                "blip: refused a connection from {peer}: {MAX_HANDSHAKES} connections are already in their handshake"
+            );
+            continue;
+        }
+        hearing.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (tx, key, mine) = (tx.clone(), cfg.key.clone(), hearing.clone());
+        let spawned = std::thread::Builder::new()
             .name("mig-session".into())
-            .spawn(move || match open_session(c, key) {
-                Ok(won) => {
-                    let _ = tx.send(won);
+            .spawn(move || {
+                match open_session(c, key) {
+                    Ok(won) => {
+                        let _ = tx.send(won);
+                    }
+                    Err(e) => eprintln!(
+                        "blip: refused a connection from {peer}: {}",
+                        crate::cli::error_chain(&e)
+                    ),
                 }
-                Err(e) => eprintln!(
-                    "blip: refused a connection from {peer}: {}",
-                    crate::cli::error_chain(&e)
-                ),
-            })?;
+                mine.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            hearing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            eprintln!("blip: refused a connection from {peer}: cannot start a thread ({e})");
+        }
     };
     listener.set_nonblocking(false)?;
     Ok(won)
