@@ -534,6 +534,30 @@ fn a_flood_of_idle_connections_is_capped_and_a_real_source_then_gets_through() {
     assert_alive_then_check(&mut b);
 }
 
+#[test]
+fn a_source_that_leaves_after_accept_is_seen_at_once_not_at_the_stream_deadline() {
+    let dir = scratch("mig-left-after-accept");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let mut a =
+        blip_tests::dirtying_source_with(&dir, "a", &[("BLIP_FAULT", "source-accepted:drop")]);
+    let o = migrate(&a, &url, &[]);
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // The receiver learns it from the control connection (the source's Abort or its close),
+    // not from the data streams' 10 s deadline.
+    let line = b.wait_stderr("incoming migration failed");
+    assert!(
+        !line.contains("within 10 s")
+            && (line.contains("fault injected") || line.contains("before its data streams")),
+        "{line}"
+    );
+    assert!(stdout_is_empty(&b));
+    assert_alive_then_check(&mut a);
+}
+
 fn stdout_is_empty(b: &Bg) -> bool {
     b.stdout().trim().is_empty()
 }

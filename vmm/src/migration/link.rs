@@ -595,6 +595,7 @@ impl DestLink {
         let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, TcpStream)>();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = vec![false; n as usize];
+        let mut next_look = Instant::now();
         listener.set_nonblocking(true)?;
         let mut accept = || -> Result<(), MigrationError> {
             while seen.iter().any(|s| !s) {
@@ -627,6 +628,10 @@ impl DestLink {
                                 "the source did not open its data streams within 10 s",
                             )));
                         }
+                        if Instant::now() >= next_look {
+                            source_still_there(control)?;
+                            next_look = Instant::now() + Duration::from_millis(50);
+                        }
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     Err(e) => return Err(e.into()),
@@ -636,6 +641,7 @@ impl DestLink {
         };
         let r = accept();
         listener.set_nonblocking(false)?;
+        control.set_read_timeout(Some(peer_timeout()))?;
         r?;
         Ok(DestLink::Tcp {
             news,
@@ -793,4 +799,34 @@ pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationE
         gpa,
         count: pages as u32,
     })
+}
+
+/// While the data streams connect, the control connection must stay quiet: a source that died
+/// or gave up after Accept is seen here at once (end of stream, or its Abort), not at the
+/// 10 s stream deadline. Leaves a 1 ms read timeout on `control`; the caller restores it.
+fn source_still_there(control: &TcpStream) -> Result<(), MigrationError> {
+    control.set_read_timeout(Some(Duration::from_millis(1)))?;
+    match control.peek(&mut [0u8; 1]) {
+        Ok(0) => Err(MigrationError::Aborted(
+            "the source closed the control connection before its data streams connected".into(),
+        )),
+        Ok(_) => {
+            control.set_read_timeout(Some(peer_timeout()))?;
+            let frame = super::read_frame(&mut control.try_clone()?)?;
+            Err(MigrationError::from_unexpected(
+                frame
+                    .msg
+                    .unexpected("nothing while the data streams connect"),
+            ))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

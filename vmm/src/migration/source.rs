@@ -175,6 +175,11 @@ fn run(
         )));
     }
     offer(g, opts, &cal, streams, rdma)?;
+    if crate::fault::point("source-accepted") == crate::fault::Fault::Drop {
+        return Err(MigrationError::Aborted(
+            "fault injected after Accept (BLIP_FAULT)".into(),
+        ));
+    }
     let mem = g.vm.memory().clone();
     let mut link = if rdma {
         SourceLink::rdma(&mem, &mut g.control, streams)?
