@@ -137,6 +137,25 @@ struct SavedFields {
 pub struct ApiRequest {
     pub request: Request,
     pub reply: Sender<Reply>,
+    /// When the socket thread queued it for the VM thread.
+    pub queued: Instant,
+}
+
+impl ApiRequest {
+    /// The request waited in the queue (the VM thread was busy, e.g. migrating) longer than
+    /// its client waits for an answer: the client has given up, so running it now (a
+    /// snapshot, a migration) would surprise whoever asked. The VM thread refuses it instead.
+    pub fn stale(&self) -> Option<String> {
+        let waited = self.queued.elapsed();
+        let limit = Patience::of(&self.request).limit();
+        (waited > limit).then(|| {
+            format!(
+                "the request waited {:.0} s while the guest's process was busy, longer than its client waits ({} s): not run",
+                waited.as_secs_f64(),
+                limit.as_secs()
+            )
+        })
+    }
 }
 
 /// Errors of the control API.
@@ -391,7 +410,15 @@ fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
         return;
     }
     let (tx, rx) = crossbeam_channel::unbounded();
-    if requests.send(ApiRequest { request, reply: tx }).is_err() {
+    let queued = Instant::now();
+    if requests
+        .send(ApiRequest {
+            request,
+            reply: tx,
+            queued,
+        })
+        .is_err()
+    {
         return;
     }
     for reply in rx {
@@ -597,6 +624,29 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
         assert!(matches!(r, Request::Status));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn requests_older_than_their_clients_patience_are_stale() {
+        let at = |secs| {
+            Instant::now()
+                .checked_sub(Duration::from_secs(secs))
+                .unwrap()
+        };
+        let req = |request, secs| ApiRequest {
+            request,
+            reply: crossbeam_channel::unbounded().0,
+            queued: at(secs),
+        };
+        assert!(req(Request::Status, 0).stale().is_none());
+        let why = req(Request::Status, 6).stale().unwrap();
+        assert!(why.contains("not run") && why.contains("(5 s)"), "{why}");
+        let snap = || Request::Snapshot {
+            path: "/x".into(),
+            stop: false,
+        };
+        assert!(req(snap(), 60).stale().is_none());
+        assert!(req(snap(), 301).stale().is_some());
     }
 
     #[test]

@@ -212,6 +212,11 @@ fn serve_vm(
         }
         let Some(server) = &server else { continue };
         while let Ok(req) = server.requests.try_recv() {
+            if let Some(why) = req.stale() {
+                eprintln!("blip: {why}");
+                let _ = req.reply.send(Reply::error(why));
+                continue;
+            }
             if let Some(why) = &in_doubt {
                 match &req.request {
                     Request::Status | Request::Resolve { .. } => {}
