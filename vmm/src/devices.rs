@@ -5,8 +5,9 @@
 //!   on the Pc platform the UART raises ISA IRQ 4 through an irqfd (THR empty, data received),
 //!   because Linux's tty layer waits for those interrupts.
 //! - **i8042 reset** (Pc only): a write of 0xFE to port 0x64 is how Linux resets a PC without
-//!   ACPI (`reboot=k`); blip ends the VM as if powered off. Reads of 0x60/0x64 float (0xff), so
-//!   Linux's i8042 driver finds no controller and creates no keyboard.
+//!   ACPI (`reboot=k`); blip ends the VM as if powered off. Reads of 0x64 say "output full,
+//!   input empty" and 0x60 floats (0xff), so Linux's i8042 driver finds no working controller
+//!   and creates no keyboard.
 //! - **Exit port** at 0xf4, compatible with QEMU's `isa-debug-exit,iobase=0xf4,iosize=4`: the
 //!   guest writes `v`, blip exits with `(v << 1) | 1`.
 //! - **Heartbeat port**: the guest writes the high half of a 64-bit counter to 0xfc (when it
@@ -312,6 +313,15 @@ impl Devices {
                 data.fill(0);
                 if let Some(b) = data.first_mut() {
                     *b = v;
+                }
+            }
+            // Pc: the i8042 status reads "output full, input empty". Linux's i8042 driver
+            // then sees a stuck controller and gives up at once, and its reset path writes
+            // 0xFE without first polling a busy controller tens of thousands of times.
+            I8042_COMMAND if self.reset_port => {
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = 0x01;
                 }
             }
             _ => data.fill(0xff), // floating bus
