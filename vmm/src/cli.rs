@@ -78,7 +78,7 @@ pub struct GuestArgs {
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk for --kernel (bzImage: boot_params ramdisk; PVH: the first module).
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
     /// The machine the guest sees: minimal (no interrupt controller; the embedded guest's
     /// default) or pc (irqchip, PIT, COM1 on IRQ 4, MP table, i8042 reset; any --kernel's

@@ -426,6 +426,19 @@ impl Image {
         vcpus: u8,
         tsc_khz: u32,
     ) -> Result<Boot, LoaderError> {
+        self.check_fits(mem_size)?;
+        if cmdline.len() > CMDLINE_MAX {
+            return Err(LoaderError::CmdlineTooLong(cmdline.len()));
+        }
+        let map = crate::platform::memory_map(platform, mem_size);
+        match self.kind()? {
+            Kind::Pvh => self.load_pvh(mem, mem_size, cmdline, vcpus, tsc_khz, &map),
+            Kind::BzImage => self.load_bzimage(mem, mem_size, cmdline, &map),
+        }
+    }
+
+    /// Checks the image (and initrd) and that they fit in `mem_size` bytes of guest memory.
+    pub fn check_fits(&self, mem_size: u64) -> Result<(), LoaderError> {
         let need = self.check()?;
         if need > mem_size {
             return Err(match self.initrd {
@@ -439,14 +452,7 @@ impl Image {
                 },
             });
         }
-        if cmdline.len() > CMDLINE_MAX {
-            return Err(LoaderError::CmdlineTooLong(cmdline.len()));
-        }
-        let map = crate::platform::memory_map(platform, mem_size);
-        match self.kind()? {
-            Kind::Pvh => self.load_pvh(mem, mem_size, cmdline, vcpus, tsc_khz, &map),
-            Kind::BzImage => self.load_bzimage(mem, mem_size, cmdline, &map),
-        }
+        Ok(())
     }
 
     /// Where the initrd goes: the highest page-aligned address below `top` where it fits,

@@ -109,6 +109,11 @@ const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
     use blip_vmm::loader::Kind;
     use blip_vmm::platform::Platform;
+    if g.initrd.is_some() && g.kernel.is_none() {
+        return Err(Failure(
+            "--initrd needs --kernel (the embedded guest takes no initrd)".into(),
+        ));
+    }
     let (image, platform) = match &g.kernel {
         Some(p) => (Image::from_file_within(p, g.mem)?, Platform::Pc),
         None => (Image::embedded(), Platform::Minimal),

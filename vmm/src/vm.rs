@@ -196,14 +196,7 @@ impl Vm {
         let nvcpus = cfg.vcpus as u8;
         // Check the image before allocating anything large.
         if let Some(image) = &cfg.image {
-            let end = image.check()?;
-            if end > cfg.mem_size {
-                return Err(LoaderError::TooLarge {
-                    end,
-                    mem: cfg.mem_size,
-                }
-                .into());
-            }
+            image.check_fits(cfg.mem_size)?;
         }
         let mem = match premade {
             Some(m) if memory::size(&m) == cfg.mem_size => m,
