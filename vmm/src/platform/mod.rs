@@ -18,8 +18,8 @@
 //!   - **i8042 reset line** (port 0x64, command 0xFE): how Linux reboots without ACPI
 //!     (`reboot=k`). blip has no ACPI, so `reboot` and a panic with `panic=-1` come here, and
 //!     blip ends the VM with exit code 0 (as a power-off: blip does not restart guests). A
-//!     Linux `poweroff` without ACPI falls through to a halt loop; guests that want blip to
-//!     exit use `reboot -f`.
+//!     Linux `poweroff` without ACPI halts every CPU with interrupts off instead; the VM's
+//!     halt probe (see `vm`) recognises that and also ends with exit code 0.
 //!   - **an MP table** (Intel MultiProcessor Specification 1.4) in the EBDA just below 640 KiB:
 //!     how Linux finds the vCPUs, the IOAPIC and the ISA interrupt wiring without ACPI.
 //!   - **kvmclock**: advertised by the KVM CPUID leaves (0x40000000/0x40000001) KVM reports as
