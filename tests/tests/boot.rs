@@ -18,7 +18,9 @@ fn debian_kernel() -> Option<String> {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let dir = std::path::PathBuf::from(home).join(".cache/blip-softroce/kernel");
     let ver = std::fs::read_to_string(dir.join("current")).ok()?;
-    let p = dir.join(ver.trim()).join(format!("boot/vmlinuz-{}", ver.trim()));
+    let p = dir
+        .join(ver.trim())
+        .join(format!("boot/vmlinuz-{}", ver.trim()));
     p.is_file().then(|| p.display().to_string())
 }
 

@@ -121,7 +121,9 @@ pub enum LoaderError {
     NotElf,
     #[error("kernel image is a bzImage blip cannot boot: {0}")]
     BadBzImage(&'static str),
-    #[error("kernel image and initrd need {need:#x} bytes of memory but the guest has only {mem:#x}")]
+    #[error(
+        "kernel image and initrd need {need:#x} bytes of memory but the guest has only {mem:#x}"
+    )]
     InitrdTooLarge { need: u64, mem: u64 },
     #[error("kernel image is a 32-bit ELF; blip loads ELF64 images (link PVH guests as ELF64)")]
     NotElf64,
@@ -190,11 +192,7 @@ struct BzHeader {
     cmdline_size: u64,
 }
 
-fn read_limited(
-    what: &'static str,
-    path: &Path,
-    limit: u64,
-) -> Result<Vec<u8>, LoaderError> {
+fn read_limited(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, LoaderError> {
     use std::os::unix::fs::OpenOptionsExt;
     let p = || path.display().to_string();
     let open = |source| LoaderError::Open {

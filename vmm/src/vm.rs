@@ -222,8 +222,8 @@ impl Vm {
         // at creation).
         platform::create_devices(cfg.platform, &fd)?;
         let serial_irq = if cfg.platform.has_irqchip() {
-            let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(VmError::Thread)?;
+            let evt =
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
             fd.register_irqfd(&evt, platform::COM1_IRQ)
                 .map_err(kvm_err("connect COM1 to IRQ 4"))?;
             crate::devices::SerialIrq::EventFd(evt)

@@ -16,7 +16,9 @@ fn debian_kernel() -> Option<PathBuf> {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let dir = PathBuf::from(home).join(".cache/blip-softroce/kernel");
     let ver = std::fs::read_to_string(dir.join("current")).ok()?;
-    let p = dir.join(ver.trim()).join(format!("boot/vmlinuz-{}", ver.trim()));
+    let p = dir
+        .join(ver.trim())
+        .join(format!("boot/vmlinuz-{}", ver.trim()));
     p.is_file().then_some(p)
 }
 
@@ -28,9 +30,7 @@ fn debian_bzimage_loads_with_initrd_and_e820() {
     };
     let mem_size = 256 * MIB;
     let initrd: Vec<u8> = (0..3 * MIB + 123).map(|i| (i % 251) as u8).collect();
-    let image = Image::from_file(&path)
-        .unwrap()
-        .with_initrd(initrd.clone());
+    let image = Image::from_file(&path).unwrap().with_initrd(initrd.clone());
     assert_eq!(image.kind().unwrap(), Kind::BzImage);
     let (entry, end) = image.bz_entry().unwrap();
     assert_eq!(entry, 0x100200, "startup_64 of a kernel loaded at 1 MiB");
