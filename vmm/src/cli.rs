@@ -19,7 +19,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Boot a PVH guest (default: the embedded demo guest) and run it until it exits.
+    /// Boot a guest (a PVH ELF or a Linux bzImage; default: the embedded demo guest) and run it
+    /// until it exits.
     Run(RunArgs),
     /// Wait for one incoming live migration, then run the guest it brings.
     Receive(ReceiveArgs),
