@@ -207,7 +207,7 @@ scenario_linux_boot() {
         line=$(grep -a '^BLIP-LINUX-UP' "$out.serial" | head -1 | tr -d '\r')
         [ -n "$marker_ms" ] || { [ -n "$line" ] && marker_ms=$total_ms; }
         # The platform as Linux saw it, then how the boot ended.
-        grep -aE 'Command line|MPTABLE|IOAPIC\[|APIC: Switch|clocksource|kvm-clock|tsc: |smpboot|x86: Booting|Brought up|ttyS0|i8042|Run /init' \
+        grep -aE 'Command line|MP-BIOS|TSC|timer|MPTABLE|IOAPIC\[|APIC: Switch|clocksource|kvm-clock|tsc: |smpboot|x86: Booting|Brought up|ttyS0|i8042|Run /init' \
             "$out.serial" | head -n 40 | tr -d '\r' >"$out.key"
         show "linux-$n key" "$out.key"
         tail -n 15 "$out.serial" | tr -d '\r' >"$out.tail"

@@ -142,15 +142,15 @@ fn segment(selector: u16, type_: u8, s: u8, limit: u32, g: u8, db: u8) -> kvm_se
     }
 }
 
-/// Gives an AP of the Pc platform its CPUID and leaves the rest at KVM's reset state (it waits
-/// for INIT/SIPI).
+/// Gives an AP of the Pc platform its CPUID and the BSP's boot MSRs (the same TSC value in
+/// particular, so the guest finds the TSCs synchronised) and leaves the rest at KVM's reset
+/// state: the AP waits for INIT/SIPI.
 pub fn setup_ap(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))
+    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_boot_msrs(vcpu)
 }
 
-/// Puts a fresh vCPU into its boot entry state (PVH 32-bit or Linux 64-bit).
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::PartialMsrs {
         set: 0,
@@ -163,6 +163,13 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), 
             total: entries.len(),
         });
     }
+    Ok(())
+}
+
+/// Puts a fresh vCPU into its boot entry state (PVH 32-bit or Linux 64-bit).
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_boot_msrs(vcpu)?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
