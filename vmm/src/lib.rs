@@ -15,6 +15,7 @@ pub mod loader;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+pub mod platform;
 pub mod registry;
 pub mod snapshot;
 pub mod vcpu;

@@ -931,6 +931,7 @@ mod tests {
             backing: Backing::Anon,
             image,
             serial: Box::new(serial),
+            platform: Default::default(),
         }
     }
 

@@ -591,6 +591,7 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
             backing: cfg.backing,
             image: None,
             serial: cfg.serial,
+            platform: Default::default(),
         },
         cfg.dirty,
     )?;

@@ -360,6 +360,7 @@ fn prepare(
         backing,
         image: None,
         serial,
+        platform: Default::default(),
     };
     let vm = Vm::create_in(config, dirty, premade_mem)?;
     let missing = (offer.state_pieces & !VERIFY_FLAG) & !Caps::of_vm(vm.fd()).pieces;
