@@ -12,6 +12,10 @@
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
 # guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
 # rdma:// through A's own rxe0, side by side). Default: all but fault-tcp.
+# Linux guest (ci/softroce/linux.sh, not in the default set): linux-boot-workload (Debian's
+# kernel + the workload initramfs under blip: marker, heartbeats; a: 1 vCPU, b: 2),
+# linux-migrate-rdma / linux-migrate-tcp (the running kernel a -> b -> a with --verify:
+# heartbeat gaps, clock, memory checks, clean console), linux-snapshot (snapshot, restore).
 # Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
 # (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
 # Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
@@ -30,7 +34,7 @@ TIMEOUT=${BLIP_SOFTROCE_TIMEOUT:-900}
 GUEST_MEM=${BLIP_SOFTROCE_MEM:-1536M}
 SR_CACHE=${BLIP_SOFTROCE_CACHE:-${HOME:-/root}/.cache/blip-softroce}
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
         --scenarios) SCENARIOS=$2; shift 2 ;;
@@ -44,13 +48,14 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench) ;;
+        linux-boot-workload|linux-migrate-rdma|linux-migrate-tcp|linux-snapshot) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
 # Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
 case ",$SCENARIOS," in
     *,kvm,*) ;;
-    *,migrate-*|*,fault-*|*,bench,*) SCENARIOS=kvm,$SCENARIOS ;;
+    *,migrate-*|*,fault-*|*,bench,*|*,linux-*) SCENARIOS=kvm,$SCENARIOS ;;
 esac
 
 T_START=$(date +%s.%N)
@@ -71,7 +76,7 @@ if [ -z "$BLIP" ]; then
     BLIP=$ROOT/target/release/blip
     if [ "$BUILD" = 1 ]; then
         t=$(date +%s.%N)
-        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench
+        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench -p blip-linux-guest
         sr_log "blip built ($(elapsed "$t") s)"
     fi
 fi
