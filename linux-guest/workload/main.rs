@@ -14,7 +14,8 @@
 //!   check reads every word): `CHECK OK <k> ...` or `CHECK FAILED <k> <details>`;
 //! - prints `HB <n> mono=<ns> real=<ns>` every 100 ms (`heartbeat.rs`) and writes `n` to
 //!   blip's heartbeat port, so blip timestamps it too (the guest-observed blackout);
-//! - reads console lines: `check` runs a full check at once, `poweroff` powers off;
+//! - reads console lines: `check` runs a full check at once, `poweroff` powers off (a reboot
+//!   where there is no ACPI: see `sys::poweroff`);
 //! - when blip's info page (guest-physical 0x5000, magic `BLIPINFO`) is readable through
 //!   /dev/mem, `blip check` works as for blip's own guest: command 1 = full check, then power
 //!   off.
@@ -73,6 +74,7 @@ mod sys {
     const CLOCK_MONOTONIC: c_int = 1;
     const SC_NPROCESSORS_ONLN: c_int = 84;
     const RB_POWER_OFF: c_int = 0x4321_fedc;
+    const RB_AUTOBOOT: c_int = 0x0123_4567;
     const PROT_READ: c_int = 1;
     const PROT_WRITE: c_int = 2;
     const MAP_SHARED: c_int = 1;
@@ -130,15 +132,21 @@ mod sys {
         }
     }
 
-    /// Syncs and powers off (PID 1), or exits 0 (started by hand).
+    /// Syncs and ends the machine (PID 1), or exits 0 (started by hand). With ACPI (QEMU)
+    /// that is a power-off; blip has no ACPI, where Linux's power-off ends in a halt loop (and
+    /// PID 1 then exits: a panic), so there it is a reboot, which blip's `Pc` platform takes
+    /// through the i8042 reset line (`reboot=k`) and ends with exit code 0, as QEMU does with
+    /// `-no-reboot`.
     pub fn poweroff(pid1: bool) -> ! {
         // SAFETY: no memory effects.
         unsafe { sync() };
         if pid1 {
-            // SAFETY: powers the machine off; as PID 1 nothing else needs to stop first.
-            unsafe { reboot(RB_POWER_OFF) };
+            let acpi = std::path::Path::new("/sys/firmware/acpi").exists();
+            let cmd = if acpi { RB_POWER_OFF } else { RB_AUTOBOOT };
+            // SAFETY: ends the machine; as PID 1 nothing else needs to stop first.
+            unsafe { reboot(cmd) };
             eprintln!(
-                "WORKLOAD reboot(POWER_OFF) failed: {}",
+                "WORKLOAD reboot({cmd:#x}) failed: {}",
                 std::io::Error::last_os_error()
             );
             loop {
