@@ -185,12 +185,13 @@ mod sys {
     const INFO_MAGIC: u64 = u64::from_le_bytes(*b"BLIPINFO");
 
     impl InfoPage {
-        pub fn open() -> Option<InfoPage> {
+        /// The page, or why not (for the start marker).
+        pub fn open() -> Result<InfoPage, String> {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/mem")
-                .ok()?;
+                .map_err(|e| format!("open-/dev/mem:{}", e.raw_os_error().unwrap_or(0)))?;
             // SAFETY: a fresh shared mapping of one page of /dev/mem; the kernel decides
             // whether the page may be mapped (STRICT_DEVMEM).
             let p = unsafe {
@@ -204,10 +205,14 @@ mod sys {
                 )
             };
             if p as isize == -1 {
-                return None;
+                let e = std::io::Error::last_os_error();
+                return Err(format!("mmap:{}", e.raw_os_error().unwrap_or(0)));
             }
             let page = InfoPage(p as *mut u64);
-            (page.word(0) == INFO_MAGIC).then_some(page)
+            match page.word(0) {
+                INFO_MAGIC => Ok(page),
+                other => Err(format!("magic:{other:#x}")),
+            }
         }
 
         fn word(&self, i: usize) -> u64 {
@@ -279,7 +284,10 @@ fn main() {
         cfg.check_ms,
         pid1 as u8,
         hbport as u8,
-        info.as_ref().map_or("none".to_string(), |i| format!("vcpus={}", i.vcpus())),
+        match &info {
+            Ok(i) => format!("vcpus={}", i.vcpus()),
+            Err(why) => format!("none({why})"),
+        },
     ));
 
     let period = Duration::from_millis(cfg.period_ms);
@@ -288,7 +296,7 @@ fn main() {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || console(tx, pid1));
 
-    memory(&cfg, rx, info, pid1);
+    memory(&cfg, rx, info.ok(), pid1);
 }
 
 /// Prints a heartbeat every `period`. After a pause longer than a period (a blackout) the
