@@ -152,8 +152,9 @@ json_num() {
 # off); and LINUX_END_RC (blip's exit status).
 linux_end() {
     w=3
-    # The marker says whether the workload reads blip's info page (`infopage=none...`: no).
-    if ! grep -aq 'WORKLOAD UP.*infopage=none' "$3"; then
+    # The marker (in $LINUX_MARKER, the console of the guest's first host, else $3) says
+    # whether the workload reads blip's info page (`infopage=none...`: no).
+    if ! grep -aq 'WORKLOAD UP.*infopage=none' "${LINUX_MARKER:-$3}"; then
         timeout 60 blip check --api "$1" >/tmp/linux-check.out 2>&1
         linux_wait "$3" 'CHECK (OK|FAILED) [0-9]+ full blip-check' 60 "$2"
         w=$?
@@ -184,6 +185,7 @@ scenario_linux_boot_workload() {
     case "$HOST" in a) v=1 ;; *) v=2 ;; esac
     s=/tmp/lbw.serial
     linux_run "$s" /tmp/lbw.sock "$v" "lbw-$HOST"
+    LINUX_MARKER=$s
     pid=$LINUX_PID
     linux_wait "$s" 'WORKLOAD UP' "$LINUX_UP_SECS" "$pid"
     w=$?
@@ -293,6 +295,7 @@ scenario_linux_migrate() {
     fi
     rpid=$RECV_PID
     linux_run "$as" "/tmp/l$P-a.sock" 1 "l$P-a"
+    LINUX_MARKER=$as
     spid=$LINUX_PID
     linux_wait "$as" 'WORKLOAD UP' "$LINUX_UP_SECS" "$spid"
     w=$?
@@ -322,9 +325,16 @@ scenario_linux_migrate() {
     mrc=$?
     mms=$(ms_since "$t1")
     show migrate "/tmp/l$P-ab.json"
-    if moved "$mrc"; then mark "$name-done" ok; else mark "$name-done" "rc$mrc"; fi
-    reap "$spid" 60
-    src=$?
+    if moved "$mrc"; then
+        mark "$name-done" ok
+        reap "$spid" 60
+        src=$?
+    else
+        # The guest stayed here: end it (a full check when it can).
+        mark "$name-done" "rc$mrc"
+        linux_end "/tmp/l$P-a.sock" "$spid" "$as"
+        src=$LINUX_END_RC
+    fi
     show blip-run "$as.out"
     back=$(wait_peer "$name-back-done" 1200) || back=timeout
     s2="" back_here=no
@@ -357,7 +367,13 @@ scenario_linux_migrate() {
         clock=$(linux_clock "$s1" "$s2")
         crc=$?
     fi
-    linux_end "/tmp/l$P-a2.sock" "$rpid" "$a2"
+    if [ "$back_here" = yes ]; then
+        linux_end "/tmp/l$P-a2.sock" "$rpid" "$a2"
+    else
+        kill "$rpid" 2>/dev/null
+        wait "$rpid"
+        LINUX_END="killed" LINUX_END_RC=$?
+    fi
     show blip-receive-back "$a2.out"
     linux_show "$a2" 30 console-a2
     bad=$(linux_bad "$as" "/tmp/l$P-b.serial" "$a2")
@@ -390,6 +406,7 @@ scenario_linux_snapshot() {
     fi
     s=/tmp/ls.serial s2=/tmp/ls2.serial
     linux_run "$s" /tmp/ls.sock 1 ls-a
+    LINUX_MARKER=$s
     pid=$LINUX_PID
     linux_wait "$s" 'WORKLOAD UP' "$LINUX_UP_SECS" "$pid"
     w=$?
