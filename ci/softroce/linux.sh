@@ -143,6 +143,7 @@ linux_show() {
 
 # Field $2 (a number) of the JSON report in file $1, e.g. blackout_ns; empty when null/absent.
 json_num() {
+    [ -f "$1" ] || return 0
     tr -d ' \n' <"$1" | grep -o "\"$2\":[0-9]*" | head -n 1 | cut -d: -f2
 }
 
