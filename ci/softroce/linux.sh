@@ -337,6 +337,7 @@ scenario_linux_migrate() {
         src=$LINUX_END_RC
     fi
     show blip-run "$as.out"
+    linux_show "$as" 20 console-a
     back=$(wait_peer "$name-back-done" 1200) || back=timeout
     s2="" back_here=no
     if [ "$back" = ok ] && wait_file "/tmp/l$P-a2.sock" 60; then
