@@ -357,7 +357,10 @@ scenario_linux_migrate() {
     g2=$(json_num "/tmp/l$P-back.json" guest_blackout_ns)
     allow=$(echo "${bo1:-0} ${bo2:-0}" | awk -v p="$LINUX_PERIOD_MS" -v s="$LINUX_GAP_SLACK_MS" \
         '{ m = $1 > $2 ? $1 : $2; printf "%d", m / 1e6 + p + s }')
-    hb=$(blip-linux-guest hb-check --min-beats 60 --max-gap-ms "$allow" "$as" "/tmp/l$P-b.serial" "$a2")
+    # From the last beat before the migration on (the boot is not judged here).
+    from=$(echo "$s1" | awk '{ print $2 }')
+    hb=$(blip-linux-guest hb-check --from "${from:-0}" --min-beats 40 --max-gap-ms "$allow" \
+        "$as" "/tmp/l$P-b.serial" "$a2")
     hbrc=$?
     # blip's own heartbeat timestamps (host side), when the guest reached the heartbeat port.
     host_gaps=ok
@@ -454,7 +457,8 @@ scenario_linux_snapshot() {
         s3=$(linux_sample "$s2" "$pid2")
     fi
     allow=$((outage_ms + LINUX_PERIOD_MS + LINUX_GAP_SLACK_MS))
-    hb=$(blip-linux-guest hb-check --min-beats 50 --max-gap-ms "$allow" "$s" "$s2")
+    from=$(echo "$smp1" | awk '{ print $2 }')
+    hb=$(blip-linux-guest hb-check --from "${from:-0}" --min-beats 30 --max-gap-ms "$allow" "$s" "$s2")
     hbrc=$?
     clock="no second sample" crc=1
     if [ -n "$smp1" ] && [ -n "$s3" ]; then
@@ -470,6 +474,8 @@ scenario_linux_snapshot() {
     summary="live_rc=$lrc stop_rc=$src run_rc=$rrc snapshot_bytes=${snap_size:-none} outage_ms=$outage_ms restore_to_beat_ms=$restore_ms allowed_gap_ms=$allow $clock end=$LINUX_END $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
     if [ "$lrc" != 0 ] || [ "$alive" != 0 ] || [ "$src" != 0 ] || [ "$rrc" != 0 ]; then
         result "$name" FAIL "the snapshots did not both succeed with the guest alive: $summary"
+    elif [ "$w" != 0 ]; then
+        result "$name" FAIL "$(linux_why "$w" "a heartbeat of the restored guest" 120 "$pid2") $summary"
     elif [ "$back_here" != yes ]; then
         result "$name" FAIL "the restored guest did not beat 20 times and pass a full check: $summary"
     elif [ "$hbrc" != 0 ] || [ "$crc" != 0 ]; then

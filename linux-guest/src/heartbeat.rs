@@ -69,9 +69,15 @@ impl Analysis {
 
 /// Analyses the heartbeats of `log`, in order.
 pub fn analyze(log: &str) -> Analysis {
+    analyze_from(log, 0)
+}
+
+/// Analyses the heartbeats of `log` whose counter is at least `from` (the part of a run after
+/// some event, e.g. from the last beat before a migration started).
+pub fn analyze_from(log: &str, from: u64) -> Analysis {
     let mut a = Analysis::default();
     let mut prev: Option<Beat> = None;
-    for beat in log.lines().filter_map(parse) {
+    for beat in log.lines().filter_map(parse).filter(|b| b.n >= from) {
         a.beats += 1;
         if a.first.is_none() {
             a.first = Some(beat);
@@ -163,6 +169,16 @@ mod tests {
         assert_eq!(a.real_backwards, 1);
         assert_eq!(a.max_gap_ns, 300_000_000);
         assert_eq!(a.max_gap_at, 5);
+    }
+
+    #[test]
+    fn from_skips_the_start() {
+        // A slow start (beat 1 came 5 s after beat 0), then steady beats.
+        let log = [b(0, 0), b(1, 5000), b(2, 5100), b(3, 5200)].join("\n");
+        assert_eq!(analyze(&log).max_gap_ns, 5_000_000_000);
+        let a = analyze_from(&log, 1);
+        assert_eq!((a.beats, a.max_gap_ns), (3, 100_000_000));
+        assert_eq!(a.first.unwrap().n, 1);
     }
 
     #[test]

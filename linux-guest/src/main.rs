@@ -3,14 +3,15 @@
 //! ```text
 //! blip-linux-guest workload FILE      write the static workload executable
 //! blip-linux-guest initramfs FILE     write the guest's initramfs (newc cpio, /init = workload)
-//! blip-linux-guest hb-check [--max-gap-ms MS] [--min-beats N] LOG...
+//! blip-linux-guest hb-check [--max-gap-ms MS] [--min-beats N] [--from N] LOG...
 //! ```
 //!
 //! `hb-check` reads the logs as one console (concatenated in order: a guest that moved has its
 //! console on each host in turn), prints one line `hb: beats=... max_gap_ms=... ...` and exits
 //! 0 when the heartbeat counter never skips, the monotonic clock only goes forward, the
 //! realtime clock never goes back, no gap exceeds `--max-gap-ms` and there are at least
-//! `--min-beats` beats; 1 otherwise (the line says why); 2 on bad input.
+//! `--min-beats` beats (counting only beats numbered `--from` or later); 1 otherwise (the line
+//! says why); 2 on bad input.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +20,7 @@ use blip_linux_guest::{cpio, heartbeat, WORKLOAD};
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    #[error("usage: blip-linux-guest workload FILE | initramfs FILE | hb-check [--max-gap-ms MS] [--min-beats N] LOG...")]
+    #[error("usage: blip-linux-guest workload FILE | initramfs FILE | hb-check [--max-gap-ms MS] [--min-beats N] [--from N] LOG...")]
     Usage,
     #[error("bad number `{0}`")]
     Number(String),
@@ -55,11 +56,12 @@ fn run(mut args: impl Iterator<Item = String>) -> Result<bool, CliError> {
             Ok(true)
         }
         Some("hb-check") => {
-            let (mut max_gap_ms, mut min_beats, mut logs) = (None, 1, Vec::new());
+            let (mut max_gap_ms, mut min_beats, mut from, mut logs) = (None, 1, 0, Vec::new());
             while let Some(a) = args.next() {
                 match a.as_str() {
                     "--max-gap-ms" => max_gap_ms = Some(number(args.next())?),
                     "--min-beats" => min_beats = number(args.next())?,
+                    "--from" => from = number(args.next())?,
                     _ if a.starts_with("--") => return Err(CliError::Usage),
                     _ => logs.push(PathBuf::from(a)),
                 }
@@ -73,7 +75,7 @@ fn run(mut args: impl Iterator<Item = String>) -> Result<bool, CliError> {
                 text.push_str(&String::from_utf8_lossy(&bytes));
                 text.push('\n');
             }
-            let a = heartbeat::analyze(&text);
+            let a = heartbeat::analyze_from(&text, from);
             let mut why = Vec::new();
             if a.beats < min_beats {
                 why.push(format!("fewer than {min_beats} beats"));

@@ -12,8 +12,9 @@
 //! - keeps rewriting a region (32 MiB) page by page at a steady rate, each page carrying its
 //!   index and generation (`pattern.rs`), and checks it every second (sampled; every tenth
 //!   check reads every word): `CHECK OK <k> ...` or `CHECK FAILED <k> <details>`;
-//! - prints `HB <n> mono=<ns> real=<ns>` every 100 ms (`heartbeat.rs`) and writes `n` to
-//!   blip's heartbeat port, so blip timestamps it too (the guest-observed blackout);
+//! - prints `HB <n> mono=<ns> real=<ns>` every 100 ms (`heartbeat.rs`) from a SCHED_FIFO
+//!   thread and writes `n` to blip's heartbeat port, so blip timestamps it too (the
+//!   guest-observed blackout);
 //! - reads console lines: `check` runs a full check at once, `poweroff` powers off (a reboot
 //!   where there is no ACPI: see `sys::poweroff`);
 //! - when blip's info page (guest-physical 0x5000, magic `BLIPINFO`) is readable through
@@ -60,6 +61,7 @@ mod sys {
         fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
         fn ioperm(from: c_ulong, num: c_ulong, on: c_int) -> c_int;
         fn dup2(old: c_int, new: c_int) -> c_int;
+        fn sched_setscheduler(pid: c_int, policy: c_int, param: *const c_int) -> c_int;
         fn mmap(
             addr: *mut c_void,
             len: usize,
@@ -154,6 +156,16 @@ mod sys {
             }
         }
         std::process::exit(0)
+    }
+
+    /// Makes the calling thread real-time (SCHED_FIFO, priority 10): heartbeats then measure
+    /// the VM's pauses, not the guest scheduler's queue behind the memory writer.
+    pub fn realtime() -> bool {
+        const SCHED_FIFO: c_int = 1;
+        let prio: c_int = 10;
+        // SAFETY: `prio` is a valid struct sched_param (one int) for the call's duration;
+        // pid 0 = the calling thread.
+        unsafe { sched_setscheduler(0, SCHED_FIFO, &prio) == 0 }
     }
 
     /// Gives this process the heartbeat ports (0xf8..0xff); false when not allowed.
@@ -302,6 +314,9 @@ fn main() {
 /// Prints a heartbeat every `period`. After a pause longer than a period (a blackout) the
 /// next one goes out at once and the schedule restarts from there: no burst of catch-up beats.
 fn heartbeats(period: Duration, hbport: bool) {
+    if !sys::realtime() {
+        say("WORKLOAD heartbeats not real-time (sched_setscheduler failed)");
+    }
     let mut next = Instant::now();
     let mut n = 0u64;
     loop {
