@@ -177,7 +177,7 @@ linux_end() {
 }
 
 # a: 1 vCPU, b: 2 vCPUs, in parallel.
-scenario_linux_boot_workload() {
+_linux_boot_workload() {
     name=linux-boot-workload
     if ! why=$(linux_ready); then
         result "$name" SKIP "$why"
@@ -224,7 +224,7 @@ scenario_linux_boot_workload() {
 }
 
 # Live-migrates the running Linux guest a -> b -> a over $1:// (see the top of this file).
-scenario_linux_migrate() {
+_linux_migrate() {
     P=$1 name=linux-migrate-$1
     case "$P" in tcp) ab=$LINUX_TCP_PORT ;; *) ab=$LINUX_RDMA_PORT ;; esac
     ba=$((ab + 1))
@@ -399,7 +399,7 @@ scenario_linux_migrate() {
 }
 
 # Snapshot of the running guest (it resumes), then snapshot --stop and restore (host a).
-scenario_linux_snapshot() {
+_linux_snapshot() {
     name=linux-snapshot
     if [ "$HOST" = b ]; then
         result "$name" PASS "role=none (the snapshot runs on host a)"
@@ -485,4 +485,24 @@ scenario_linux_snapshot() {
     else
         result "$name" PASS "$summary"
     fi
+}
+
+# The hosts take very different times over these scenarios (2 vCPUs boot slower; a judges a
+# migration after b is done; b has no part in the snapshot). Each host waits, after its own
+# verdict, for the peer's (while both still serve their flags): a host that finished early
+# would otherwise power off, and the other's final wait for it would poll a dead address.
+linux_sync() {
+    wait_peer "result-$1" 1800 >/dev/null || log "no result for $1 from the peer"
+}
+scenario_linux_boot_workload() {
+    _linux_boot_workload
+    linux_sync linux-boot-workload
+}
+scenario_linux_migrate() {
+    _linux_migrate "$1"
+    linux_sync "linux-migrate-$1"
+}
+scenario_linux_snapshot() {
+    _linux_snapshot
+    linux_sync linux-snapshot
 }
