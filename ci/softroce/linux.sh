@@ -152,15 +152,15 @@ json_num() {
 # (no full blip-check line within 60 s: the workload has no info page, or blip cannot power
 # off); and LINUX_END_RC (blip's exit status).
 linux_end() {
-    w=3
+    lw=3
     # The marker (in $LINUX_MARKER, the console of the guest's first host, else $3) says
     # whether the workload reads blip's info page (`infopage=none...`: no).
     if ! grep -aq 'WORKLOAD UP.*infopage=none' "${LINUX_MARKER:-$3}"; then
         timeout 60 blip check --api "$1" >/tmp/linux-check.out 2>&1
         linux_wait "$3" 'CHECK (OK|FAILED) [0-9]+ full blip-check' 60 "$2"
-        w=$?
+        lw=$?
     fi
-    if [ "$w" = 0 ]; then
+    if [ "$lw" = 0 ]; then
         if grep -aqE 'CHECK OK [0-9]+ full blip-check' "$3"; then
             LINUX_END=blip-check-ok
         else

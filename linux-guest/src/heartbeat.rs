@@ -37,6 +37,14 @@ pub fn parse(line: &str) -> Option<Beat> {
     })
 }
 
+/// The counter of a cut heartbeat line (`HB <n> ` followed by anything but a whole beat).
+fn fragment(line: &str) -> Option<u64> {
+    let at = line.find("HB ")?;
+    let rest = &line[at + 3..];
+    let end = rest.find(' ')?;
+    rest[..end].parse().ok()
+}
+
 /// What a log of heartbeats shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Analysis {
@@ -44,8 +52,13 @@ pub struct Analysis {
     pub beats: u64,
     pub first: Option<Beat>,
     pub last: Option<Beat>,
-    /// Counter values missing between consecutive lines (sum over all skips).
+    /// Counter values missing between consecutive lines (sum over all skips), not counting
+    /// beats whose line was cut (see `garbled`).
     pub missing: u64,
+    /// Beats whose line was cut by other console output (a kernel message printed in the
+    /// middle of it): `HB <n> ` is there but not the whole line. They were printed, so they
+    /// are not missing; their clocks are unknown, so the gap around them spans two periods.
+    pub garbled: u64,
     /// Places where the counter did not go up by exactly one: (previous n, next n).
     pub counter_breaks: Vec<(u64, u64)>,
     /// The largest CLOCK_MONOTONIC step between consecutive lines, and the counter after it.
@@ -77,6 +90,12 @@ pub fn analyze(log: &str) -> Analysis {
 pub fn analyze_from(log: &str, from: u64) -> Analysis {
     let mut a = Analysis::default();
     let mut prev: Option<Beat> = None;
+    let mut cut = std::collections::BTreeSet::new();
+    for line in log.lines().filter(|l| parse(l).is_none()) {
+        if let Some(n) = fragment(line) {
+            cut.insert(n);
+        }
+    }
     for beat in log.lines().filter_map(parse).filter(|b| b.n >= from) {
         a.beats += 1;
         if a.first.is_none() {
@@ -84,8 +103,12 @@ pub fn analyze_from(log: &str, from: u64) -> Analysis {
         }
         if let Some(p) = prev {
             if beat.n != p.n + 1 {
-                a.counter_breaks.push((p.n, beat.n));
-                a.missing += beat.n.saturating_sub(p.n + 1);
+                let lost = (p.n + 1..beat.n).filter(|n| !cut.contains(n)).count() as u64;
+                a.garbled += beat.n.saturating_sub(p.n + 1) - lost;
+                if lost > 0 || beat.n <= p.n {
+                    a.counter_breaks.push((p.n, beat.n));
+                }
+                a.missing += lost;
             }
             if beat.mono_ns <= p.mono_ns {
                 a.mono_backwards += 1;
@@ -93,7 +116,10 @@ pub fn analyze_from(log: &str, from: u64) -> Analysis {
                 a.max_gap_ns = beat.mono_ns - p.mono_ns;
                 a.max_gap_at = beat.n;
             }
-            if beat.real_ns < p.real_ns {
+            // A realtime value with fewer digits than the one before is a line cut inside
+            // its last number (the rest went to the next line), not a clock going back.
+            let digits = |v: u64| v.checked_ilog10().unwrap_or(0);
+            if beat.real_ns < p.real_ns && digits(beat.real_ns) == digits(p.real_ns) {
                 a.real_backwards += 1;
             }
         }
@@ -169,6 +195,30 @@ mod tests {
         assert_eq!(a.real_backwards, 1);
         assert_eq!(a.max_gap_ns, 300_000_000);
         assert_eq!(a.max_gap_at, 5);
+    }
+
+    #[test]
+    fn a_line_cut_by_a_kernel_message_is_not_lost() {
+        let log = format!(
+            "{}\nHB 2 mono=2000\n[ 33.2] clocksource: Long readout interval\n00000 real=5\n{}\n",
+            b(1, 100),
+            b(3, 300)
+        );
+        let a = analyze(&log);
+        assert_eq!((a.beats, a.missing, a.garbled), (2, 0, 1));
+        assert!(a.counter_breaks.is_empty());
+        assert_eq!(a.max_gap_ns, 200_000_000);
+        // Cut inside its realtime value: parsed, but the clock did not go back.
+        let log = format!(
+            "{}\nHB 2 mono=200000000 real=17\n00\n{}",
+            b(1, 100),
+            b(3, 300)
+        );
+        let a = analyze(&log);
+        assert_eq!((a.beats, a.real_backwards, a.missing), (3, 0, 0));
+        // A beat with no trace at all is lost.
+        let a = analyze(&[b(1, 100), b(3, 300)].join("\n"));
+        assert_eq!((a.missing, a.garbled, a.counter_breaks.len()), (1, 0, 1));
     }
 
     #[test]

@@ -96,11 +96,12 @@ fn run(mut args: impl Iterator<Item = String>) -> Result<bool, CliError> {
             }
             let n = |b: Option<heartbeat::Beat>| b.map_or("none".into(), |b| b.n.to_string());
             println!(
-                "hb: beats={} first={} last={} missing={} max_gap_ms={:.1} at={} mono_span_ms={:.1} mono_backwards={} real_backwards={}{}{}",
+                "hb: beats={} first={} last={} missing={} garbled={} max_gap_ms={:.1} at={} mono_span_ms={:.1} mono_backwards={} real_backwards={}{}{}",
                 a.beats,
                 n(a.first),
                 n(a.last),
                 a.missing,
+                a.garbled,
                 a.max_gap_ns as f64 / 1e6,
                 a.max_gap_at,
                 a.mono_span_ns() as f64 / 1e6,
