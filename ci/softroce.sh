@@ -11,9 +11,12 @@
 # dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
 # guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
-# rdma:// through A's own rxe0, side by side), linux-boot (blip boots the host's own Debian
-# kernel, /boot/vmlinuz-*, with a tiny busybox initramfs on 1 and 2 vCPUs; asked for by name
-# only). Default: all but fault-tcp and linux-boot.
+# rdma:// through A's own rxe0, side by side). Default: all but fault-tcp.
+# Linux guest (Debian's own kernel, the hosts' /boot/vmlinuz-*, under blip; not in the default
+# set): linux-boot (a tiny busybox initramfs on 1 and 2 vCPUs), linux-boot-workload
+# (ci/softroce/linux.sh: the workload initramfs: marker, heartbeats; a: 1 vCPU, b: 2),
+# linux-migrate-rdma / linux-migrate-tcp (the running kernel a -> b -> a with --verify:
+# heartbeat gaps, clock, memory checks, clean console), linux-snapshot (snapshot, restore).
 # Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
 # (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
 # Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
@@ -32,7 +35,7 @@ TIMEOUT=${BLIP_SOFTROCE_TIMEOUT:-900}
 GUEST_MEM=${BLIP_SOFTROCE_MEM:-1536M}
 SR_CACHE=${BLIP_SOFTROCE_CACHE:-${HOME:-/root}/.cache/blip-softroce}
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
         --scenarios) SCENARIOS=$2; shift 2 ;;
@@ -46,13 +49,14 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench|linux-boot) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench|linux-boot) ;;
+        linux-boot-workload|linux-migrate-rdma|linux-migrate-tcp|linux-snapshot) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
 # Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
 case ",$SCENARIOS," in
     *,kvm,*) ;;
-    *,migrate-*|*,fault-*|*,bench,*) SCENARIOS=kvm,$SCENARIOS ;;
+    *,migrate-*|*,fault-*|*,bench,*|*,linux-*) SCENARIOS=kvm,$SCENARIOS ;;
 esac
 
 T_START=$(date +%s.%N)
@@ -73,7 +77,7 @@ if [ -z "$BLIP" ]; then
     BLIP=$ROOT/target/release/blip
     if [ "$BUILD" = 1 ]; then
         t=$(date +%s.%N)
-        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench
+        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench -p blip-linux-guest
         sr_log "blip built ($(elapsed "$t") s)"
     fi
 fi
@@ -88,11 +92,11 @@ sr_initrd "$BLIP" "$INITRD"
 KERNEL=$SR_KDIR/boot/vmlinuz-$SR_KVER
 # linux-boot: the kernel blip boots inside the hosts (the hosts' own) and its tiny initramfs
 # (busybox-static as /init: prints BLIP-LINUX-UP, nproc and uptime, then reboots), appended to
-# the hosts' initramfs as one more cpio archive.
+# the hosts' initramfs as one more cpio archive (the kernel is in the overlay: sr_linux_overlay).
 case ",$SCENARIOS," in
     *,linux-boot,*)
         lb=$(mktemp -d "$RUN/linux-boot.XXXXXX")
-        mkdir -p "$lb/guest/bin" "$lb/guest/proc" "$lb/host/boot" "$lb/host/softroce"
+        mkdir -p "$lb/guest/bin" "$lb/guest/proc" "$lb/host/softroce"
         cp "$(command -v busybox)" "$lb/guest/bin/busybox"
         ln -s busybox "$lb/guest/bin/sh"
         cat >"$lb/guest/init" <<'GUEST_INIT'
@@ -103,7 +107,6 @@ echo "BLIP-LINUX-UP nproc=$(/bin/busybox nproc) uptime=$(/bin/busybox cut -d' ' 
 GUEST_INIT
         chmod 755 "$lb/guest/init"
         sr_pack "$lb/guest" >"$lb/host/softroce/linux-boot.cpio"
-        cp "$KERNEL" "$lb/host/boot/vmlinuz-$SR_KVER"
         sr_pack "$lb/host" >>"$INITRD"
         rm -rf "$lb"
         ;;

@@ -175,6 +175,7 @@ sr_initrd() {
     cp "$here/init" "$root/init"
     chmod 755 "$root/init"
     cp "$here/scenarios.sh" "$root/softroce/scenarios.sh"
+    cp "$here/linux.sh" "$root/softroce/linux.sh"
     sr_copy_with_libs "$root" "$blip" /usr/bin/blip
     # The benchmark suite, when it was built next to blip (the `bench` scenario).
     if [ -x "$(dirname "$blip")/blip-bench" ]; then
@@ -187,6 +188,29 @@ sr_initrd() {
     mkdir -p "$root/etc/blip"
     head -c 32 /dev/urandom >"$root/etc/blip/migration.key"
     chmod 600 "$root/etc/blip/migration.key"
+    sr_linux_overlay "$root" "$(dirname "$blip")"
     { cat "$SR_BASE"; sr_pack "$root"; } >"$out"
     rm -rf "$root"
+}
+
+# The Linux guest of the linux-* scenarios, added to overlay $1 only when one is asked for (the
+# kernel is 8 MB the hosts would otherwise load for nothing): the harness's kernel at
+# /boot/vmlinuz-<version> (where linux-boot looks too), the workload's initramfs at
+# /softroce/linux/initrd.cpio (written by `blip-linux-guest initramfs` in a few
+# milliseconds: nothing to cache) and the tool itself
+# (its `hb-check` judges the heartbeats). The tool: $BLIP_LINUX_GUEST, else next to blip
+# ($2), else target/release.
+sr_linux_overlay() {
+    local root=$1 tool=${BLIP_LINUX_GUEST:-$2/blip-linux-guest}
+    case ",${SCENARIOS:-}," in *,linux-*) ;; *) return 0 ;; esac
+    mkdir -p "$root/softroce/linux" "$root/boot"
+    cp "$SR_KDIR/boot/vmlinuz-$SR_KVER" "$root/boot/vmlinuz-$SR_KVER"
+    [ -x "$tool" ] || tool=${ROOT:-.}/target/release/blip-linux-guest
+    if [ ! -x "$tool" ]; then
+        sr_log "no $tool: the linux-* scenarios will skip (cargo build --release -p blip-linux-guest)"
+        return 0
+    fi
+    "$tool" initramfs "$root/softroce/linux/initrd.cpio"
+    sr_copy_with_libs "$root" "$tool" /usr/bin/blip-linux-guest
+    if command -v strip >/dev/null; then strip --strip-debug "$root/usr/bin/blip-linux-guest"; fi
 }

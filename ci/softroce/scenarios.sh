@@ -547,3 +547,6 @@ scenario_bench() {
         result bench FAIL "role=bench rc=$rc tcp=${tcp:-none} rdma=${rdma:-none}"
     fi
 }
+
+# The Linux-guest scenarios (linux-boot-workload, linux-migrate-*, linux-snapshot).
+[ -f /softroce/linux.sh ] && . /softroce/linux.sh
