@@ -5,6 +5,7 @@
 
 mod demo;
 mod drain;
+mod host;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -59,6 +60,14 @@ fn main() -> ExitCode {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_sigint);
     }
+    if matches!(
+        cli.command,
+        Cmd::Run(_) | Cmd::Receive(_) | Cmd::Restore(_) | Cmd::Host(_)
+    ) {
+        // A closed terminal must not take guests (or the host service) with it.
+        // SAFETY: setting a signal's disposition to SIG_IGN touches no memory.
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    }
     let result = match cli.command {
         Cmd::Run(args) => run(&args),
         Cmd::Receive(args) => receive(args),
@@ -76,6 +85,10 @@ fn main() -> ExitCode {
         Cmd::Snapshot(args) => snapshot(&args),
         Cmd::Restore(args) => restore(args),
         Cmd::Demo(args) => demo::demo(&args, &STOP),
+        Cmd::Host(h) => match &h.cmd {
+            blip_vmm::cli::HostCmd::Serve(a) => host::service::serve(a, &h.api, &STOP),
+            cmd => host::client::run(&h.api, cmd, &STOP),
+        },
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
             .map(|_| 0)
             .map_err(|e| Failure(format!("cannot write {}: {e}", out.display()))),
@@ -630,7 +643,14 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     if tty {
         eprintln!();
     }
-    let report = report?;
+    let report = match report {
+        Ok(r) => r,
+        Err(Failure(e)) => {
+            host::record(a.guest.as_deref().unwrap_or("-"), &to, Err(&e), None);
+            return Err(Failure(e));
+        }
+    };
+    host::record(a.guest.as_deref().unwrap_or("-"), &to, Ok(()), Some(&report));
     if a.json {
         println!(
             "{}",
