@@ -590,6 +590,9 @@ pub enum HostCmd {
         /// The destination host service, tcp://HOST:PORT.
         #[arg(long, value_name = "URL")]
         to: String,
+        /// Blackout target.
+        #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+        max_blackout: u64,
         #[arg(long)]
         verify: bool,
         #[arg(long)]
@@ -636,6 +639,9 @@ pub struct HostDrainArgs {
     /// Migrations at once.
     #[arg(long, default_value_t = 2)]
     pub parallel: u32,
+    /// Blackout target per migration.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+    pub max_blackout: u64,
     #[arg(long)]
     pub verify: bool,
     #[arg(long)]

@@ -159,6 +159,20 @@ fn move_guest(
             })
         };
         let Some((i, dest)) = pick else {
+            // Say why the hosts never tried were passed over.
+            for (j, d) in dests.lock().unwrap_or_else(|e| e.into_inner()).iter().enumerate() {
+                if let (false, Dest::Host { url, planned }) = (tried.contains(&j), d) {
+                    why.push(if planned.drained != 0 {
+                        format!("{url}: host {} is drained: it takes no guests", planned.host)
+                    } else {
+                        format!(
+                            "{url}: not enough free memory ({} MiB free, {} MiB needed)",
+                            planned.free_mem >> 20,
+                            g.mem_size >> 20
+                        )
+                    });
+                }
+            }
             let reason = if why.is_empty() {
                 "no destination left: stays here".to_string()
             } else {

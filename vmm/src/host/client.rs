@@ -161,8 +161,8 @@ pub fn run(
                 println!(
                     "{:<24} {:>8} {:>5} {:>8} {}",
                     g["name"].as_str().unwrap_or("?"),
-                    g["pid"],
-                    g["vcpus"],
+                    g["pid"].to_string(),
+                    g["vcpus"].to_string(),
                     mib(&g["mem_size"]),
                     g["state"].as_str().unwrap_or("?")
                 );
@@ -192,20 +192,24 @@ pub fn run(
         HostCmd::Migrate {
             name,
             to,
+            max_blackout,
             verify,
             json,
         } => {
-            let body = json!({ "to": [to], "verify": verify });
+            let body = json!({ "to": [to], "verify": verify, "max_blackout_ns": max_blackout });
             call(&sock, "POST", &format!("/guests/{name}/migrate"), Some(&body))?;
             follow(&sock, *json, stop)
         }
         HostCmd::Drain(HostDrainArgs {
             to,
             parallel,
+            max_blackout,
             verify,
             json,
         }) => {
-            let body = json!({ "to": to, "parallel": parallel, "verify": verify });
+            let body = json!({
+                "to": to, "parallel": parallel, "verify": verify, "max_blackout_ns": max_blackout,
+            });
             call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, *json, stop)
         }
@@ -227,7 +231,7 @@ pub fn run(
             for r in v.as_array().into_iter().flatten() {
                 println!(
                     "{:<20} {:<24} {:<28} {:>12}  {}",
-                    r["ended"],
+                    r["ended"].to_string(),
                     r["guest"].as_str().unwrap_or("?"),
                     r["to"].as_str().unwrap_or("?"),
                     r["report"]["blackout_ns"]
