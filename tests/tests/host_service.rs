@@ -114,8 +114,12 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
                 &b_url,
                 "--parallel",
                 "1",
+                // Each migration runs pre-copy for up to 3 s (a dirtying guest rarely predicts
+                // under 1 ms here), long enough to be seen migrating.
                 "--max-blackout",
-                "50ms",
+                "1ms",
+                "--max-precopy-time",
+                "3s",
                 "--json",
                 "--api",
                 api.to_str().unwrap(),

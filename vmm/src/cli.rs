@@ -220,6 +220,9 @@ pub struct DrainArgs {
     /// Blackout target per migration.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,
+    /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
+    pub max_precopy_time: u64,
     /// Compare memory digests at each migration (see blip migrate --verify).
     #[arg(long)]
     pub verify: bool,
@@ -642,6 +645,9 @@ pub struct HostDrainArgs {
     /// Blackout target per migration.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,
+    /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
+    pub max_precopy_time: u64,
     #[arg(long)]
     pub verify: bool,
     #[arg(long)]

@@ -56,6 +56,7 @@ pub struct DrainOptions {
     pub to: Vec<String>,
     pub parallel: u32,
     pub max_blackout_ns: u64,
+    pub max_precopy_ms: u64,
     pub verify: bool,
     /// Shared key file (`None` = --insecure).
     pub key: Option<std::path::PathBuf>,
@@ -208,7 +209,7 @@ fn move_guest(
             to: to.clone(),
             max_blackout_ns: o.max_blackout_ns,
             streams: 1,
-            max_precopy_ms: 60_000,
+            max_precopy_ms: o.max_precopy_ms,
             on_timeout: OnTimeout::Go,
             verify: o.verify,
             key: o.key.clone(),
@@ -427,6 +428,7 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         to: a.to.clone(),
         parallel: a.parallel,
         max_blackout_ns: a.max_blackout,
+        max_precopy_ms: a.max_precopy_time / 1_000_000,
         verify: a.verify,
         key,
     };

@@ -204,11 +204,13 @@ pub fn run(
             to,
             parallel,
             max_blackout,
+            max_precopy_time,
             verify,
             json,
         }) => {
             let body = json!({
                 "to": to, "parallel": parallel, "verify": verify, "max_blackout_ns": max_blackout,
+                "max_precopy_ms": max_precopy_time / 1_000_000,
             });
             call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, *json, stop)

@@ -481,6 +481,7 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
         to,
         parallel: body["parallel"].as_u64().unwrap_or(2).clamp(1, 16) as u32,
         max_blackout_ns: body["max_blackout_ns"].as_u64().unwrap_or(1_000_000),
+        max_precopy_ms: body["max_precopy_ms"].as_u64().unwrap_or(60_000),
         verify: body["verify"].as_bool().unwrap_or(false),
         key: h.key_path.clone(),
     };
