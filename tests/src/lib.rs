@@ -362,29 +362,6 @@ pub fn dirtying_source_with(dir: &std::path::Path, name: &str, env: &[(&str, &st
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{complete_line, WAITING};
-
-    #[test]
-    fn a_line_still_being_written_is_not_matched() {
-        let partial = format!("blip: 32 MiB pre-faulted\nblip: {WAITING}tcp");
-        assert_eq!(complete_line(&partial, WAITING), None);
-        let whole = format!("{partial}://127.0.0.1:4000\nmore");
-        assert_eq!(
-            complete_line(&whole, WAITING),
-            Some(format!("blip: {WAITING}tcp://127.0.0.1:4000"))
-        );
-    }
-
-    #[test]
-    fn the_first_whole_line_wins_and_carriage_returns_go() {
-        let text = "a x 1\r\nb x 2\n";
-        assert_eq!(complete_line(text, "x"), Some("a x 1".to_string()));
-        assert_eq!(complete_line(text, "y"), None);
-    }
-}
-
 /// What `blip host serve` prints once it serves; its network URL follows.
 pub const HOST_SERVING: &str = " on tcp://";
 
@@ -444,5 +421,55 @@ pub fn wait_file_line(path: &std::path::Path, needle: &str) -> String {
             read_lossy(path)
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills, when dropped, every guest registered in the given run directories: guests started
+/// by a host service outlive it by design, so a test (passing or failing) must stop them.
+pub struct KillGuests(pub Vec<PathBuf>);
+
+impl Drop for KillGuests {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "json") {
+                    continue;
+                }
+                let pid = std::fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_u64());
+                if let Some(pid) = pid {
+                    let _ = Command::new("kill").arg(pid.to_string()).status();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{complete_line, WAITING};
+
+    #[test]
+    fn a_line_still_being_written_is_not_matched() {
+        let partial = format!("blip: 32 MiB pre-faulted\nblip: {WAITING}tcp");
+        assert_eq!(complete_line(&partial, WAITING), None);
+        let whole = format!("{partial}://127.0.0.1:4000\nmore");
+        assert_eq!(
+            complete_line(&whole, WAITING),
+            Some(format!("blip: {WAITING}tcp://127.0.0.1:4000"))
+        );
+    }
+
+    #[test]
+    fn the_first_whole_line_wins_and_carriage_returns_go() {
+        let text = "a x 1\r\nb x 2\n";
+        assert_eq!(complete_line(text, "x"), Some("a x 1".to_string()));
+        assert_eq!(complete_line(text, "y"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg};
+use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg, KillGuests};
 use blip_transport::protocol::{self, HostRequest, Message, Role, AUTH_HMAC_SHA256, HOST_PREPARE};
 
 const GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
@@ -20,9 +20,8 @@ fn json(o: &std::process::Output) -> serde_json::Value {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout))
-    })
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 fn run_guest(svc: &Bg, run: &Path, name: &str) {
@@ -30,7 +29,15 @@ fn run_guest(svc: &Bg, run: &Path, name: &str) {
         svc,
         run,
         &[
-            "run", name, "--", "--mem", "32M", "--cmdline", GUEST, "--serial", "stdout",
+            "run",
+            name,
+            "--",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
         ],
     );
     assert!(
@@ -89,6 +96,7 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
     let dir = scratch("host-drain");
     let key = key_file(&dir, "k");
     let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone(), dir.join("c")]);
     let (a, _a_url) = host_service(&dir, "svc-a", &run_a, &key, "17300-17349");
     let (mut b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17350-17399");
     for n in ["web-1", "web-2", "web-3"] {
@@ -101,7 +109,9 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
         .map(|_| TcpStream::connect(b_url.trim_start_matches("tcp://")).unwrap())
         .collect();
     let mut garbage = TcpStream::connect(b_url.trim_start_matches("tcp://")).unwrap();
-    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xffgarbage").unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xffgarbage")
+        .unwrap();
 
     // The drain runs in A's service; this command only follows it.
     let drain = {
@@ -206,10 +216,6 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
     assert!(err.contains("is drained: it takes no guests"), "{err}");
     let v = json(&host_cmd(&c, &c_run, &["guests", "--json"]));
     assert_eq!(v[0]["name"], "db-1", "db-1 stays: {v}");
-    // The guest outlives its service by design: stop it here.
-    let _ = std::process::Command::new("kill")
-        .arg(v[0]["pid"].to_string())
-        .status();
 }
 
 #[test]
@@ -217,6 +223,7 @@ fn sigterm_stops_the_service_and_sighup_spares_guests() {
     let dir = scratch("host-sigterm");
     let key = key_file(&dir, "k");
     let run = dir.join("a");
+    let _cleanup = KillGuests(vec![run.clone()]);
     let (mut a, _) = host_service(&dir, "svc", &run, &key, "17410-17419");
     run_guest(&a, &run, "keep-1");
     let v = json(&host_cmd(&a, &run, &["guests", "--json"]));
@@ -234,7 +241,11 @@ fn sigterm_stops_the_service_and_sighup_spares_guests() {
         .unwrap()
         .success());
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
-    assert!(a.stderr().contains("guest(s) keep running"), "{}", a.stderr());
+    assert!(
+        a.stderr().contains("guest(s) keep running"),
+        "{}",
+        a.stderr()
+    );
     let sock = run.join("keep-1.sock");
     let o = blip(&["status", "--api", sock.to_str().unwrap()])
         .output()

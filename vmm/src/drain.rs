@@ -104,7 +104,9 @@ fn candidates(dests: &[Dest], g: &Entry, tried: &[usize]) -> Vec<usize> {
         .enumerate()
         .filter(|(i, _)| !tried.contains(i))
         .filter_map(|(i, d)| match d {
-            Dest::Host { planned, .. } if planned.drained == 0 && planned.free_mem >= g.mem_size => {
+            Dest::Host { planned, .. }
+                if planned.drained == 0 && planned.free_mem >= g.mem_size =>
+            {
                 Some((i, planned))
             }
             _ => None,
@@ -135,6 +137,9 @@ fn reserve(d: &mut Dest, g: &Entry, sign: i64) {
     }
 }
 
+/// Updates one guest's row.
+type SetRow<'a> = dyn Fn(&dyn Fn(&mut Row)) + 'a;
+
 /// Called with each guest's live progress (the host service shows it in `GET /guests/NAME`).
 pub type OnProgress = Arc<dyn Fn(&str, &str, Option<&Progress>) + Send + Sync>;
 
@@ -145,7 +150,7 @@ fn move_guest(
     dests: &Mutex<Vec<Dest>>,
     o: &DrainOptions,
     key: &Option<Key>,
-    set: &dyn Fn(&dyn Fn(&mut Row)),
+    set: &SetRow<'_>,
     on_progress: &OnProgress,
 ) {
     let mut tried: Vec<usize> = Vec::new();
@@ -161,10 +166,18 @@ fn move_guest(
         };
         let Some((i, dest)) = pick else {
             // Say why the hosts never tried were passed over.
-            for (j, d) in dests.lock().unwrap_or_else(|e| e.into_inner()).iter().enumerate() {
+            for (j, d) in dests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .enumerate()
+            {
                 if let (false, Dest::Host { url, planned }) = (tried.contains(&j), d) {
                     why.push(if planned.drained != 0 {
-                        format!("{url}: host {} is drained: it takes no guests", planned.host)
+                        format!(
+                            "{url}: host {} is drained: it takes no guests",
+                            planned.host
+                        )
                     } else {
                         format!(
                             "{url}: not enough free memory ({} MiB free, {} MiB needed)",
@@ -186,7 +199,13 @@ fn move_guest(
             return;
         };
         tried.push(i);
-        let release = || reserve(&mut dests.lock().unwrap_or_else(|e| e.into_inner())[i], g, -1);
+        let release = || {
+            reserve(
+                &mut dests.lock().unwrap_or_else(|e| e.into_inner())[i],
+                g,
+                -1,
+            )
+        };
         set(&|r| {
             r.to = dest.url().to_string();
             r.state = "connecting".into();
@@ -493,6 +512,9 @@ mod tests {
         }
         assert_eq!(candidates(&d, &g, &[])[0], 1);
         reserve(&mut d[4], &g, 1);
-        assert!(!candidates(&d, &g, &[]).contains(&4), "a receiver takes one");
+        assert!(
+            !candidates(&d, &g, &[]).contains(&4),
+            "a receiver takes one"
+        );
     }
 }

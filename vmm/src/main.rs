@@ -650,7 +650,12 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
             return Err(Failure(e));
         }
     };
-    host::record(a.guest.as_deref().unwrap_or("-"), &to, Ok(()), Some(&report));
+    host::record(
+        a.guest.as_deref().unwrap_or("-"),
+        &to,
+        Ok(()),
+        Some(&report),
+    );
     if a.json {
         println!(
             "{}",

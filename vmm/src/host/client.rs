@@ -113,7 +113,8 @@ fn call(sock: &Path, method: &str, target: &str, body: Option<&Value>) -> Result
 }
 
 fn mib(v: &Value) -> String {
-    v.as_u64().map_or("-".into(), |b| format!("{} MiB", b >> 20))
+    v.as_u64()
+        .map_or("-".into(), |b| format!("{} MiB", b >> 20))
 }
 
 /// `blip host <command>` other than `serve`.
@@ -197,7 +198,12 @@ pub fn run(
             json,
         } => {
             let body = json!({ "to": [to], "verify": verify, "max_blackout_ns": max_blackout });
-            call(&sock, "POST", &format!("/guests/{name}/migrate"), Some(&body))?;
+            call(
+                &sock,
+                "POST",
+                &format!("/guests/{name}/migrate"),
+                Some(&body),
+            )?;
             follow(&sock, *json, stop)
         }
         HostCmd::Drain(HostDrainArgs {

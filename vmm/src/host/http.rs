@@ -269,8 +269,7 @@ pub fn call(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<(u16, serde_json::Value), HostError> {
-    let mut c =
-        UnixStream::connect(path).map_err(|e| HostError::Api(path.to_path_buf(), e))?;
+    let mut c = UnixStream::connect(path).map_err(|e| HostError::Api(path.to_path_buf(), e))?;
     c.set_read_timeout(Some(timeout))?;
     c.set_write_timeout(Some(timeout))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -304,7 +303,9 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Request, ParseError> {
         let mut r = bytes;
-        read_request(&mut r, Instant::now() + Duration::from_secs(1), &mut |_| Ok(()))
+        read_request(&mut r, Instant::now() + Duration::from_secs(1), &mut |_| {
+            Ok(())
+        })
     }
 
     #[test]
@@ -319,12 +320,18 @@ mod tests {
     #[test]
     fn garbage_and_oversize_are_refused() {
         assert_eq!(parse(b""), Err(ParseError::Empty));
-        assert!(matches!(parse(b"\x00\x01garbage\r\n\r\n"), Err(ParseError::Bad(_))));
+        assert!(matches!(
+            parse(b"\x00\x01garbage\r\n\r\n"),
+            Err(ParseError::Bad(_))
+        ));
         assert!(matches!(
             parse(b"GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(ParseError::Bad(_))
         ));
-        let big = format!("POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        let big = format!(
+            "POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
         assert_eq!(parse(big.as_bytes()), Err(ParseError::TooLarge));
         let long_head = vec![b'a'; MAX_HEAD + 10];
         assert_eq!(parse(&long_head), Err(ParseError::TooLarge));

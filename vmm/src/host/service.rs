@@ -34,8 +34,8 @@ use blip_transport::protocol::{self, HostReply, Message, HOST_PREPARE};
 use blip_transport::tcp::{self, Endpoint};
 use blip_vmm::api::{self, Progress, Reply, Request as ApiReq};
 use blip_vmm::cli::{error_chain, HostServeArgs};
-use blip_vmm::migration::session::Session;
 use blip_vmm::migration::peer_timeout;
+use blip_vmm::migration::session::Session;
 use blip_vmm::registry::{self, Entry};
 use serde_json::{json, Value};
 
@@ -124,7 +124,8 @@ impl Host {
         let registered = registry::list();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|name, r| {
-            registry::pid_alive(r.pid) && !registered.iter().any(|e| &e.name == name && e.pid == r.pid)
+            registry::pid_alive(r.pid)
+                && !registered.iter().any(|e| &e.name == name && e.pid == r.pid)
         });
         p.iter()
             .map(|(n, r)| (n.clone(), r.mem_size, r.vcpus))
@@ -180,10 +181,7 @@ fn spawn_guest(name: &str, args: &[String]) -> Result<(Child, PathBuf, u64), Str
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the blip binary: {e}"))?;
     let mut c = Command::new(exe);
-    c.args(args)
-        .stdin(Stdio::null())
-        .stdout(f)
-        .stderr(f2);
+    c.args(args).stdin(Stdio::null()).stdout(f).stderr(f2);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent; it only makes
     // the child the leader of a new session, away from the service's terminal and signals.
     unsafe {
@@ -351,20 +349,21 @@ fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Resu
             why = child_error(&log, from);
             continue; // the port was taken meanwhile, most likely: the next one
         }
-        h.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                name.to_string(),
-                Pending {
-                    pid,
-                    port,
-                    mem_size: mem,
-                    vcpus,
-                },
-            );
+        h.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            name.to_string(),
+            Pending {
+                pid,
+                port,
+                mem_size: mem,
+                vcpus,
+            },
+        );
         eprintln!("blip host: receiver for {name} (pid {pid}) listens on {url}");
-        reap(name.to_string(), child, Some(peer_timeout() * 2 + Duration::from_secs(60)));
+        reap(
+            name.to_string(),
+            child,
+            Some(peer_timeout() * 2 + Duration::from_secs(60)),
+        );
         return Ok(url);
     }
     Err(format!("cannot start a receiver for '{name}': {why}"))
@@ -399,7 +398,10 @@ fn peer(h: &Host, mut c: TcpStream, from: std::net::SocketAddr) -> Result<(), St
         match prepare(h, ip, &req.name, req.mem_size, req.vcpus) {
             Ok(url) => Message::HostReply(h.reply(url)),
             Err(reason) => {
-                eprintln!("blip host: refused to prepare '{}' for {from}: {reason}", req.name);
+                eprintln!(
+                    "blip host: refused to prepare '{}' for {from}: {reason}",
+                    req.name
+                );
                 Message::Refuse { reason }
             }
         }
@@ -449,7 +451,8 @@ fn body_json(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -485,7 +488,10 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
         verify: body["verify"].as_bool().unwrap_or(false),
         key: h.key_path.clone(),
     };
-    h.drain_rows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    h.drain_rows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     let n = guests.len();
     let h2 = h.clone();
     std::thread::spawn(move || {
@@ -502,7 +508,11 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
         });
         let r = drain::run_drain(&guests, &o, &h2.drain_rows, &NEVER, on_progress, |_| {
             // Migrations that ended no longer show as live.
-            let rows = h2.drain_rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let rows = h2
+                .drain_rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let mut live = h2.live.lock().unwrap_or_else(|e| e.into_inner());
             live.retain(|n, _| rows.get(n).is_some_and(|r| r.ok.is_none()));
         });
@@ -510,7 +520,11 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             eprintln!("blip host: drain failed: {e}");
         }
         h2.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let rows = h2.drain_rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rows = h2
+            .drain_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let failed = drain::failed(&rows);
         eprintln!(
             "blip host: drain ended: {} of {} guest(s) moved{}",
@@ -539,11 +553,17 @@ fn run_guest(body: &Value) -> Response {
         return Response::error(409, format!("a guest named '{name}' already runs here"));
     }
     let extra = strings(&body["args"]);
-    if extra.iter().any(|a| a == "--api" || a.starts_with("--api=") || a == "--name") {
+    if extra
+        .iter()
+        .any(|a| a == "--api" || a.starts_with("--api=") || a == "--name")
+    {
         return Response::error(400, "--name and --api are set by the host service");
     }
     let mut args: Vec<String> = vec!["run".into(), "--name".into(), name.into()];
-    if !extra.iter().any(|a| a == "--serial" || a.starts_with("--serial=")) {
+    if !extra
+        .iter()
+        .any(|a| a == "--serial" || a.starts_with("--serial="))
+    {
         args.extend(["--serial".into(), "stdout".into()]);
     }
     args.extend(extra);
@@ -580,7 +600,11 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["host"]) => {
             let r = h.reply(String::new());
-            let rows = h.drain_rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let rows = h
+                .drain_rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             Response::json(
                 200,
                 &json!({
@@ -592,7 +616,10 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
             )
         }
         ("GET", ["guests"]) => {
-            let v: Vec<Value> = registry::list().iter().map(|e| describe(h, e, false)).collect();
+            let v: Vec<Value> = registry::list()
+                .iter()
+                .map(|e| describe(h, e, false))
+                .collect();
             Response::json(200, &v)
         }
         ("GET", ["guests", name]) => match find(name) {
@@ -625,9 +652,10 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
                 .min(super::KEEP_MIGRATIONS);
             Response::json(200, &super::migrations(n))
         }
-        (_, ["host" | "guests" | "drain" | "undrain" | "migrations", ..]) => {
-            Response::error(405, format!("{} {} is not a host API request", req.method, path))
-        }
+        (_, ["host" | "guests" | "drain" | "undrain" | "migrations", ..]) => Response::error(
+            405,
+            format!("{} {} is not a host API request", req.method, path),
+        ),
         _ => Response::error(404, format!("no such host API path {path}")),
     }
 }
