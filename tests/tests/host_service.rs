@@ -260,3 +260,75 @@ fn sigterm_stops_the_service_and_sighup_spares_guests() {
     assert!(o.status.success());
     wait_file_line(&run.join("host/logs/keep-1.log"), "check: ok");
 }
+
+#[test]
+fn max_incoming_refuses_beyond_the_limit_with_busy() {
+    let dir = scratch("host-busy");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17420-17429");
+    let mut b = Bg::start(
+        &dir,
+        "svc-b",
+        &[
+            "host",
+            "serve",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--ports",
+            "17430-17439",
+            "--max-incoming",
+            "1",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[("BLIP_RUN_DIR", run_b.to_str().unwrap())],
+    );
+    let line = b.wait_stderr("blip host: serving");
+    let b_url = format!(
+        "tcp://{}",
+        line.split_once(" on tcp://")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
+    run_guest(&a, &run_a, "one");
+    run_guest(&a, &run_a, "two");
+    // Both at once to a host that takes one at a time: one moves, the other is refused busy
+    // (the first stays incoming through its 3 s pre-copy) and keeps running here.
+    let o = blip(&[
+        "drain",
+        "--to",
+        &b_url,
+        "--parallel",
+        "2",
+        "--max-precopy-time",
+        "3s",
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ])
+    .env("BLIP_RUN_DIR", &run_a)
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("1 guest(s) still running here"), "{err}");
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let states: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|n| rows[n]["state"].as_str().unwrap().to_string())
+        .collect();
+    assert!(states.contains(&"migrated".to_string()), "{rows}");
+    assert!(
+        states
+            .iter()
+            .any(|s| s.contains("busy: 1 incoming migrations already (--max-incoming 1)")),
+        "{rows}"
+    );
+    b.wait_stderr("refused to prepare");
+    assert_eq!(guest_names(&a, &run_a).len(), 1, "the refused guest stays");
+}

@@ -75,6 +75,9 @@ struct Host {
     max_incoming: usize,
     drained: AtomicBool,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Held through one whole "prepare" (checks, spawn, wait), so two at once cannot both
+    /// pass the --max-incoming check.
+    preparing: Mutex<()>,
     live: Mutex<HashMap<String, Live>>,
     drain_rows: Rows,
     drain_running: AtomicBool,
@@ -257,6 +260,7 @@ fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
 /// "Prepare a receiver for NAME": a `blip receive --name NAME` on a free port of the range,
 /// answered once it says it listens.
 fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Result<String, String> {
+    let _one_at_a_time = h.preparing.lock().unwrap_or_else(|e| e.into_inner());
     if h.drained.load(Ordering::Relaxed) {
         return Err(format!(
             "host {} is drained: it takes no guests (blip host undrain)",
@@ -684,6 +688,7 @@ pub fn serve(
         max_incoming: a.max_incoming.unwrap_or_else(registry::slot_limit) as usize,
         drained: AtomicBool::new(drained_flag().exists()),
         pending: Mutex::default(),
+        preparing: Mutex::default(),
         live: Mutex::default(),
         drain_rows: Arc::default(),
         drain_running: AtomicBool::new(false),
