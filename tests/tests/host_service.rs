@@ -228,6 +228,16 @@ fn sigterm_stops_the_service_and_sighup_spares_guests() {
     run_guest(&a, &run, "keep-1");
     let v = json(&host_cmd(&a, &run, &["guests", "--json"]));
     let pid = v[0]["pid"].as_u64().unwrap() as i32;
+    // Garbage and an idle connection on the host API: answered 400 / left to time out, and
+    // the API keeps answering meanwhile.
+    let _idle = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    let mut junk = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    junk.write_all(b"\x00\xff not http\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut junk, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let st = json(&host_cmd(&a, &run, &["status", "--json"]));
+    assert_eq!(st["guests"], 1, "{st}");
     // SIGHUP to the guest: it keeps running.
     assert!(std::process::Command::new("kill")
         .args(["-HUP", &pid.to_string()])
