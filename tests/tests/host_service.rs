@@ -141,25 +141,28 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
     };
     // Status is answered during a migration, with its progress.
     let start = Instant::now();
-    let mid = loop {
-        let v = json(&host_cmd(&a, &run_a, &["guests", "--json"]));
-        if let Some(g) = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["state"] == "migrating" && g["migration"]["round"].as_u64() > Some(0))
-        {
-            break g.clone();
+    'seen: loop {
+        for n in ["web-1", "web-2", "web-3"] {
+            let o = host_cmd(&a, &run_a, &["guest", n]);
+            if !o.status.success() {
+                continue; // already moved
+            }
+            let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            if g["state"] == "migrating" && g["migration"]["round"].as_u64() > Some(0) {
+                assert!(g["migration"]["to"].as_str().is_some(), "{g}");
+                assert!(
+                    g["migration"]["predicted_blackout_ns"].as_u64().is_some(),
+                    "{g}"
+                );
+                break 'seen;
+            }
         }
         assert!(
             start.elapsed() < Duration::from_secs(120) && !drain.is_finished(),
-            "no guest was seen migrating: {v}"
+            "no guest was seen migrating"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
-    let name = mid["name"].as_str().unwrap();
-    let one = json(&host_cmd(&a, &run_a, &["guest", name]));
-    assert!(one["migration"]["to"].as_str().is_some(), "{one}");
+    }
     // A wrong key, while the drain runs: refused, logged, and the service goes on.
     let reason = wrong_key_peer(&b_url);
     assert!(reason.contains("authentication failed"), "{reason}");
@@ -309,21 +312,43 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     run_guest(&a, &run_a, "two");
     // Both at once to a host that takes one at a time: one moves, the other is refused busy
     // (the first stays incoming through its 3 s pre-copy) and keeps running here.
-    let o = blip(&[
-        "drain",
-        "--to",
-        &b_url,
-        "--parallel",
-        "2",
-        "--max-precopy-time",
-        "3s",
-        "--key",
-        key.to_str().unwrap(),
-        "--json",
-    ])
-    .env("BLIP_RUN_DIR", &run_a)
-    .output()
-    .unwrap();
+    let drain = {
+        let (b_url, key, run_a) = (b_url.clone(), key.clone(), run_a.clone());
+        std::thread::spawn(move || {
+            blip(&[
+                "drain",
+                "--to",
+                &b_url,
+                "--parallel",
+                "2",
+                "--max-precopy-time",
+                "3s",
+                "--key",
+                key.to_str().unwrap(),
+                "--json",
+            ])
+            .env("BLIP_RUN_DIR", &run_a)
+            .output()
+            .unwrap()
+        })
+    };
+    // This drain runs in the command, not in A's service: A still shows its progress.
+    let start = Instant::now();
+    loop {
+        let v = json(&host_cmd(&a, &run_a, &["guests", "--json"]));
+        if v.as_array().unwrap().iter().any(|g| {
+            g["state"] == "migrating"
+                && g["migration"]["to"].as_str().is_some_and(|t| !t.is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && !drain.is_finished(),
+            "no guest was seen migrating: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = drain.join().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("1 guest(s) still running here"), "{err}");

@@ -224,6 +224,11 @@ fn move_guest(
             },
         };
         on_progress(&g.name, &to, None);
+        let connecting = Progress {
+            phase: "connecting".into(),
+            ..Progress::default()
+        };
+        crate::host::write_live(&g.name, &to, &connecting);
         let options = Options {
             to: to.clone(),
             max_blackout_ns: o.max_blackout_ns,
@@ -238,6 +243,7 @@ fn move_guest(
         let result = api::call(&g.api, &Request::Migrate { options }, &mut |reply| {
             if let Reply::Progress(p) = reply {
                 on_progress(&g.name, &to, Some(p));
+                crate::host::write_live(&g.name, &to, p);
                 let s = format!(
                     "round {} | {} dirty | predicted {:.0} us",
                     p.round,
@@ -247,6 +253,7 @@ fn move_guest(
                 set(&|r| r.state = s.clone());
             }
         });
+        crate::host::clear_live(&g.name);
         let failure = match result {
             Ok(Reply::Done(Done::Migrated { report })) if report.in_doubt.is_some() => {
                 let msg = format!(

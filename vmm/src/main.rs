@@ -622,7 +622,21 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;
     let tty = std::io::stderr().is_terminal() && !a.json;
+    let live_name = registry::list()
+        .into_iter()
+        .find(|e| e.api == api_path)
+        .map(|e| e.name);
+    if let Some(n) = &live_name {
+        let connecting = api::Progress {
+            phase: "connecting".into(),
+            ..api::Progress::default()
+        };
+        host::write_live(n, &to, &connecting);
+    }
     let mut on_progress = |p: &api::Progress| {
+        if let Some(n) = &live_name {
+            host::write_live(n, &to, p);
+        }
         if !a.json {
             let line = format!(
                 "round {:>3} | sent {:>8} pages | dirty {:>7} | rate {:>9.0} pages/s | predicted blackout {:>9.1} us",
@@ -640,6 +654,9 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         }
     };
     let report = run_migration(&api_path, options, &mut on_progress);
+    if let Some(n) = &live_name {
+        host::clear_live(n);
+    }
     if tty {
         eprintln!();
     }

@@ -150,3 +150,64 @@ pub fn migrations(n: usize) -> Vec<Record> {
     let skip = all.len().saturating_sub(n);
     all.into_iter().skip(skip).collect()
 }
+
+fn live_file(name: &str) -> Option<PathBuf> {
+    registry::check_name(name).ok()?;
+    Some(dir().join("live").join(format!("{name}.json")))
+}
+
+/// A migration's latest progress as its runner last wrote it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveFile {
+    pub to: String,
+    pub progress: blip_vmm::api::Progress,
+}
+
+/// Publishes the progress of guest `name`'s migration for the host service (`GET
+/// /guests/NAME`), whoever runs it (`blip migrate`, `blip drain`): the guest's own control
+/// socket does not answer while its VMM thread migrates. Best effort.
+pub fn write_live(name: &str, to: &str, p: &blip_vmm::api::Progress) {
+    let Some(path) = live_file(name) else { return };
+    let Some(d) = path.parent() else { return };
+    if registry::create_private_dir(d).is_err() {
+        return;
+    }
+    let live = LiveFile {
+        to: to.into(),
+        progress: p.clone(),
+    };
+    let tmp = d.join(format!(".{name}.tmp"));
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec(&live).unwrap_or_default()));
+    if ok.is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
+}
+
+/// Removes what [`write_live`] published once the migration ended.
+pub fn clear_live(name: &str) {
+    if let Some(p) = live_file(name) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The progress published for `name` in the last 5 s (progress comes every 50 ms; an older
+/// file is a runner that died).
+pub fn read_live(name: &str) -> Option<LiveFile> {
+    let p = live_file(name)?;
+    let age = std::fs::metadata(&p)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    if age > std::time::Duration::from_secs(5) {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}

@@ -427,6 +427,13 @@ fn describe(h: &Host, e: &Entry, full: bool) -> Value {
         "name": e.name, "pid": e.pid, "vcpus": e.vcpus, "mem_size": e.mem_size,
         "started": e.started, "api": e.api,
     });
+    // A migration run elsewhere (blip migrate, blip drain) publishes its progress in a file.
+    let live = live.or_else(|| {
+        super::read_live(&e.name).map(|f| Live {
+            to: f.to,
+            progress: Some(f.progress),
+        })
+    });
     if let Some(l) = live {
         v["state"] = "migrating".into();
         let p = l.progress.unwrap_or_default();
