@@ -18,8 +18,9 @@
 //!
 //! Files of the service live in `<run dir>/host/`: `api.sock`, `drained` (present while the
 //! host is drained, so a restarted service stays drained), `logs/<guest>.log` (stdout and
-//! stderr of the guests it started) and `migrations.jsonl` (the last migration reports of this
-//! host, written by whoever ran them: the service, `blip drain` or `blip migrate`).
+//! stderr of the guests it started), `migrations.jsonl` (the last migration reports of this
+//! host, written by whoever ran them: the service, `blip drain` or `blip migrate`) and
+//! `live/<guest>.json` (the progress of a migration under way, for `GET /guests/NAME`).
 
 pub mod client;
 pub mod http;
