@@ -367,3 +367,43 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     b.wait_stderr("refused to prepare");
     assert_eq!(guest_names(&a, &run_a).len(), 1, "the refused guest stays");
 }
+
+#[test]
+fn a_host_that_refuses_sends_the_guest_to_the_next() {
+    let dir = scratch("host-retry");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b, run_d) = (dir.join("a"), dir.join("b"), dir.join("d"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone(), run_d.clone()]);
+    // D's only receiver port is taken, so D refuses to prepare; B takes the guest.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:17440").unwrap();
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17441-17442");
+    let (mut d, d_url) = host_service(&dir, "svc-d", &run_d, &key, "17440-17440");
+    let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17443-17449");
+    run_guest(&a, &run_a, "solo");
+    let o = blip(&[
+        "drain",
+        "--to",
+        &d_url,
+        "--to",
+        &b_url,
+        "--max-blackout",
+        "50ms",
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ])
+    .env("BLIP_RUN_DIR", &run_a)
+    .output()
+    .unwrap();
+    let rows = json(&o);
+    assert_eq!(rows["solo"]["ok"], true, "{rows}");
+    assert_eq!(rows["solo"]["to"], b_url.as_str(), "{rows}");
+    let tried = rows["solo"]["tried"].to_string();
+    assert!(
+        tried.contains(&d_url) && tried.contains("no free port"),
+        "{rows}"
+    );
+    d.wait_stderr("refused to prepare 'solo'");
+    assert_eq!(guest_names(&b, &run_b), ["solo"]);
+    drop(blocker);
+}
