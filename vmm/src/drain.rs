@@ -133,7 +133,9 @@ fn reserve(d: &mut Dest, g: &Entry, sign: i64) {
             planned.free_mem = (planned.free_mem as i64 - mem).max(0) as u64;
             planned.free_vcpus = (planned.free_vcpus as i64 - vcpus).max(0) as u32;
         }
-        Dest::Receiver { used, .. } => *used = sign > 0,
+        // A receiver serves one attempt: after a failed one it has exited (or holds a
+        // half-received guest), so it is never handed out again.
+        Dest::Receiver { used, .. } => *used = true,
     }
 }
 
