@@ -242,10 +242,16 @@ fn move_guest(
             guest_name: g.name.clone(),
             transport: Default::default(),
         };
+        // Published for the host service at most every 250 ms: this callback must keep up
+        // with the progress lines, or the source stops writing them.
+        let mut published = std::time::Instant::now();
         let result = api::call(&g.api, &Request::Migrate { options }, &mut |reply| {
             if let Reply::Progress(p) = reply {
                 on_progress(&g.name, &to, Some(p));
-                crate::host::write_live(&g.name, &to, p);
+                if published.elapsed() >= Duration::from_millis(250) {
+                    published = std::time::Instant::now();
+                    crate::host::write_live(&g.name, &to, p);
+                }
                 let s = format!(
                     "round {} | {} dirty | predicted {:.0} us",
                     p.round,

@@ -633,8 +633,13 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         };
         host::write_live(n, &to, &connecting);
     }
+    let mut published = std::time::Instant::now();
     let mut on_progress = |p: &api::Progress| {
-        if let Some(n) = &live_name {
+        if let Some(n) = live_name
+            .as_ref()
+            .filter(|_| published.elapsed() >= Duration::from_millis(250))
+        {
+            published = std::time::Instant::now();
             host::write_live(n, &to, p);
         }
         if !a.json {
