@@ -362,6 +362,95 @@ pub fn dirtying_source_with(dir: &std::path::Path, name: &str, env: &[(&str, &st
     s
 }
 
+/// What `blip host serve` prints once it serves; its network URL follows.
+pub const HOST_SERVING: &str = " on tcp://";
+
+/// Starts `blip host serve` on a loopback port with its own run directory `run_dir`
+/// (a simulated host), receivers on `ports`, its host API at `<dir>/<name>.sock`; waits until
+/// it says it serves and returns it with its network URL.
+pub fn host_service(
+    dir: &std::path::Path,
+    name: &str,
+    run_dir: &std::path::Path,
+    key: &std::path::Path,
+    ports: &str,
+) -> (Bg, String) {
+    std::fs::create_dir_all(run_dir).unwrap();
+    let mut s = Bg::start(
+        dir,
+        name,
+        &[
+            "host",
+            "serve",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--ports",
+            ports,
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[("BLIP_RUN_DIR", run_dir.to_str().unwrap())],
+    );
+    let line = s.wait_stderr("blip host: serving");
+    let url = line
+        .split_once(HOST_SERVING)
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(|hp| format!("tcp://{hp}"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"));
+    (s, url)
+}
+
+/// Runs `blip host ARGS` against the host API of `service` (started by [`host_service`]).
+pub fn host_cmd(service: &Bg, run_dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut all = vec!["host", "--api", service.api.to_str().unwrap()];
+    all.extend_from_slice(args);
+    blip(&all).env("BLIP_RUN_DIR", run_dir).output().unwrap()
+}
+
+/// Waits until `path` has a whole line containing `needle` (hang guard: 60 s).
+pub fn wait_file_line(path: &std::path::Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = complete_line(&read_lossy(path), needle) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} never said {needle:?}: {}",
+            path.display(),
+            read_lossy(path)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills, when dropped, every guest registered in the given run directories: guests started
+/// by a host service outlive it by design, so a test (passing or failing) must stop them.
+pub struct KillGuests(pub Vec<PathBuf>);
+
+impl Drop for KillGuests {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "json") {
+                    continue;
+                }
+                let pid = std::fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_u64());
+                if let Some(pid) = pid {
+                    let _ = Command::new("kill").arg(pid.to_string()).status();
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{complete_line, WAITING};

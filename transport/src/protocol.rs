@@ -532,11 +532,15 @@ pub enum MessageKind {
     Auth = 16,
     /// [`Message::RdmaConnect`]
     RdmaConnect = 17,
+    /// [`Message::HostRequest`]
+    HostRequest = 18,
+    /// [`Message::HostReply`]
+    HostReply = 19,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 17] = [
+    pub const ALL: [MessageKind; 19] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -554,6 +558,8 @@ impl MessageKind {
         MessageKind::PageBatch,
         MessageKind::Auth,
         MessageKind::RdmaConnect,
+        MessageKind::HostRequest,
+        MessageKind::HostReply,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -581,6 +587,8 @@ impl MessageKind {
             MessageKind::PageBatch => "PageBatch",
             MessageKind::Auth => "Auth",
             MessageKind::RdmaConnect => "RdmaConnect",
+            MessageKind::HostRequest => "HostRequest",
+            MessageKind::HostReply => "HostReply",
         }
     }
 }
@@ -780,6 +788,59 @@ pub const AUTH_NONE: u32 = 0;
 /// Hello `auth`: HMAC-SHA256 challenge–response with a shared key.
 pub const AUTH_HMAC_SHA256: u32 = 1;
 
+/// [`HostRequest`] `op`: describe the host ([`HostReply`] with the free resources).
+pub const HOST_INFO: u32 = 0;
+/// [`HostRequest`] `op`: start a receiver for the named guest ([`HostReply`] with its address).
+pub const HOST_PREPARE: u32 = 1;
+/// Longest guest name a [`HostRequest`] carries (the registry's limit).
+pub const MAX_HOST_NAME: usize = 64;
+/// Longest address or host name a [`HostReply`] carries.
+pub const MAX_HOST_TEXT: usize = 256;
+
+/// A request to a host service (`blip host --listen`), sent *before* the session's Hello so a
+/// plain `blip receive` on the same port refuses it without being consumed; the service acts
+/// on it only once the session that follows is authenticated.
+///
+/// ```text
+/// client (blip drain)                          host service (blip host)
+///   HostRequest{op, name, mem_size, vcpus} -->
+///   Hello / Auth exchange as for a migration (client = Source, service = Destination)
+///                        <-------------------- HostReply{...} | Refuse{reason}
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRequest {
+    /// [`HOST_INFO`] or [`HOST_PREPARE`].
+    pub op: u32,
+    /// The guest to prepare a receiver for (empty for [`HOST_INFO`]); at most
+    /// [`MAX_HOST_NAME`] bytes.
+    pub name: String,
+    /// Its memory size in bytes (0 = unknown).
+    pub mem_size: u64,
+    /// Its vCPUs (0 = unknown).
+    pub vcpus: u32,
+}
+
+/// A host service's answer: what it has free, and for [`HOST_PREPARE`] where the receiver it
+/// started listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostReply {
+    /// The host's name (at most [`MAX_HOST_TEXT`] bytes).
+    pub host: String,
+    /// Memory available for new guests, in bytes.
+    pub free_mem: u64,
+    /// vCPUs not yet given to guests (host CPUs minus the vCPUs of running guests, at least 0).
+    pub free_vcpus: u32,
+    /// Guests running on the host.
+    pub guests: u32,
+    /// Incoming migrations under way.
+    pub incoming: u32,
+    /// 1 when the host is drained (it refuses to prepare receivers).
+    pub drained: u32,
+    /// For [`HOST_PREPARE`]: the receiver's `tcp://` or `rdma://` URL; empty otherwise (at
+    /// most [`MAX_HOST_TEXT`] bytes).
+    pub address: String,
+}
+
 /// A protocol message. See the module documentation for the sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -877,6 +938,10 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Client → host service, first on the connection (see [`HostRequest`]).
+    HostRequest(HostRequest),
+    /// Host service → client, after the session (see [`HostReply`]).
+    HostReply(HostReply),
 }
 
 impl Message {
@@ -900,6 +965,8 @@ impl Message {
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::Abort { .. } => MessageKind::Abort,
             Message::RdmaConnect(_) => MessageKind::RdmaConnect,
+            Message::HostRequest(_) => MessageKind::HostRequest,
+            Message::HostReply(_) => MessageKind::HostReply,
         }
     }
 
@@ -1060,6 +1127,33 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
         Message::RoundAck { round } => e.u32(*round),
         Message::State(bytes) => e.bytes(bytes)?,
         Message::Resumed { t_ns } => e.u64(*t_ns),
+        Message::HostRequest(r) => {
+            if r.name.len() > MAX_HOST_NAME {
+                return Err(ProtocolError::Malformed {
+                    kind: MessageKind::HostRequest,
+                    what: "guest name too long",
+                });
+            }
+            e.u32(r.op);
+            e.bytes(r.name.as_bytes())?;
+            e.u64(r.mem_size);
+            e.u32(r.vcpus);
+        }
+        Message::HostReply(r) => {
+            if r.host.len() > MAX_HOST_TEXT || r.address.len() > MAX_HOST_TEXT {
+                return Err(ProtocolError::Malformed {
+                    kind: MessageKind::HostReply,
+                    what: "host name or address too long",
+                });
+            }
+            e.bytes(r.host.as_bytes())?;
+            e.u64(r.free_mem);
+            e.u32(r.free_vcpus);
+            e.u32(r.guests);
+            e.u32(r.incoming);
+            e.u32(r.drained);
+            e.bytes(r.address.as_bytes())?;
+        }
     }
     let mut buf = e.0;
     let (head, payload) = buf.split_at_mut(HEADER_LEN);
@@ -1392,6 +1486,30 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         MessageKind::Abort => Message::Abort {
             reason: d.string()?,
         },
+        MessageKind::HostRequest => {
+            let op = d.u32()?;
+            if op != HOST_INFO && op != HOST_PREPARE {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "unknown host request",
+                });
+            }
+            Message::HostRequest(HostRequest {
+                op,
+                name: d.bounded_string(MAX_HOST_NAME)?,
+                mem_size: d.u64()?,
+                vcpus: d.u32()?,
+            })
+        }
+        MessageKind::HostReply => Message::HostReply(HostReply {
+            host: d.bounded_string(MAX_HOST_TEXT)?,
+            free_mem: d.u64()?,
+            free_vcpus: d.u32()?,
+            guests: d.u32()?,
+            incoming: d.u32()?,
+            drained: d.u32()?,
+            address: d.bounded_string(MAX_HOST_TEXT)?,
+        }),
     };
     if !d.buf.is_empty() {
         return Err(ProtocolError::Malformed {
@@ -1521,6 +1639,16 @@ impl<'a> Dec<'a> {
         }
         self.take(n)
     }
+    fn bounded_string(&mut self, max: usize) -> Result<String> {
+        let s = self.string()?;
+        if s.len() > max {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                what: "string longer than its limit",
+            });
+        }
+        Ok(s)
+    }
     fn string(&mut self) -> Result<String> {
         let kind = self.kind;
         std::str::from_utf8(self.bytes()?)
@@ -1620,7 +1748,45 @@ mod tests {
             Message::Abort {
                 reason: "operator cancelled".to_owned(),
             },
+            Message::HostRequest(HostRequest {
+                op: HOST_PREPARE,
+                name: "web-1".to_owned(),
+                mem_size: 64 << 20,
+                vcpus: 2,
+            }),
+            Message::HostReply(HostReply {
+                host: "node-7".to_owned(),
+                free_mem: 20 << 30,
+                free_vcpus: 3,
+                guests: 2,
+                incoming: 1,
+                drained: 0,
+                address: "tcp://10.0.0.7:7101".to_owned(),
+            }),
         ]
+    }
+
+    #[test]
+    fn host_messages_refuse_oversized_names_and_unknown_ops() {
+        let mut buf = Vec::new();
+        let long = Message::HostRequest(HostRequest {
+            op: HOST_INFO,
+            name: "x".repeat(MAX_HOST_NAME + 1),
+            mem_size: 0,
+            vcpus: 0,
+        });
+        assert!(write_message(&mut buf, &long).is_err());
+        let bad_op = Message::HostRequest(HostRequest {
+            op: 7,
+            name: String::new(),
+            mem_size: 0,
+            vcpus: 0,
+        });
+        write_message(&mut buf, &bad_op).unwrap();
+        assert!(matches!(
+            read_message(&mut buf.as_slice()),
+            Err(ProtocolError::Malformed { .. })
+        ));
     }
 
     fn page_data(pages: usize, seed: u8) -> Vec<u8> {

@@ -69,6 +69,8 @@ pub enum Cmd {
         /// Where to write the image.
         out: PathBuf,
     },
+    /// The host service (`blip host serve`, one per node) and the commands that talk to it.
+    Host(HostArgs),
 }
 
 /// Options shared by everything that boots a guest.
@@ -218,7 +220,9 @@ pub enum ResolveAction {
 /// `blip drain`.
 #[derive(Args, Debug, Clone)]
 pub struct DrainArgs {
-    /// Destinations, each a waiting `blip receive --listen` that takes one guest (repeat).
+    /// Destinations (repeat): hosts running `blip host serve` (tcp://HOST:PORT of their
+    /// --listen; guests go where most vCPUs and memory are free, and to the next host when one
+    /// refuses), or waiting `blip receive --listen` URLs that take one guest each.
     #[arg(long = "to", value_name = "URL", required = true)]
     pub to: Vec<String>,
     /// Migrations at once.
@@ -227,6 +231,15 @@ pub struct DrainArgs {
     /// Blackout target per migration.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,
+    /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
+    pub max_precopy_time: u64,
+    /// Compare memory digests at each migration (see blip migrate --verify).
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the final table (with each report) as JSON.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub auth: AuthArgs,
 }
@@ -544,4 +557,110 @@ mod tests {
             assert!(m(good).is_ok(), "{good}");
         }
     }
+}
+
+/// `blip host`.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    #[command(subcommand)]
+    pub cmd: HostCmd,
+    /// The host API socket (default: <run dir>/host/api.sock).
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub api: Option<PathBuf>,
+}
+
+/// `blip host` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum HostCmd {
+    /// Run the host service in the foreground (SIGTERM stops it; guests keep running).
+    Serve(HostServeArgs),
+    /// This host: free memory and vCPUs, guests, drained or not.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The guests of this host and their state.
+    Guests {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One guest's status (JSON), with its migration's progress while one runs.
+    Guest {
+        #[arg(value_parser = GuestName)]
+        name: String,
+    },
+    /// Run a guest under the service: `blip host run NAME -- [blip run options]`.
+    Run {
+        #[arg(value_parser = GuestName)]
+        name: String,
+        /// `blip run` options (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Move one guest to another host running the service.
+    Migrate {
+        #[arg(value_parser = GuestName)]
+        name: String,
+        /// The destination host service, tcp://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Blackout target.
+        #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+        max_blackout: u64,
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark this host drained (it takes no guests) and move every guest to the given hosts.
+    Drain(HostDrainArgs),
+    /// Take guests again.
+    Undrain,
+    /// The last migrations off this host, kept by the service.
+    Migrations {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `blip host serve`.
+#[derive(Args, Debug, Clone)]
+pub struct HostServeArgs {
+    /// Where other hosts reach this one: tcp://ADDR:PORT (or rdma://ADDR:PORT: receivers then
+    /// take pages by RDMA WRITE).
+    #[arg(long, value_name = "URL")]
+    pub listen: String,
+    /// Ports the receivers of incoming guests listen on (on the --listen address).
+    #[arg(long, default_value = "7100-7199", value_name = "FIRST-LAST")]
+    pub ports: String,
+    /// Incoming migrations at once (more are refused "busy"); default: the host's migration
+    /// slots ($BLIP_MAX_MIGRATIONS, 2).
+    #[arg(long)]
+    pub max_incoming: Option<u32>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// `blip host drain`.
+#[derive(Args, Debug, Clone)]
+pub struct HostDrainArgs {
+    /// Destination hosts running the service (repeat).
+    #[arg(long = "to", value_name = "URL", required = true)]
+    pub to: Vec<String>,
+    /// Migrations at once.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: u32,
+    /// Blackout target per migration.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
+    pub max_blackout: u64,
+    /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
+    pub max_precopy_time: u64,
+    #[arg(long)]
+    pub verify: bool,
+    #[arg(long)]
+    pub json: bool,
 }

@@ -5,6 +5,7 @@
 
 mod demo;
 mod drain;
+mod host;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -59,6 +60,14 @@ fn main() -> ExitCode {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_sigint);
     }
+    if matches!(
+        cli.command,
+        Cmd::Run(_) | Cmd::Receive(_) | Cmd::Restore(_) | Cmd::Host(_)
+    ) {
+        // A closed terminal must not take guests (or the host service) with it.
+        // SAFETY: setting a signal's disposition to SIG_IGN touches no memory.
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    }
     let result = match cli.command {
         Cmd::Run(args) => run(&args),
         Cmd::Receive(args) => receive(args),
@@ -76,6 +85,10 @@ fn main() -> ExitCode {
         Cmd::Snapshot(args) => snapshot(&args),
         Cmd::Restore(args) => restore(args),
         Cmd::Demo(args) => demo::demo(&args, &STOP),
+        Cmd::Host(h) => match &h.cmd {
+            blip_vmm::cli::HostCmd::Serve(a) => host::service::serve(a, &h.api, &STOP),
+            cmd => host::client::run(&h.api, cmd, &STOP),
+        },
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
             .map(|_| 0)
             .map_err(|e| Failure(format!("cannot write {}: {e}", out.display()))),
@@ -641,7 +654,26 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;
     let tty = std::io::stderr().is_terminal() && !a.json;
+    let live_name = registry::list()
+        .into_iter()
+        .find(|e| e.api == api_path)
+        .map(|e| e.name);
+    if let Some(n) = &live_name {
+        let connecting = api::Progress {
+            phase: "connecting".into(),
+            ..api::Progress::default()
+        };
+        host::write_live(n, &to, &connecting);
+    }
+    let mut published = std::time::Instant::now();
     let mut on_progress = |p: &api::Progress| {
+        if let Some(n) = live_name
+            .as_ref()
+            .filter(|_| published.elapsed() >= Duration::from_millis(250))
+        {
+            published = std::time::Instant::now();
+            host::write_live(n, &to, p);
+        }
         if !a.json {
             let line = format!(
                 "round {:>3} | sent {:>8} pages | dirty {:>7} | rate {:>9.0} pages/s | predicted blackout {:>9.1} us",
@@ -659,10 +691,25 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         }
     };
     let report = run_migration(&api_path, options, &mut on_progress);
+    if let Some(n) = &live_name {
+        host::clear_live(n);
+    }
     if tty {
         eprintln!();
     }
-    let report = report?;
+    let report = match report {
+        Ok(r) => r,
+        Err(Failure(e)) => {
+            host::record(a.guest.as_deref().unwrap_or("-"), &to, Err(&e), None);
+            return Err(Failure(e));
+        }
+    };
+    host::record(
+        a.guest.as_deref().unwrap_or("-"),
+        &to,
+        Ok(()),
+        Some(&report),
+    );
     if a.json {
         println!(
             "{}",

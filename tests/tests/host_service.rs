@@ -1,0 +1,409 @@
+//! The host service (`blip host serve`) end to end: two services on two loopback ports, each
+//! with its own run directory (a simulated host); guests drained from one to the other by
+//! naming only the host, while strays (garbage, a wrong key, idle connections) knock on the
+//! destination's port; status answered mid-migration; SIGTERM and SIGHUP leave guests running.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg, KillGuests};
+use blip_transport::protocol::{self, HostRequest, Message, Role, AUTH_HMAC_SHA256, HOST_PREPARE};
+
+const GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+fn run_guest(svc: &Bg, run: &Path, name: &str) {
+    let o = host_cmd(
+        svc,
+        run,
+        &[
+            "run",
+            name,
+            "--",
+            "--mem",
+            "32M",
+            "--cmdline",
+            GUEST,
+            "--serial",
+            "stdout",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "host run {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn guest_names(svc: &Bg, run: &Path) -> Vec<String> {
+    let v = json(&host_cmd(svc, run, &["guests", "--json"]));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A peer that speaks the protocol but holds the wrong key: it must get "authentication
+/// failed" and nothing else.
+fn wrong_key_peer(url: &str) -> String {
+    let addr = url.trim_start_matches("tcp://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = Message::HostRequest(HostRequest {
+        op: HOST_PREPARE,
+        name: "intruder".into(),
+        mem_size: 32 << 20,
+        vcpus: 1,
+    });
+    protocol::write_message(&mut c, &req).unwrap();
+    protocol::write_message(
+        &mut c,
+        &Message::Hello {
+            role: Role::Source,
+            session: 7,
+            nonce: [3; 32],
+            host_id: 1,
+            auth: AUTH_HMAC_SHA256,
+        },
+    )
+    .unwrap();
+    match protocol::read_message(&mut c).map(|f| f.msg) {
+        Ok(Message::Hello { .. }) => {}
+        other => panic!("expected the service's Hello, got {other:?}"),
+    }
+    protocol::write_message(&mut c, &Message::Auth { mac: [0x5a; 32] }).unwrap();
+    match protocol::read_message(&mut c).map(|f| f.msg) {
+        Ok(Message::Refuse { reason }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn drain_by_host_moves_three_guests_while_strays_knock() {
+    let dir = scratch("host-drain");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone(), dir.join("c")]);
+    let (a, _a_url) = host_service(&dir, "svc-a", &run_a, &key, "17300-17349");
+    let (mut b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17350-17399");
+    for n in ["web-1", "web-2", "web-3"] {
+        run_guest(&a, &run_a, n);
+    }
+    assert_eq!(guest_names(&a, &run_a), ["web-1", "web-2", "web-3"]);
+
+    // Strays on B's port before and during the drain: idle connections, garbage.
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(b_url.trim_start_matches("tcp://")).unwrap())
+        .collect();
+    let mut garbage = TcpStream::connect(b_url.trim_start_matches("tcp://")).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xffgarbage")
+        .unwrap();
+
+    // The drain runs in A's service; this command only follows it.
+    let drain = {
+        let (api, run_a, b_url) = (a.api.clone(), run_a.clone(), b_url.clone());
+        std::thread::spawn(move || {
+            blip(&[
+                "host",
+                "drain",
+                "--to",
+                &b_url,
+                "--parallel",
+                "1",
+                // Each migration runs pre-copy for up to 3 s (a dirtying guest rarely predicts
+                // under 1 ms here), long enough to be seen migrating.
+                "--max-blackout",
+                "1ms",
+                "--max-precopy-time",
+                "3s",
+                "--json",
+                "--api",
+                api.to_str().unwrap(),
+            ])
+            .env("BLIP_RUN_DIR", &run_a)
+            .output()
+            .unwrap()
+        })
+    };
+    // Status is answered during a migration, with its progress.
+    let start = Instant::now();
+    'seen: loop {
+        for n in ["web-1", "web-2", "web-3"] {
+            let o = host_cmd(&a, &run_a, &["guest", n]);
+            if !o.status.success() {
+                continue; // already moved
+            }
+            let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            if g["state"] == "migrating" && g["migration"]["round"].as_u64() > Some(0) {
+                assert!(g["migration"]["to"].as_str().is_some(), "{g}");
+                assert!(
+                    g["migration"]["predicted_blackout_ns"].as_u64().is_some(),
+                    "{g}"
+                );
+                break 'seen;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120) && !drain.is_finished(),
+            "no guest was seen migrating"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A wrong key, while the drain runs: refused, logged, and the service goes on.
+    let reason = wrong_key_peer(&b_url);
+    assert!(reason.contains("authentication failed"), "{reason}");
+    b.wait_stderr("authentication failed");
+
+    let o = drain.join().unwrap();
+    let rows = json(&o);
+    for n in ["web-1", "web-2", "web-3"] {
+        assert_eq!(rows[n]["ok"], true, "{n}: {rows}");
+    }
+    drop(idle);
+    drop(garbage);
+    b.wait_stderr("refused a connection from");
+
+    // B runs all three under their names, sockets included; A runs none and is drained.
+    assert_eq!(guest_names(&b, &run_b), ["web-1", "web-2", "web-3"]);
+    assert!(guest_names(&a, &run_a).is_empty());
+    let st = json(&host_cmd(&a, &run_a, &["status", "--json"]));
+    assert_eq!(st["drained"], true, "{st}");
+    let hist = json(&host_cmd(&a, &run_a, &["migrations", "--json"]));
+    assert_eq!(
+        hist.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["ok"] == true)
+            .count(),
+        3,
+        "{hist}"
+    );
+    // Each guest checks its own memory pattern and exits 0.
+    for n in ["web-1", "web-2", "web-3"] {
+        let sock = run_b.join(format!("{n}.sock"));
+        assert!(sock.exists(), "{} missing", sock.display());
+        let o = blip(&["check", "--api", sock.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        wait_file_line(&run_b.join(format!("host/logs/{n}.log")), "check: ok");
+        let exit = wait_file_line(&dir.join("svc-b.err"), &format!("guest {n} (pid"));
+        assert!(exit.ends_with("exit status: 0"), "{exit}");
+    }
+
+    // A drained host refuses to take guests, in one line.
+    let (c, _c_url) = host_service(&dir, "svc-c", &dir.join("c"), &key, "17400-17409");
+    let c_run = dir.join("c");
+    run_guest(&c, &c_run, "db-1");
+    let a_url = _a_url;
+    let o = blip(&["drain", "--to", &a_url, "--key", key.to_str().unwrap()])
+        .env("BLIP_RUN_DIR", &c_run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("is drained: it takes no guests"), "{err}");
+    let v = json(&host_cmd(&c, &c_run, &["guests", "--json"]));
+    assert_eq!(v[0]["name"], "db-1", "db-1 stays: {v}");
+}
+
+#[test]
+fn sigterm_stops_the_service_and_sighup_spares_guests() {
+    let dir = scratch("host-sigterm");
+    let key = key_file(&dir, "k");
+    let run = dir.join("a");
+    let _cleanup = KillGuests(vec![run.clone()]);
+    let (mut a, _) = host_service(&dir, "svc", &run, &key, "17410-17419");
+    run_guest(&a, &run, "keep-1");
+    let v = json(&host_cmd(&a, &run, &["guests", "--json"]));
+    let pid = v[0]["pid"].as_u64().unwrap() as i32;
+    // Garbage and an idle connection on the host API: answered 400 / left to time out, and
+    // the API keeps answering meanwhile.
+    let _idle = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    let mut junk = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    junk.write_all(b"\x00\xff not http\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut junk, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let st = json(&host_cmd(&a, &run, &["status", "--json"]));
+    assert_eq!(st["guests"], 1, "{st}");
+    // SIGHUP to the guest: it keeps running.
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // SIGTERM to the service: exit 0, the guest runs on and answers.
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    assert!(
+        a.stderr().contains("guest(s) keep running"),
+        "{}",
+        a.stderr()
+    );
+    let sock = run.join("keep-1.sock");
+    let o = blip(&["status", "--api", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A new service finds it.
+    let (b, _) = host_service(&dir, "svc2", &run, &key, "17410-17419");
+    assert_eq!(guest_names(&b, &run), ["keep-1"]);
+    let o = blip(&["check", "--api", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    wait_file_line(&run.join("host/logs/keep-1.log"), "check: ok");
+}
+
+#[test]
+fn max_incoming_refuses_beyond_the_limit_with_busy() {
+    let dir = scratch("host-busy");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17420-17429");
+    let mut b = Bg::start(
+        &dir,
+        "svc-b",
+        &[
+            "host",
+            "serve",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--ports",
+            "17430-17439",
+            "--max-incoming",
+            "1",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[("BLIP_RUN_DIR", run_b.to_str().unwrap())],
+    );
+    let line = b.wait_stderr("blip host: serving");
+    let b_url = format!(
+        "tcp://{}",
+        line.split_once(" on tcp://")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
+    run_guest(&a, &run_a, "one");
+    run_guest(&a, &run_a, "two");
+    // Both at once to a host that takes one at a time: one moves, the other is refused busy
+    // (the first stays incoming through its 3 s pre-copy) and keeps running here.
+    let drain = {
+        let (b_url, key, run_a) = (b_url.clone(), key.clone(), run_a.clone());
+        std::thread::spawn(move || {
+            blip(&[
+                "drain",
+                "--to",
+                &b_url,
+                "--parallel",
+                "2",
+                "--max-precopy-time",
+                "3s",
+                "--key",
+                key.to_str().unwrap(),
+                "--json",
+            ])
+            .env("BLIP_RUN_DIR", &run_a)
+            .output()
+            .unwrap()
+        })
+    };
+    // This drain runs in the command, not in A's service: A still shows its progress.
+    let start = Instant::now();
+    loop {
+        let v = json(&host_cmd(&a, &run_a, &["guests", "--json"]));
+        if v.as_array().unwrap().iter().any(|g| {
+            g["state"] == "migrating"
+                && g["migration"]["to"].as_str().is_some_and(|t| !t.is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && !drain.is_finished(),
+            "no guest was seen migrating: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = drain.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("1 guest(s) still running here"), "{err}");
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let states: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|n| rows[n]["state"].as_str().unwrap().to_string())
+        .collect();
+    assert!(states.contains(&"migrated".to_string()), "{rows}");
+    assert!(
+        states
+            .iter()
+            .any(|s| s.contains("busy: 1 incoming migrations already (--max-incoming 1)")),
+        "{rows}"
+    );
+    b.wait_stderr("refused to prepare");
+    assert_eq!(guest_names(&a, &run_a).len(), 1, "the refused guest stays");
+}
+
+#[test]
+fn a_host_that_refuses_sends_the_guest_to_the_next() {
+    let dir = scratch("host-retry");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b, run_d) = (dir.join("a"), dir.join("b"), dir.join("d"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone(), run_d.clone()]);
+    // D's only receiver port is taken, so D refuses to prepare; B takes the guest.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:17440").unwrap();
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17441-17442");
+    let (mut d, d_url) = host_service(&dir, "svc-d", &run_d, &key, "17440-17440");
+    let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17443-17449");
+    run_guest(&a, &run_a, "solo");
+    let o = blip(&[
+        "drain",
+        "--to",
+        &d_url,
+        "--to",
+        &b_url,
+        "--max-blackout",
+        "50ms",
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ])
+    .env("BLIP_RUN_DIR", &run_a)
+    .output()
+    .unwrap();
+    let rows = json(&o);
+    assert_eq!(rows["solo"]["ok"], true, "{rows}");
+    assert_eq!(rows["solo"]["to"], b_url.as_str(), "{rows}");
+    let tried = rows["solo"]["tried"].to_string();
+    assert!(
+        tried.contains(&d_url) && tried.contains("no free port"),
+        "{rows}"
+    );
+    d.wait_stderr("refused to prepare 'solo'");
+    assert_eq!(guest_names(&b, &run_b), ["solo"]);
+    drop(blocker);
+}

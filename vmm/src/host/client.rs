@@ -1,0 +1,280 @@
+//! Clients of the host service: the network requests another host sends ([`info`],
+//! [`prepare`]) and the thin `blip host ...` commands that talk to this host's API socket.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use blip_transport::auth::Key;
+use blip_transport::protocol::{
+    self, HostReply, HostRequest, Message, ProtocolError, HOST_INFO, HOST_PREPARE,
+};
+use blip_transport::tcp::{self, Endpoint};
+use blip_vmm::cli::{HostCmd, HostDrainArgs};
+use blip_vmm::migration::session::Session;
+use blip_vmm::migration::{peer_timeout, MigrationError};
+use blip_vmm::registry::Entry;
+use serde_json::{json, Value};
+
+use super::{http, HostError};
+use crate::Failure;
+
+/// Asks the host service at `url` what it has free.
+pub fn info(url: &str, key: Option<Key>) -> Result<HostReply, HostError> {
+    ask(
+        url,
+        key,
+        HostRequest {
+            op: HOST_INFO,
+            name: String::new(),
+            mem_size: 0,
+            vcpus: 0,
+        },
+    )
+}
+
+/// Asks the host service at `url` to start a receiver for guest `g`; the reply's `address` is
+/// where to migrate it.
+pub fn prepare(url: &str, key: Option<Key>, g: &Entry) -> Result<HostReply, HostError> {
+    ask(
+        url,
+        key,
+        HostRequest {
+            op: HOST_PREPARE,
+            name: g.name.clone(),
+            mem_size: g.mem_size,
+            vcpus: g.vcpus as u32,
+        },
+    )
+}
+
+/// Did the peer behave like something that is not a host service (closed on our request, or
+/// answered it with something other than a Hello)?
+fn not_a_service(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::Aborted(_) | MigrationError::Io(_) | MigrationError::Unexpected { .. } => {
+            true
+        }
+        MigrationError::Protocol(p) => matches!(
+            p,
+            ProtocolError::Closed | ProtocolError::Io(_) | ProtocolError::Unexpected { .. }
+        ),
+        _ => false,
+    }
+}
+
+fn ask(url: &str, key: Option<Key>, req: HostRequest) -> Result<HostReply, HostError> {
+    let unreachable = |e: std::io::Error| HostError::Unreachable(url.to_string(), e);
+    let ep = Endpoint::from_str(url)
+        .map_err(|e| unreachable(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut c = tcp::connect(ep.address(), Duration::from_secs(5)).map_err(unreachable)?;
+    c.set_read_timeout(Some(peer_timeout()))?;
+    c.set_write_timeout(Some(peer_timeout()))?;
+    protocol::write_message(&mut c, &Message::HostRequest(req))
+        .map_err(|_| HostError::NotAService(url.to_string()))?;
+    match Session::open_source(&mut c, key) {
+        Ok(_) => {}
+        Err(e) if not_a_service(&e) => return Err(HostError::NotAService(url.to_string())),
+        Err(MigrationError::Refused(r)) => return Err(HostError::Refused(url.to_string(), r)),
+        Err(e) => return Err(HostError::Session(url.to_string(), e)),
+    }
+    match tcp::read_message_within(&mut c, peer_timeout()).map(|f| f.msg) {
+        Ok(Message::HostReply(r)) => Ok(r),
+        Ok(Message::Refuse { reason }) | Ok(Message::Abort { reason }) => {
+            Err(HostError::Refused(url.to_string(), reason))
+        }
+        Ok(other) => Err(HostError::Unexpected(
+            url.to_string(),
+            other.kind().to_string(),
+        )),
+        Err(e) => Err(HostError::Session(url.to_string(), e.into())),
+    }
+}
+
+/// The host API socket of `blip host ... --api`.
+fn api(p: &Option<std::path::PathBuf>) -> std::path::PathBuf {
+    p.clone().unwrap_or_else(super::default_api)
+}
+
+/// One call; a non-2xx status becomes the command's error (its `error` field).
+fn call(sock: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<Value, Failure> {
+    let (status, v) = http::call(sock, method, target, body, Duration::from_secs(120))?;
+    if (200..300).contains(&status) {
+        Ok(v)
+    } else {
+        Err(Failure(
+            v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("the host API answered {status}")),
+        ))
+    }
+}
+
+fn mib(v: &Value) -> String {
+    v.as_u64()
+        .map_or("-".into(), |b| format!("{} MiB", b >> 20))
+}
+
+/// `blip host <command>` other than `serve`.
+pub fn run(
+    api_path: &Option<std::path::PathBuf>,
+    cmd: &HostCmd,
+    stop: &AtomicBool,
+) -> Result<i32, Failure> {
+    let sock = api(api_path);
+    match cmd {
+        HostCmd::Serve(_) => unreachable!("dispatched by main"),
+        HostCmd::Status { json } => {
+            let v = call(&sock, "GET", "/host", None)?;
+            if *json {
+                println!("{v}");
+            } else {
+                println!(
+                    "host {} on {}: {} guest(s), {} incoming, free {} and {} vCPU(s){}",
+                    v["host"].as_str().unwrap_or("?"),
+                    v["listen"].as_str().unwrap_or("?"),
+                    v["guests"],
+                    v["incoming"],
+                    mib(&v["free_mem"]),
+                    v["free_vcpus"],
+                    if v["drained"].as_bool() == Some(true) {
+                        ", DRAINED (takes no guests; blip host undrain)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(0)
+        }
+        HostCmd::Guests { json } => {
+            let v = call(&sock, "GET", "/guests", None)?;
+            if *json {
+                println!("{v}");
+                return Ok(0);
+            }
+            println!(
+                "{:<24} {:>8} {:>5} {:>8} STATE",
+                "NAME", "PID", "VCPUS", "MEM"
+            );
+            for g in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:>8} {:>5} {:>8} {}",
+                    g["name"].as_str().unwrap_or("?"),
+                    g["pid"].to_string(),
+                    g["vcpus"].to_string(),
+                    mib(&g["mem_size"]),
+                    g["state"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(0)
+        }
+        HostCmd::Guest { name } => {
+            let v = call(&sock, "GET", &format!("/guests/{name}"), None)?;
+            println!("{v}");
+            Ok(0)
+        }
+        HostCmd::Run { name, args } => {
+            let v = call(
+                &sock,
+                "POST",
+                "/guests",
+                Some(&json!({ "name": name, "args": args })),
+            )?;
+            println!(
+                "guest {} runs (pid {}, API {})",
+                v["name"].as_str().unwrap_or("?"),
+                v["pid"],
+                v["api"].as_str().unwrap_or("?")
+            );
+            Ok(0)
+        }
+        HostCmd::Migrate {
+            name,
+            to,
+            max_blackout,
+            verify,
+            json,
+        } => {
+            let body = json!({ "to": [to], "verify": verify, "max_blackout_ns": max_blackout });
+            call(
+                &sock,
+                "POST",
+                &format!("/guests/{name}/migrate"),
+                Some(&body),
+            )?;
+            follow(&sock, *json, stop)
+        }
+        HostCmd::Drain(HostDrainArgs {
+            to,
+            parallel,
+            max_blackout,
+            max_precopy_time,
+            verify,
+            json,
+        }) => {
+            let body = json!({
+                "to": to, "parallel": parallel, "verify": verify, "max_blackout_ns": max_blackout,
+                "max_precopy_ms": max_precopy_time / 1_000_000,
+            });
+            call(&sock, "POST", "/drain", Some(&body))?;
+            follow(&sock, *json, stop)
+        }
+        HostCmd::Undrain => {
+            call(&sock, "POST", "/undrain", None)?;
+            println!("host undrained: it takes guests again");
+            Ok(0)
+        }
+        HostCmd::Migrations { last, json } => {
+            let v = call(&sock, "GET", &format!("/migrations?last={last}"), None)?;
+            if *json {
+                println!("{v}");
+                return Ok(0);
+            }
+            println!(
+                "{:<20} {:<24} {:<28} {:>12}  RESULT",
+                "ENDED", "GUEST", "TO", "BLACKOUT"
+            );
+            for r in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<24} {:<28} {:>12}  {}",
+                    r["ended"].to_string(),
+                    r["guest"].as_str().unwrap_or("?"),
+                    r["to"].as_str().unwrap_or("?"),
+                    r["report"]["blackout_ns"]
+                        .as_u64()
+                        .map_or("-".into(), |b| format!("{:.1} us", b as f64 / 1e3)),
+                    if r["ok"].as_bool() == Some(true) {
+                        "ok".to_string()
+                    } else {
+                        format!("FAILED: {}", r["error"].as_str().unwrap_or("?"))
+                    }
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Follows the drain (or single migration) the service runs until it ends, showing its table;
+/// Ctrl-C here stops following only (the service carries on).
+fn follow(sock: &Path, json: bool, stop: &AtomicBool) -> Result<i32, Failure> {
+    let mut last = String::new();
+    loop {
+        let v = call(sock, "GET", "/host", None)?;
+        let rows: std::collections::BTreeMap<String, crate::drain::Row> =
+            serde_json::from_value(v["drain"]["rows"].clone()).unwrap_or_default();
+        if !json {
+            crate::drain::render_live(&rows, &mut last);
+        }
+        if v["drain"]["running"].as_bool() != Some(true) {
+            return crate::drain::finish(&rows, json);
+        }
+        if stop.load(Ordering::Relaxed) {
+            eprintln!("blip: stopped following; the host service carries on (blip host status)");
+            return Ok(130);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,770 @@
+//! `blip host serve`: the service itself (see [`super`] for the design).
+//!
+//! Host API routes (HTTP/1.1, JSON):
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /host` | name, listen address, free memory and vCPUs, guests, incoming, drained, the current drain's table |
+//! | `GET /guests` | `[{name, pid, vcpus, mem_size, state, api}]` |
+//! | `GET /guests/NAME` | the guest's entry and status; during a migration the service runs: `migration: {to, phase, round, pages_sent, bytes_sent, remaining_dirty, dirty_rate, throughput, predicted_blackout_ns, elapsed_ns}` |
+//! | `POST /guests` `{"name": N, "args": ["--mem", "64M", ...]}` | runs `blip run --name N ARGS` (any `blip run` option), answers once it is registered |
+//! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false}` | 202; runs in the service (follow with `GET /host`) |
+//! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false}` | 202; marks the host drained and moves every guest |
+//! | `POST /undrain` | the host takes guests again |
+//! | `GET /migrations?last=N` | the last N migration records (default 20) |
+//!
+//! Guests are children of the service but independent of it: each runs in its own session
+//! (`setsid`, so no terminal's SIGHUP or SIGINT reaches it), writes to its own log file, and
+//! keeps running when the service stops (SIGTERM ends the service with status 0; a restarted
+//! service finds its guests again in the registry).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blip_transport::auth::Key;
+use blip_transport::protocol::{self, HostReply, Message, HOST_PREPARE};
+use blip_transport::tcp::{self, Endpoint};
+use blip_vmm::api::{self, Progress, Reply, Request as ApiReq};
+use blip_vmm::cli::{error_chain, HostServeArgs};
+use blip_vmm::migration::peer_timeout;
+use blip_vmm::migration::session::Session;
+use blip_vmm::registry::{self, Entry};
+use serde_json::{json, Value};
+
+use super::http::{self, Request, Response};
+use super::HostError;
+use crate::drain::{self, DrainOptions, Rows};
+use crate::Failure;
+
+/// How long an unauthenticated peer may take to send its request and its Hello.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+/// Network connections heard at once (more are dropped at accept).
+const MAX_PEERS: usize = 32;
+
+/// A receiver the service started, until its guest arrives or it ends.
+struct Pending {
+    pid: u32,
+    port: u16,
+    mem_size: u64,
+    vcpus: u32,
+}
+
+/// A migration the service runs: where to, and its latest progress.
+#[derive(Clone)]
+struct Live {
+    to: String,
+    progress: Option<Progress>,
+}
+
+/// The service's state, shared by its threads.
+struct Host {
+    listen: String,
+    rdma: bool,
+    ports: (u16, u16),
+    next_port: AtomicUsize,
+    key_path: Option<PathBuf>,
+    key: Option<Key>,
+    max_incoming: usize,
+    drained: AtomicBool,
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Held through one whole "prepare" (checks, spawn, wait), so two at once cannot both
+    /// pass the --max-incoming check.
+    preparing: Mutex<()>,
+    live: Mutex<HashMap<String, Live>>,
+    drain_rows: Rows,
+    drain_running: AtomicBool,
+    peers: AtomicUsize,
+}
+
+fn drained_flag() -> PathBuf {
+    super::dir().join("drained")
+}
+
+/// Parses `--ports FIRST-LAST`.
+pub fn parse_ports(s: &str) -> Result<(u16, u16), HostError> {
+    let bad = || HostError::Ports(s.to_string());
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+impl Host {
+    /// Receivers still waiting for (or receiving) their guest; forgets the others.
+    fn incoming(&self) -> Vec<(String, u64, u32)> {
+        let registered = registry::list();
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|name, r| {
+            registry::pid_alive(r.pid)
+                && !registered.iter().any(|e| &e.name == name && e.pid == r.pid)
+        });
+        p.iter()
+            .map(|(n, r)| (n.clone(), r.mem_size, r.vcpus))
+            .collect()
+    }
+
+    fn reply(&self, address: String) -> HostReply {
+        let guests = registry::list();
+        let incoming = self.incoming();
+        let used_vcpus: u64 = guests.iter().map(|g| g.vcpus as u64).sum::<u64>()
+            + incoming.iter().map(|i| i.2 as u64).sum::<u64>();
+        let reserved: u64 = incoming.iter().map(|i| i.1).sum();
+        HostReply {
+            host: hostname(),
+            free_mem: mem_available().saturating_sub(reserved),
+            free_vcpus: (host_cpus() as u64).saturating_sub(used_vcpus) as u32,
+            guests: guests.len() as u32,
+            incoming: incoming.len() as u32,
+            drained: self.drained.load(Ordering::Relaxed) as u32,
+            address,
+        }
+    }
+
+    fn set_drained(&self, on: bool) {
+        self.drained.store(on, Ordering::Relaxed);
+        if on {
+            let _ = std::fs::write(drained_flag(), b"drained\n");
+        } else {
+            let _ = std::fs::remove_file(drained_flag());
+        }
+    }
+
+    fn key_args(&self) -> Vec<String> {
+        match &self.key_path {
+            Some(k) => vec!["--key".into(), k.display().to_string()],
+            None => vec!["--insecure".into()],
+        }
+    }
+}
+
+/// Starts `blip ARGS` for guest `name` in its own session, its output appended to its log.
+/// Returns the child and the log's length before it started (where its lines begin).
+fn spawn_guest(name: &str, args: &[String]) -> Result<(Child, PathBuf, u64), String> {
+    let log = super::log_of(name);
+    let logs = log.parent().map(PathBuf::from).unwrap_or_default();
+    registry::create_private_dir(&logs).map_err(|e| error_chain(&e))?;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let start = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the blip binary: {e}"))?;
+    let mut c = Command::new(exe);
+    c.args(args).stdin(Stdio::null()).stdout(f).stderr(f2);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent; it only makes
+    // the child the leader of a new session, away from the service's terminal and signals.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = c.spawn().map_err(|e| format!("cannot start blip: {e}"))?;
+    Ok((child, log, start))
+}
+
+/// The whole lines of `log` from byte `from`.
+fn log_lines(log: &std::path::Path, from: u64) -> Vec<String> {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let mut b = Vec::new();
+            let _ = f.take(1 << 20).read_to_end(&mut b);
+            s = String::from_utf8_lossy(&b).into_owned();
+        }
+    }
+    s.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The last error line a failed child wrote, for the caller.
+fn child_error(log: &std::path::Path, from: u64) -> String {
+    log_lines(log, from)
+        .into_iter()
+        .rev()
+        .find(|l| l.contains("error"))
+        .unwrap_or_else(|| format!("it exited; see {}", log.display()))
+}
+
+/// Waits for `child` in a thread of its own, logging how it ended. A receiver whose source
+/// never came within `give_up` is stopped (SIGTERM: it exits without a guest).
+fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
+    let _ = std::thread::Builder::new()
+        .name("host-reap".into())
+        .spawn(move || {
+            let pid = child.id();
+            if let Some(limit) = give_up {
+                let until = Instant::now() + limit;
+                loop {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    if registry::list().iter().any(|e| e.pid == pid) {
+                        break;
+                    }
+                    if Instant::now() > until {
+                        eprintln!(
+                            "blip host: the receiver for {name} (pid {pid}) got no guest within {} s; stopping it",
+                            limit.as_secs()
+                        );
+                        // SAFETY: kill sends a signal to our own child; no memory is involved.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            match child.wait() {
+                Ok(st) => eprintln!("blip host: guest {name} (pid {pid}) exited: {st}"),
+                Err(e) => eprintln!("blip host: cannot wait for guest {name} (pid {pid}): {e}"),
+            }
+        });
+}
+
+/// "Prepare a receiver for NAME": a `blip receive --name NAME` on a free port of the range,
+/// answered once it says it listens.
+fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Result<String, String> {
+    let _one_at_a_time = h.preparing.lock().unwrap_or_else(|e| e.into_inner());
+    if h.drained.load(Ordering::Relaxed) {
+        return Err(format!(
+            "host {} is drained: it takes no guests (blip host undrain)",
+            hostname()
+        ));
+    }
+    registry::check_name(name).map_err(|e| e.to_string())?;
+    if registry::list().iter().any(|e| e.name == name) {
+        return Err(format!("a guest named '{name}' already runs on this host"));
+    }
+    let incoming = h.incoming();
+    if incoming.iter().any(|i| i.0 == name) {
+        return Err(format!("a receiver for '{name}' is already waiting here"));
+    }
+    if incoming.len() >= h.max_incoming {
+        return Err(format!(
+            "busy: {} incoming migrations already (--max-incoming {})",
+            incoming.len(),
+            h.max_incoming
+        ));
+    }
+    let free = h.reply(String::new()).free_mem;
+    if mem > free {
+        return Err(format!(
+            "not enough memory: the guest needs {} MiB, {} MiB are free",
+            mem >> 20,
+            free >> 20
+        ));
+    }
+    let scheme = if h.rdma { "rdma" } else { "tcp" };
+    let (first, last) = h.ports;
+    let span = (last - first) as usize + 1;
+    let mut why = String::from("no free port");
+    for _ in 0..span.min(8) {
+        let port = {
+            let taken: Vec<u16> = h
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|p| p.port)
+                .collect();
+            let mut found = None;
+            for _ in 0..span {
+                let p = first + (h.next_port.fetch_add(1, Ordering::Relaxed) % span) as u16;
+                if !taken.contains(&p) && TcpListener::bind((local_ip, p)).is_ok() {
+                    found = Some(p);
+                    break;
+                }
+            }
+            found.ok_or_else(|| format!("no free port in {first}-{last}"))?
+        };
+        let url = match local_ip {
+            IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{port}"),
+            IpAddr::V4(ip) => format!("{scheme}://{ip}:{port}"),
+        };
+        let mut args: Vec<String> = vec![
+            "receive".into(),
+            "--name".into(),
+            name.into(),
+            "--listen".into(),
+            url.clone(),
+        ];
+        if mem > 0 {
+            args.extend(["--mem".into(), mem.to_string()]);
+        }
+        args.extend(h.key_args());
+        let (mut child, log, from) = spawn_guest(name, &args)?;
+        let pid = child.id();
+        // Until it says it listens (the event), or exits, or a hang guard passes.
+        let until = Instant::now() + peer_timeout();
+        let listening = loop {
+            if log_lines(&log, from)
+                .iter()
+                .any(|l| l.contains("waiting for an incoming migration on "))
+            {
+                break true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break false;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the receiver for '{name}' did not start listening"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if !listening {
+            why = child_error(&log, from);
+            continue; // the port was taken meanwhile, most likely: the next one
+        }
+        h.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            name.to_string(),
+            Pending {
+                pid,
+                port,
+                mem_size: mem,
+                vcpus,
+            },
+        );
+        eprintln!("blip host: receiver for {name} (pid {pid}) listens on {url}");
+        reap(
+            name.to_string(),
+            child,
+            Some(peer_timeout() * 2 + Duration::from_secs(60)),
+        );
+        return Ok(url);
+    }
+    Err(format!("cannot start a receiver for '{name}': {why}"))
+}
+
+/// One network peer: its request, the authenticated session, the answer.
+fn peer(h: &Host, mut c: TcpStream, from: std::net::SocketAddr) -> Result<(), String> {
+    tcp::tune(&c).map_err(|e| e.to_string())?;
+    let _ = c.set_write_timeout(Some(REQUEST_LIMIT));
+    let req = match tcp::read_message_within(&mut c, REQUEST_LIMIT) {
+        Ok(f) => match f.msg {
+            Message::HostRequest(r) => r,
+            other => return Err(format!("sent {} instead of a host request", other.kind())),
+        },
+        Err(e) => return Err(error_chain(&e)),
+    };
+    let _ = c.set_read_timeout(Some(REQUEST_LIMIT));
+    if let Err(e) = Session::open_destination(&mut c, h.key.clone()) {
+        if let blip_vmm::migration::MigrationError::Auth(_) = e {
+            let _ = protocol::write_message(
+                &mut c,
+                &Message::Refuse {
+                    reason: "authentication failed".into(),
+                },
+            );
+        }
+        return Err(error_chain(&e));
+    }
+    let _ = c.set_write_timeout(Some(peer_timeout()));
+    let answer = if req.op == HOST_PREPARE {
+        let ip = c.local_addr().map(|a| a.ip()).map_err(|e| e.to_string())?;
+        match prepare(h, ip, &req.name, req.mem_size, req.vcpus) {
+            Ok(url) => Message::HostReply(h.reply(url)),
+            Err(reason) => {
+                eprintln!(
+                    "blip host: refused to prepare '{}' for {from}: {reason}",
+                    req.name
+                );
+                Message::Refuse { reason }
+            }
+        }
+    } else {
+        Message::HostReply(h.reply(String::new()))
+    };
+    protocol::write_message(&mut c, &answer).map_err(|e| error_chain(&e))
+}
+
+/// The entry and state of one guest, as `GET /guests` lists it.
+fn describe(h: &Host, e: &Entry, full: bool) -> Value {
+    let live = h
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&e.name)
+        .cloned();
+    let mut v = json!({
+        "name": e.name, "pid": e.pid, "vcpus": e.vcpus, "mem_size": e.mem_size,
+        "started": e.started, "api": e.api,
+    });
+    // A migration run elsewhere (blip migrate, blip drain) publishes its progress in a file.
+    let live = live.or_else(|| {
+        super::read_live(&e.name).map(|f| Live {
+            to: f.to,
+            progress: Some(f.progress),
+        })
+    });
+    if let Some(l) = live {
+        v["state"] = "migrating".into();
+        let p = l.progress.unwrap_or_default();
+        v["migration"] = json!({
+            "to": l.to, "phase": if p.phase.is_empty() { "connecting" } else { p.phase.as_str() },
+            "round": p.round, "pages_sent": p.pages_sent, "bytes_sent": p.pages_sent * 4096,
+            "remaining_dirty": p.remaining_dirty, "dirty_rate": p.dirty_rate,
+            "throughput": p.throughput, "predicted_blackout_ns": p.predicted_blackout_ns,
+            "elapsed_ns": p.elapsed_ns,
+        });
+        return v;
+    }
+    match api::call(&e.api, &ApiReq::Status, &mut |_| {}) {
+        Ok(Reply::Status(s)) => {
+            v["state"] = s.state.clone().into();
+            if full {
+                v["status"] = serde_json::to_value(&s).unwrap_or_default();
+            }
+        }
+        _ => v["state"] = "not answering (busy migrating, or hung)".into(),
+    }
+    v
+}
+
+fn body_json(req: &Request) -> Result<Value, Response> {
+    if req.body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Starts a drain (or a single guest's move) in the background; 409 while one runs.
+fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bool) -> Response {
+    let to = strings(&body["to"]);
+    if to.is_empty() {
+        return Response::error(400, "name at least one destination host in \"to\"");
+    }
+    for t in &to {
+        if let Err(e) = t.parse::<Endpoint>() {
+            return Response::error(400, format!("bad destination {t:?}: {e}"));
+        }
+    }
+    if h.drain_running.swap(true, Ordering::AcqRel) {
+        return Response::error(409, "a drain or migration started here is still running");
+    }
+    if mark_drained {
+        h.set_drained(true);
+    }
+    let o = DrainOptions {
+        to,
+        parallel: body["parallel"].as_u64().unwrap_or(2).clamp(1, 16) as u32,
+        max_blackout_ns: body["max_blackout_ns"].as_u64().unwrap_or(1_000_000),
+        max_precopy_ms: body["max_precopy_ms"].as_u64().unwrap_or(60_000),
+        verify: body["verify"].as_bool().unwrap_or(false),
+        key: h.key_path.clone(),
+    };
+    h.drain_rows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let n = guests.len();
+    let h2 = h.clone();
+    std::thread::spawn(move || {
+        static NEVER: AtomicBool = AtomicBool::new(false);
+        let live = h2.clone();
+        let on_progress: drain::OnProgress = Arc::new(move |name, to, p| {
+            live.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                name.to_string(),
+                Live {
+                    to: to.to_string(),
+                    progress: p.cloned(),
+                },
+            );
+        });
+        let r = drain::run_drain(&guests, &o, &h2.drain_rows, &NEVER, on_progress, |_| {
+            // Migrations that ended no longer show as live.
+            let rows = h2
+                .drain_rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut live = h2.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|n, _| rows.get(n).is_some_and(|r| r.ok.is_none()));
+        });
+        if let Err(Failure(e)) = r {
+            eprintln!("blip host: drain failed: {e}");
+        }
+        h2.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let rows = h2
+            .drain_rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let failed = drain::failed(&rows);
+        eprintln!(
+            "blip host: drain ended: {} of {} guest(s) moved{}",
+            rows.len() - failed.len(),
+            rows.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; still here: {}", failed.join(", "))
+            }
+        );
+        h2.drain_running.store(false, Ordering::Release);
+    });
+    Response::json(202, &json!({ "started": true, "guests": n }))
+}
+
+/// `POST /guests`: `blip run --name NAME ARGS...`, answered once the guest is registered.
+fn run_guest(body: &Value) -> Response {
+    let Some(name) = body["name"].as_str() else {
+        return Response::error(400, "a guest needs a \"name\"");
+    };
+    if let Err(e) = registry::check_name(name) {
+        return Response::error(400, e.to_string());
+    }
+    if registry::list().iter().any(|e| e.name == name) {
+        return Response::error(409, format!("a guest named '{name}' already runs here"));
+    }
+    let extra = strings(&body["args"]);
+    if extra
+        .iter()
+        .any(|a| a == "--api" || a.starts_with("--api=") || a == "--name")
+    {
+        return Response::error(400, "--name and --api are set by the host service");
+    }
+    let mut args: Vec<String> = vec!["run".into(), "--name".into(), name.into()];
+    if !extra
+        .iter()
+        .any(|a| a == "--serial" || a.starts_with("--serial="))
+    {
+        args.extend(["--serial".into(), "stdout".into()]);
+    }
+    args.extend(extra);
+    let (mut child, log, from) = match spawn_guest(name, &args) {
+        Ok(x) => x,
+        Err(e) => return Response::error(500, e),
+    };
+    let pid = child.id();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(e) = registry::list().into_iter().find(|e| e.pid == pid) {
+            eprintln!("blip host: guest {name} (pid {pid}) runs");
+            reap(name.to_string(), child, None);
+            return Response::json(
+                201,
+                &json!({ "name": e.name, "pid": pid, "api": e.api, "log": log }),
+            );
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return Response::error(400, child_error(&log, from));
+        }
+        if Instant::now() > until {
+            reap(name.to_string(), child, None);
+            return Response::error(500, format!("guest '{name}' did not register within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn route(h: &Arc<Host>, req: &Request) -> Response {
+    let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let find = |name: &str| registry::list().into_iter().find(|e| e.name == name);
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["host"]) => {
+            let r = h.reply(String::new());
+            let rows = h
+                .drain_rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            Response::json(
+                200,
+                &json!({
+                    "host": r.host, "listen": h.listen, "free_mem": r.free_mem,
+                    "free_vcpus": r.free_vcpus, "guests": r.guests, "incoming": r.incoming,
+                    "drained": r.drained == 1, "ports": format!("{}-{}", h.ports.0, h.ports.1),
+                    "drain": { "running": h.drain_running.load(Ordering::Acquire), "rows": rows },
+                }),
+            )
+        }
+        ("GET", ["guests"]) => {
+            let v: Vec<Value> = registry::list()
+                .iter()
+                .map(|e| describe(h, e, false))
+                .collect();
+            Response::json(200, &v)
+        }
+        ("GET", ["guests", name]) => match find(name) {
+            Some(e) => Response::json(200, &describe(h, &e, true)),
+            None => Response::error(404, format!("no guest named '{name}' runs here")),
+        },
+        ("POST", ["guests"]) => match body_json(req) {
+            Ok(b) => run_guest(&b),
+            Err(r) => r,
+        },
+        ("POST", ["guests", name, "migrate"]) => match (find(name), body_json(req)) {
+            (_, Err(r)) => r,
+            (None, _) => Response::error(404, format!("no guest named '{name}' runs here")),
+            (Some(e), Ok(b)) => start_drain(h, vec![e], &b, false),
+        },
+        ("POST", ["drain"]) => match body_json(req) {
+            Ok(b) => start_drain(h, registry::list(), &b, true),
+            Err(r) => r,
+        },
+        ("POST", ["undrain"]) => {
+            h.set_drained(false);
+            Response::json(200, &json!({ "drained": false }))
+        }
+        ("GET", ["migrations"]) => {
+            let n = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("last="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20usize)
+                .min(super::KEEP_MIGRATIONS);
+            Response::json(200, &super::migrations(n))
+        }
+        (_, ["host" | "guests" | "drain" | "undrain" | "migrations", ..]) => Response::error(
+            405,
+            format!("{} {} is not a host API request", req.method, path),
+        ),
+        _ => Response::error(404, format!("no such host API path {path}")),
+    }
+}
+
+/// Runs the service until SIGTERM / SIGINT (`stop`); guests keep running.
+pub fn serve(
+    a: &HostServeArgs,
+    api: &Option<PathBuf>,
+    stop: &'static AtomicBool,
+) -> Result<i32, Failure> {
+    let key_path = a.auth.resolve().map_err(Failure)?;
+    let key = key_path.as_deref().map(Key::load).transpose()?;
+    let ports = parse_ports(&a.ports)?;
+    let ep = Endpoint::from_str(&a.listen)?;
+    let rdma = matches!(ep, Endpoint::Rdma(_));
+    let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(a.listen.clone(), e))?;
+    let local = listener.local_addr().map_err(HostError::Io)?;
+    registry::create_private_dir(&super::dir())?;
+    let h = Arc::new(Host {
+        listen: format!("{}://{local}", if rdma { "rdma" } else { "tcp" }),
+        rdma,
+        ports,
+        next_port: AtomicUsize::new(0),
+        key_path,
+        key,
+        max_incoming: a.max_incoming.unwrap_or_else(registry::slot_limit) as usize,
+        drained: AtomicBool::new(drained_flag().exists()),
+        pending: Mutex::default(),
+        preparing: Mutex::default(),
+        live: Mutex::default(),
+        drain_rows: Arc::default(),
+        drain_running: AtomicBool::new(false),
+        peers: AtomicUsize::new(0),
+    });
+    let sock = api.clone().unwrap_or_else(super::default_api);
+    let h2 = h.clone();
+    http::serve(&sock, Arc::new(move |req: &Request| route(&h2, req)))?;
+    eprintln!(
+        "blip host: serving {} on {} (receivers on ports {}-{}, at most {} incoming), host API on {}{}",
+        hostname(),
+        h.listen,
+        ports.0,
+        ports.1,
+        h.max_incoming,
+        sock.display(),
+        if h.drained.load(Ordering::Relaxed) { "; DRAINED" } else { "" }
+    );
+    listener.set_nonblocking(true).map_err(HostError::Io)?;
+    while !stop.load(Ordering::Relaxed) {
+        let (c, from) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("blip host: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if h.peers.fetch_add(1, Ordering::AcqRel) >= MAX_PEERS {
+            h.peers.fetch_sub(1, Ordering::AcqRel);
+            eprintln!("blip host: dropped a connection from {from}: {MAX_PEERS} already open");
+            continue;
+        }
+        let h3 = h.clone();
+        let spawned = std::thread::Builder::new()
+            .name("host-peer".into())
+            .spawn(move || {
+                let _ = c.set_nonblocking(false);
+                if let Err(e) = peer(&h3, c, from) {
+                    eprintln!("blip host: refused a connection from {from}: {e}");
+                }
+                h3.peers.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            h.peers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    eprintln!(
+        "blip host: stopped; {} guest(s) keep running (a restarted service finds them)",
+        registry::list().len()
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_ports("7100-7199").unwrap(), (7100, 7199));
+        assert_eq!(parse_ports("7100-7100").unwrap(), (7100, 7100));
+        for bad in ["", "7100", "7199-7100", "0-10", "a-b", "1-70000"] {
+            assert!(parse_ports(bad).is_err(), "{bad}");
+        }
+    }
+}
