@@ -15,6 +15,9 @@ pub mod loader;
 pub mod memory;
 pub mod migration;
 pub mod persist;
+/// The x86 platform's irqchip, PIT and LAPIC state (a module of `platform/` once it exists).
+#[path = "platform/state.rs"]
+pub mod platform_state;
 pub mod registry;
 pub mod snapshot;
 pub mod vcpu;

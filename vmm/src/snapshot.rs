@@ -692,12 +692,16 @@ mod tests {
             mp_state: 0,
             debugregs: None,
             tsc_khz: None,
+            lapic: None,
         };
         VmState {
             mem_size,
             pieces: 0,
             vcpus: (0..vcpus as u8).map(vcpu).collect(),
             clock: None,
+            irqchip: None,
+            pit: None,
+            saved_at_ns: 0,
             devices: crate::devices::DevicesState {
                 serial: Default::default(),
                 heartbeat_hi: vec![0; vcpus],
