@@ -319,6 +319,8 @@ pub const MAX_ADVANCE_NS: u64 = 10_000_000_000;
 
 /// MSR_IA32_TSC.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_DEADLINE.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// What this host's KVM lets a VM save and restore; computed once per VM, before any blackout.
 #[derive(Clone, Debug, Default)]
@@ -707,8 +709,18 @@ pub fn restore_vcpu(
         (0, _) | (_, None) => 0,
         (ns, Some(khz)) => platform_state::tsc_ticks(ns, khz),
     };
+    // The TSC deadline goes last, after the TSC it is measured against (KVM arms the LAPIC
+    // timer from the guest TSC at the moment of the write).
+    let mut ordered = st.msrs.clone();
+    if let Some(at) = ordered
+        .iter()
+        .position(|&(m, _)| m == MSR_IA32_TSC_DEADLINE)
+    {
+        let d = ordered.remove(at);
+        ordered.push(d);
+    }
     let mut done = 0;
-    for chunk in st.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+    for chunk in ordered.chunks(KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
