@@ -162,8 +162,6 @@ pub enum PersistError {
     MissingPieces(String),
     #[error("saved state carries {0} but this VM has no in-kernel irqchip and PIT (it needs the PC platform)")]
     NeedsPlatform(String),
-    #[error("this VM has an in-kernel irqchip but the saved state carries no interrupt controller state (it was saved on the minimal platform)")]
-    UnexpectedPlatform,
     #[error(transparent)]
     Platform(#[from] PlatformStateError),
     #[error("saved state has {saved} vCPUs but this VM has {here}")]
@@ -340,10 +338,21 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// The optional pieces and XSAVE size KVM reports for `vm` (no MSR list).
+    /// The optional pieces and XSAVE size KVM reports for `vm` (no MSR list), the platform
+    /// pieces included (two probing ioctls).
     pub fn of_vm(vm: &VmFd) -> Caps {
+        Self::of_vm_probing(vm, true)
+    }
+
+    /// [`Caps::of_vm`], probing for an irqchip and PIT only when `platform` (a restore of
+    /// minimal-platform state skips the probe: its blackout pays nothing for the PC platform).
+    pub fn of_vm_probing(vm: &VmFd, platform: bool) -> Caps {
         let mut pieces = 0;
-        let here = Presence::of_vm(vm);
+        let here = if platform {
+            Presence::of_vm(vm)
+        } else {
+            Presence::default()
+        };
         if here.irqchip {
             pieces |= PIECE_LAPIC | PIECE_IRQCHIP;
         }
@@ -711,13 +720,19 @@ pub fn restore_vcpu(
     };
     // The TSC deadline goes last, after the TSC it is measured against (KVM arms the LAPIC
     // timer from the guest TSC at the moment of the write).
-    let mut ordered = st.msrs.clone();
-    if let Some(at) = ordered
-        .iter()
-        .position(|&(m, _)| m == MSR_IA32_TSC_DEADLINE)
-    {
-        let d = ordered.remove(at);
-        ordered.push(d);
+    // Only a vCPU with a LAPIC has a deadline to order: the minimal platform's blackout
+    // does not pay for the copy.
+    let mut ordered = std::borrow::Cow::Borrowed(&st.msrs[..]);
+    if st.lapic.is_some() {
+        if let Some(at) = st
+            .msrs
+            .iter()
+            .position(|&(m, _)| m == MSR_IA32_TSC_DEADLINE)
+        {
+            let o = ordered.to_mut();
+            let d = o.remove(at);
+            o.push(d);
+        }
     }
     let mut done = 0;
     for chunk in ordered.chunks(KVM_MAX_MSR_ENTRIES) {
@@ -913,7 +928,12 @@ impl Vm {
         } else {
             None
         };
-        let saved_at_ns = platform_state::realtime_ns();
+        // Only PC-platform state has its guest time advanced on restore.
+        let saved_at_ns = if irqchip.is_some() {
+            platform_state::realtime_ns()
+        } else {
+            0
+        };
         let clock = if caps.pieces & PIECE_CLOCK != 0 {
             pieces |= PIECE_CLOCK;
             let c = self
@@ -981,7 +1001,10 @@ impl Vm {
                 });
             }
         }
-        let caps = Arc::new(Caps::of_vm(self.fd()));
+        let caps = Arc::new(Caps::of_vm_probing(
+            self.fd(),
+            st.pieces & PLATFORM_PIECES != 0,
+        ));
         let missing = st.pieces & !caps.pieces;
         if missing & PLATFORM_PIECES != 0 {
             return Err(PersistError::NeedsPlatform(piece_names(
@@ -990,9 +1013,6 @@ impl Vm {
         }
         if missing != 0 {
             return Err(PersistError::MissingPieces(piece_names(missing)));
-        }
-        if caps.pieces & PIECE_IRQCHIP != 0 && st.pieces & PIECE_IRQCHIP == 0 {
-            return Err(PersistError::UnexpectedPlatform);
         }
         // Interrupt controllers and PIT before any vCPU state: a LAPIC restored later finds
         // the IOAPIC routing it belongs to, and nothing runs until resume.
