@@ -11,7 +11,9 @@
 # dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
 # guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
-# rdma:// through A's own rxe0, side by side). Default: all but fault-tcp.
+# rdma:// through A's own rxe0, side by side), linux-boot (blip boots the host's own Debian
+# kernel, /boot/vmlinuz-*, with a tiny busybox initramfs on 1 and 2 vCPUs; asked for by name
+# only). Default: all but fault-tcp and linux-boot.
 # Run as root on Debian; installs what it needs with apt-get. Cache: $BLIP_SOFTROCE_CACHE
 # (default ~/.cache/blip-softroce): the kernel .deb, the unpacked kernel, the base image.
 # Logs: $BLIP_SOFTROCE_OUT (default target/softroce)/run-<time>/console-{a,b}.log.
@@ -44,7 +46,7 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench|linux-boot) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
 # Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
@@ -84,6 +86,28 @@ sr_base_image
 INITRD=$RUN/initrd.cpio
 sr_initrd "$BLIP" "$INITRD"
 KERNEL=$SR_KDIR/boot/vmlinuz-$SR_KVER
+# linux-boot: the kernel blip boots inside the hosts (the hosts' own) and its tiny initramfs
+# (busybox-static as /init: prints BLIP-LINUX-UP, nproc and uptime, then reboots), appended to
+# the hosts' initramfs as one more cpio archive.
+case ",$SCENARIOS," in
+    *,linux-boot,*)
+        lb=$(mktemp -d "$RUN/linux-boot.XXXXXX")
+        mkdir -p "$lb/guest/bin" "$lb/guest/proc" "$lb/host/boot" "$lb/host/softroce"
+        cp "$(command -v busybox)" "$lb/guest/bin/busybox"
+        ln -s busybox "$lb/guest/bin/sh"
+        cat >"$lb/guest/init" <<'GUEST_INIT'
+#!/bin/sh
+/bin/busybox mount -t proc proc /proc
+echo "BLIP-LINUX-UP nproc=$(/bin/busybox nproc) uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)"
+/bin/busybox reboot -f
+GUEST_INIT
+        chmod 755 "$lb/guest/init"
+        sr_pack "$lb/guest" >"$lb/host/softroce/linux-boot.cpio"
+        cp "$KERNEL" "$lb/host/boot/vmlinuz-$SR_KVER"
+        sr_pack "$lb/host" >>"$INITRD"
+        rm -rf "$lb"
+        ;;
+esac
 sr_log "image ready: kernel $SR_KVER, initrd $(du -h "$INITRD" | cut -f1) ($(elapsed "$t") s)"
 
 # 4. Boot both hosts, joined by a socket netdev pair on 127.0.0.1.

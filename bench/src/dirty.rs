@@ -84,6 +84,7 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
             backing: Backing::Anon,
             image: Some(Image::embedded()),
             serial: Box::new(std::io::sink()),
+            platform: Default::default(),
         },
         DirtyConfig {
             mode,

@@ -171,6 +171,7 @@ fn boot(n: u32) -> Value {
             backing: Backing::Anon,
             image: Some(Image::embedded()),
             serial: Box::new(std::io::sink()),
+            platform: Default::default(),
         })
         .expect("create VM");
         let _ = create.record(t1.elapsed().as_nanos() as u64);
@@ -198,6 +199,7 @@ fn pause(vcpus: u32, cycles: u32) -> Value {
         backing: Backing::Anon,
         image: Some(Image::embedded()),
         serial: Box::new(std::io::sink()),
+        platform: Default::default(),
     })
     .expect("create VM");
     vm.resume_all().expect("start");

@@ -172,6 +172,57 @@ scenario_kvm() {
     fi
 }
 
+# --- linux-boot (issue 15): blip boots a stock Linux kernel -------------------------------
+# blip runs the hosts' own Debian kernel (a bzImage) on its Pc platform with the tiny
+# initramfs ci/softroce.sh built (/init prints "BLIP-LINUX-UP nproc=N uptime=S" and reboots:
+# reboot=k pulses the i8042 reset line, blip exits 0). Once with 1 vCPU, once with 2. PASS =
+# the marker with the right nproc on blip's serial output, and exit code 0.
+# Reported: marker_ms (wall, from `blip run` to the marker line, polled every 0.1 s) and the
+# guest's own uptime at the marker.
+LINUX_BOOT_CMDLINE="console=ttyS0 reboot=k panic=-1"
+scenario_linux_boot() {
+    if [ ! -c /dev/kvm ]; then
+        result linux-boot FAIL "no /dev/kvm"
+        return
+    fi
+    kernel=$(ls /boot/vmlinuz-* 2>/dev/null | head -1)
+    verdict=PASS detail=""
+    for n in 1 2; do
+        out=/tmp/linux-boot-$n
+        : >"$out.serial"
+        t0=$(now_cs)
+        timeout 900 blip run --kernel "$kernel" --initrd /softroce/linux-boot.cpio --mem 256M \
+            --vcpus "$n" --cmdline "$LINUX_BOOT_CMDLINE" --serial "$out.serial" >"$out.err" 2>&1 &
+        pid=$!
+        marker_ms=""
+        while kill -0 "$pid" 2>/dev/null; do
+            if [ -z "$marker_ms" ] && grep -q '^BLIP-LINUX-UP' "$out.serial"; then
+                marker_ms=$(ms_since "$t0")
+            fi
+            sleep 0.1
+        done
+        wait "$pid"
+        rc=$?
+        total_ms=$(ms_since "$t0")
+        line=$(grep -a '^BLIP-LINUX-UP' "$out.serial" | head -1 | tr -d '\r')
+        [ -n "$marker_ms" ] || { [ -n "$line" ] && marker_ms=$total_ms; }
+        # The platform as Linux saw it, then how the boot ended.
+        grep -aE 'Command line|MP-BIOS|TSC|timer|MPTABLE|IOAPIC\[|APIC: Switch|clocksource|kvm-clock|tsc: |smpboot|x86: Booting|Brought up|ttyS0|i8042|Run /init' \
+            "$out.serial" | head -n 40 | tr -d '\r' >"$out.key"
+        show "linux-$n key" "$out.key"
+        tail -n 15 "$out.serial" | tr -d '\r' >"$out.tail"
+        show "linux-$n serial" "$out.tail"
+        show "linux-$n blip" "$out.err"
+        nproc=$(echo "$line" | sed -n 's/.*nproc=\([0-9]*\).*/\1/p')
+        up=$(echo "$line" | sed -n 's/.*uptime=\([0-9.]*\).*/\1/p')
+        detail="$detail vcpus$n:rc=$rc,marker_ms=${marker_ms:-none},guest_uptime_s=${up:-none},total_ms=$total_ms"
+        if [ "$rc" != 0 ] || [ -z "$line" ] || [ "$nproc" != "$n" ]; then
+            verdict=FAIL
+        fi
+    done
+    result linux-boot "$verdict" "$detail"
+}
+
 # /proc/net/tcp lists the port in hex; state 0A = LISTEN.
 tcp_listening() { grep -qi ":$(printf '%04X' "$1") 00000000:0000 0A" /proc/net/tcp; }
 wait_file() {

@@ -23,6 +23,7 @@ fn main() {
         backing: Backing::Anon,
         image: Some(Image::embedded()),
         serial: Box::new(std::io::sink()),
+        platform: Default::default(),
     })
     .expect("create VM");
     vm.resume_all().expect("resume");

@@ -19,7 +19,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Boot a PVH guest (default: the embedded demo guest) and run it until it exits.
+    /// Boot a guest (a PVH ELF or a Linux bzImage; default: the embedded demo guest) and run it
+    /// until it exits.
     Run(RunArgs),
     /// Wait for one incoming live migration, then run the guest it brings.
     Receive(ReceiveArgs),
@@ -73,18 +74,28 @@ pub enum Cmd {
 /// Options shared by everything that boots a guest.
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
-    /// PVH ELF64 image to boot (default: the embedded guest).
+    /// Kernel to boot: a PVH ELF64 image or a Linux bzImage such as /boot/vmlinuz-*
+    /// (default: the embedded guest).
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel (bzImage: boot_params ramdisk; PVH: the first module).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// The machine the guest sees: minimal (no interrupt controller; the embedded guest's
+    /// default) or pc (irqchip, PIT, COM1 on IRQ 4, MP table, i8042 reset; any --kernel's
+    /// default).
+    #[arg(long, value_enum)]
+    pub platform: Option<crate::platform::Platform>,
     /// Guest memory size, e.g. 64M or 1G (suffixes K, M, G; plain numbers are bytes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Command line passed to the guest in the PVH start info.
-    #[arg(long, default_value = "hello")]
-    pub cmdline: String,
+    /// Command line passed to the guest (default: "hello" for PVH guests, "console=ttyS0
+    /// reboot=k panic=-1" for a bzImage).
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// Where COM1 output goes: stdout, none, or a file path.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     pub serial: Serial,

@@ -1,6 +1,15 @@
-//! Architectural vCPU set-up for the PVH entry: CPUID, boot MSRs, registers and segments.
+//! Architectural vCPU set-up: CPUID, boot MSRs, registers and segments.
 //!
-//! Every vCPU, the BSP and the APs alike, starts at the PVH 32-bit entry in the same state:
+//! On the Pc platform (in-kernel irqchip) only the BSP gets boot registers: the PVH 32-bit
+//! entry state below, or for a bzImage the Linux 64-bit boot protocol's (long mode, identity
+//! page tables, flat segments at `__BOOT_CS` = 0x10 / `__BOOT_DS` = 0x18, `%rsi` = zero page).
+//! The APs keep KVM's reset state, UNINITIALIZED, and the guest starts them with INIT/SIPI
+//! through its LAPIC, which KVM emulates in the kernel. CPUID is set on every vCPU. The CPUID
+//! is KVM's supported set passed through, so KVM's paravirtual leaves (0x40000000 signature
+//! "KVMKVMKVM", 0x40000001 features including kvmclock) reach the guest as KVM reports them.
+//!
+//! On the Minimal platform every vCPU, the BSP and the APs alike, starts at the PVH 32-bit
+//! entry in the same state:
 //! protected mode, paging off, flat 4 GiB code and data segments, `%ebx` = `hvm_start_info`.
 //! blip does not bring APs up through INIT/SIPI: that would need a real-mode trampoline in every
 //! guest and an in-kernel LAPIC whose state then has to travel in every migration. Instead the
@@ -12,12 +21,21 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::loader::{Boot, BOOT_GDT};
+use crate::loader::{Boot, EntryMode, BOOT_GDT, PAGE_TABLES};
 
 /// Boot GDT descriptors written by the loader at [`BOOT_GDT`]: null, code32, data, TSS.
 pub const BOOT_GDT_ENTRIES: [u64; 4] = [
     0,
     gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
+
+/// Boot GDT for the Linux 64-bit entry: null, null, code64 (0x10), data (0x18), TSS (0x20).
+pub const LONG_GDT_ENTRIES: [u64; 5] = [
+    0,
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x008b, 0, 0x67),
 ];
@@ -124,9 +142,15 @@ fn segment(selector: u16, type_: u8, s: u8, limit: u32, g: u8, db: u8) -> kvm_se
     }
 }
 
-/// Puts a fresh vCPU into the PVH entry state.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
+/// Gives an AP of the Pc platform its CPUID and the BSP's boot MSRs (the same TSC value in
+/// particular, so the guest finds the TSCs synchronised) and leaves the rest at KVM's reset
+/// state: the AP waits for INIT/SIPI.
+pub fn setup_ap(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_boot_msrs(vcpu)
+}
+
+fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::PartialMsrs {
         set: 0,
@@ -139,6 +163,13 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), 
             total: entries.len(),
         });
     }
+    Ok(())
+}
+
+/// Puts a fresh vCPU into its boot entry state (PVH 32-bit or Linux 64-bit).
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_boot_msrs(vcpu)?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -147,6 +178,34 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), 
     vcpu.set_fpu(&fpu).map_err(set("FPU state"))?;
 
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(set("segment registers"))?;
+    if boot.mode == EntryMode::Linux64 {
+        let mut code = segment(0x10, 0xb, 1, 0xffff_ffff, 1, 0);
+        code.l = 1;
+        let data = segment(0x18, 0x3, 1, 0xffff_ffff, 1, 1);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = segment(0x20, 0xb, 0, 0x67, 0, 0);
+        sregs.gdt.base = BOOT_GDT;
+        sregs.gdt.limit = (LONG_GDT_ENTRIES.len() * 8 - 1) as u16;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr3 = PAGE_TABLES;
+        sregs.cr4 = 0x20; // PAE
+        sregs.cr0 = 0x8000_0011; // PG | ET | PE
+        sregs.efer = 0x500; // LME | LMA
+        vcpu.set_sregs(&sregs).map_err(set("segment registers"))?;
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: boot.entry,
+            rsi: boot.start_info,
+            ..Default::default()
+        };
+        return vcpu.set_regs(&regs).map_err(set("registers"));
+    }
     let code = segment(0x08, 0xb, 1, 0xffff_ffff, 1, 1);
     let data = segment(0x10, 0x3, 1, 0xffff_ffff, 1, 1);
     sregs.cs = code;

@@ -1,7 +1,13 @@
-//! The three devices a blip guest has, and no more.
+//! The few devices a blip guest has, and no more.
 //!
-//! - **COM1** (16550 UART at 0x3f8, vm-superio): output goes to the chosen sink. Interrupts are
-//!   not wired (blip creates no irqchip), guests poll the line status register.
+//! - **COM1** (16550 UART at 0x3f8, vm-superio): output goes to the chosen sink. On the Minimal
+//!   platform interrupts are not wired (no irqchip) and guests poll the line status register;
+//!   on the Pc platform the UART raises ISA IRQ 4 through an irqfd (THR empty, data received),
+//!   because Linux's tty layer waits for those interrupts.
+//! - **i8042 reset** (Pc only): a write of 0xFE to port 0x64 is how Linux resets a PC without
+//!   ACPI (`reboot=k`); blip ends the VM as if powered off. Reads of 0x64 say "output full,
+//!   input empty" and 0x60 floats (0xff), so Linux's i8042 driver finds no working controller
+//!   and creates no keyboard.
 //! - **Exit port** at 0xf4, compatible with QEMU's `isa-debug-exit,iobase=0xf4,iosize=4`: the
 //!   guest writes `v`, blip exits with `(v << 1) | 1`.
 //! - **Heartbeat port**: the guest writes the high half of a 64-bit counter to 0xfc (when it
@@ -42,14 +48,44 @@ pub fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// UART interrupts go nowhere: blip's guests poll.
-pub struct NoIrq;
+/// i8042 command/status port.
+pub const I8042_COMMAND: u16 = 0x64;
+/// i8042 command "pulse the CPU reset line".
+pub const I8042_RESET: u8 = 0xfe;
 
-impl Trigger for NoIrq {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+/// Where COM1's interrupt goes: nowhere (Minimal: guests poll) or an irqfd on IRQ 4 (Pc).
+pub enum SerialIrq {
+    None,
+    EventFd(vmm_sys_util::eventfd::EventFd),
+}
+
+impl SerialIrq {
+    fn try_clone(&self) -> SerialIrq {
+        match self {
+            SerialIrq::None => SerialIrq::None,
+            // A failed dup leaves the UART without its interrupt rather than failing a restore.
+            SerialIrq::EventFd(e) => e.try_clone().map_or(SerialIrq::None, SerialIrq::EventFd),
+        }
     }
+}
+
+impl Trigger for SerialIrq {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        match self {
+            SerialIrq::None => Ok(()),
+            SerialIrq::EventFd(e) => e.write(1),
+        }
+    }
+}
+
+/// What a port write asks of the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortEffect {
+    /// The guest wrote the exit port: exit with this code.
+    Exit(i32),
+    /// The guest pulsed the reset line (i8042): the VM ends as powered off.
+    Reset,
 }
 
 /// One recorded heartbeat.
@@ -160,7 +196,9 @@ pub enum DevicesError {
 
 /// The device set shared by all vCPU threads.
 pub struct Devices {
-    serial: Mutex<Serial<NoIrq, NoEvents, Box<dyn Write + Send>>>,
+    serial: Mutex<Serial<SerialIrq, NoEvents, Box<dyn Write + Send>>>,
+    /// The i8042 reset line is wired (Pc platform).
+    reset_port: bool,
     heartbeat_hi: Vec<AtomicU32>,
     /// Heartbeat history (read by the control API and the migration report).
     pub heartbeats: Mutex<Heartbeats>,
@@ -169,8 +207,20 @@ pub struct Devices {
 impl Devices {
     /// Creates the devices with COM1 writing to `serial_out`.
     pub fn new(serial_out: Box<dyn Write + Send>, vcpus: u8) -> Self {
+        Self::with_irq(serial_out, vcpus, SerialIrq::None, false)
+    }
+
+    /// Creates the devices with COM1's interrupt going to `irq`; `reset_port` wires the i8042
+    /// reset line (the Pc platform).
+    pub fn with_irq(
+        serial_out: Box<dyn Write + Send>,
+        vcpus: u8,
+        irq: SerialIrq,
+        reset_port: bool,
+    ) -> Self {
         Devices {
-            serial: Mutex::new(Serial::new(NoIrq, serial_out)),
+            serial: Mutex::new(Serial::new(irq, serial_out)),
+            reset_port,
             heartbeat_hi: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
             heartbeats: Mutex::new(Heartbeats::default()),
         }
@@ -200,15 +250,15 @@ impl Devices {
         }
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let placeholder: Box<dyn Write + Send> = Box::new(std::io::sink());
-        let old = std::mem::replace(&mut *serial, Serial::new(NoIrq, placeholder));
+        let irq = serial.interrupt_evt().try_clone();
+        let old = std::mem::replace(&mut *serial, Serial::new(SerialIrq::None, placeholder));
         let out = old.into_writer();
-        // `from_state` fails only on an oversized FIFO (the trigger is infallible); check first
-        // so the sink is never lost.
+        // `from_state` fails only on an oversized FIFO; check first so the sink is never lost.
         if st.serial.in_buffer.len() > UART_FIFO {
-            *serial = Serial::new(NoIrq, out);
+            *serial = Serial::new(irq, out);
             return Err(DevicesError::SerialFifo(st.serial.in_buffer.len()));
         }
-        *serial = Serial::from_state(&SerialState::from(&st.serial), NoIrq, NoEvents, out)
+        *serial = Serial::from_state(&SerialState::from(&st.serial), irq, NoEvents, out)
             .map_err(|_| DevicesError::SerialFifo(st.serial.in_buffer.len()))?;
         for (h, v) in self.heartbeat_hi.iter().zip(&st.heartbeat_hi) {
             h.store(*v, Ordering::Relaxed);
@@ -216,8 +266,8 @@ impl Devices {
         Ok(())
     }
 
-    /// A port write; returns the guest's exit code if it asked to exit.
-    pub fn port_write(&self, vcpu: u8, port: u16, data: &[u8]) -> Option<i32> {
+    /// A port write; says so when the guest asked to exit or reset.
+    pub fn port_write(&self, vcpu: u8, port: u16, data: &[u8]) -> Option<PortEffect> {
         let value = le_value(data);
         match port {
             COM1..=0x3ff => {
@@ -228,7 +278,10 @@ impl Devices {
                     let _ = serial.writer_mut().flush();
                 }
             }
-            EXIT_PORT => return Some(((value << 1) | 1) as i32),
+            EXIT_PORT => return Some(PortEffect::Exit(((value << 1) | 1) as i32)),
+            I8042_COMMAND if self.reset_port && data.first() == Some(&I8042_RESET) => {
+                return Some(PortEffect::Reset)
+            }
             HEARTBEAT_HI => {
                 if let Some(h) = self.heartbeat_hi.get(vcpu as usize) {
                     h.store(value as u32, Ordering::Relaxed);
@@ -260,6 +313,15 @@ impl Devices {
                 data.fill(0);
                 if let Some(b) = data.first_mut() {
                     *b = v;
+                }
+            }
+            // Pc: the i8042 status reads "output full, input empty". Linux's i8042 driver
+            // then sees a stuck controller and gives up at once, and its reset path writes
+            // 0xFE without first polling a busy controller tens of thousands of times.
+            I8042_COMMAND if self.reset_port => {
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = 0x01;
                 }
             }
             _ => data.fill(0xff), // floating bus
@@ -307,8 +369,39 @@ mod tests {
     #[test]
     fn exit_port_is_qemu_compatible() {
         let d = Devices::new(Box::new(std::io::sink()), 1);
-        assert_eq!(d.port_write(0, EXIT_PORT, &[0, 0, 0, 0]), Some(1));
-        assert_eq!(d.port_write(0, EXIT_PORT, &[3, 0, 0, 0]), Some(7));
+        assert_eq!(
+            d.port_write(0, EXIT_PORT, &[0, 0, 0, 0]),
+            Some(PortEffect::Exit(1))
+        );
+        assert_eq!(
+            d.port_write(0, EXIT_PORT, &[3, 0, 0, 0]),
+            Some(PortEffect::Exit(7))
+        );
+        // No reset line on the Minimal platform.
+        assert_eq!(d.port_write(0, I8042_COMMAND, &[I8042_RESET]), None);
+    }
+
+    #[test]
+    fn reset_line_and_serial_irq_on_pc() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
+        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        assert_eq!(
+            d.port_write(0, I8042_COMMAND, &[I8042_RESET]),
+            Some(PortEffect::Reset)
+        );
+        assert_eq!(d.port_write(0, I8042_COMMAND, &[0xaa]), None);
+        // Enabling the THR-empty interrupt raises IRQ 4 at once (the THR is empty).
+        assert_eq!(d.port_write(0, COM1 + 1, &[0x02]), None);
+        assert!(evt.read().unwrap() >= 1);
+        // Garbage in every UART register never fails.
+        for r in 0..8u16 {
+            for v in [0u8, 0x55, 0xaa, 0xff] {
+                let _ = d.port_write(0, COM1 + r, &[v]);
+                let mut b = [0u8; 4];
+                d.port_read(COM1 + r, &mut b);
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use kvm_ioctls::VcpuExit;
 
-use crate::devices::Devices;
+use crate::devices::{Devices, PortEffect};
 
 /// KVM_EXIT_DIRTY_RING_FULL (kvm-ioctls 0.25 reports it as `Unsupported(31)`).
 pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
@@ -19,6 +19,9 @@ pub enum Action {
     Halt,
     /// The guest asked blip to exit with this code (exit port).
     GuestExit(i32),
+    /// The guest reset the machine (i8042 reset line, Pc platform): blip ends the VM as
+    /// powered off (exit code 0); it does not restart guests.
+    Reset,
     /// The vCPU's dirty ring is full: drain it before re-entering.
     DirtyRingFull,
     /// The guest cannot continue; the string names the exit reason.
@@ -29,7 +32,8 @@ pub enum Action {
 pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u8, devices: &Devices) -> Action {
     match exit {
         VcpuExit::IoOut(port, data) => match devices.port_write(vcpu, port, data) {
-            Some(code) => Action::GuestExit(code),
+            Some(PortEffect::Exit(code)) => Action::GuestExit(code),
+            Some(PortEffect::Reset) => Action::Reset,
             None => Action::Continue,
         },
         VcpuExit::IoIn(port, data) => {

@@ -101,18 +101,41 @@ fn serial_sink(s: &Serial) -> Result<Box<dyn Write + Send>, Failure> {
     })
 }
 
+/// Command line a bzImage gets when none is given: the console on COM1 (blip's only output),
+/// `reboot=k` because the i8042 reset line is blip's only reset (there is no ACPI), and
+/// `panic=-1` so a panicking kernel resets at once and blip exits instead of hanging.
+const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
 fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
-    let image = match &g.kernel {
-        Some(p) => Image::from_file_within(p, g.mem)?,
-        None => Image::embedded(),
+    use blip_vmm::loader::Kind;
+    use blip_vmm::platform::Platform;
+    if g.initrd.is_some() && g.kernel.is_none() {
+        return Err(Failure(
+            "--initrd needs --kernel (the embedded guest takes no initrd)".into(),
+        ));
+    }
+    let (image, platform) = match &g.kernel {
+        Some(p) => (Image::from_file_within(p, g.mem)?, Platform::Pc),
+        None => (Image::embedded(), Platform::Minimal),
+    };
+    let kind = image.kind()?;
+    let image = match &g.initrd {
+        Some(p) => image.with_initrd_file(p, g.mem)?,
+        None => image,
+    };
+    let cmdline = match (&g.cmdline, kind) {
+        (Some(c), _) => c.clone(),
+        (None, Kind::BzImage) => LINUX_CMDLINE.into(),
+        (None, Kind::Pvh) => "hello".into(),
     };
     Ok(VmConfig {
         mem_size: g.mem,
         vcpus: g.vcpus,
-        cmdline: g.cmdline.clone(),
+        cmdline,
         backing: g.mem_backing,
         image: Some(image),
         serial: serial_sink(&g.serial)?,
+        platform: g.platform.unwrap_or(platform),
     })
 }
 
@@ -120,6 +143,10 @@ fn config(g: &GuestArgs) -> Result<VmConfig, Failure> {
 fn finish(exit: VmExit) -> Result<i32, Failure> {
     match exit {
         VmExit::PoweredOff => Ok(0),
+        VmExit::Reset => {
+            eprintln!("blip: the guest reset the machine; it is stopped");
+            Ok(0)
+        }
         VmExit::GuestExit(code) => Ok(code),
         VmExit::Interrupted => {
             eprintln!("blip: interrupted, guest stopped");

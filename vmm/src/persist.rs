@@ -1104,6 +1104,7 @@ mod tests {
             backing: Backing::Anon,
             image,
             serial: Box::new(serial),
+            platform: Default::default(),
         }
     }
 

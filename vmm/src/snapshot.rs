@@ -597,6 +597,11 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
             backing: cfg.backing,
             image: None,
             serial: cfg.serial,
+            platform: if state.pieces & persist::PLATFORM_PIECES != 0 {
+                crate::platform::Platform::Pc
+            } else {
+                crate::platform::Platform::Minimal
+            },
         },
         cfg.dirty,
         Some(mem),

@@ -12,7 +12,7 @@
 //! before its first instruction runs.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -52,6 +52,8 @@ pub enum Outcome {
     Halted,
     /// The guest wrote the exit port.
     GuestExit(i32),
+    /// The guest reset the machine (Pc platform's i8042 reset line).
+    Reset,
     /// The guest or KVM failed; `rip` is where the vCPU stood.
     Fault { reason: String, rip: u64 },
     /// The VMM asked it to stop.
@@ -96,12 +98,23 @@ pub fn install_kick_handler() -> Result<(), std::io::Error> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// What a halt probe found (Pc platform, see [`VcpuHandle::halt_state`]).
+pub mod halt {
+    /// Running, or not probed yet.
+    pub const RUNNING: u8 = 0;
+    /// Halted with interrupts disabled: nothing but an NMI can wake it.
+    pub const HALTED_IF0: u8 = 1;
+    /// An AP the guest never started (still waiting for INIT/SIPI).
+    pub const UNINITIALIZED: u8 = 2;
+}
+
 /// The controller's handle on one vCPU thread.
 pub struct VcpuHandle {
     pub index: u8,
     commands: Sender<Command>,
     thread: Option<JoinHandle<()>>,
     throttle: Arc<AtomicU32>,
+    halt_state: Arc<AtomicU8>,
 }
 
 /// Sleeps a vCPU for part of each throttle period: the vCPU thread honours it whenever it is
@@ -157,6 +170,13 @@ impl VcpuHandle {
         })
     }
 
+    /// What the last halt probe found (a [`halt`] constant). With an in-kernel irqchip a HLT
+    /// never leaves KVM, so a vCPU spawned with `probe_halt` samples its MP state and RFLAGS.IF
+    /// whenever it is kicked out of KVM_RUN; the VM kicks periodically to ask.
+    pub fn halt_state(&self) -> u8 {
+        self.halt_state.load(Ordering::Relaxed)
+    }
+
     /// Waits for the thread to end.
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
@@ -172,10 +192,13 @@ pub fn spawn(
     devices: Arc<Devices>,
     events: Sender<Event>,
     dirty: Option<Arc<crate::dirty::Shared>>,
+    probe_halt: bool,
 ) -> std::io::Result<VcpuHandle> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let throttle = Arc::new(AtomicU32::new(0));
     let throttle_percent = throttle.clone();
+    let halt_state = Arc::new(AtomicU8::new(halt::RUNNING));
+    let halt_seen = probe_halt.then(|| halt_state.clone());
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
@@ -189,6 +212,7 @@ pub fn spawn(
                 dirty,
                 throttle: throttle_percent,
                 pending: None,
+                halt_seen,
             };
             let outcome = runner.run();
             runner.state = State::Exited;
@@ -203,6 +227,7 @@ pub fn spawn(
         commands: tx,
         thread: Some(thread),
         throttle,
+        halt_state,
     })
 }
 
@@ -217,6 +242,8 @@ struct Runner {
     throttle: Arc<AtomicU32>,
     /// A command that arrived during a throttle sleep (which it cut short), handled next.
     pending: Option<Command>,
+    /// Where halt probes go (Pc platform only).
+    halt_seen: Option<Arc<AtomicU8>>,
 }
 
 impl Runner {
@@ -294,6 +321,7 @@ impl Runner {
             Ok(exit) => handle_exit(exit, self.index, &self.devices),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.vcpu.set_kvm_immediate_exit(0);
+                self.probe_halt();
                 let pct = self.throttle.load(Ordering::Relaxed).min(95);
                 if pct > 0 && self.commands.is_empty() {
                     // Sleep on the command channel, not the clock: a Pause (the blackout's
@@ -310,6 +338,7 @@ impl Runner {
             Action::Continue => None,
             Action::Halt => Some(Outcome::Halted),
             Action::GuestExit(code) => Some(Outcome::GuestExit(code)),
+            Action::Reset => Some(Outcome::Reset),
             // No dirty ring is enabled yet; a ring-full exit here is a KVM anomaly.
             // Drain our own ring before re-entering (KVM refuses to run a vCPU with a full ring).
             Action::DirtyRingFull => match &self.dirty {
@@ -325,6 +354,20 @@ impl Runner {
             }
             Action::Fault(reason) => Some(self.fault(reason)),
         }
+    }
+
+    /// Records whether the vCPU sits in HLT with interrupts off, or was never started.
+    fn probe_halt(&mut self) {
+        let Some(seen) = &self.halt_seen else { return };
+        let state = match self.vcpu.get_mp_state().map(|m| m.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => match self.vcpu.get_regs() {
+                Ok(r) if r.rflags & 0x200 == 0 => halt::HALTED_IF0,
+                _ => halt::RUNNING,
+            },
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED) => halt::UNINITIALIZED,
+            _ => halt::RUNNING,
+        };
+        seen.store(state, Ordering::Relaxed);
     }
 
     /// Suberror and data words of a KVM_EXIT_INTERNAL_ERROR, for the fault report.

@@ -1,10 +1,12 @@
 //! The VM object: KVM VM, guest memory, devices and vCPU threads, with pause-all / resume-all as
 //! its API (live migration's stop-and-copy is built on it).
 //!
-//! blip creates no in-kernel irqchip and no PIT: its guests poll and never take interrupts, and
-//! every piece of interrupt-controller state we do not create is state that does not have to
-//! be saved, sent and restored inside a migration blackout. A vCPU that executes HLT therefore
-//! can never wake up; blip treats it as powered off.
+//! On the Minimal platform blip creates no in-kernel irqchip and no PIT: its guests poll and
+//! never take interrupts, and every piece of interrupt-controller state we do not create is
+//! state that does not have to be saved, sent and restored inside a migration blackout. A vCPU
+//! that executes HLT therefore can never wake up; blip treats it as powered off. The Pc
+//! platform (stock Linux) has the in-kernel irqchip and PIT, created before the vCPUs (see
+//! `platform`); there HLT stays in the kernel and the guest ends through the reset line.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,10 +22,14 @@ use crate::devices::Devices;
 use crate::dirty::{self, Tracker};
 use crate::loader::{Image, LoaderError};
 use crate::memory::{self, Backing, GuestMem, MemoryError};
+use crate::platform::{self, Platform, PlatformError};
 use crate::vcpu::{self, Command, Event, Outcome, VcpuHandle};
 
 /// How long the controller busy-polls for vCPU answers before blocking.
 const SPIN_BEFORE_BLOCKING: Duration = Duration::from_millis(2);
+
+/// How often the Pc platform probes its vCPUs for a final halt.
+const HALT_PROBE_PERIOD: Duration = Duration::from_millis(100);
 
 /// Most vCPUs a blip guest may have (the guest gives each its own stack).
 pub const MAX_VCPUS: u8 = 64;
@@ -63,6 +69,8 @@ pub enum VmError {
     VcpuGone(u8),
     #[error(transparent)]
     Dirty(#[from] dirty::DirtyError),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -90,6 +98,8 @@ pub struct VmConfig {
     /// that a migration or restore fills in.
     pub image: Option<Image>,
     pub serial: Box<dyn Write + Send>,
+    /// The machine the guest sees (fixed at creation).
+    pub platform: Platform,
 }
 
 /// How dirty pages are tracked (fixed at VM creation: KVM wants rings before vCPUs).
@@ -115,6 +125,8 @@ pub enum VmExit {
     PoweredOff,
     /// The guest wrote the exit port.
     GuestExit(i32),
+    /// The guest reset the machine (Pc platform): blip exits 0, as for a power-off.
+    Reset,
     /// A vCPU failed.
     Fault { vcpu: u8, reason: String, rip: u64 },
     /// Stopped from outside (Ctrl-C).
@@ -144,6 +156,9 @@ pub struct Vm {
     exited: Vec<Option<Outcome>>,
     tsc_khz: u32,
     tracker: Tracker,
+    platform: Platform,
+    /// When the vCPUs were last kicked to probe for a halt (Pc platform).
+    last_probe: std::time::Instant,
 }
 
 impl Vm {
@@ -181,14 +196,7 @@ impl Vm {
         let nvcpus = cfg.vcpus as u8;
         // Check the image before allocating anything large.
         if let Some(image) = &cfg.image {
-            let end = image.check()?;
-            if end > cfg.mem_size {
-                return Err(LoaderError::TooLarge {
-                    end,
-                    mem: cfg.mem_size,
-                }
-                .into());
-            }
+            image.check_fits(cfg.mem_size)?;
         }
         let mem = match premade {
             Some(m) if memory::size(&m) == cfg.mem_size => m,
@@ -210,6 +218,18 @@ impl Vm {
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
 
+        // The irqchip and PIT must exist before the first vCPU (KVM gives each vCPU its LAPIC
+        // at creation).
+        platform::create_devices(cfg.platform, &fd)?;
+        let serial_irq = if cfg.platform.has_irqchip() {
+            let evt =
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
+            fd.register_irqfd(&evt, platform::COM1_IRQ)
+                .map_err(kvm_err("connect COM1 to IRQ 4"))?;
+            crate::devices::SerialIrq::EventFd(evt)
+        } else {
+            crate::devices::SerialIrq::None
+        };
         let active = dirty::enable(&fd, dirty_cfg.mode, dirty_cfg.ring_entries)?;
         let fd = Arc::new(fd);
         let mut fds = Vec::with_capacity(nvcpus as usize);
@@ -221,13 +241,26 @@ impl Vm {
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
         if let Some(image) = &cfg.image {
-            let boot = image.load(&mem, cfg.mem_size, &cfg.cmdline, nvcpus, tsc_khz)?;
+            let boot = image.load_for(
+                cfg.platform,
+                &mem,
+                cfg.mem_size,
+                &cfg.cmdline,
+                nvcpus,
+                tsc_khz,
+            )?;
+            platform::write_tables(cfg.platform, &mem, nvcpus)?;
             let supported = kvm
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .map_err(kvm_err("report supported CPUID"))?;
             for (i, v) in fds.iter().enumerate() {
                 let index = i as u8;
                 let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
+                if cfg.platform.has_irqchip() && index > 0 {
+                    // The AP waits in KVM's UNINITIALIZED state for the guest's INIT/SIPI.
+                    cpu::setup_ap(v, &cpuid).map_err(|source| VmError::Cpu { index, source })?;
+                    continue;
+                }
                 cpu::setup_boot_vcpu(v, &cpuid, &boot)
                     .map_err(|source| VmError::Cpu { index, source })?;
                 if index > 0 {
@@ -242,7 +275,12 @@ impl Vm {
 
         let tracker = Tracker::new(fd.clone(), active, &fds, &mem)?;
         vcpu::install_kick_handler().map_err(VmError::Thread)?;
-        let devices = Arc::new(Devices::new(cfg.serial, nvcpus));
+        let devices = Arc::new(Devices::with_irq(
+            cfg.serial,
+            nvcpus,
+            serial_irq,
+            cfg.platform == Platform::Pc,
+        ));
         let (etx, erx) = crossbeam_channel::unbounded();
         let mut vcpus = Vec::with_capacity(nvcpus as usize);
         for (i, v) in fds.into_iter().enumerate() {
@@ -253,6 +291,7 @@ impl Vm {
                     devices.clone(),
                     etx.clone(),
                     Some(tracker.shared().clone()),
+                    cfg.platform.has_irqchip(),
                 )
                 .map_err(VmError::Thread)?,
             );
@@ -268,7 +307,14 @@ impl Vm {
             events: erx,
             tsc_khz,
             tracker,
+            platform: cfg.platform,
+            last_probe: std::time::Instant::now(),
         })
+    }
+
+    /// The machine the guest sees.
+    pub fn platform(&self) -> Platform {
+        self.platform
     }
 
     /// Guest memory.
@@ -436,6 +482,7 @@ impl Vm {
     /// Waits up to `timeout` for vCPU news; returns the VM's fate once it is decided. The caller
     /// shuts the VM down ([`Vm::shutdown`]) when it gets `Some`.
     pub fn poll(&mut self, timeout: Duration) -> Option<VmExit> {
+        self.probe_halts();
         if let Some(e) = self.decided() {
             return Some(e);
         }
@@ -476,6 +523,7 @@ impl Vm {
             if stop.load(Ordering::Relaxed) {
                 break VmExit::Interrupted;
             }
+            self.probe_halts();
             if let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) {
                 self.note(&ev);
             }
@@ -484,11 +532,38 @@ impl Vm {
         exit
     }
 
+    /// On the Pc platform, kicks every running vCPU out of KVM_RUN now and then so it samples
+    /// its halt state (a HLT never leaves the kernel there).
+    fn probe_halts(&mut self) {
+        if !self.platform.has_irqchip() || self.last_probe.elapsed() < HALT_PROBE_PERIOD {
+            return;
+        }
+        self.last_probe = std::time::Instant::now();
+        for i in self.live() {
+            self.vcpus[i as usize].kick();
+        }
+    }
+
+    /// Pc platform: the boot vCPU halted with interrupts off and every other vCPU did too or
+    /// was never started. That is how a guest without ACPI powers off (Linux `poweroff`).
+    fn halted_for_good(&self) -> bool {
+        use vcpu::halt;
+        self.platform.has_irqchip()
+            && self.vcpus.iter().enumerate().all(|(i, v)| {
+                let h = v.halt_state();
+                h == halt::HALTED_IF0 || (i > 0 && h == halt::UNINITIALIZED)
+            })
+    }
+
     /// The VM's fate, once it is known.
     fn decided(&self) -> Option<VmExit> {
+        if self.halted_for_good() {
+            return Some(VmExit::PoweredOff);
+        }
         for (i, o) in self.exited.iter().enumerate() {
             match o {
                 Some(Outcome::GuestExit(code)) => return Some(VmExit::GuestExit(*code)),
+                Some(Outcome::Reset) => return Some(VmExit::Reset),
                 Some(Outcome::Fault { reason, rip }) => {
                     return Some(VmExit::Fault {
                         vcpu: i as u8,

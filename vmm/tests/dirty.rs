@@ -76,6 +76,7 @@ fn check_rounds(
             backing: Backing::Anon,
             image: Some(Image::embedded()),
             serial: Box::new(std::io::sink()),
+            platform: Default::default(),
         },
         DirtyConfig { mode, ring_entries },
     )
@@ -197,6 +198,7 @@ fn vmm_writes_appear_in_the_dirty_set() {
                 backing: Backing::Anon,
                 image: None,
                 serial: Box::new(std::io::sink()),
+                platform: Default::default(),
             },
             DirtyConfig {
                 mode,
@@ -234,6 +236,7 @@ fn bad_ring_size_is_refused() {
             backing: Backing::Anon,
             image: None,
             serial: Box::new(std::io::sink()),
+            platform: Default::default(),
         },
         DirtyConfig {
             mode: Mode::Ring,

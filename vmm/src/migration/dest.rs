@@ -342,6 +342,13 @@ fn prepare(
         backing,
         image: None,
         serial,
+        // The platform the state needs, built before Accept: an offer with LAPIC/irqchip/PIT
+        // state gets an in-kernel irqchip and PIT here.
+        platform: if offer.state_pieces & persist::PLATFORM_PIECES != 0 {
+            crate::platform::Platform::Pc
+        } else {
+            crate::platform::Platform::Minimal
+        },
     };
     let vm = Vm::create_in(config, dirty, premade_mem)?;
     let missing = (offer.state_pieces & !VERIFY_FLAG) & !Caps::of_vm(vm.fd()).pieces;
