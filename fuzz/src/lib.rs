@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blip_vmm::devices::{DevicesState, SerialRegs};
 use blip_vmm::persist::{
-    ClockState, FpuState, VcpuState, VmState, PIECE_CLOCK, PIECE_TSC_KHZ, PIECE_VCPU_EVENTS,
-    PIECE_XSAVE,
+    ClockState, FpuState, VcpuState, VmState, PIECE_CLOCK, PIECE_IRQCHIP, PIECE_LAPIC, PIECE_PIT,
+    PIECE_TSC_KHZ, PIECE_VCPU_EVENTS, PIECE_XSAVE,
 };
 use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, kvm_sregs, kvm_vcpu_events};
 
@@ -87,7 +87,7 @@ impl Bytes<'_> {
 pub fn sample_state() -> VmState {
     let vcpu = |index: u8| VcpuState {
         index,
-        pieces: PIECE_XSAVE | PIECE_TSC_KHZ | PIECE_VCPU_EVENTS,
+        pieces: PIECE_XSAVE | PIECE_TSC_KHZ | PIECE_VCPU_EVENTS | PIECE_LAPIC,
         cpuid: vec![
             kvm_cpuid_entry2 {
                 function: 0,
@@ -124,10 +124,17 @@ pub fn sample_state() -> VmState {
         mp_state: 0,
         debugregs: None,
         tsc_khz: Some(2_000_000),
+        lapic: Some(kvm_bindings::kvm_lapic_state::default()),
     };
     VmState {
         mem_size: 32 << 20,
-        pieces: PIECE_XSAVE | PIECE_TSC_KHZ | PIECE_VCPU_EVENTS | PIECE_CLOCK,
+        pieces: PIECE_XSAVE
+            | PIECE_TSC_KHZ
+            | PIECE_VCPU_EVENTS
+            | PIECE_CLOCK
+            | PIECE_LAPIC
+            | PIECE_IRQCHIP
+            | PIECE_PIT,
         vcpus: vec![vcpu(0), vcpu(1)],
         clock: Some(ClockState {
             clock: 123_456,
@@ -135,6 +142,13 @@ pub fn sample_state() -> VmState {
             realtime: 0,
             host_tsc: 0,
         }),
+        irqchip: Some(blip_vmm::platform_state::IrqchipState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+        }),
+        pit: Some(Default::default()),
+        saved_at_ns: 1,
         devices: DevicesState {
             serial: SerialRegs {
                 line_status: 0x60,

@@ -196,11 +196,11 @@ fn snapshot_stop_exits_and_damaged_files_are_refused() {
     assert_refused(&dir, &dir.join("guest.elf"), "not a blip snapshot");
     // Another format version.
     let mut v = bytes.clone();
-    v[8..12].copy_from_slice(&2u32.to_le_bytes());
+    v[8..12].copy_from_slice(&1u32.to_le_bytes());
     assert_refused(
         &dir,
-        &bad("v2.snap", &v),
-        "snapshot format 2; this blip reads 1",
+        &bad("v1.snap", &v),
+        "snapshot format 1; this blip reads 2",
     );
     // A missing file.
     assert_refused(&dir, &dir.join("nope.snap"), "cannot open");

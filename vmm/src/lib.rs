@@ -16,6 +16,9 @@ pub mod memory;
 pub mod migration;
 pub mod persist;
 pub mod platform;
+/// The x86 platform's irqchip, PIT and LAPIC state (a module of `platform/` once it exists).
+#[path = "platform/state.rs"]
+pub mod platform_state;
 pub mod registry;
 pub mod snapshot;
 pub mod vcpu;

@@ -9,10 +9,17 @@
 //! What: only state that KVM reports. Each optional piece (XSAVE, XCRs, vCPU events, debug
 //! registers, TSC frequency, KVM clock) is saved only when this host's KVM has the capability,
 //! and [`VcpuState::pieces`] / [`Caps::pieces`] say which pieces travel so the migration handshake
-//! can refuse a destination that lacks one. There is no local APIC state (blip creates no
-//! irqchip) and no nested state (`KVM_CAP_NESTED_STATE` is 0 on our hosts). MSRs are the ones in
-//! `KVM_GET_MSR_INDEX_LIST` that `KVM_GET_MSRS` can actually read on this host, probed once per
-//! VM ([`Vm::persist_caps`]) so the blackout path asks only for readable ones.
+//! can refuse a destination that lacks one. A VM with an in-kernel irqchip and PIT (the PC
+//! platform) also carries each vCPU's local APIC, the PIC/IOAPIC state and the PIT
+//! ([`crate::platform_state`]); a VM without them carries and times none of it. There is no
+//! nested state (`KVM_CAP_NESTED_STATE` is 0 on our hosts). MSRs are the ones in
+//! `KVM_GET_MSR_INDEX_LIST` that KVM can read and write back on a VM of the same platform,
+//! probed once per VM ([`Vm::persist_caps`]) so the blackout path asks only for those.
+//!
+//! Time: the KVM clock and every vCPU's TSC continue from their saved values. A migration of a
+//! PC-platform guest ([`ClockPolicy::Advance`]) moves both forward by the host time that passed
+//! between save and restore (the blackout), so the guest's clocks neither stall nor jump; a
+//! snapshot restore continues from the saved values (the parked time is not seen).
 //!
 //! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope
 //! ([`ENVELOPE`]: a layout of the transport's one framing helper, which does every check):
@@ -35,19 +42,21 @@ use std::sync::{mpsc, Arc};
 use bincode::Options;
 use blip_transport::protocol::{Envelope, EnvelopeError};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::{DevicesError, DevicesState};
+use crate::platform_state::{self, IrqchipState, PlatformStateError, Presence};
 use crate::vm::{Vm, VmError};
 
 /// Envelope magic.
 pub const MAGIC: [u8; 8] = *b"BLIPSTAT";
 /// The one format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Envelope header size.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (and produced).
@@ -71,16 +80,28 @@ pub const PIECE_DEBUGREGS: u64 = 1 << 3;
 pub const PIECE_TSC_KHZ: u64 = 1 << 4;
 /// KVM clock (KVM_CAP_ADJUST_CLOCK, VM-wide).
 pub const PIECE_CLOCK: u64 = 1 << 5;
+/// Each vCPU's local APIC (the VM has an in-kernel irqchip).
+pub const PIECE_LAPIC: u64 = 1 << 6;
+/// PIC master, PIC slave and IOAPIC (the VM has an in-kernel irqchip).
+pub const PIECE_IRQCHIP: u64 = 1 << 7;
+/// The in-kernel PIT's channels and flags.
+pub const PIECE_PIT: u64 = 1 << 8;
+/// The pieces only a PC-platform VM (irqchip, PIT) carries: a destination must build that
+/// platform to take them.
+pub const PLATFORM_PIECES: u64 = PIECE_LAPIC | PIECE_IRQCHIP | PIECE_PIT;
 /// Every piece this code knows.
-pub const ALL_PIECES: u64 = (1 << 6) - 1;
+pub const ALL_PIECES: u64 = (1 << 9) - 1;
 
-const PIECE_NAMES: [(u64, &str); 6] = [
+const PIECE_NAMES: [(u64, &str); 9] = [
     (PIECE_XSAVE, "xsave"),
     (PIECE_XCRS, "xcrs"),
     (PIECE_VCPU_EVENTS, "vcpu-events"),
     (PIECE_DEBUGREGS, "debugregs"),
     (PIECE_TSC_KHZ, "tsc-khz"),
     (PIECE_CLOCK, "clock"),
+    (PIECE_LAPIC, "lapic"),
+    (PIECE_IRQCHIP, "irqchip"),
+    (PIECE_PIT, "pit"),
 ];
 
 /// Names of the pieces in `pieces`, comma-separated (unknown bits as hex).
@@ -139,6 +160,10 @@ pub enum PersistError {
     XsaveTooLarge { vcpu: u8, bytes: usize, max: usize },
     #[error("saved state needs pieces this host's KVM lacks: {0}")]
     MissingPieces(String),
+    #[error("saved state carries {0} but this VM has no in-kernel irqchip and PIT (it needs the PC platform)")]
+    NeedsPlatform(String),
+    #[error(transparent)]
+    Platform(#[from] PlatformStateError),
     #[error("saved state has {saved} vCPUs but this VM has {here}")]
     VcpuCount { saved: usize, here: usize },
     #[error("saved state has {saved} bytes of guest memory but this VM has {here}")]
@@ -252,6 +277,8 @@ pub struct VcpuState {
     pub mp_state: u32,
     pub debugregs: Option<kvm_debugregs>,
     pub tsc_khz: Option<u32>,
+    /// Local APIC registers (`PIECE_LAPIC`).
+    pub lapic: Option<kvm_lapic_state>,
 }
 
 /// The whole VM's state (guest memory excluded: it travels separately).
@@ -263,8 +290,35 @@ pub struct VmState {
     pub pieces: u64,
     pub vcpus: Vec<VcpuState>,
     pub clock: Option<ClockState>,
+    /// PIC master, PIC slave, IOAPIC (`PIECE_IRQCHIP`).
+    pub irqchip: Option<IrqchipState>,
+    /// The PIT (`PIECE_PIT`).
+    pub pit: Option<kvm_pit_state2>,
+    /// Host CLOCK_REALTIME (ns) when the state was saved: a migration's restore advances the
+    /// guest's clocks by the time that passed since.
+    pub saved_at_ns: u64,
     pub devices: DevicesState,
 }
+
+/// What a restore does with guest time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockPolicy {
+    /// The KVM clock and TSCs continue from their saved values (snapshot restore: the guest
+    /// does not see the time it was parked).
+    Continue,
+    /// A PC-platform state's KVM clock and TSCs move forward by the host time since the save
+    /// (a migration's blackout), at most [`MAX_ADVANCE_NS`]; minimal-platform state continues.
+    Advance,
+}
+
+/// Largest forward step a migration gives guest time: more means the two hosts' clocks
+/// disagree, and the guest is better off with a stall than a leap.
+pub const MAX_ADVANCE_NS: u64 = 10_000_000_000;
+
+/// MSR_IA32_TSC.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_DEADLINE.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// What this host's KVM lets a VM save and restore; computed once per VM, before any blackout.
 #[derive(Clone, Debug, Default)]
@@ -284,9 +338,27 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// The optional pieces and XSAVE size KVM reports for `vm` (no MSR list).
+    /// The optional pieces and XSAVE size KVM reports for `vm` (no MSR list), the platform
+    /// pieces included (two probing ioctls).
     pub fn of_vm(vm: &VmFd) -> Caps {
+        Self::of_vm_probing(vm, true)
+    }
+
+    /// [`Caps::of_vm`], probing for an irqchip and PIT only when `platform` (a restore of
+    /// minimal-platform state skips the probe: its blackout pays nothing for the PC platform).
+    pub fn of_vm_probing(vm: &VmFd, platform: bool) -> Caps {
         let mut pieces = 0;
+        let here = if platform {
+            Presence::of_vm(vm)
+        } else {
+            Presence::default()
+        };
+        if here.irqchip {
+            pieces |= PIECE_LAPIC | PIECE_IRQCHIP;
+        }
+        if here.pit {
+            pieces |= PIECE_PIT;
+        }
         for (cap, bit) in [
             (Cap::Xsave, PIECE_XSAVE),
             (Cap::Xcrs, PIECE_XCRS),
@@ -313,11 +385,17 @@ impl Caps {
     }
 }
 
+/// [`restorable_msrs_for`] a VM without an in-kernel irqchip.
+pub fn restorable_msrs() -> Result<Vec<u32>, PersistError> {
+    restorable_msrs_for(false)
+}
+
 /// The MSRs worth saving on this host: those in KVM's MSR index list that KVM can both read
 /// and write back. The list names some MSRs KVM reads but refuses to set in a VM without an
 /// in-kernel LAPIC (`MSR_KVM_ASYNC_PF_INT`, for one); saving those would make every restore
-/// fail. Writability is probed on a throwaway VM so the guest's own vCPUs are not touched.
-pub fn restorable_msrs() -> Result<Vec<u32>, PersistError> {
+/// fail, while a VM with an irqchip (`irqchip`) must carry them. Writability is probed on a
+/// throwaway VM of the same platform so the guest's own vCPUs are not touched.
+pub fn restorable_msrs_for(irqchip: bool) -> Result<Vec<u32>, PersistError> {
     // The Vm keeps its Kvm handle private; opening /dev/kvm again is cheap.
     let kvm = Kvm::new().map_err(PersistError::OpenKvm)?;
     let vm_kvm = |what| move |source| PersistError::VmKvm { what, source };
@@ -329,6 +407,9 @@ pub fn restorable_msrs() -> Result<Vec<u32>, PersistError> {
     let vm = kvm
         .create_vm()
         .map_err(vm_kvm("create a VM to probe MSRs"))?;
+    if irqchip {
+        platform_state::create_pc(&vm)?;
+    }
     let vcpu = vm
         .create_vcpu(0)
         .map_err(vm_kvm("create a vCPU to probe MSRs"))?;
@@ -481,6 +562,9 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, Persi
                 .map_err(kvm("read the TSC frequency", index))
         })
         .transpose()?;
+    let lapic = piece(PIECE_LAPIC)
+        .then(|| platform_state::save_lapic(fd, index))
+        .transpose()?;
     Ok(VcpuState {
         index,
         pieces,
@@ -495,6 +579,7 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, Persi
         mp_state,
         debugregs,
         tsc_khz,
+        lapic,
     })
 }
 
@@ -576,13 +661,17 @@ impl std::fmt::Display for TscNote {
 }
 
 /// Restores `st` into a blank, paused vCPU, in the order KVM needs: CPUID first, then TSC
-/// frequency (before the TSC MSR is written), sregs before regs, FPU, MSRs, XSAVE, XCRs,
-/// events, MP state, debug registers. Returns a note when the TSC frequency differs and KVM
-/// could not scale it (the guest still runs).
+/// frequency (before the TSC MSR is written), sregs (with the APIC base) before regs, FPU,
+/// the local APIC (after the APIC base, which picks xAPIC or x2APIC; before the MSRs, because
+/// KVM drops a TSC-deadline write unless the LAPIC timer is already in that mode), MSRs, XSAVE,
+/// XCRs, events, MP state, debug registers. `tsc_advance_ns` moves the saved TSC forward by
+/// that much guest time. Returns a note when the TSC frequency differs and KVM could not scale
+/// it (the guest still runs).
 pub fn restore_vcpu(
     fd: &VcpuFd,
     st: &VcpuState,
     caps: &Caps,
+    tsc_advance_ns: u64,
 ) -> Result<Option<TscNote>, PersistError> {
     let i = st.index;
     let cpuid = CpuId::from_entries(&st.cpuid).map_err(|_| PersistError::TooManyEntries {
@@ -621,13 +710,41 @@ pub fn restore_vcpu(
             .map_err(kvm("set FPU state", i))?;
     }
 
+    if let Some(lapic) = &st.lapic {
+        platform_state::restore_lapic(fd, i, lapic)?;
+    }
+
+    let tsc_step = match (tsc_advance_ns, st.tsc_khz) {
+        (0, _) | (_, None) => 0,
+        (ns, Some(khz)) => platform_state::tsc_ticks(ns, khz),
+    };
+    // The TSC deadline goes last, after the TSC it is measured against (KVM arms the LAPIC
+    // timer from the guest TSC at the moment of the write).
+    // Only a vCPU with a LAPIC has a deadline to order: the minimal platform's blackout
+    // does not pay for the copy.
+    let mut ordered = std::borrow::Cow::Borrowed(&st.msrs[..]);
+    if st.lapic.is_some() {
+        if let Some(at) = st
+            .msrs
+            .iter()
+            .position(|&(m, _)| m == MSR_IA32_TSC_DEADLINE)
+        {
+            let o = ordered.to_mut();
+            let d = o.remove(at);
+            o.push(d);
+        }
+    }
     let mut done = 0;
-    for chunk in st.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+    for chunk in ordered.chunks(KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
                 index,
-                data,
+                data: if index == MSR_IA32_TSC {
+                    data.wrapping_add(tsc_step)
+                } else {
+                    data
+                },
                 ..Default::default()
             })
             .collect();
@@ -736,7 +853,7 @@ impl Vm {
     /// fails).
     pub fn persist_caps(&mut self) -> Result<Caps, PersistError> {
         let mut caps = Caps::of_vm(self.fd());
-        let candidates = restorable_msrs()?;
+        let candidates = restorable_msrs_for(caps.pieces & PIECE_IRQCHIP != 0)?;
         let (tx, rx) = mpsc::sync_channel(1);
         self.with_vcpu(
             0,
@@ -798,6 +915,25 @@ impl Vm {
             pieces |= st.pieces;
             vcpus.push(st);
         }
+        // The irqchip and PIT only where this VM has them (the PC platform).
+        let irqchip = if caps.pieces & PIECE_IRQCHIP != 0 {
+            pieces |= PIECE_IRQCHIP;
+            Some(platform_state::save_irqchip(self.fd())?)
+        } else {
+            None
+        };
+        let pit = if caps.pieces & PIECE_PIT != 0 {
+            pieces |= PIECE_PIT;
+            Some(platform_state::save_pit(self.fd())?)
+        } else {
+            None
+        };
+        // Only PC-platform state has its guest time advanced on restore.
+        let saved_at_ns = if irqchip.is_some() {
+            platform_state::realtime_ns()
+        } else {
+            0
+        };
         let clock = if caps.pieces & PIECE_CLOCK != 0 {
             pieces |= PIECE_CLOCK;
             let c = self
@@ -821,6 +957,9 @@ impl Vm {
             pieces,
             vcpus,
             clock,
+            irqchip,
+            pit,
+            saved_at_ns,
             devices: self.devices().save_state(),
         })
     }
@@ -830,6 +969,18 @@ impl Vm {
     /// continues from where it stopped. Returns notes on vCPUs whose TSC frequency could not be
     /// matched (the VM still runs).
     pub fn restore_state(&mut self, st: &VmState) -> Result<Vec<TscNote>, PersistError> {
+        self.restore_state_with(st, ClockPolicy::Continue)
+    }
+
+    /// [`Vm::restore_state`] with a choice of what happens to guest time. The VM must have
+    /// the platform the state was saved on: an irqchip and PIT exactly when the state carries
+    /// them. Order: irqchip and PIT first, then every vCPU ([`restore_vcpu`]), then the KVM
+    /// clock, then the devices.
+    pub fn restore_state_with(
+        &mut self,
+        st: &VmState,
+        policy: ClockPolicy,
+    ) -> Result<Vec<TscNote>, PersistError> {
         if st.vcpus.len() != self.vcpu_count() {
             return Err(PersistError::VcpuCount {
                 saved: st.vcpus.len(),
@@ -850,11 +1001,33 @@ impl Vm {
                 });
             }
         }
-        let caps = Arc::new(Caps::of_vm(self.fd()));
+        let caps = Arc::new(Caps::of_vm_probing(
+            self.fd(),
+            st.pieces & PLATFORM_PIECES != 0,
+        ));
         let missing = st.pieces & !caps.pieces;
+        if missing & PLATFORM_PIECES != 0 {
+            return Err(PersistError::NeedsPlatform(piece_names(
+                missing & PLATFORM_PIECES,
+            )));
+        }
         if missing != 0 {
             return Err(PersistError::MissingPieces(piece_names(missing)));
         }
+        // Interrupt controllers and PIT before any vCPU state: a LAPIC restored later finds
+        // the IOAPIC routing it belongs to, and nothing runs until resume.
+        if let Some(chips) = &st.irqchip {
+            platform_state::restore_irqchip(self.fd(), chips)?;
+        }
+        if let Some(pit) = &st.pit {
+            platform_state::restore_pit(self.fd(), pit)?;
+        }
+        let advance_ns = match policy {
+            ClockPolicy::Advance if st.pieces & PIECE_IRQCHIP != 0 => platform_state::realtime_ns()
+                .saturating_sub(st.saved_at_ns)
+                .min(MAX_ADVANCE_NS),
+            _ => 0,
+        };
         // Every vCPU thread restores its own state at the same time.
         let n = st.vcpus.len();
         let (tx, rx) = mpsc::sync_channel(n);
@@ -862,7 +1035,7 @@ impl Vm {
         self.with_each_vcpu(|i| {
             let (tx, c, all) = (tx.clone(), caps.clone(), shared.clone());
             Box::new(move |fd| {
-                let _ = tx.send((i, restore_vcpu(fd, &all[i as usize], &c)));
+                let _ = tx.send((i, restore_vcpu(fd, &all[i as usize], &c, advance_ns)));
             })
         })
         .map_err(PersistError::Vm)?;
@@ -879,7 +1052,7 @@ impl Vm {
         }
         if let Some(c) = &st.clock {
             let data = kvm_bindings::kvm_clock_data {
-                clock: c.clock,
+                clock: c.clock.wrapping_add(advance_ns),
                 ..Default::default()
             };
             self.fd()
@@ -979,6 +1152,7 @@ mod tests {
             mp_state: 0,
             debugregs: None,
             tsc_khz: Some(2_000_000),
+            lapic: None,
         };
         VmState {
             mem_size: 32 << 20,
@@ -990,6 +1164,9 @@ mod tests {
                 realtime: 4,
                 host_tsc: 5,
             }),
+            irqchip: None,
+            pit: None,
+            saved_at_ns: 77,
             devices: DevicesState {
                 serial: SerialRegs {
                     line_status: 0x60,
@@ -1041,12 +1218,12 @@ mod tests {
         ));
 
         let mut v2 = bytes.clone();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        v2[8..12].copy_from_slice(&1u32.to_le_bytes());
         let e = decode(&v2).unwrap_err();
-        assert!(matches!(e, PersistError::UnsupportedVersion { found: 2 }));
+        assert!(matches!(e, PersistError::UnsupportedVersion { found: 1 }));
         assert_eq!(
             e.to_string(),
-            "unsupported blip state format version 2 (this blip reads 1)"
+            "unsupported blip state format version 1 (this blip reads 2)"
         );
 
         for cut in [

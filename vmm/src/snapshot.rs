@@ -47,8 +47,10 @@ use crate::vm::{DirtyConfig, Vm, VmConfig, VmError, MAX_VCPUS};
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"BLIPSNAP";
-/// The one snapshot format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The one snapshot format version this code reads and writes. 2: the state (persist format
+/// 2) may carry the PC platform's LAPIC, irqchip and PIT; a format-1 file is refused from its
+/// header, before anything is read into memory.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Most pages in one `PageBatch` frame (4 MiB of data).
@@ -72,7 +74,7 @@ const _: () = assert!(ENVELOPE.header_len() == HEADER_LEN);
 pub enum SnapshotError {
     #[error("not a blip snapshot (bad magic)")]
     NotSnapshot,
-    #[error("snapshot format {found}; this blip reads {FORMAT_VERSION}")]
+    #[error("snapshot format {found}; this blip reads {FORMAT_VERSION} (take the snapshot again with this blip)")]
     Version { found: u32 },
     #[error("snapshot is truncated: it ends {0}")]
     Truncated(String),
@@ -583,7 +585,11 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
     let file = File::open(path).map_err(SnapshotError::Open)?;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let header = Header::read(&mut r)?;
-    let mut vm = Vm::create_with(
+    // Memory first, the VM after the state is read: the state says which platform (an
+    // in-kernel irqchip and PIT or not) the VM must have, and KVM wants those before vCPUs.
+    let mem = memory::create(header.mem_size, cfg.backing).map_err(VmError::from)?;
+    let (state, read) = read_stream(&mut r, &header, &mem)?;
+    let mut vm = Vm::create_in(
         VmConfig {
             mem_size: header.mem_size,
             vcpus: header.vcpus,
@@ -591,11 +597,16 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
             backing: cfg.backing,
             image: None,
             serial: cfg.serial,
-            platform: Default::default(),
+            platform: if state.pieces & persist::PLATFORM_PIECES != 0 {
+                crate::platform::Platform::Pc
+            } else {
+                crate::platform::Platform::Minimal
+            },
         },
         cfg.dirty,
+        Some(mem),
     )?;
-    let (state, read) = read_stream(&mut r, &header, vm.memory())?;
+    // Guest time continues from the saved values: the parked time is not seen.
     let notes = vm.restore_state(&state).map_err(SnapshotError::Restore)?;
     for n in &notes {
         eprintln!("blip: note: {n}");
@@ -666,7 +677,10 @@ mod tests {
         let mut v = b;
         v[8] = 7;
         let e = Header::read(&mut &v[..]).unwrap_err();
-        assert_eq!(e.to_string(), "snapshot format 7; this blip reads 1");
+        assert_eq!(
+            e.to_string(),
+            "snapshot format 7; this blip reads 2 (take the snapshot again with this blip)"
+        );
         let mut c = b;
         c[17] ^= 1;
         assert!(matches!(
@@ -693,12 +707,16 @@ mod tests {
             mp_state: 0,
             debugregs: None,
             tsc_khz: None,
+            lapic: None,
         };
         VmState {
             mem_size,
             pieces: 0,
             vcpus: (0..vcpus as u8).map(vcpu).collect(),
             clock: None,
+            irqchip: None,
+            pit: None,
+            saved_at_ns: 0,
             devices: crate::devices::DevicesState {
                 serial: Default::default(),
                 heartbeat_hi: vec![0; vcpus],

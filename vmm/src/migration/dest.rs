@@ -348,6 +348,9 @@ fn prepare(
     })?;
     let vm_max = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_VCPUS));
     check_offer(vm_max, offer, &kvm).map_err(MigrationError::Incompatible)?;
+    if let Some(refusal) = platform_refusal(offer.state_pieces, can_build_pc(&kvm)) {
+        return Err(MigrationError::Incompatible(refusal));
+    }
     let (premade_mem, registration) = match premade {
         Some(p) => (Some(p.mem), p.rdma),
         None => (None, None),
@@ -360,10 +363,23 @@ fn prepare(
         backing,
         image: None,
         serial,
-        platform: Default::default(),
+        // The platform the state needs, built before Accept: an offer with LAPIC/irqchip/PIT
+        // state gets an in-kernel irqchip and PIT here.
+        platform: if offer.state_pieces & persist::PLATFORM_PIECES != 0 {
+            crate::platform::Platform::Pc
+        } else {
+            crate::platform::Platform::Minimal
+        },
     };
     let vm = Vm::create_in(config, dirty, premade_mem)?;
     let missing = (offer.state_pieces & !VERIFY_FLAG) & !Caps::of_vm(vm.fd()).pieces;
+    if missing & persist::PLATFORM_PIECES != 0 {
+        return Err(MigrationError::Incompatible(format!(
+            "interrupt-controller state ({}): this destination built its VM without an in-kernel \
+             irqchip and PIT",
+            piece_names(missing & persist::PLATFORM_PIECES)
+        )));
+    }
     if missing != 0 {
         return Err(MigrationError::Incompatible(format!(
             "vCPU state pieces this host's KVM cannot restore: {}",
@@ -501,7 +517,9 @@ impl Receiver<'_> {
         }
         let t = now_ns();
         let state = persist::decode(bytes)?;
-        let notes = vm.restore_state(&state)?;
+        // Guest time (kvmclock, TSCs) moves on by the blackout: the guest neither stalls nor
+        // jumps (PC platform only; see persist::ClockPolicy).
+        let notes = vm.restore_state_with(&state, persist::ClockPolicy::Advance)?;
         self.inc.restore_ns = now_ns() - t;
         for n in &notes {
             eprintln!("blip: note: {n}");
@@ -543,6 +561,29 @@ impl Receiver<'_> {
         );
         Ok(())
     }
+}
+
+/// Can this host build the PC platform (an in-kernel irqchip and PIT)? `BLIP_FAULT=
+/// dest-no-irqchip:drop` makes a debug build answer no, as a host without them would.
+fn can_build_pc(kvm: &kvm_ioctls::Kvm) -> bool {
+    if crate::fault::point("dest-no-irqchip") == crate::fault::Fault::Drop {
+        return false;
+    }
+    kvm.check_extension(kvm_ioctls::Cap::Irqchip) && kvm.check_extension(kvm_ioctls::Cap::Pit2)
+}
+
+/// The refusal of an offer whose state carries interrupt-controller pieces (LAPIC, irqchip,
+/// PIT) when this host cannot build the platform that restores them; checked before the VM
+/// is built and before any page moves.
+fn platform_refusal(state_pieces: u64, can_build_pc: bool) -> Option<String> {
+    let platform = state_pieces & persist::PLATFORM_PIECES;
+    (platform != 0 && !can_build_pc).then(|| {
+        format!(
+            "interrupt-controller state ({}): this host's KVM cannot create an in-kernel \
+             irqchip and PIT",
+            piece_names(platform)
+        )
+    })
 }
 
 fn check_offer(vm_max: u32, o: &protocol::Offer, kvm: &kvm_ioctls::Kvm) -> Result<(), String> {
@@ -654,4 +695,22 @@ impl Cidr {
 /// Empty list = everyone.
 pub(crate) fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|c| c.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dest_refuses_platform_pieces_it_cannot_build() {
+        let pc = persist::PLATFORM_PIECES | persist::PIECE_CLOCK;
+        assert_eq!(platform_refusal(pc, true), None);
+        assert_eq!(platform_refusal(persist::PIECE_CLOCK, false), None);
+        let e = MigrationError::Incompatible(platform_refusal(pc, false).unwrap());
+        assert_eq!(
+            e.to_string(),
+            "the offer does not fit this host: interrupt-controller state (lapic,irqchip,pit): \
+             this host's KVM cannot create an in-kernel irqchip and PIT"
+        );
+    }
 }
