@@ -801,24 +801,24 @@ pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationE
     })
 }
 
-/// While the data streams connect, the control connection must stay quiet: a source that died
-/// or gave up after Accept is seen here at once (end of stream, or its Abort), not at the
-/// 10 s stream deadline. Leaves a 1 ms read timeout on `control`; the caller restores it.
+/// While the data streams connect, the source says nothing on the control connection unless
+/// it gives up: a source that died or aborted after Accept is seen here at once (end of stream,
+/// or its Abort), not at the 10 s stream deadline. Anything else that arrived is left unread
+/// for the receiver, whose checks refuse it in order. Leaves a 1 ms read timeout on `control`;
+/// the caller restores it.
 fn source_still_there(control: &TcpStream) -> Result<(), MigrationError> {
     control.set_read_timeout(Some(Duration::from_millis(1)))?;
-    match control.peek(&mut [0u8; 1]) {
+    let mut buf = [0u8; 1024];
+    match control.peek(&mut buf) {
         Ok(0) => Err(MigrationError::Aborted(
             "the source closed the control connection before its data streams connected".into(),
         )),
-        Ok(_) => {
-            control.set_read_timeout(Some(peer_timeout()))?;
-            let frame = super::read_frame(&mut control.try_clone()?)?;
-            Err(MigrationError::from_unexpected(
-                frame
-                    .msg
-                    .unexpected("nothing while the data streams connect"),
-            ))
-        }
+        Ok(n) => match protocol::read_message(&mut &buf[..n]) {
+            Ok(f) if matches!(f.msg, Message::Abort { .. } | Message::Refuse { .. }) => Err(
+                MigrationError::from_unexpected(f.msg.unexpected("the data streams")),
+            ),
+            _ => Ok(()),
+        },
         Err(e)
             if matches!(
                 e.kind(),
