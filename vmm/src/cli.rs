@@ -629,17 +629,26 @@ pub enum HostCmd {
 /// `blip host serve`.
 #[derive(Args, Debug, Clone)]
 pub struct HostServeArgs {
+    /// Read settings from FILE (`key = value` lines: listen, ports, max_incoming, key,
+    /// insecure, metrics_listen, api); flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where other hosts reach this one: tcp://ADDR:PORT (or rdma://ADDR:PORT: receivers then
-    /// take pages by RDMA WRITE).
+    /// take pages by RDMA WRITE). Required, here or in --config.
     #[arg(long, value_name = "URL")]
-    pub listen: String,
-    /// Ports the receivers of incoming guests listen on (on the --listen address).
-    #[arg(long, default_value = "7100-7199", value_name = "FIRST-LAST")]
-    pub ports: String,
+    pub listen: Option<String>,
+    /// Ports the receivers of incoming guests listen on (on the --listen address)
+    /// [default: 7100-7199].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub ports: Option<String>,
     /// Incoming migrations at once (more are refused "busy"); default: the host's migration
     /// slots ($BLIP_MAX_MIGRATIONS, 2).
     #[arg(long)]
     pub max_incoming: Option<u32>,
+    /// Also serve GET /metrics (Prometheus text) over plain HTTP on ADDR:PORT, e.g.
+    /// 127.0.0.1:9464 (the host API socket always serves it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
 }

@@ -23,7 +23,9 @@
 //! `live/<guest>.json` (the progress of a migration under way, for `GET /guests/NAME`).
 
 pub mod client;
+pub mod config;
 pub mod http;
+pub mod notify;
 pub mod service;
 
 use std::io::Write;

@@ -677,12 +677,21 @@ pub fn serve(
     api: &Option<PathBuf>,
     stop: &'static AtomicBool,
 ) -> Result<i32, Failure> {
+    let (a, api) = match &a.config {
+        Some(path) => super::config::merge(a, api, super::config::load(path)?),
+        None => (a.clone(), api.clone()),
+    };
+    let Some(listen) = a.listen.clone() else {
+        return Err(Failure(
+            "name the address other hosts reach this one at: --listen tcp://ADDR:PORT (or listen = ... in --config)".into(),
+        ));
+    };
     let key_path = a.auth.resolve().map_err(Failure)?;
     let key = key_path.as_deref().map(Key::load).transpose()?;
-    let ports = parse_ports(&a.ports)?;
-    let ep = Endpoint::from_str(&a.listen)?;
+    let ports = parse_ports(a.ports.as_deref().unwrap_or("7100-7199"))?;
+    let ep = Endpoint::from_str(&listen)?;
     let rdma = matches!(ep, Endpoint::Rdma(_));
-    let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(a.listen.clone(), e))?;
+    let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(listen.clone(), e))?;
     let local = listener.local_addr().map_err(HostError::Io)?;
     registry::create_private_dir(&super::dir())?;
     let h = Arc::new(Host {
@@ -715,6 +724,7 @@ pub fn serve(
         if h.drained.load(Ordering::Relaxed) { "; DRAINED" } else { "" }
     );
     listener.set_nonblocking(true).map_err(HostError::Io)?;
+    super::notify::notify_or_log("READY=1");
     while !stop.load(Ordering::Relaxed) {
         let (c, from) = match listener.accept() {
             Ok(x) => x,
@@ -747,6 +757,7 @@ pub fn serve(
             h.peers.fetch_sub(1, Ordering::AcqRel);
         }
     }
+    super::notify::notify_or_log("STOPPING=1");
     let _ = std::fs::remove_file(&sock);
     eprintln!(
         "blip host: stopped; {} guest(s) keep running (a restarted service finds them)",
