@@ -747,3 +747,21 @@ fn client_calls_have_deadlines() {
     r.wait_stderr("waiting");
     status_times_out(&r.api);
 }
+
+#[test]
+fn version_names_the_commit() {
+    let o = blip(&["--version"]).output().unwrap();
+    assert!(o.status.success());
+    let v = String::from_utf8_lossy(&o.stdout);
+    let line = v.trim();
+    assert!(
+        line.starts_with(concat!("blip ", env!("CARGO_PKG_VERSION"), " (commit "))
+            && line.ends_with(')'),
+        "{line}"
+    );
+    let commit = &line[line.find("(commit ").unwrap() + 8..line.len() - 1];
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+}

@@ -10,7 +10,12 @@ use crate::memory::Backing;
 
 /// blip: a minimal KVM VMM that live-migrates guests with a microsecond blackout.
 #[derive(Parser, Debug)]
-#[command(name = "blip", version, about, propagate_version = true)]
+#[command(
+    name = "blip",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLIP_GIT_COMMIT"), ")"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
