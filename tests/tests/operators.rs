@@ -422,7 +422,17 @@ fn status_list_and_check_replies_read_back() {
     assert!(e["pid"].is_u64() && e["started"].is_u64(), "{e}");
     let text = String::from_utf8_lossy(&blip_on(&a, &["list"]).stdout).to_string();
     let row = text.lines().find(|l| l.starts_with("api-1 ")).unwrap_or("");
-    assert!(row.contains("32Mi") && row.contains("running"), "{text}");
+    assert!(row.contains("32 MiB") && row.contains("running"), "{text}");
+    // Columns line up: every header starts where its cells do (right-aligned numbers end
+    // where their header ends).
+    let head = text.lines().next().unwrap();
+    assert_eq!(head.find("STATE"), row.find("running"), "{text}");
+    assert_eq!(head.find("API"), row.find(&api), "{text}");
+    assert_eq!(
+        head.find("MEM").map(|i| i + 3),
+        row.find("32 MiB").map(|i| i + 6),
+        "{text}"
+    );
     let o = blip_on(&a, &["check", "--api", &api]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ok: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

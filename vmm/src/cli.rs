@@ -453,6 +453,45 @@ pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// Renders a table: each column as wide as its widest cell (names run to 64 characters, so
+/// fixed widths broke the columns), `right[i]` right-aligns column `i`, two spaces between
+/// columns, the last column unpadded. Cells are plain strings: a `serde_json::Value` formatted
+/// with a width ignores it, so callers convert first.
+pub fn table(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    let n = header.len();
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, c) in cells.enumerate().take(n) {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i + 1 == n && !right.get(i).copied().unwrap_or(false) {
+                out.push_str(c);
+            } else if right.get(i).copied().unwrap_or(false) {
+                out.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(&mut header.iter().copied());
+    for r in rows {
+        out.push_str(&line(&mut r.iter().map(String::as_str)));
+    }
+    out
+}
+
 /// Renders an error and its chain of causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
@@ -470,6 +509,31 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn table_columns_fit_the_widest_cell() {
+        let t = super::table(
+            &["NAME", "PID", "STATE"],
+            &[
+                vec![
+                    "a-very-long-guest-name-of-forty-characters".into(),
+                    "7".into(),
+                    "running".into(),
+                ],
+                vec!["b".into(), "123456".into(), "x".into()],
+            ],
+            &[false, true, false],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        let col = |l: &str| {
+            l.find("running")
+                .or_else(|| l.find("STATE"))
+                .or_else(|| l.rfind('x'))
+        };
+        assert_eq!(col(lines[0]), col(lines[1]), "{t}");
+        assert_eq!(col(lines[1]), col(lines[2]), "{t}");
+        assert!(lines[1].contains("       7  running"), "{t}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration_ns("1ms"), Ok(1_000_000));
