@@ -775,3 +775,65 @@ fn version_names_the_commit() {
         "{commit}"
     );
 }
+
+#[test]
+fn a_source_outside_allow_hears_not_allowed() {
+    let dir = scratch("op-allow");
+    let k = key_file(&dir, "k");
+    let a = host_dir(&dir, "a");
+    let mut g = guest(&dir, &a, "out-1");
+    let mut b = Bg::start(
+        &dir,
+        "b",
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            k.to_str().unwrap(),
+            "--allow",
+            "10.99.0.0/16",
+        ],
+        &[],
+    );
+    let url = listen_url(&mut b);
+    let o = blip_on(
+        &a,
+        &[
+            "migrate",
+            "--guest",
+            "out-1",
+            "--to",
+            &url,
+            "--key",
+            k.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("not allowed"), "{err}");
+    assert!(!err.contains("reset by peer"), "{err}");
+    b.wait_stderr("refused: not in --allow");
+    let _ = g.kill();
+    let _ = g.wait();
+}
+
+#[test]
+fn one_line_errors_name_what_is_wrong() {
+    let o = blip(&["migrate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not provided: ") && err.contains("--to <URL>"),
+        "{err}"
+    );
+    let o = blip(&["run", "--mem", "100G"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("100 GiB") && err.contains("3 GiB"), "{err}");
+    assert!(!err.contains("107374182400"), "{err}");
+    let o = blip(&["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(!help.contains("(the default)"), "{help}");
+}

@@ -94,7 +94,7 @@ pub struct GuestArgs {
     #[arg(long, value_enum)]
     pub platform: Option<crate::platform::Platform>,
     /// Guest memory size, e.g. 64M or 1G (suffixes K, M, G; plain numbers are bytes).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_guest_mem)]
     pub mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -161,7 +161,7 @@ pub struct ReceiveArgs {
     /// Prepare this much guest memory now, before any peer connects: made and pre-faulted,
     /// and with rdma://ADDR (a specific address) registered for RDMA. Offers of another size
     /// are refused. Without it, memory is made when the offer arrives (still before Accept).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_guest_mem)]
     pub mem: Option<u64>,
     /// Where COM1 output goes: stdout, none, or a file path.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
@@ -298,7 +298,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
     /// Guest memory.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_guest_mem)]
     pub mem: u64,
     /// Migrations to run (back and forth between local blip processes).
     #[arg(long, default_value_t = 10)]
@@ -425,6 +425,57 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A byte count in the largest binary unit that divides it: `100 GiB`, `64 MiB`, `4097 bytes`.
+pub fn human_size(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} bytes")
+}
+
+/// Parses `--mem`: a size ([`parse_size`]) blip can give a guest, with the limits said in
+/// MiB/GiB (not in bytes) when it cannot.
+pub fn parse_guest_mem(s: &str) -> Result<u64, String> {
+    use crate::memory::{MAX_MEM, MIN_MEM};
+    let b = parse_size(s)?;
+    if !(MIN_MEM..=MAX_MEM).contains(&b) {
+        return Err(format!(
+            "guest memory {} is out of range (supported: {} to {})",
+            human_size(b),
+            human_size(MIN_MEM),
+            human_size(MAX_MEM)
+        ));
+    }
+    if b % 4096 != 0 {
+        return Err(format!(
+            "guest memory {} is not a multiple of 4 KiB",
+            human_size(b)
+        ));
+    }
+    Ok(b)
+}
+
+/// Turns a clap error into blip's one line: the message, plus the lines clap indents under it
+/// (the arguments that were missing), without the usage and tips.
+pub fn clap_one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or("bad arguments");
+    let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    for l in lines {
+        if !l.starts_with("  ") || l.trim().is_empty() {
+            break;
+        }
+        if !msg.ends_with(':') {
+            msg.push(',');
+        }
+        msg.push(' ');
+        msg.push_str(l.trim());
+    }
+    msg
+}
+
 /// Parses a duration such as `1ms`, `500us`, `2s`, `250000ns` into nanoseconds.
 pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -509,6 +560,31 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_and_clap_errors_read_well() {
+        assert_eq!(super::human_size(100 << 30), "100 GiB");
+        assert_eq!(super::human_size(3 << 30), "3 GiB");
+        assert_eq!(super::human_size(1536 << 20), "1536 MiB");
+        assert_eq!(super::human_size(4097), "4097 bytes");
+        let e = super::parse_guest_mem("100G").unwrap_err();
+        assert_eq!(
+            e,
+            "guest memory 100 GiB is out of range (supported: 2 MiB to 3 GiB)"
+        );
+        assert!(super::parse_guest_mem("1M").unwrap_err().contains("1 MiB"));
+        assert_eq!(super::parse_guest_mem("64M"), Ok(64 << 20));
+        let clap = "error: the following required arguments were not provided:\n  --to <URL>\n  <NAME>\n\nUsage: blip migrate --to <URL> <NAME>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            super::clap_one_line(clap),
+            "the following required arguments were not provided: --to <URL>, <NAME>"
+        );
+        let clap = "error: unexpected argument '--x' found\n\n  tip: to pass '--x' as a value, use '-- --x'\n";
+        assert_eq!(
+            super::clap_one_line(clap),
+            "unexpected argument '--x' found"
+        );
+    }
+
     #[test]
     fn table_columns_fit_the_widest_cell() {
         let t = super::table(

@@ -50,10 +50,9 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            let rendered = e.to_string();
-            let first = rendered.lines().next().unwrap_or("bad arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("blip: error: {first} (see blip --help)");
+            // One line, but with what clap lists under its first line (the missing arguments).
+            let msg = blip_vmm::cli::clap_one_line(&e.to_string());
+            eprintln!("blip: error: {msg} (see blip --help)");
             return ExitCode::from(2);
         }
     };
