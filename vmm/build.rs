@@ -5,6 +5,9 @@
 //! The stock toolchain has no bare-metal target, so the guest is a `#![no_std]`,
 //! `#![no_main]` crate for the host target, compiled by invoking `rustc` directly (not
 //! cargo) with a linker script and no libc; none of these flags reach the VMM's own build.
+//!
+//! It also exports `BLIP_GIT_COMMIT` for `blip --version`: `git rev-parse --short HEAD`, or
+//! "unknown" outside a git checkout or without git (never a build failure).
 
 use std::env;
 use std::path::PathBuf;
@@ -101,6 +104,35 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=BLIP_GUEST_ELF={}", elf.display());
+    git_commit(&manifest_dir);
+}
+
+/// Exports `BLIP_GIT_COMMIT` and asks cargo to rerun when HEAD moves.
+fn git_commit(dir: &std::path::Path) {
+    let git = |args: &[&str]| -> Option<String> {
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()?;
+        let s = String::from_utf8(o.stdout).ok()?.trim().to_string();
+        (o.status.success() && !s.is_empty()).then_some(s)
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=BLIP_GIT_COMMIT={commit}");
+    // HEAD, the branch it names and packed-refs (only files that exist: a missing one would
+    // rerun this script on every build).
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watch.push(r);
+    }
+    for w in watch {
+        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &w]) {
+            if std::path::Path::new(&p).exists() {
+                println!("cargo:rerun-if-changed={p}");
+            }
+        }
+    }
 }
 
 /// Reports a build failure on stderr (shown by cargo) and stops the build.

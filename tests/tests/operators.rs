@@ -422,7 +422,17 @@ fn status_list_and_check_replies_read_back() {
     assert!(e["pid"].is_u64() && e["started"].is_u64(), "{e}");
     let text = String::from_utf8_lossy(&blip_on(&a, &["list"]).stdout).to_string();
     let row = text.lines().find(|l| l.starts_with("api-1 ")).unwrap_or("");
-    assert!(row.contains("32Mi") && row.contains("running"), "{text}");
+    assert!(row.contains("32 MiB") && row.contains("running"), "{text}");
+    // Columns line up: every header starts where its cells do (right-aligned numbers end
+    // where their header ends).
+    let head = text.lines().next().unwrap();
+    assert_eq!(head.find("STATE"), row.find("running"), "{text}");
+    assert_eq!(head.find("API"), row.find(&api), "{text}");
+    assert_eq!(
+        head.find("MEM").map(|i| i + 3),
+        row.find("32 MiB").map(|i| i + 6),
+        "{text}"
+    );
     let o = blip_on(&a, &["check", "--api", &api]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ok: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -746,4 +756,84 @@ fn client_calls_have_deadlines() {
     );
     r.wait_stderr("waiting");
     status_times_out(&r.api);
+}
+
+#[test]
+fn version_names_the_commit() {
+    let o = blip(&["--version"]).output().unwrap();
+    assert!(o.status.success());
+    let v = String::from_utf8_lossy(&o.stdout);
+    let line = v.trim();
+    assert!(
+        line.starts_with(concat!("blip ", env!("CARGO_PKG_VERSION"), " (commit "))
+            && line.ends_with(')'),
+        "{line}"
+    );
+    let commit = &line[line.find("(commit ").unwrap() + 8..line.len() - 1];
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+}
+
+#[test]
+fn a_source_outside_allow_hears_not_allowed() {
+    let dir = scratch("op-allow");
+    let k = key_file(&dir, "k");
+    let a = host_dir(&dir, "a");
+    let mut g = guest(&dir, &a, "out-1");
+    let mut b = Bg::start(
+        &dir,
+        "b",
+        &[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--key",
+            k.to_str().unwrap(),
+            "--allow",
+            "10.99.0.0/16",
+        ],
+        &[],
+    );
+    let url = listen_url(&mut b);
+    let o = blip_on(
+        &a,
+        &[
+            "migrate",
+            "--guest",
+            "out-1",
+            "--to",
+            &url,
+            "--key",
+            k.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("not allowed"), "{err}");
+    assert!(!err.contains("reset by peer"), "{err}");
+    b.wait_stderr("refused: not in --allow");
+    let _ = g.kill();
+    let _ = g.wait();
+}
+
+#[test]
+fn one_line_errors_name_what_is_wrong() {
+    let o = blip(&["migrate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not provided: ") && err.contains("--to <URL>"),
+        "{err}"
+    );
+    let o = blip(&["run", "--mem", "100G"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("100 GiB") && err.contains("3 GiB"), "{err}");
+    assert!(!err.contains("107374182400"), "{err}");
+    let o = blip(&["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(!help.contains("(the default)"), "{help}");
 }

@@ -10,7 +10,12 @@ use crate::memory::Backing;
 
 /// blip: a minimal KVM VMM that live-migrates guests with a microsecond blackout.
 #[derive(Parser, Debug)]
-#[command(name = "blip", version, about, propagate_version = true)]
+#[command(
+    name = "blip",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLIP_GIT_COMMIT"), ")"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -89,7 +94,7 @@ pub struct GuestArgs {
     #[arg(long, value_enum)]
     pub platform: Option<crate::platform::Platform>,
     /// Guest memory size, e.g. 64M or 1G (suffixes K, M, G; plain numbers are bytes).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_guest_mem)]
     pub mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -156,7 +161,7 @@ pub struct ReceiveArgs {
     /// Prepare this much guest memory now, before any peer connects: made and pre-faulted,
     /// and with rdma://ADDR (a specific address) registered for RDMA. Offers of another size
     /// are refused. Without it, memory is made when the offer arrives (still before Accept).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_guest_mem)]
     pub mem: Option<u64>,
     /// Where COM1 output goes: stdout, none, or a file path.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
@@ -293,7 +298,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
     /// Guest memory.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_guest_mem)]
     pub mem: u64,
     /// Migrations to run (back and forth between local blip processes).
     #[arg(long, default_value_t = 10)]
@@ -420,6 +425,57 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A byte count in the largest binary unit that divides it: `100 GiB`, `64 MiB`, `4097 bytes`.
+pub fn human_size(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b % (1 << shift) == 0 {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} bytes")
+}
+
+/// Parses `--mem`: a size ([`parse_size`]) blip can give a guest, with the limits said in
+/// MiB/GiB (not in bytes) when it cannot.
+pub fn parse_guest_mem(s: &str) -> Result<u64, String> {
+    use crate::memory::{MAX_MEM, MIN_MEM};
+    let b = parse_size(s)?;
+    if !(MIN_MEM..=MAX_MEM).contains(&b) {
+        return Err(format!(
+            "guest memory {} is out of range (supported: {} to {})",
+            human_size(b),
+            human_size(MIN_MEM),
+            human_size(MAX_MEM)
+        ));
+    }
+    if b % 4096 != 0 {
+        return Err(format!(
+            "guest memory {} is not a multiple of 4 KiB",
+            human_size(b)
+        ));
+    }
+    Ok(b)
+}
+
+/// Turns a clap error into blip's one line: the message, plus the lines clap indents under it
+/// (the arguments that were missing), without the usage and tips.
+pub fn clap_one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or("bad arguments");
+    let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    for l in lines {
+        if !l.starts_with("  ") || l.trim().is_empty() {
+            break;
+        }
+        if !msg.ends_with(':') {
+            msg.push(',');
+        }
+        msg.push(' ');
+        msg.push_str(l.trim());
+    }
+    msg
+}
+
 /// Parses a duration such as `1ms`, `500us`, `2s`, `250000ns` into nanoseconds.
 pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -448,6 +504,45 @@ pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// Renders a table: each column as wide as its widest cell (names run to 64 characters, so
+/// fixed widths broke the columns), `right[i]` right-aligns column `i`, two spaces between
+/// columns, the last column unpadded. Cells are plain strings: a `serde_json::Value` formatted
+/// with a width ignores it, so callers convert first.
+pub fn table(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    let n = header.len();
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, c) in cells.enumerate().take(n) {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i + 1 == n && !right.get(i).copied().unwrap_or(false) {
+                out.push_str(c);
+            } else if right.get(i).copied().unwrap_or(false) {
+                out.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(&mut header.iter().copied());
+    for r in rows {
+        out.push_str(&line(&mut r.iter().map(String::as_str)));
+    }
+    out
+}
+
 /// Renders an error and its chain of causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
@@ -465,6 +560,56 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_and_clap_errors_read_well() {
+        assert_eq!(super::human_size(100 << 30), "100 GiB");
+        assert_eq!(super::human_size(3 << 30), "3 GiB");
+        assert_eq!(super::human_size(1536 << 20), "1536 MiB");
+        assert_eq!(super::human_size(4097), "4097 bytes");
+        let e = super::parse_guest_mem("100G").unwrap_err();
+        assert_eq!(
+            e,
+            "guest memory 100 GiB is out of range (supported: 2 MiB to 3 GiB)"
+        );
+        assert!(super::parse_guest_mem("1M").unwrap_err().contains("1 MiB"));
+        assert_eq!(super::parse_guest_mem("64M"), Ok(64 << 20));
+        let clap = "error: the following required arguments were not provided:\n  --to <URL>\n  <NAME>\n\nUsage: blip migrate --to <URL> <NAME>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            super::clap_one_line(clap),
+            "the following required arguments were not provided: --to <URL>, <NAME>"
+        );
+        let clap = "error: unexpected argument '--x' found\n\n  tip: to pass '--x' as a value, use '-- --x'\n";
+        assert_eq!(
+            super::clap_one_line(clap),
+            "unexpected argument '--x' found"
+        );
+    }
+
+    #[test]
+    fn table_columns_fit_the_widest_cell() {
+        let t = super::table(
+            &["NAME", "PID", "STATE"],
+            &[
+                vec![
+                    "a-very-long-guest-name-of-forty-characters".into(),
+                    "7".into(),
+                    "running".into(),
+                ],
+                vec!["b".into(), "123456".into(), "x".into()],
+            ],
+            &[false, true, false],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        let col = |l: &str| {
+            l.find("running")
+                .or_else(|| l.find("STATE"))
+                .or_else(|| l.rfind('x'))
+        };
+        assert_eq!(col(lines[0]), col(lines[1]), "{t}");
+        assert_eq!(col(lines[1]), col(lines[2]), "{t}");
+        assert!(lines[1].contains("       7  running"), "{t}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration_ns("1ms"), Ok(1_000_000));
@@ -629,17 +774,26 @@ pub enum HostCmd {
 /// `blip host serve`.
 #[derive(Args, Debug, Clone)]
 pub struct HostServeArgs {
+    /// Read settings from FILE (`key = value` lines: listen, ports, max_incoming, key,
+    /// insecure, metrics_listen, api); flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where other hosts reach this one: tcp://ADDR:PORT (or rdma://ADDR:PORT: receivers then
-    /// take pages by RDMA WRITE).
+    /// take pages by RDMA WRITE). Required, here or in --config.
     #[arg(long, value_name = "URL")]
-    pub listen: String,
-    /// Ports the receivers of incoming guests listen on (on the --listen address).
-    #[arg(long, default_value = "7100-7199", value_name = "FIRST-LAST")]
-    pub ports: String,
+    pub listen: Option<String>,
+    /// Ports the receivers of incoming guests listen on (on the --listen address)
+    /// [default: 7100-7199].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub ports: Option<String>,
     /// Incoming migrations at once (more are refused "busy"); default: the host's migration
     /// slots ($BLIP_MAX_MIGRATIONS, 2).
     #[arg(long)]
     pub max_incoming: Option<u32>,
+    /// Also serve GET /metrics (Prometheus text) over plain HTTP on ADDR:PORT, e.g.
+    /// 127.0.0.1:9464 (the host API socket always serves it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
 }

@@ -385,20 +385,26 @@ pub fn finish(rows: &BTreeMap<String, Row>, json: bool) -> Result<i32, Failure> 
     if json {
         println!("{}", serde_json::to_string_pretty(rows)?);
     } else {
-        println!(
-            "{:<24} {:<24} {:>12} {:>10}  RESULT",
-            "GUEST", "TO", "BLACKOUT", "TOTAL"
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|(n, r)| {
+                vec![
+                    n.clone(),
+                    r.to.clone(),
+                    r.blackout_us.map_or("-".into(), |b| format!("{b:.1} us")),
+                    r.total_ms.map_or("-".into(), |t| format!("{t:.1} ms")),
+                    r.state.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            blip_vmm::cli::table(
+                &["GUEST", "TO", "BLACKOUT", "TOTAL", "RESULT"],
+                &cells,
+                &[false, false, true, true, false]
+            )
         );
-        for (n, r) in rows {
-            println!(
-                "{:<24} {:<24} {:>12} {:>10}  {}",
-                n,
-                r.to,
-                r.blackout_us.map_or("-".into(), |b| format!("{b:.1} us")),
-                r.total_ms.map_or("-".into(), |t| format!("{t:.1} ms")),
-                r.state
-            );
-        }
     }
     let failed = failed(rows);
     if failed.is_empty() {
@@ -420,10 +426,7 @@ pub fn finish(rows: &BTreeMap<String, Row>, json: bool) -> Result<i32, Failure> 
 
 /// The live view on stderr (redrawn in place on a terminal).
 pub fn render_live(rows: &BTreeMap<String, Row>, last: &mut String) {
-    let view: String = rows
-        .iter()
-        .map(|(n, r)| format!("  {n:<24} -> {:<24} {}\n", r.to, r.state))
-        .collect();
+    let view = live_view(rows, std::io::stderr().is_terminal());
     if view != *last {
         if std::io::stderr().is_terminal() && !last.is_empty() {
             eprint!("\x1b[{}A", last.lines().count());
@@ -431,6 +434,17 @@ pub fn render_live(rows: &BTreeMap<String, Row>, last: &mut String) {
         eprint!("{view}");
         *last = view;
     }
+}
+
+/// The drain's live table; on a terminal every line ends by clearing the rest of the line, so
+/// a state shorter than the one it overwrites ("migrated" over "migrating") leaves no tail.
+pub fn live_view(rows: &BTreeMap<String, Row>, tty: bool) -> String {
+    let nw = rows.keys().map(|n| n.len()).max().unwrap_or(0);
+    let tw = rows.values().map(|r| r.to.len()).max().unwrap_or(0);
+    let clear = if tty { "\x1b[K" } else { "" };
+    rows.iter()
+        .map(|(n, r)| format!("  {n:<nw$} -> {:<tw$} {}{clear}\n", r.to, r.state))
+        .collect()
 }
 
 /// Runs the drain.
@@ -478,6 +492,28 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn live_view_clears_each_line_on_a_terminal() {
+        let mut rows = BTreeMap::new();
+        for (n, st) in [("a-long-guest-name-here", "migrating"), ("b", "migrated")] {
+            rows.insert(
+                n.to_string(),
+                Row {
+                    to: "tcp://10.0.0.2:7000".into(),
+                    state: st.into(),
+                    ..Row::default()
+                },
+            );
+        }
+        let v = live_view(&rows, true);
+        assert!(v.lines().all(|l| l.ends_with("\x1b[K")), "{v:?}");
+        assert_eq!(
+            v.lines().map(|l| l.find(" -> ")).collect::<Vec<_>>(),
+            vec![Some(24), Some(24)]
+        );
+        assert!(!live_view(&rows, false).contains('\x1b'));
+    }
+
     use super::*;
 
     fn host(url: &str, free_mem: u64, free_vcpus: u32) -> Dest {

@@ -50,10 +50,9 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            let rendered = e.to_string();
-            let first = rendered.lines().next().unwrap_or("bad arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("blip: error: {first} (see blip --help)");
+            // One line, but with what clap lists under its first line (the missing arguments).
+            let msg = blip_vmm::cli::clap_one_line(&e.to_string());
+            eprintln!("blip: error: {msg} (see blip --help)");
             return ExitCode::from(2);
         }
     };
@@ -534,23 +533,29 @@ fn list(json: bool) -> Result<i32, Failure> {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(0);
     }
-    println!(
-        "{:<24} {:>8} {:>5} {:>8} {:>12} {:<14} API",
-        "NAME", "PID", "VCPUS", "MEM", "HEARTBEATS", "STATE"
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let e = &r.entry;
+            vec![
+                e.name.clone(),
+                e.pid.to_string(),
+                e.vcpus.to_string(),
+                format!("{} MiB", e.mem_size >> 20),
+                r.heartbeats.map_or("-".into(), |h| h.to_string()),
+                r.state.clone(),
+                e.api.display().to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        blip_vmm::cli::table(
+            &["NAME", "PID", "VCPUS", "MEM", "HEARTBEATS", "STATE", "API"],
+            &cells,
+            &[false, true, true, true, true, false, false],
+        )
     );
-    for r in &rows {
-        let e = &r.entry;
-        println!(
-            "{:<24} {:>8} {:>5} {:>6}Mi {:>12} {:<14} {}",
-            e.name,
-            e.pid,
-            e.vcpus,
-            e.mem_size >> 20,
-            r.heartbeats.map_or("-".into(), |h| h.to_string()),
-            r.state,
-            e.api.display()
-        );
-    }
     if rows.is_empty() {
         eprintln!(
             "blip: no guests registered in {}",
@@ -684,7 +689,9 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
                 p.predicted_blackout_ns as f64 / 1e3
             );
             if tty {
-                eprint!("\r{line}");
+                // Clear to the end of the line: a shorter line must not keep the tail of the
+                // one before ("… us us").
+                eprint!("\r{line}\x1b[K");
             } else {
                 eprintln!("{line}");
             }

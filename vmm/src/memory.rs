@@ -36,7 +36,7 @@ pub const MIN_MEM: u64 = 2 << 20;
 /// How guest RAM is backed on the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backing {
-    /// Private anonymous memory (the default).
+    /// Private anonymous memory.
     Anon,
     /// A memfd mapped shared (what a migration destination and RDMA registration want).
     Memfd,

@@ -154,20 +154,28 @@ pub fn run(
                 println!("{v}");
                 return Ok(0);
             }
-            println!(
-                "{:<24} {:>8} {:>5} {:>8} STATE",
-                "NAME", "PID", "VCPUS", "MEM"
+            let cells: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| {
+                    vec![
+                        g["name"].as_str().unwrap_or("?").to_string(),
+                        g["pid"].to_string(),
+                        g["vcpus"].to_string(),
+                        mib(&g["mem_size"]),
+                        g["state"].as_str().unwrap_or("?").to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                blip_vmm::cli::table(
+                    &["NAME", "PID", "VCPUS", "MEM", "STATE"],
+                    &cells,
+                    &[false, true, true, true, false]
+                )
             );
-            for g in v.as_array().into_iter().flatten() {
-                println!(
-                    "{:<24} {:>8} {:>5} {:>8} {}",
-                    g["name"].as_str().unwrap_or("?"),
-                    g["pid"].to_string(),
-                    g["vcpus"].to_string(),
-                    mib(&g["mem_size"]),
-                    g["state"].as_str().unwrap_or("?")
-                );
-            }
             Ok(0)
         }
         HostCmd::Guest { name } => {
@@ -232,26 +240,34 @@ pub fn run(
                 println!("{v}");
                 return Ok(0);
             }
-            println!(
-                "{:<20} {:<24} {:<28} {:>12}  RESULT",
-                "ENDED", "GUEST", "TO", "BLACKOUT"
+            let cells: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        r["ended"].to_string(),
+                        r["guest"].as_str().unwrap_or("?").to_string(),
+                        r["to"].as_str().unwrap_or("?").to_string(),
+                        r["report"]["blackout_ns"]
+                            .as_u64()
+                            .map_or("-".into(), |b| format!("{:.1} us", b as f64 / 1e3)),
+                        if r["ok"].as_bool() == Some(true) {
+                            "ok".to_string()
+                        } else {
+                            format!("FAILED: {}", r["error"].as_str().unwrap_or("?"))
+                        },
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                blip_vmm::cli::table(
+                    &["ENDED", "GUEST", "TO", "BLACKOUT", "RESULT"],
+                    &cells,
+                    &[false, false, false, true, false]
+                )
             );
-            for r in v.as_array().into_iter().flatten() {
-                println!(
-                    "{:<20} {:<24} {:<28} {:>12}  {}",
-                    r["ended"].to_string(),
-                    r["guest"].as_str().unwrap_or("?"),
-                    r["to"].as_str().unwrap_or("?"),
-                    r["report"]["blackout_ns"]
-                        .as_u64()
-                        .map_or("-".into(), |b| format!("{:.1} us", b as f64 / 1e3)),
-                    if r["ok"].as_bool() == Some(true) {
-                        "ok".to_string()
-                    } else {
-                        format!("FAILED: {}", r["error"].as_str().unwrap_or("?"))
-                    }
-                );
-            }
             Ok(0)
         }
     }

@@ -41,6 +41,7 @@ pub struct Request {
 pub struct Response {
     pub status: u16,
     pub body: String,
+    pub content_type: &'static str,
 }
 
 impl Response {
@@ -49,6 +50,16 @@ impl Response {
         Response {
             status,
             body: serde_json::to_string(value).unwrap_or_else(|_| "null".into()),
+            content_type: "application/json",
+        }
+    }
+
+    /// `status` with a body of type `content_type`.
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Response {
+        Response {
+            status,
+            body,
+            content_type,
         }
     }
 
@@ -176,9 +187,10 @@ pub fn read_request(
 /// Writes `resp` as an HTTP/1.1 reply.
 pub fn write_response(w: &mut dyn Write, resp: &Response) -> std::io::Result<()> {
     let text = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         resp.status,
         reason(resp.status),
+        resp.content_type,
         resp.body.len(),
         resp.body
     );
@@ -203,15 +215,74 @@ pub fn serve(path: &Path, handler: Handler) -> Result<(), HostError> {
     let listen_err = |e| HostError::Listen(path.display().to_string(), e);
     let listener = UnixListener::bind(path).map_err(listen_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    accept_loop(
+        "host-api",
+        std::iter::from_fn(move || Some(listener.accept().map(|(c, _)| c))),
+        handler,
+    )?;
+    Ok(())
+}
+
+/// Serves plain HTTP on `addr` (the metrics port) with the same limits as the API socket.
+pub fn serve_tcp(addr: &str, handler: Handler) -> Result<std::net::SocketAddr, HostError> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| HostError::Listen(addr.to_string(), e))?;
+    let local = listener.local_addr()?;
+    accept_loop(
+        "host-metrics",
+        std::iter::from_fn(move || Some(listener.accept().map(|(c, _)| c))),
+        handler,
+    )?;
+    Ok(local)
+}
+
+/// A connection either door serves.
+trait Conn: Read + Write + Send + Sized + 'static {
+    fn dup(&self) -> std::io::Result<Self>;
+    fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+    fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Conn for UnixStream {
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(d)
+    }
+    fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(d)
+    }
+}
+
+impl Conn for std::net::TcpStream {
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(d)
+    }
+    fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(d)
+    }
+}
+
+/// Accepts forever on a thread named `name`: one thread per connection, at most
+/// [`MAX_CONNECTIONS`] at once (more are answered 503).
+fn accept_loop<C: Conn>(
+    name: &str,
+    incoming: impl Iterator<Item = std::io::Result<C>> + Send + 'static,
+    handler: Handler,
+) -> std::io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
-        .name("host-api".into())
+        .name(name.into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for conn in incoming.flatten() {
                 if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
                     open.fetch_sub(1, Ordering::AcqRel);
                     let mut c = conn;
-                    let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = c.write_timeout(Some(Duration::from_secs(1)));
                     let _ = write_response(
                         &mut c,
                         &Response::error(503, "busy: too many host API connections; try again"),
@@ -233,18 +304,18 @@ pub fn serve(path: &Path, handler: Handler) -> Result<(), HostError> {
     Ok(())
 }
 
-fn handle(conn: UnixStream, handler: &Handler) {
-    let mut out = match conn.try_clone() {
+fn handle<C: Conn>(conn: C, handler: &Handler) {
+    let mut out = match conn.dup() {
         Ok(c) => c,
         Err(_) => return,
     };
-    let _ = out.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = out.write_timeout(Some(Duration::from_secs(10)));
     let mut input = conn;
-    let c2 = match input.try_clone() {
+    let c2 = match input.dup() {
         Ok(c) => c,
         Err(_) => return,
     };
-    let mut set = |d: Duration| c2.set_read_timeout(Some(d));
+    let mut set = |d: Duration| c2.read_timeout(Some(d));
     let resp = match read_request(&mut input, Instant::now() + REQUEST_DEADLINE, &mut set) {
         Ok(req) => handler(&req),
         Err(ParseError::Empty) => return,

@@ -23,7 +23,10 @@
 //! `live/<guest>.json` (the progress of a migration under way, for `GET /guests/NAME`).
 
 pub mod client;
+pub mod config;
 pub mod http;
+pub mod metrics;
+pub mod notify;
 pub mod service;
 
 use std::io::Write;
@@ -74,7 +77,8 @@ pub fn log_of(name: &str) -> PathBuf {
     dir().join("logs").join(format!("{name}.log"))
 }
 
-fn migrations_file() -> PathBuf {
+/// `migrations.jsonl`.
+pub fn migrations_file() -> PathBuf {
     dir().join("migrations.jsonl")
 }
 
@@ -86,6 +90,10 @@ pub const KEEP_MIGRATIONS: usize = 100;
 pub struct Record {
     /// Seconds since the epoch when it ended.
     pub ended: u64,
+    /// Nanoseconds since the epoch when it ended (0 in records of older blips): how the
+    /// metrics tell new records from old ones after the file was rewritten.
+    #[serde(default)]
+    pub ended_ns: u64,
     pub guest: String,
     pub to: String,
     pub ok: bool,
@@ -98,11 +106,12 @@ pub struct Record {
 /// Appends a migration record to this host's history (best effort: a host without a usable
 /// run directory just keeps none).
 pub fn record(guest: &str, to: &str, result: Result<(), &str>, report: Option<&Report>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let r = Record {
-        ended: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        ended: now.as_secs(),
+        ended_ns: now.as_nanos() as u64,
         guest: guest.into(),
         to: to.into(),
         ok: result.is_ok(),

@@ -12,6 +12,7 @@
 //! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false}` | 202; marks the host drained and moves every guest |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
+//! | `GET /metrics` | Prometheus text 0.0.4 (see [`super::metrics`]); also on `--metrics-listen` |
 //!
 //! Guests are children of the service but independent of it: each runs in its own session
 //! (`setsid`, so no terminal's SIGHUP or SIGINT reaches it), writes to its own log file, and
@@ -40,7 +41,7 @@ use blip_vmm::registry::{self, Entry};
 use serde_json::{json, Value};
 
 use super::http::{self, Request, Response};
-use super::HostError;
+use super::{metrics, HostError};
 use crate::drain::{self, DrainOptions, Rows};
 use crate::Failure;
 
@@ -82,6 +83,10 @@ struct Host {
     drain_rows: Rows,
     drain_running: AtomicBool,
     peers: AtomicUsize,
+    /// Migrations off this host, folded from its records at each scrape.
+    outgoing: Mutex<metrics::Outgoing>,
+    /// Migrations into this host: receivers started, guests arrived, receivers that died.
+    in_counts: Mutex<metrics::Counts>,
 }
 
 fn drained_flag() -> PathBuf {
@@ -126,9 +131,15 @@ impl Host {
     fn incoming(&self) -> Vec<(String, u64, u32)> {
         let registered = registry::list();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.in_counts.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|name, r| {
-            registry::pid_alive(r.pid)
-                && !registered.iter().any(|e| &e.name == name && e.pid == r.pid)
+            let arrived = registered.iter().any(|e| &e.name == name && e.pid == r.pid);
+            if arrived {
+                counts.succeeded += 1;
+            } else if !registry::pid_alive(r.pid) {
+                counts.failed += 1;
+            }
+            registry::pid_alive(r.pid) && !arrived
         });
         p.iter()
             .map(|(n, r)| (n.clone(), r.mem_size, r.vcpus))
@@ -362,6 +373,10 @@ fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Resu
                 vcpus,
             },
         );
+        h.in_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .started += 1;
         eprintln!("blip host: receiver for {name} (pid {pid}) listens on {url}");
         reap(
             name.to_string(),
@@ -604,6 +619,33 @@ fn run_guest(body: &Value) -> Response {
     }
 }
 
+/// `GET /metrics`.
+fn scrape(h: &Host) -> Response {
+    let incoming_running = h.incoming().len() as u64;
+    let guests = registry::list();
+    let out_running = guests
+        .iter()
+        .filter(|g| {
+            h.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&g.name)
+                || super::read_live(&g.name).is_some()
+        })
+        .count() as u64;
+    let mut out = h.outgoing.lock().unwrap_or_else(|e| e.into_inner());
+    out.update();
+    let text = metrics::render(&metrics::Snapshot {
+        out: &out,
+        out_running,
+        incoming: *h.in_counts.lock().unwrap_or_else(|e| e.into_inner()),
+        incoming_running,
+        guests: guests.len() as u64,
+        drained: h.drained.load(Ordering::Relaxed),
+    });
+    Response::text(200, metrics::CONTENT_TYPE, text)
+}
+
 fn route(h: &Arc<Host>, req: &Request) -> Response {
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -663,10 +705,13 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
                 .min(super::KEEP_MIGRATIONS);
             Response::json(200, &super::migrations(n))
         }
-        (_, ["host" | "guests" | "drain" | "undrain" | "migrations", ..]) => Response::error(
-            405,
-            format!("{} {} is not a host API request", req.method, path),
-        ),
+        ("GET", ["metrics"]) => scrape(h),
+        (_, ["host" | "guests" | "drain" | "undrain" | "migrations" | "metrics", ..]) => {
+            Response::error(
+                405,
+                format!("{} {} is not a host API request", req.method, path),
+            )
+        }
         _ => Response::error(404, format!("no such host API path {path}")),
     }
 }
@@ -677,12 +722,21 @@ pub fn serve(
     api: &Option<PathBuf>,
     stop: &'static AtomicBool,
 ) -> Result<i32, Failure> {
+    let (a, api) = match &a.config {
+        Some(path) => super::config::merge(a, api, super::config::load(path)?),
+        None => (a.clone(), api.clone()),
+    };
+    let Some(listen) = a.listen.clone() else {
+        return Err(Failure(
+            "name the address other hosts reach this one at: --listen tcp://ADDR:PORT (or listen = ... in --config)".into(),
+        ));
+    };
     let key_path = a.auth.resolve().map_err(Failure)?;
     let key = key_path.as_deref().map(Key::load).transpose()?;
-    let ports = parse_ports(&a.ports)?;
-    let ep = Endpoint::from_str(&a.listen)?;
+    let ports = parse_ports(a.ports.as_deref().unwrap_or("7100-7199"))?;
+    let ep = Endpoint::from_str(&listen)?;
     let rdma = matches!(ep, Endpoint::Rdma(_));
-    let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(a.listen.clone(), e))?;
+    let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(listen.clone(), e))?;
     let local = listener.local_addr().map_err(HostError::Io)?;
     registry::create_private_dir(&super::dir())?;
     let h = Arc::new(Host {
@@ -700,12 +754,30 @@ pub fn serve(
         drain_rows: Arc::default(),
         drain_running: AtomicBool::new(false),
         peers: AtomicUsize::new(0),
+        outgoing: Mutex::new(metrics::Outgoing::from_now()),
+        in_counts: Mutex::default(),
     });
     let sock = api.clone().unwrap_or_else(super::default_api);
     let h2 = h.clone();
     http::serve(&sock, Arc::new(move |req: &Request| route(&h2, req)))?;
+    let metrics_at = match &a.metrics_listen {
+        Some(addr) => {
+            let h3 = h.clone();
+            let local = http::serve_tcp(
+                addr,
+                Arc::new(
+                    move |req: &Request| match (req.method.as_str(), req.path.as_str()) {
+                        ("GET", "/metrics") => scrape(&h3),
+                        _ => Response::error(404, "only GET /metrics here"),
+                    },
+                ),
+            )?;
+            format!(", metrics on http://{local}/metrics")
+        }
+        None => String::new(),
+    };
     eprintln!(
-        "blip host: serving {} on {} (receivers on ports {}-{}, at most {} incoming), host API on {}{}",
+        "blip host: serving {} on {} (receivers on ports {}-{}, at most {} incoming), host API on {}{metrics_at}{}",
         hostname(),
         h.listen,
         ports.0,
@@ -715,6 +787,7 @@ pub fn serve(
         if h.drained.load(Ordering::Relaxed) { "; DRAINED" } else { "" }
     );
     listener.set_nonblocking(true).map_err(HostError::Io)?;
+    super::notify::notify_or_log("READY=1");
     while !stop.load(Ordering::Relaxed) {
         let (c, from) = match listener.accept() {
             Ok(x) => x,
@@ -747,6 +820,7 @@ pub fn serve(
             h.peers.fetch_sub(1, Ordering::AcqRel);
         }
     }
+    super::notify::notify_or_log("STOPPING=1");
     let _ = std::fs::remove_file(&sock);
     eprintln!(
         "blip host: stopped; {} guest(s) keep running (a restarted service finds them)",

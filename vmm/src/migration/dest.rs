@@ -177,9 +177,9 @@ fn accept_source(
                 return Err(e.into());
             }
         };
-        if !allowed(&cfg.allow, peer.ip()) {
+        let allowed_peer = allowed(&cfg.allow, peer.ip());
+        if !allowed_peer {
             eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
-            continue;
         }
         if hearing.load(std::sync::atomic::Ordering::Acquire) >= MAX_HANDSHAKES {
             eprintln!(
@@ -188,6 +188,21 @@ fn accept_source(
             continue;
         }
         hearing.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if !allowed_peer {
+            // Say why before closing: a bare close with the source's Hello unread resets the
+            // connection, and the source could only print "Connection reset by peer".
+            let mine = hearing.clone();
+            let spawned = std::thread::Builder::new()
+                .name("mig-refuse".into())
+                .spawn(move || {
+                    refuse_not_allowed(c);
+                    mine.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                hearing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            continue;
+        }
         let (tx, key, mine) = (tx.clone(), cfg.key.clone(), hearing.clone());
         let spawned = std::thread::Builder::new()
             .name("mig-session".into())
@@ -210,6 +225,31 @@ fn accept_source(
     };
     listener.set_nonblocking(false)?;
     Ok(won)
+}
+
+/// Tells a peer outside --allow so (Refuse "not allowed"), then reads what it sent until it
+/// closes (bounded in bytes and time), so the close is orderly and the Refuse arrives.
+fn refuse_not_allowed(mut c: TcpStream) {
+    use std::io::Read;
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let refuse = Message::Refuse {
+        reason: "not allowed (this receiver's --allow does not include the source's address)"
+            .into(),
+    };
+    if protocol::write_message(&mut c, &refuse).is_err() {
+        return;
+    }
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
 }
 
 /// One candidate source: socket set-up and the session.
