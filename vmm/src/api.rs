@@ -421,11 +421,30 @@ fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
     {
         return;
     }
-    for reply in rx {
+    let mut next = rx.recv().ok();
+    while let Some(reply) = next.take() {
+        // A client that reads slower than progress comes (a loaded host, a slow terminal)
+        // gets the latest progress, not a backlog: the final reply then never waits behind
+        // thousands of stale lines when the process is about to exit.
+        let (reply, after) = latest_progress(reply, &rx);
         if send(&mut out, &reply).is_err() {
             return;
         }
+        next = after.or_else(|| rx.recv().ok());
     }
+}
+
+/// When `reply` is progress, skips to the newest progress already queued behind it. Returns
+/// the reply to send and the first queued reply that is not progress, if one was reached.
+fn latest_progress(mut reply: Reply, rx: &Receiver<Reply>) -> (Reply, Option<Reply>) {
+    while matches!(reply, Reply::Progress(_)) {
+        match rx.try_recv() {
+            Ok(r @ Reply::Progress(_)) => reply = r,
+            Ok(other) => return (reply, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (reply, None)
 }
 
 /// Writes one reply line.
@@ -624,6 +643,30 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
         assert!(matches!(r, Request::Status));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn queued_progress_collapses_to_the_latest_and_keeps_the_final_reply() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let progress = |round| {
+            Reply::Progress(Progress {
+                round,
+                ..Default::default()
+            })
+        };
+        for r in 1..=1000 {
+            tx.send(progress(r)).unwrap();
+        }
+        tx.send(Reply::error("done")).unwrap();
+        let first = rx.recv().unwrap();
+        let (sent, after) = latest_progress(first, &rx);
+        assert!(matches!(
+            sent,
+            Reply::Progress(Progress { round: 1000, .. })
+        ));
+        assert!(matches!(after, Some(Reply::Error { .. })));
+        let (sent, after) = latest_progress(Reply::error("x"), &rx);
+        assert!(matches!(sent, Reply::Error { .. }) && after.is_none());
     }
 
     #[test]

@@ -293,7 +293,7 @@ fn serve_vm(
                         });
                         drop(req);
                         vm.shutdown();
-                        server.drain(Duration::from_secs(5));
+                        server.drain(Duration::from_secs(30));
                         return Ok(0);
                     }
                 }
@@ -342,7 +342,7 @@ fn serve_vm(
                                 drop(req);
                                 vm.shutdown();
                                 report_heartbeats(&vm);
-                                server.drain(Duration::from_secs(5));
+                                server.drain(Duration::from_secs(30));
                                 return Ok(0);
                             }
                             eprintln!(
@@ -399,7 +399,7 @@ fn serve_vm(
                             drop(reply);
                             drop(req);
                             vm.shutdown();
-                            server.drain(Duration::from_secs(5));
+                            server.drain(Duration::from_secs(30));
                             return Ok(0);
                         }
                         Err(e) => {
