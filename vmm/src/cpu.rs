@@ -82,11 +82,6 @@ pub fn cpuid_for(base: &CpuId, index: u8, count: u8, tsc_khz: u32) -> CpuId {
                 e.ecx |= 1 << 31; // running under a hypervisor
             }
             0xb | 0x1f => e.edx = u32::from(index),
-            // Invariant TSC: the guest's TSC is the host's (offset, and scaled to `tsc_khz`
-            // where KVM can), which runs at a constant rate. Without it Linux on an AMD CPU
-            // model with more than one CPU marks the TSC unstable at boot ("TSCs
-            // unsynchronized") whatever the TSC values are.
-            0x8000_0007 => e.edx |= 1 << 8,
             0x4000_0000 => e.eax = e.eax.max(CPUID_TSC_LEAF),
             CPUID_TSC_LEAF => {
                 has_tsc_leaf = true;
@@ -412,7 +407,11 @@ mod tests {
         assert!(s.iter().any(|e| e.function == 0xd && e.index == 2));
         assert_eq!(guest_xcr0(&c), 0x7);
         let ext = s.iter().find(|e| e.function == 0x8000_0007).unwrap();
-        assert_eq!(ext.edx & (1 << 8), 1 << 8, "invariant TSC");
+        assert_eq!(
+            ext.edx & (1 << 8),
+            0,
+            "no invariant TSC: kvm-clock stays the clocksource"
+        );
 
         // With PKU advertised the component stays and the size covers it.
         let mut l7 = leaf(7, 0);
