@@ -7,9 +7,9 @@
 # `blip-linux-guest hb-check` judges the heartbeats: counter without holes, clocks forward,
 # largest gap.
 #
-# blip has no console input: the scenarios cannot type `check` on the guest's console. They
-# rely on the periodic checks and end the guest with `blip check` (when the workload found the
-# info page; else they kill blip and say `end=killed`).
+# linux-boot-workload types `check` on the guest's console with `blip console` and requires
+# the workload's `CHECK OK <k> full console`. The scenarios end the guest with `blip check`
+# (when the workload found the info page; else they kill blip and say `end=killed`).
 #
 # linux-boot-workload  a: 1 vCPU, b: 2 vCPUs. Marker with the right vCPU count, 10 heartbeats,
 #                      a clean console; reports the wall time from `blip run` to the marker.
@@ -177,6 +177,26 @@ linux_end() {
     fi
 }
 
+# Types `check` on the console of the guest of api $1 (process $2, serial $3) with
+# `blip console` and waits (30 s) for the workload's full console check. Sets LINUX_CONSOLE:
+# ok, failed (CHECK FAILED), none (no check line), or "refused: <blip's message>".
+linux_console_check() {
+    if ! timeout 30 blip console --api "$1" --send check >/tmp/linux-console.out 2>&1; then
+        LINUX_CONSOLE="refused: $(head -n 1 /tmp/linux-console.out)"
+        return 1
+    fi
+    if ! linux_wait "$3" 'CHECK (OK|FAILED) [0-9]+ full console' 30 "$2"; then
+        LINUX_CONSOLE=none
+        return 1
+    fi
+    if grep -aqE 'CHECK OK [0-9]+ full console' "$3"; then
+        LINUX_CONSOLE=ok
+        return 0
+    fi
+    LINUX_CONSOLE=failed
+    return 1
+}
+
 # a: 1 vCPU, b: 2 vCPUs, in parallel.
 _linux_boot_workload() {
     name=linux-boot-workload
@@ -206,17 +226,24 @@ _linux_boot_workload() {
     w=$?
     hb10_ms=$(ms_since "$LINUX_T0")
     hb=$(blip-linux-guest hb-check --min-beats 11 "$s")
+    cc=skipped
+    if [ "$w" = 0 ]; then
+        linux_console_check /tmp/lbw.sock "$pid" "$s"
+        cc=$LINUX_CONSOLE
+    fi
     linux_end /tmp/lbw.sock "$pid" "$s"
     show blip-run "$s.out"
     linux_show "$s" 40 console
     bad=$(linux_bad "$s")
     vc=no
     echo "$marker" | grep -q "vcpus=$v " && vc=yes
-    summary="vcpus=$v up_ms=$up_ms hb10_ms=$hb10_ms end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|max_gap_ms)=' | tr '\n' ' ')"
+    summary="vcpus=$v up_ms=$up_ms hb10_ms=$hb10_ms console_check=$cc end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|max_gap_ms)=' | tr '\n' ' ')"
     if [ "$w" != 0 ]; then
         result "$name" FAIL "$summary $(linux_why "$w" "10 heartbeats" 60 "$pid")"
     elif [ "$vc" != yes ]; then
         result "$name" FAIL "$summary marker says: $marker"
+    elif [ "$cc" != ok ]; then
+        result "$name" FAIL "$summary no CHECK OK full console after blip console --send check"
     elif [ -n "$bad" ]; then
         result "$name" FAIL "$summary console: $(echo "$bad" | head -n 1)"
     else

@@ -4,6 +4,10 @@
 # virtio-net wire and nothing else. They synchronise through flags: each host serves /sync
 # over busybox httpd on port 8080 (busybox wget -T segfaults: use timeout); `mark NAME VALUE` publishes a flag, `wait_peer NAME SECS`
 # polls the peer's flag and prints its value.
+#
+# Every wait here is a deadline in seconds of uptime (`deadline SECS`, then `past DEADLINE`),
+# not a count of loop turns: a turn can itself wait (a `wget` of a silent peer, a `ping`), so
+# counting turns made a 120 s wait last up to 22 minutes.
 
 MODULES_LIST=/softroce/modules.list
 SYNC_PORT=8080
@@ -16,6 +20,16 @@ uptime_s() { cut -d' ' -f1 /proc/uptime; }
 # Centiseconds since boot (for durations; /proc/uptime has 10 ms resolution).
 now_cs() { awk '{ split($1, t, "."); print t[1] * 100 + t[2] }' /proc/uptime; }
 ms_since() { echo $((($(now_cs) - $1) * 10)); }
+# The uptime (in centiseconds) $1 seconds from now, and whether it has come.
+deadline() { echo $(($(now_cs) + $1 * 100)); }
+past() { [ "$(now_cs)" -ge "$1" ]; }
+# Whole seconds left before deadline $1, at least 1 and at most $2.
+secs_left() {
+    l=$((($1 - $(now_cs) + 99) / 100))
+    [ "$l" -gt "$2" ] && l=$2
+    [ "$l" -lt 1 ] && l=1
+    echo "$l"
+}
 
 log() { echo "SR[$HOST $(uptime_s)] $*"; }
 result() {
@@ -31,16 +45,17 @@ result() {
 
 mark() { echo "$2" >"/sync/$1.tmp" && mv "/sync/$1.tmp" "/sync/$1"; }
 wait_peer() {
-    n=0
-    while [ "$n" -lt "$(($2 * 2))" ]; do
-        if timeout 5 wget -q -O /tmp/peer-flag "http://$PEER:$SYNC_PORT/$1" 2>/dev/null; then
+    wp_end=$(deadline "$2")
+    while :; do
+        # One try never outlasts the deadline (nor 5 s: a peer that powered off never answers).
+        if timeout "$(secs_left "$wp_end" 5)" wget -q -O /tmp/peer-flag \
+            "http://$PEER:$SYNC_PORT/$1" 2>/dev/null; then
             cat /tmp/peer-flag
             return 0
         fi
+        past "$wp_end" && return 1
         sleep 0.5
-        n=$((n + 1))
     done
-    return 1
 }
 
 # Print a file to the console, each line prefixed, so the log shows the evidence.
@@ -63,8 +78,8 @@ setup_host() {
     done <"$MODULES_LIST"
     log "modules: $MODS_OK loaded, failed:${MODS_FAILED:- none} ($(ms_since "$t0") ms)"
     ip link set lo up
-    n=0
-    while [ ! -e /sys/class/net/eth0 ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    d=$(deadline 10)
+    while [ ! -e /sys/class/net/eth0 ] && ! past "$d"; do sleep 0.1; done
     ip link set eth0 up
     ip addr add "$ME/16" dev eth0
     mkdir -p /sync
@@ -75,10 +90,10 @@ setup_host() {
 scenario_boot() {
     t0=$(now_cs)
     addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}')
-    ok=0 n=0
-    while [ "$n" -lt 180 ]; do
+    ok=0
+    d=$(deadline 180)
+    while ! past "$d"; do
         if ping -c 1 -W 1 "$PEER" >/tmp/ping.out 2>&1; then ok=1; break; fi
-        n=$((n + 1))
     done
     [ "$ok" = 1 ] && ping -c 3 -W 2 "$PEER" >/tmp/ping.out 2>&1
     show ping /tmp/ping.out
@@ -226,8 +241,8 @@ scenario_linux_boot() {
 # /proc/net/tcp lists the port in hex; state 0A = LISTEN.
 tcp_listening() { grep -qi ":$(printf '%04X' "$1") 00000000:0000 0A" /proc/net/tcp; }
 wait_file() {
-    n=0
-    while [ ! -e "$1" ] && [ "$n" -lt "$(($2 * 10))" ]; do sleep 0.1; n=$((n + 1)); done
+    wf_end=$(deadline "$2")
+    while [ ! -e "$1" ] && ! past "$wf_end"; do sleep 0.1; done
     [ -e "$1" ]
 }
 
@@ -260,8 +275,8 @@ mig_ready() {
 
 # Gives process $1 up to $2 seconds to exit by itself, then kills it; returns its status.
 reap() {
-    n=0
-    while kill -0 "$1" 2>/dev/null && [ "$n" -lt "$(($2 * 10))" ]; do sleep 0.1; n=$((n + 1)); done
+    rp_end=$(deadline "$2")
+    while kill -0 "$1" 2>/dev/null && ! past "$rp_end"; do sleep 0.1; done
     kill "$1" 2>/dev/null
     wait "$1"
 }
@@ -274,10 +289,9 @@ start_receive() {
     timeout 600 blip receive --listen "$proto://$ME:$rport" --serial "$rserial" --api "$rapi" "$@" \
         >"$rserial.out" 2>&1 &
     RECV_PID=$!
-    n=0
-    while ! tcp_listening "$rport" && kill -0 "$RECV_PID" 2>/dev/null && [ "$n" -lt 300 ]; do
+    d=$(deadline 30)
+    while ! tcp_listening "$rport" && kill -0 "$RECV_PID" 2>/dev/null && ! past "$d"; do
         sleep 0.1
-        n=$((n + 1))
     done
     tcp_listening "$rport"
 }
@@ -477,12 +491,11 @@ scenario_fault() {
         mpid=$!
         t1=$(now_cs)
         round=""
-        n=0
-        while kill -0 "$mpid" 2>/dev/null && [ "$n" -lt 3000 ]; do
+        d=$(deadline 300)
+        while kill -0 "$mpid" 2>/dev/null && ! past "$d"; do
             round=$(precopy_round /tmp/f-mig.out)
             [ -n "$round" ] && [ "$round" -ge 1 ] && break
             sleep 0.1
-            n=$((n + 1))
         done
         [ -n "$round" ] || round=$(precopy_round /tmp/f-mig.out)
         if [ -n "$round" ] && [ "$round" -ge 1 ] && kill -0 "$mpid" 2>/dev/null; then

@@ -9,6 +9,7 @@
 //! | `{"cmd":"cancel"}` | one `{"event":"ok","message":"..."}` (a running migration stops in pre-copy) or an error |
 //! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines ([`Progress`]), then `{"event":"done","report":{...}}` ([`Report`]) or `{"event":"error","message":"..."}` |
 //! | `{"cmd":"snapshot","path":"/abs/file","stop":false}` | one `{"event":"done","snapshot":{...}}` ([`Saved`]) or an error (see [`crate::snapshot`]) |
+//! | `{"cmd":"console","input":"check\n"}` | one `{"event":"ok"}` once the bytes sit in COM1's receive FIFO (at most [`MAX_CONSOLE_INPUT`]), or an error (FIFO full: try again) |
 //!
 //! Any request may be answered by `{"event":"error","message":"..."}`, always its last line.
 //!
@@ -52,7 +53,16 @@ pub enum Request {
     Resolve {
         resume: bool,
     },
+    /// Types `input` on the guest's console: the bytes go into COM1's receive FIFO, all or
+    /// none, and the UART raises its data-received interrupt.
+    Console {
+        input: String,
+    },
 }
+
+/// The most bytes one `console` request carries: the UART's receive FIFO (a guest drains it
+/// within one interrupt; longer input goes in several requests).
+pub const MAX_CONSOLE_INPUT: usize = 64;
 
 /// A reply on the control socket (one JSON line each, tagged by `event`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -199,6 +209,8 @@ pub enum ApiError {
         "snapshot path {0} is relative; send an absolute path (blip has its own working directory)"
     )]
     RelativePath(PathBuf),
+    #[error("console input is empty or longer than {0} bytes (the UART's FIFO); send it in parts")]
+    ConsoleInput(usize),
 }
 
 /// The longest request line the server reads (requests are small JSON objects).
@@ -372,6 +384,11 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             return Err(ApiError::RelativePath(path.clone()));
         }
     }
+    if let Request::Console { input } = &request {
+        if input.is_empty() || input.len() > MAX_CONSOLE_INPUT {
+            return Err(ApiError::ConsoleInput(MAX_CONSOLE_INPUT));
+        }
+    }
     Ok(request)
 }
 
@@ -530,9 +547,11 @@ enum Patience {
 impl Patience {
     fn of(request: &Request) -> Patience {
         match request {
-            Request::Status | Request::Check | Request::Cancel | Request::Resolve { .. } => {
-                Patience::Whole(Duration::from_secs(5))
-            }
+            Request::Status
+            | Request::Check
+            | Request::Cancel
+            | Request::Resolve { .. }
+            | Request::Console { .. } => Patience::Whole(Duration::from_secs(5)),
             // Pausing the guest and writing (and syncing) all of its memory.
             Request::Snapshot { .. } => Patience::Whole(Duration::from_secs(300)),
             // Progress comes every 50 ms in pre-copy; the silent stretches (connecting,
@@ -728,6 +747,17 @@ mod tests {
             decode_request(b"{\"cmd\":\"status\"}\xff"),
             Err(ApiError::NotUtf8)
         ));
+        assert!(matches!(
+            decode_request(br#"{"cmd":"console","input":"check\n"}"#),
+            Ok(Request::Console { input }) if input == "check\n"
+        ));
+        for bad in [String::new(), "x".repeat(MAX_CONSOLE_INPUT + 1)] {
+            let line = serde_json::to_vec(&Request::Console { input: bad }).unwrap();
+            assert!(matches!(
+                decode_request(&line),
+                Err(ApiError::ConsoleInput(MAX_CONSOLE_INPUT))
+            ));
+        }
         let long = vec![b' '; MAX_REQUEST + 1];
         assert!(matches!(decode_request(&long), Err(ApiError::TooLong(_))));
         assert!(matches!(

@@ -51,6 +51,8 @@ pub enum Cmd {
         #[arg(long, value_name = "SOCKET")]
         api: PathBuf,
     },
+    /// Type a line on a running blip's guest console (COM1 input), e.g. `--send check`.
+    Console(ConsoleArgs),
     /// Pause a running blip's guest, write it to a snapshot file, then resume it (or stop it).
     Snapshot(SnapshotArgs),
     /// End an in-doubt handover on one side: resume the paused guest here, or discard it.
@@ -817,4 +819,29 @@ pub struct HostDrainArgs {
     pub verify: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `blip console`: input for the guest's console.
+#[derive(Args, Debug, Clone)]
+pub struct ConsoleArgs {
+    /// Control socket of the running blip.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: PathBuf,
+    /// The text to type (at most 64 bytes with its newline: the UART's FIFO).
+    #[arg(long, value_name = "TEXT")]
+    pub send: String,
+    /// Send TEXT as it is, without the newline that ends a command line.
+    #[arg(long)]
+    pub no_newline: bool,
+}
+
+impl ConsoleArgs {
+    /// The bytes the guest receives.
+    pub fn input(&self) -> String {
+        if self.no_newline {
+            self.send.clone()
+        } else {
+            format!("{}\n", self.send)
+        }
+    }
 }

@@ -98,7 +98,102 @@ pub fn cpuid_for(base: &CpuId, index: u8, count: u8, tsc_khz: u32) -> CpuId {
             ..Default::default()
         });
     }
+    xsave_consistent(&mut entries);
     CpuId::from_entries(&entries).unwrap_or_else(|_| base.clone())
+}
+
+/// XSAVE state components (bit of XCR0) and the feature flag that must be advertised for the
+/// guest to use them: (component bits, leaf, register index 1=EBX 2=ECX 3=EDX, feature bit).
+const XSAVE_FEATURES: [(u64, u32, u8, u32); 5] = [
+    (1 << 2, 1, 2, 28),                         // AVX: leaf 1 ECX.AVX
+    ((1 << 3) | (1 << 4), 7, 1, 14),            // MPX: leaf 7 EBX.MPX
+    ((1 << 5) | (1 << 6) | (1 << 7), 7, 1, 16), // AVX-512: leaf 7 EBX.AVX512F
+    (1 << 9, 7, 2, 3),                          // PKRU: leaf 7 ECX.PKU
+    ((1 << 17) | (1 << 18), 7, 3, 24),          // AMX: leaf 7 EDX.AMX-TILE
+];
+
+/// Makes leaf 0xD agree with the rest of the CPUID: a state component whose feature the
+/// guest is not told about leaves the XCR0 mask (0xD.0 EAX/EDX) and loses its sub-leaf, and
+/// the sizes in 0xD.0 EBX/ECX are recomputed from the sub-leaves that remain. Linux checks
+/// the size it adds up from the sub-leaves against 0xD.0 EBX and warns at boot when they
+/// differ.
+fn xsave_consistent(entries: &mut Vec<kvm_bindings::kvm_cpuid_entry2>) {
+    let reg = |leaf: u32, r: u8| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0)
+            .map(|e| match r {
+                1 => e.ebx,
+                2 => e.ecx,
+                _ => e.edx,
+            })
+            .unwrap_or(0)
+    };
+    let mut drop = 0u64;
+    for (bits, leaf, r, bit) in XSAVE_FEATURES {
+        if reg(leaf, r) & (1 << bit) == 0 {
+            drop |= bits;
+        }
+    }
+    entries.retain(|e| {
+        !(e.function == 0xd && e.index >= 2 && e.index < 64 && drop & (1 << e.index) != 0)
+    });
+    let Some(i) = entries
+        .iter()
+        .position(|e| e.function == 0xd && e.index == 0)
+    else {
+        return;
+    };
+    let mask = (u64::from(entries[i].edx) << 32 | u64::from(entries[i].eax)) & !drop;
+    entries[i].eax = mask as u32;
+    entries[i].edx = (mask >> 32) as u32;
+    let size = xsave_size(entries, mask);
+    entries[i].ebx = size;
+    entries[i].ecx = size;
+}
+
+/// Standard-format XSAVE area size for the components in `mask`: the legacy area and header
+/// (576 bytes), then each component at the offset its sub-leaf gives.
+fn xsave_size(entries: &[kvm_bindings::kvm_cpuid_entry2], mask: u64) -> u32 {
+    entries
+        .iter()
+        .filter(|e| e.function == 0xd && (2..64).contains(&e.index) && mask & (1 << e.index) != 0)
+        .map(|e| e.ebx.saturating_add(e.eax))
+        .fold(576, u32::max)
+}
+
+/// The XCR0 value a guest with this CPUID enables: every user state component of leaf 0xD.
+pub fn guest_xcr0(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map(|e| u64::from(e.edx) << 32 | u64::from(e.eax))
+        .unwrap_or(0)
+}
+
+/// Starts the vCPU with XCR0 already holding every component of its CPUID's leaf 0xD.
+///
+/// KVM keeps 0xD.0 EBX (the XSAVE area size for the current XCR0) up to date by watching
+/// the guest's XSETBV, and loads its own idea of the guest's XCR0 before entering the guest.
+/// Under a nested KVM on QEMU's TCG (the soft-RoCE harness) the guest's XSETBV never reaches
+/// KVM (TCG does not honour the XSETBV intercept): KVM then keeps XCR0 = x87 only, tells the
+/// guest a 576-byte area in 0xD.0 EBX (Linux warns "XSAVE consistency problem") and resets
+/// XCR0 on every entry. With XCR0 set here to what Linux enables anyway, KVM's view and the
+/// guest's agree; on a plain host the guest's own XSETBV sets the same value. XCR0 has no
+/// effect until the guest sets CR4.OSXSAVE.
+fn set_xcr0(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuError> {
+    let xcr0 = guest_xcr0(cpuid);
+    if xcr0 & !3 == 0 {
+        return Ok(()); // nothing beyond x87/SSE: the reset value serves
+    }
+    let mut xcrs = kvm_bindings::kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    vcpu.set_xcrs(&xcrs).map_err(set("XCR0"))
 }
 
 /// MSR values every vCPU starts with (as Firecracker's boot MSRs).
@@ -147,6 +242,7 @@ fn segment(selector: u16, type_: u8, s: u8, limit: u32, g: u8, db: u8) -> kvm_se
 /// state: the AP waits for INIT/SIPI.
 pub fn setup_ap(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_xcr0(vcpu, cpuid)?;
     set_boot_msrs(vcpu)
 }
 
@@ -169,6 +265,7 @@ fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
 /// Puts a fresh vCPU into its boot entry state (PVH 32-bit or Linux 64-bit).
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
+    set_xcr0(vcpu, cpuid)?;
     set_boot_msrs(vcpu)?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -269,5 +366,64 @@ mod tests {
         assert_eq!(s[1].edx, 3);
         assert_eq!(s[2].function, CPUID_TSC_LEAF);
         assert_eq!(s[2].eax, 2_500_000);
+    }
+
+    fn leaf(function: u32, index: u32) -> kvm_bindings::kvm_cpuid_entry2 {
+        kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if function == 0xd { 1 } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn xsave_leaf_follows_the_advertised_features() {
+        // x87|SSE|AVX|PKRU offered by KVM, as on the harness's hosts, but PKU not advertised.
+        let mut l1 = leaf(1, 0);
+        l1.ecx = 1 << 28; // AVX
+        let l7 = leaf(7, 0);
+        let mut d0 = leaf(0xd, 0);
+        d0.eax = 0x207;
+        d0.ebx = 576;
+        d0.ecx = 0xa88;
+        let mut d2 = leaf(0xd, 2);
+        (d2.eax, d2.ebx) = (256, 576);
+        let mut d9 = leaf(0xd, 9);
+        (d9.eax, d9.ebx) = (8, 2688);
+        let mut ext = leaf(0x8000_0007, 0);
+        ext.edx = 0;
+        let base = CpuId::from_entries(&[l1, l7, d0, d2, d9, ext]).unwrap();
+        let c = cpuid_for(&base, 0, 2, 1_000_000);
+        let s = c.as_slice();
+        let out = s
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .unwrap();
+        assert_eq!((out.eax, out.edx), (0x7, 0));
+        assert_eq!((out.ebx, out.ecx), (832, 832));
+        assert_eq!(out.flags, 1, "the significant-index flag survives");
+        assert!(!s.iter().any(|e| e.function == 0xd && e.index == 9));
+        assert!(s.iter().any(|e| e.function == 0xd && e.index == 2));
+        assert_eq!(guest_xcr0(&c), 0x7);
+        let ext = s.iter().find(|e| e.function == 0x8000_0007).unwrap();
+        assert_eq!(
+            ext.edx & (1 << 8),
+            0,
+            "no invariant TSC: kvm-clock stays the clocksource"
+        );
+
+        // With PKU advertised the component stays and the size covers it.
+        let mut l7 = leaf(7, 0);
+        l7.ecx = 1 << 3;
+        let base = CpuId::from_entries(&[l1, l7, d0, d2, d9]).unwrap();
+        let c = cpuid_for(&base, 0, 1, 1_000_000);
+        let d0 = *c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .unwrap();
+        assert_eq!((d0.eax, d0.ebx, d0.ecx), (0x207, 2696, 2696));
+        assert_eq!(guest_xcr0(&c), 0x207);
     }
 }

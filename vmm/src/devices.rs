@@ -4,6 +4,8 @@
 //!   platform interrupts are not wired (no irqchip) and guests poll the line status register;
 //!   on the Pc platform the UART raises ISA IRQ 4 through an irqfd (THR empty, data received),
 //!   because Linux's tty layer waits for those interrupts.
+//!   Console input (`blip console`, the API's `console` request) goes into the receive FIFO,
+//!   which raises the data-received interrupt on Pc; a polling guest sees LSR.DR.
 //! - **i8042 reset** (Pc only): a write of 0xFE to port 0x64 is how Linux resets a PC without
 //!   ACPI (`reboot=k`); blip ends the VM as if powered off. Reads of 0x64 say "output full,
 //!   input empty" and 0x60 floats (0xff), so Linux's i8042 driver finds no working controller
@@ -192,6 +194,8 @@ pub enum DevicesError {
     SerialFifo(usize),
     #[error("saved device state is for {saved} vCPUs but this VM has {here}")]
     VcpuCount { saved: usize, here: usize },
+    #[error("the guest's console has room for {free} of {len} bytes (it has not read what it got yet); try again later")]
+    ConsoleFull { len: usize, free: usize },
 }
 
 /// The device set shared by all vCPU threads.
@@ -263,6 +267,23 @@ impl Devices {
         for (h, v) in self.heartbeat_hi.iter().zip(&st.heartbeat_hi) {
             h.store(*v, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Puts `input` into COM1's receive FIFO, all of it or (no room) none, and raises the
+    /// data-received interrupt where the guest enabled it.
+    pub fn console_input(&self, input: &[u8]) -> Result<(), DevicesError> {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let free = serial.fifo_capacity();
+        if input.len() > free {
+            return Err(DevicesError::ConsoleFull {
+                len: input.len(),
+                free,
+            });
+        }
+        // Only the interrupt can fail (a full eventfd counter); the bytes are queued already
+        // and the guest reads them at its next interrupt or poll.
+        let _ = serial.enqueue_raw_bytes(input);
         Ok(())
     }
 
@@ -402,6 +423,36 @@ mod tests {
                 d.port_read(COM1 + r, &mut b);
             }
         }
+    }
+
+    #[test]
+    fn console_input_reaches_the_guest_with_its_interrupt() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
+        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        // The guest enables the data-received interrupt (IER bit 0), as Linux's 8250 driver.
+        d.port_write(0, COM1 + 1, &[0x01]);
+        d.console_input(b"check\n").unwrap();
+        assert!(evt.read().unwrap() >= 1, "IRQ 4 raised");
+        let mut got = Vec::new();
+        loop {
+            let mut lsr = [0u8];
+            d.port_read(COM1 + 5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break; // no more data ready
+            }
+            let mut b = [0u8];
+            d.port_read(COM1, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"check\n");
+        // All or nothing: a FIFO without room refuses and keeps what it holds.
+        d.console_input(&[b'x'; UART_FIFO - 1]).unwrap();
+        let err = d.console_input(b"ab").unwrap_err();
+        assert!(matches!(err, DevicesError::ConsoleFull { len: 2, free: 1 }));
+        assert!(err.to_string().contains("try again"));
+        d.console_input(b"y").unwrap();
+        assert_eq!(d.save_state().serial.in_buffer.len(), UART_FIFO);
     }
 
     #[test]

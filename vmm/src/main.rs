@@ -75,6 +75,12 @@ fn main() -> ExitCode {
         Cmd::List { json } => list(json),
         Cmd::Drain(args) => drain::drain(&args, &STOP),
         Cmd::Check { api } => simple_call(&api, &Request::Check),
+        Cmd::Console(args) => simple_call(
+            &args.api,
+            &Request::Console {
+                input: args.input(),
+            },
+        ),
         Cmd::Resolve { api, action } => simple_call(
             &api,
             &Request::Resolve {
@@ -360,6 +366,13 @@ fn serve_vm(
                             let _ = req.reply.send(Reply::error(msg));
                         }
                     }
+                }
+                Request::Console { ref input } => {
+                    let r = vm.devices().console_input(input.as_bytes());
+                    let _ = req.reply.send(match r {
+                        Ok(()) => Reply::Ok { message: None },
+                        Err(e) => Reply::error(error_chain(&e)),
+                    });
                 }
                 Request::Cancel => {
                     let _ = req.reply.send(Reply::error("no migration is running"));
