@@ -517,6 +517,10 @@ impl Receiver<'_> {
                 "fault injected: connection dropped in stop-and-copy".into(),
             ));
         }
+        // The digest of the memory as it arrived, before the restore: KVM itself writes guest
+        // memory when the state goes in (MSR_KVM_WALL_CLOCK_NEW makes it write the wall-clock
+        // structure at once), which the source never did.
+        let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         let t = now_ns();
         let state = persist::decode(bytes)?;
         // Guest time (kvmclock, TSCs) moves on by the time since the state arrived: the guest
@@ -530,7 +534,6 @@ impl Receiver<'_> {
             eprintln!("blip: note: {n}");
         }
         self.inc.restore_notes = notes.iter().map(ToString::to_string).collect();
-        let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         protocol::write_message(self.control, &Message::Ready { mem_hash })?;
         Ok(())
     }
