@@ -669,6 +669,17 @@ impl std::fmt::Display for TscNote {
     }
 }
 
+/// System-segment types of a 64-bit TSS.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// Whether this host's CPU is AMD's (KVM runs on SVM).
+fn host_is_amd() -> bool {
+    // CPUID leaf 0 exists on every x86-64 CPU and has no side effects.
+    let r = std::arch::x86_64::__cpuid(0);
+    (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+}
+
 /// Restores `st` into a blank, paused vCPU, in the order KVM needs: CPUID first, then TSC
 /// frequency (before the TSC MSR is written), sregs (with the APIC base) before regs, FPU,
 /// the local APIC (after the APIC base, which picks xAPIC or x2APIC; before the MSRs, because
@@ -711,7 +722,15 @@ pub fn restore_vcpu(
         }
     }
 
-    fd.set_sregs(&st.sregs)
+    let mut sregs = st.sregs;
+    if sregs.tr.type_ == TSS_BUSY && host_is_amd() {
+        // KVM on AMD reports TR as busy (it adds the bit; the VMCB holds the available type,
+        // as the CPU's own LTR leaves it) and writes back what it is given. QEMU's emulated
+        // SVM (the soft-RoCE hosts) then refuses every I/O-bitmap access of the restored guest
+        // with #GP (it wants an available TSS): give back what the VMCB held.
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    fd.set_sregs(&sregs)
         .map_err(kvm("set segment registers", i))?;
     fd.set_regs(&st.regs).map_err(kvm("set registers", i))?;
     if st.xsave.is_none() {
