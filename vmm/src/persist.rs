@@ -17,9 +17,10 @@
 //! probed once per VM ([`Vm::persist_caps`]) so the blackout path asks only for those.
 //!
 //! Time: the KVM clock and every vCPU's TSC continue from their saved values. A migration of a
-//! PC-platform guest ([`ClockPolicy::Advance`]) moves both forward by the host time that passed
-//! between save and restore (the blackout), so the guest's clocks neither stall nor jump; a
-//! snapshot restore continues from the saved values (the parked time is not seen).
+//! PC-platform guest ([`ClockPolicy::Advance`]) moves both forward by the time that passed on
+//! the destination since the state arrived (the state's transit and restore), so the guest's
+//! clocks neither stall nor jump; a snapshot restore continues from the saved values (the
+//! parked time is not seen).
 //!
 //! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope
 //! ([`ENVELOPE`]: a layout of the transport's one framing helper, which does every check):
@@ -294,8 +295,9 @@ pub struct VmState {
     pub irqchip: Option<IrqchipState>,
     /// The PIT (`PIECE_PIT`).
     pub pit: Option<kvm_pit_state2>,
-    /// Host CLOCK_REALTIME (ns) when the state was saved: a migration's restore advances the
-    /// guest's clocks by the time that passed since.
+    /// Host CLOCK_REALTIME (ns) when PC-platform state was saved (0 otherwise). For the
+    /// record only: a restore does not trust another host's wall clock (see
+    /// [`ClockPolicy::Advance`]).
     pub saved_at_ns: u64,
     pub devices: DevicesState,
 }
@@ -306,9 +308,16 @@ pub enum ClockPolicy {
     /// The KVM clock and TSCs continue from their saved values (snapshot restore: the guest
     /// does not see the time it was parked).
     Continue,
-    /// A PC-platform state's KVM clock and TSCs move forward by the host time since the save
-    /// (a migration's blackout), at most [`MAX_ADVANCE_NS`]; minimal-platform state continues.
-    Advance,
+    /// A PC-platform state's KVM clock and TSCs move forward by the time since `since_ns`
+    /// (this host's CLOCK_MONOTONIC, `devices::now_ns`, when the state arrived), at most
+    /// [`MAX_ADVANCE_NS`]; minimal-platform state continues. The source reads the KVM clock
+    /// while its vCPUs are paused and the clock keeps running there until the save, so what
+    /// the guest would miss is the state's transit and restore: measured here, on one clock.
+    /// Not the two hosts' CLOCK_REALTIME (`saved_at_ns`): those disagree by up to a second
+    /// (an RTC read at boot has whole seconds), and the guest's time would jump forward on
+    /// one hop and stall on the next by that much. What is not counted (the source's encode,
+    /// µs, and the one-way network latency) the guest sees as a stall of that length.
+    Advance { since_ns: u64 },
 }
 
 /// Largest forward step a migration gives guest time: more means the two hosts' clocks
@@ -660,6 +669,17 @@ impl std::fmt::Display for TscNote {
     }
 }
 
+/// System-segment types of a 64-bit TSS.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// Whether this host's CPU is AMD's (KVM runs on SVM).
+fn host_is_amd() -> bool {
+    // CPUID leaf 0 exists on every x86-64 CPU and has no side effects.
+    let r = std::arch::x86_64::__cpuid(0);
+    (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+}
+
 /// Restores `st` into a blank, paused vCPU, in the order KVM needs: CPUID first, then TSC
 /// frequency (before the TSC MSR is written), sregs (with the APIC base) before regs, FPU,
 /// the local APIC (after the APIC base, which picks xAPIC or x2APIC; before the MSRs, because
@@ -702,7 +722,15 @@ pub fn restore_vcpu(
         }
     }
 
-    fd.set_sregs(&st.sregs)
+    let mut sregs = st.sregs;
+    if sregs.tr.type_ == TSS_BUSY && host_is_amd() {
+        // KVM on AMD reports TR as busy (it adds the bit; the VMCB holds the available type,
+        // as the CPU's own LTR leaves it) and writes back what it is given. QEMU's emulated
+        // SVM (the soft-RoCE hosts) then refuses every I/O-bitmap access of the restored guest
+        // with #GP (it wants an available TSS): give back what the VMCB held.
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    fd.set_sregs(&sregs)
         .map_err(kvm("set segment registers", i))?;
     fd.set_regs(&st.regs).map_err(kvm("set registers", i))?;
     if st.xsave.is_none() {
@@ -1023,9 +1051,11 @@ impl Vm {
             platform_state::restore_pit(self.fd(), pit)?;
         }
         let advance_ns = match policy {
-            ClockPolicy::Advance if st.pieces & PIECE_IRQCHIP != 0 => platform_state::realtime_ns()
-                .saturating_sub(st.saved_at_ns)
-                .min(MAX_ADVANCE_NS),
+            ClockPolicy::Advance { since_ns } if st.pieces & PIECE_IRQCHIP != 0 => {
+                crate::devices::now_ns()
+                    .saturating_sub(since_ns)
+                    .min(MAX_ADVANCE_NS)
+            }
             _ => 0,
         };
         // Every vCPU thread restores its own state at the same time.

@@ -284,6 +284,16 @@ impl Runner {
         }
     }
 
+    /// KVM finishes an I/O or MMIO exit (the IN's data into RAX, RIP past the instruction)
+    /// only on the next KVM_RUN, and keeps that pending work out of the state it reports: a
+    /// vCPU paused right after such an exit would be saved mid-instruction. One KVM_RUN with
+    /// `immediate_exit` set completes it and runs no guest instruction (KVM API, KVM_RUN).
+    fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
     fn paused(&mut self) {
         self.state = State::Paused;
         let _ = self.events.send(Event::Paused {
@@ -301,6 +311,7 @@ impl Runner {
         {
             match cmd {
                 Command::Pause => {
+                    self.complete_pending_io();
                     self.paused();
                     return None;
                 }

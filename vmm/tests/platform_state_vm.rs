@@ -97,7 +97,9 @@ fn platform_state_pc_guest_continues_in_a_second_pc_vm() {
     copy_memory(src.memory(), dst.memory());
     let chips = save_irqchip(src.fd()).unwrap();
     drop(src);
-    dst.restore_state_with(&st, ClockPolicy::Advance).unwrap();
+    let since_ns = blip_vmm::devices::now_ns();
+    dst.restore_state_with(&st, ClockPolicy::Advance { since_ns })
+        .unwrap();
 
     // The restored VM's interrupt state is the saved one.
     assert_eq!(save_irqchip(dst.fd()).unwrap(), chips);

@@ -548,6 +548,8 @@ impl Receiver<'_> {
 
     /// The state: once the final pages are in, restore it and say Ready.
     fn restore(&mut self, vm: &mut Vm, bytes: &[u8]) -> Result<(), MigrationError> {
+        // Guest time moves on by what passes here from now to the KVM clock write.
+        let arrived_ns = now_ns();
         // RDMA: the state may overtake the final pages; their mark says they landed.
         self.link()?.wait_final()?;
         if crate::fault::point("dest-state") == crate::fault::Fault::Drop {
@@ -555,17 +557,23 @@ impl Receiver<'_> {
                 "fault injected: connection dropped in stop-and-copy".into(),
             ));
         }
+        // The digest of the memory as it arrived, before the restore: KVM itself writes guest
+        // memory when the state goes in (MSR_KVM_WALL_CLOCK_NEW makes it write the wall-clock
+        // structure at once), which the source never did.
+        let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         let t = now_ns();
         let state = persist::decode(bytes)?;
-        // Guest time (kvmclock, TSCs) moves on by the blackout: the guest neither stalls nor
-        // jumps (PC platform only; see persist::ClockPolicy).
-        let notes = vm.restore_state_with(&state, persist::ClockPolicy::Advance)?;
+        // Guest time (kvmclock, TSCs) moves on by the time since the state arrived: the guest
+        // neither stalls nor jumps (PC platform only; see persist::ClockPolicy).
+        let policy = persist::ClockPolicy::Advance {
+            since_ns: arrived_ns,
+        };
+        let notes = vm.restore_state_with(&state, policy)?;
         self.inc.restore_ns = now_ns() - t;
         for n in &notes {
             eprintln!("blip: note: {n}");
         }
         self.inc.restore_notes = notes.iter().map(ToString::to_string).collect();
-        let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         protocol::write_message(self.control, &Message::Ready { mem_hash })?;
         Ok(())
     }
