@@ -11,9 +11,10 @@
 # dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
 # guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
-# rdma:// through A's own rxe0, side by side). Default: all but fault-tcp.
-# Linux guest (Debian's own kernel, the hosts' /boot/vmlinuz-*, under blip; not in the default
-# set): linux-boot (a tiny busybox initramfs on 1 and 2 vCPUs), linux-boot-workload
+# rdma:// through A's own rxe0, side by side). Default: all but fault-tcp and the Linux
+# scenarios other than linux-boot. Linux guest (Debian's own kernel, the hosts'
+# /boot/vmlinuz-*, under blip): linux-boot (a tiny busybox initramfs on 1 and 2 vCPUs; in
+# the default set), linux-boot-workload
 # (ci/softroce/linux.sh: the workload initramfs: marker, heartbeats; a: 1 vCPU, b: 2),
 # linux-migrate-rdma / linux-migrate-tcp (the running kernel a -> b -> a with --verify:
 # heartbeat gaps, clock, memory checks, clean console), linux-snapshot (snapshot, restore).
@@ -27,7 +28,7 @@ cd "$ROOT"
 . ci/env.sh
 . ci/softroce/image.sh
 
-SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma,bench
+SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma,bench,linux-boot
 KEEP=0
 BUILD=1
 BLIP=${BLIP_BIN:-}
@@ -35,7 +36,7 @@ TIMEOUT=${BLIP_SOFTROCE_TIMEOUT:-900}
 GUEST_MEM=${BLIP_SOFTROCE_MEM:-1536M}
 SR_CACHE=${BLIP_SOFTROCE_CACHE:-${HOME:-/root}/.cache/blip-softroce}
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
         --scenarios) SCENARIOS=$2; shift 2 ;;
