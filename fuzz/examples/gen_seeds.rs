@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use blip_fuzz::sample_state;
 use blip_transport::protocol::{
-    write_message, write_page_batch, write_pages, write_pages_live_header, Message, Offer, Role,
+    write_message, write_page_batch, write_pages, Message, Offer, Role,
     AUTH_HMAC_SHA256, PAGE_SIZE,
 };
 use blip_vmm::memory::{self, Backing};
@@ -96,8 +96,6 @@ fn main() {
     write_page_batch(&mut pages, &[(0x20_0000, 1)], &page).unwrap();
     write_message(&mut pages, &Message::Commit).unwrap();
     let mut live = Vec::new();
-    write_pages_live_header(&mut live, 0x30_0000, 1).unwrap();
-    live.extend_from_slice(&page);
     write_pages(&mut live, 0, &[]).unwrap();
     write_page_batch(&mut live, &[], &[]).unwrap();
     write_page_batch(&mut live, &[(0x1000, 0), (0x2000, 0)], &[]).unwrap();

@@ -1006,15 +1006,12 @@ pub struct PagesReceipt {
     pub partial_crc: u32,
     /// Bytes of page data that follow in the stream (`count * 4096`).
     pub data_len: usize,
-    /// False for pages sent live ([`write_pages_live_header`]): the CRC covered only the fixed
-    /// part (already checked), and [`PagesReceipt::verify`] accepts any data.
-    pub data_checked: bool,
 }
 
 impl PagesReceipt {
     /// Checks `crc` = `partial_crc` with all page data appended against the header's CRC.
     pub fn verify(&self, crc: u32) -> Result<()> {
-        if !self.data_checked || crc == self.expected_crc {
+        if crc == self.expected_crc {
             Ok(())
         } else {
             Err(ProtocolError::Crc {
@@ -1166,30 +1163,6 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
     Ok(())
 }
 
-/// Pages flag: the data was sent from live guest memory that the guest may be writing while
-/// it is sent, so no CRC can cover it; the CRC covers the 16 fixed bytes only. Such pages are
-/// dirty again if they changed and travel again in a later round; the final round (guest
-/// paused) always uses checked pages.
-pub const PAGES_LIVE: u32 = 1;
-
-/// Writes the header and fixed part of a live [`Message::Pages`] of `count` pages; the caller
-/// writes the `count * 4096` data bytes straight after (e.g. from guest memory, zero-copy).
-pub fn write_pages_live_header(w: &mut dyn Write, gpa: u64, count: u32) -> Result<()> {
-    let total = count as usize * PAGE_SIZE;
-    let mut head = [0u8; HEADER_LEN + PAGES_FIXED_LEN];
-    head[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&gpa.to_le_bytes());
-    head[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&count.to_le_bytes());
-    head[HEADER_LEN + 12..].copy_from_slice(&PAGES_LIVE.to_le_bytes());
-    let crc = crc32c::crc32c(&head[HEADER_LEN..]);
-    head[..HEADER_LEN].copy_from_slice(&sealed_header(
-        MessageKind::Pages,
-        total + PAGES_FIXED_LEN,
-        crc,
-    )?);
-    w.write_all(&head)?;
-    Ok(())
-}
-
 /// Writes a [`Message::PageBatch`] without copying `data` (runs table, then data, one
 /// vectored write). `data` must hold exactly the runs' pages.
 pub fn write_page_batch(w: &mut dyn Write, runs: &[(u64, u32)], data: &[u8]) -> Result<()> {
@@ -1315,21 +1288,15 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         let gpa = d.u64()?;
         let count = d.u32()?;
         let flags = d.u32()?;
-        if flags & !PAGES_LIVE != 0 {
+        // No flags are defined: every Pages frame's CRC covers its data. (An earlier
+        // unchecked "live" variant is gone: no page may land unchecked.)
+        if flags != 0 {
             return Err(ProtocolError::Malformed {
                 kind,
                 what: "unknown Pages flags",
             });
         }
         let partial_crc = crc32c::crc32c(&fixed);
-        let data_checked = flags & PAGES_LIVE == 0;
-        if !data_checked && partial_crc != h.crc {
-            return Err(ProtocolError::Crc {
-                kind,
-                expected: h.crc,
-                actual: partial_crc,
-            });
-        }
         let data_len = len - PAGES_FIXED_LEN;
         if count as usize * PAGE_SIZE != data_len {
             return Err(ProtocolError::Malformed {
@@ -1343,7 +1310,6 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
                 expected_crc: h.crc,
                 partial_crc,
                 data_len,
-                data_checked,
             }),
         });
     }

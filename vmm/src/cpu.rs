@@ -262,6 +262,28 @@ fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     Ok(())
 }
 
+/// Flat segments for either boot entry: one code segment, every data segment the same, the
+/// boot GDT (`gdt_entries` long) and no IDT yet.
+fn flat_segments(
+    sregs: &mut kvm_sregs,
+    code: kvm_segment,
+    data: kvm_segment,
+    tr: kvm_segment,
+    gdt_entries: usize,
+) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tr;
+    sregs.gdt.base = BOOT_GDT;
+    sregs.gdt.limit = (gdt_entries * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+}
+
 /// Puts a fresh vCPU into its boot entry state (PVH 32-bit or Linux 64-bit).
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(set("CPUID"))?;
@@ -279,17 +301,8 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), 
         let mut code = segment(0x10, 0xb, 1, 0xffff_ffff, 1, 0);
         code.l = 1;
         let data = segment(0x18, 0x3, 1, 0xffff_ffff, 1, 1);
-        sregs.cs = code;
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
-        sregs.tr = segment(0x20, 0xb, 0, 0x67, 0, 0);
-        sregs.gdt.base = BOOT_GDT;
-        sregs.gdt.limit = (LONG_GDT_ENTRIES.len() * 8 - 1) as u16;
-        sregs.idt.base = 0;
-        sregs.idt.limit = 0;
+        let tr = segment(0x20, 0xb, 0, 0x67, 0, 0);
+        flat_segments(&mut sregs, code, data, tr, LONG_GDT_ENTRIES.len());
         sregs.cr3 = PAGE_TABLES;
         sregs.cr4 = 0x20; // PAE
         sregs.cr0 = 0x8000_0011; // PG | ET | PE
@@ -305,17 +318,8 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, boot: &Boot) -> Result<(), 
     }
     let code = segment(0x08, 0xb, 1, 0xffff_ffff, 1, 1);
     let data = segment(0x10, 0x3, 1, 0xffff_ffff, 1, 1);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment(0x18, 0xb, 0, 0x67, 0, 0);
-    sregs.gdt.base = BOOT_GDT;
-    sregs.gdt.limit = (BOOT_GDT_ENTRIES.len() * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    let tr = segment(0x18, 0xb, 0, 0x67, 0, 0);
+    flat_segments(&mut sregs, code, data, tr, BOOT_GDT_ENTRIES.len());
     sregs.cr0 = 0x1 | 0x10; // PE | ET
     sregs.cr3 = 0;
     sregs.cr4 = 0;

@@ -713,9 +713,6 @@ pub fn recv_pages(
     scratch: &mut [u8],
 ) -> Result<(), MigrationError> {
     let len = check_run(mem, gpa, u64::from(count))?;
-    if !receipt.data_checked {
-        return Err(MigrationError::Unchecked { gpa, count });
-    }
     let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
     vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
         .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;

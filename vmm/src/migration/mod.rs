@@ -157,8 +157,6 @@ pub enum MigrationError {
         got: protocol::MessageKind,
         expected: &'static str,
     },
-    #[error("the peer sent pages without a data checksum (gpa {gpa:#x}, {count} pages)")]
-    Unchecked { gpa: u64, count: u32 },
     #[error("interrupted while waiting for a source; no guest received")]
     Interrupted,
     #[error("bad migration option: {0}")]
