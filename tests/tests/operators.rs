@@ -93,6 +93,11 @@ fn drain_moves_every_guest_and_list_shows_them() {
             &urls[1],
             "--parallel",
             "2",
+            "--streams",
+            "2",
+            "--transport",
+            "tcp",
+            "--json",
             "--key",
             k,
         ],
@@ -103,7 +108,13 @@ fn drain_moves_every_guest_and_list_shows_them() {
         "{out} {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("all 2 guest(s) migrated"), "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("drain --json");
+    for name in ["web-1", "web-2"] {
+        let r = &rows[name];
+        assert_eq!(r["state"], "migrated", "{out}");
+        // --streams reached each migration.
+        assert_eq!(r["report"]["streams"], 2, "{out}");
+    }
     assert_eq!(g1.wait().unwrap().code(), Some(0));
     assert_eq!(g2.wait().unwrap().code(), Some(0));
     assert!(listed(&a).is_empty(), "host a is drained");

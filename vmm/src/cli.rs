@@ -227,6 +227,15 @@ pub enum ResolveAction {
 /// `blip drain`.
 #[derive(Args, Debug, Clone)]
 pub struct DrainArgs {
+    #[command(flatten)]
+    pub plan: DrainPlan,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// What `blip drain` and `blip host drain` share: where guests go and how each one moves.
+#[derive(Args, Debug, Clone)]
+pub struct DrainPlan {
     /// Destinations (repeat): hosts running `blip host serve` (tcp://HOST:PORT of their
     /// --listen; guests go where most vCPUs and memory are free, and to the next host when one
     /// refuses), or waiting `blip receive --listen` URLs that take one guest each.
@@ -241,14 +250,19 @@ pub struct DrainArgs {
     /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
     #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
     pub max_precopy_time: u64,
+    /// Parallel TCP data streams per migration (1 to 16).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_STREAMS)))]
+    pub streams: u32,
+    /// How pages travel (see blip migrate --transport).
+    #[arg(long, value_enum, default_value = "url")]
+    pub transport: crate::migration::rdma::TransportChoice,
     /// Compare memory digests at each migration (see blip migrate --verify).
     #[arg(long)]
     pub verify: bool,
     /// Print the final table (with each report) as JSON.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub auth: AuthArgs,
 }
 
 /// `blip migrate`.
@@ -760,7 +774,7 @@ pub enum HostCmd {
         json: bool,
     },
     /// Mark this host drained (it takes no guests) and move every guest to the given hosts.
-    Drain(HostDrainArgs),
+    Drain(DrainPlan),
     /// Take guests again.
     Undrain,
     /// The last migrations off this host, kept by the service.
@@ -798,27 +812,6 @@ pub struct HostServeArgs {
     pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
-}
-
-/// `blip host drain`.
-#[derive(Args, Debug, Clone)]
-pub struct HostDrainArgs {
-    /// Destination hosts running the service (repeat).
-    #[arg(long = "to", value_name = "URL", required = true)]
-    pub to: Vec<String>,
-    /// Migrations at once.
-    #[arg(long, default_value_t = 2)]
-    pub parallel: u32,
-    /// Blackout target per migration.
-    #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
-    pub max_blackout: u64,
-    /// Longest pre-copy per migration; then the guest is stopped and copied anyway.
-    #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
-    pub max_precopy_time: u64,
-    #[arg(long)]
-    pub verify: bool,
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `blip console`: input for the guest's console.

@@ -58,6 +58,8 @@ pub struct DrainOptions {
     pub max_blackout_ns: u64,
     pub max_precopy_ms: u64,
     pub verify: bool,
+    pub streams: u32,
+    pub transport: blip_vmm::migration::rdma::TransportChoice,
     /// Shared key file (`None` = --insecure).
     pub key: Option<std::path::PathBuf>,
 }
@@ -234,13 +236,13 @@ fn move_guest(
         let options = Options {
             to: to.clone(),
             max_blackout_ns: o.max_blackout_ns,
-            streams: 1,
+            streams: o.streams,
             max_precopy_ms: o.max_precopy_ms,
             on_timeout: OnTimeout::Go,
             verify: o.verify,
             key: o.key.clone(),
             guest_name: g.name.clone(),
-            transport: Default::default(),
+            transport: o.transport,
         };
         // Published for the host service at most every 250 ms: this callback must keep up
         // with the progress lines, or the source stops writing them.
@@ -448,8 +450,8 @@ pub fn live_view(rows: &BTreeMap<String, Row>, tty: bool) -> String {
 }
 
 /// Runs the drain.
-pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
-    let key = a.auth.resolve().map_err(Failure)?;
+pub fn drain(args: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
+    let (a, key) = (&args.plan, args.auth.resolve().map_err(Failure)?);
     if let Some(k) = &key {
         Key::load(k)?;
     }
@@ -478,6 +480,8 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         max_blackout_ns: a.max_blackout,
         max_precopy_ms: a.max_precopy_time / 1_000_000,
         verify: a.verify,
+        streams: a.streams,
+        transport: a.transport,
         key,
     };
     let rows: Rows = Arc::default();

@@ -11,7 +11,7 @@ use blip_transport::protocol::{
     self, HostReply, HostRequest, Message, ProtocolError, HOST_INFO, HOST_PREPARE,
 };
 use blip_transport::tcp::{self, Endpoint};
-use blip_vmm::cli::{HostCmd, HostDrainArgs};
+use blip_vmm::cli::{DrainPlan, HostCmd};
 use blip_vmm::migration::session::Session;
 use blip_vmm::migration::{peer_timeout, MigrationError};
 use blip_vmm::registry::Entry;
@@ -214,17 +214,20 @@ pub fn run(
             )?;
             follow(&sock, *json, stop)
         }
-        HostCmd::Drain(HostDrainArgs {
+        HostCmd::Drain(DrainPlan {
             to,
             parallel,
             max_blackout,
             max_precopy_time,
+            streams,
+            transport,
             verify,
             json,
         }) => {
             let body = json!({
                 "to": to, "parallel": parallel, "verify": verify, "max_blackout_ns": max_blackout,
-                "max_precopy_ms": max_precopy_time / 1_000_000,
+                "max_precopy_ms": max_precopy_time / 1_000_000, "streams": streams,
+                "transport": transport,
             });
             call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, *json, stop)

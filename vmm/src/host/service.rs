@@ -9,7 +9,7 @@
 //! | `GET /guests/NAME` | the guest's entry and status; during a migration the service runs: `migration: {to, phase, round, pages_sent, bytes_sent, remaining_dirty, dirty_rate, throughput, predicted_blackout_ns, elapsed_ns}` |
 //! | `POST /guests` `{"name": N, "args": ["--mem", "64M", ...]}` | runs `blip run --name N ARGS` (any `blip run` option), answers once it is registered |
 //! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false}` | 202; runs in the service (follow with `GET /host`) |
-//! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false}` | 202; marks the host drained and moves every guest |
+//! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false, "streams": 1, "transport": "url"}` | 202; marks the host drained and moves every guest |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
 //! | `GET /metrics` | Prometheus text 0.0.4 (see [`super::metrics`]); also on `--metrics-listen` |
@@ -512,6 +512,11 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
         max_blackout_ns: body["max_blackout_ns"].as_u64().unwrap_or(1_000_000),
         max_precopy_ms: body["max_precopy_ms"].as_u64().unwrap_or(60_000),
         verify: body["verify"].as_bool().unwrap_or(false),
+        streams: body["streams"]
+            .as_u64()
+            .unwrap_or(1)
+            .clamp(1, u64::from(blip_vmm::cli::MAX_STREAMS)) as u32,
+        transport: serde_json::from_value(body["transport"].clone()).unwrap_or_default(),
         key: h.key_path.clone(),
     };
     h.drain_rows
