@@ -82,6 +82,11 @@ struct Args {
     /// For RDMA cells: a local address on the RDMA port (every hop listens on it).
     #[arg(long)]
     rdma_addr: Option<std::net::IpAddr>,
+    /// Platforms of the migrate matrix: minimal (blip's irqchip-less fast path, for guests
+    /// that need no interrupts) and pc (in-kernel irqchip + PIT + kvmclock, as stock kernels
+    /// need; its interrupt and clock state travels in the blackout).
+    #[arg(long, value_delimiter = ',', default_value = "minimal,pc")]
+    migrate_platform: Vec<String>,
     /// Dirty trackers of the migrate matrix (ring, bitmap).
     #[arg(long, value_delimiter = ',', default_value = "ring")]
     migrate_tracker: Vec<String>,
@@ -255,6 +260,14 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
             other => return Err(format!("--migrate-transport {other}: use tcp or rdma")),
         }
     }
+    let mut platforms = Vec::new();
+    for p in &a.migrate_platform {
+        match p.as_str() {
+            "minimal" => platforms.push(false),
+            "pc" => platforms.push(true),
+            other => return Err(format!("--migrate-platform {other}: use minimal or pc")),
+        }
+    }
     let dirty = migrate::Load::Dirty {
         ws_mib: 16,
         rate: 0,
@@ -262,11 +275,14 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
     if a.quick {
         let mut bitmap = migrate::Cell::new(64, 1, dirty);
         bitmap.bitmap = true;
+        let mut pc = migrate::Cell::new(64, 1, dirty);
+        pc.pc = true;
         return Ok((
             vec![
                 migrate::Cell::new(64, 1, dirty),
                 migrate::Cell::new(64, 2, dirty),
                 bitmap,
+                pc,
             ],
             skipped,
         ));
@@ -285,11 +301,14 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
                     };
                     for &target_us in &a.max_blackout_us {
                         for &rdma in &transports {
-                            let mut c = migrate::Cell::new(mem_mib, vcpus, load);
-                            c.bitmap = bitmap;
-                            c.target_us = target_us;
-                            c.rdma = rdma;
-                            v.push(c);
+                            for &pc in &platforms {
+                                let mut c = migrate::Cell::new(mem_mib, vcpus, load);
+                                c.bitmap = bitmap;
+                                c.target_us = target_us;
+                                c.rdma = rdma;
+                                c.pc = pc;
+                                v.push(c);
+                            }
                         }
                     }
                 }

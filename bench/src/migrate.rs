@@ -97,6 +97,9 @@ pub struct Cell {
     /// Heartbeats as `*` on COM1 (`via=serial`), timestamped on the host from blip's serial
     /// pipe: the guest-observed blackout measured exactly as for the QEMU peer.
     pub serial: bool,
+    /// `--platform pc` (in-kernel irqchip, PIT, kvmclock state: what a stock kernel needs)
+    /// instead of the irqchip-less fast path: the state a real guest adds to the blackout.
+    pub pc: bool,
 }
 
 impl Cell {
@@ -110,6 +113,7 @@ impl Cell {
             target_us: 1000,
             rdma: None,
             serial: false,
+            pc: false,
         }
     }
 
@@ -161,6 +165,14 @@ impl Cell {
         }
     }
 
+    fn platform(&self) -> &'static str {
+        if self.pc {
+            "pc"
+        } else {
+            "minimal"
+        }
+    }
+
     fn extras(&self) -> String {
         let mut x = String::new();
         if self.rdma.is_some() {
@@ -168,6 +180,9 @@ impl Cell {
         }
         if self.bitmap {
             x.push_str(" bitmap");
+        }
+        if self.pc {
+            x.push_str(" pc");
         }
         if self.target_us != 1000 {
             x.push_str(&format!(" target={}us", self.target_us));
@@ -795,6 +810,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
                 &c.cmdline(),
                 "--dirty-tracking",
                 c.tracker(),
+                "--platform",
+                c.platform(),
             ],
             c.serial,
         )?;
@@ -990,6 +1007,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "workload": c.load(),
         "cmdline": c.cmdline(),
         "dirty_tracking": c.tracker(),
+        "platform": c.platform(),
         "transport": if c.rdma.is_some() { "rdma" } else { "tcp" },
         "target_us": c.target_us,
         "guest_blackout_method": if c.serial { "COM1 '*' beats timestamped by blip-bench (host CLOCK_MONOTONIC)" } else { "heartbeat port, timestamped by blip" },
@@ -1083,6 +1101,10 @@ mod tests {
             c.file_stem(),
             "migrate-1024M-1vcpu-dirty-1016M-max-bitmap-target-300us"
         );
+        let mut c = Cell::new(64, 1, Load::Idle);
+        c.pc = true;
+        assert_eq!(c.name(), "64M 1vcpu idle pc");
+        assert_eq!(c.platform(), "pc");
         for bad in [
             "busy",
             "dirty:4",
