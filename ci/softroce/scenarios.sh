@@ -548,16 +548,21 @@ scenario_bench() {
     t0=$(now_cs)
     timeout 600 blip-bench --only migrate --migrate-transport tcp,rdma --rdma-addr "$ME" \
         --migrate-mem 16 --migrate-vcpus 1 --migrate-load "dirty:4:500" --migrations 5 \
-        --max-blackout-us 2000000 --out /tmp/bench >/tmp/bench.out 2>&1
+        --migrate-platform minimal,pc --max-blackout-us 2000000 --out /tmp/bench >/tmp/bench.out 2>&1
     rc=$?
     grep -v '\[' /tmp/bench.out >/tmp/bench.table
     show blip-bench /tmp/bench.table
-    tcp=$(grep '^migrate | .*dirty' /tmp/bench.table | grep -v rdma | awk -F'|' '{ split($3, a, " "); print a[1] }')
-    rdma=$(grep '^migrate | .*rdma' /tmp/bench.table | awk -F'|' '{ split($3, a, " "); print a[1] }')
-    if [ "$rc" = 0 ] && [ -n "$tcp" ] && [ -n "$rdma" ] && ! grep -q 'memory check FAILED' /tmp/bench.table; then
-        result bench PASS "role=bench blackout_p50_us tcp=$tcp rdma=$rdma ms=$(ms_since "$t0")"
+    # p50 blackout of the cell whose name has (or lacks) "rdma" and "pc".
+    p50() {
+        grep '^migrate | .*dirty' /tmp/bench.table | awk -F'|' -v rdma="$1" -v pc="$2" '
+            { n = $2; r = (n ~ / rdma/); p = (n ~ / pc /); if (r == rdma && p == pc) { split($3, a, " "); print a[1]; exit } }'
+    }
+    tcp=$(p50 0 0) rdma=$(p50 1 0) tcp_pc=$(p50 0 1) rdma_pc=$(p50 1 1)
+    if [ "$rc" = 0 ] && [ -n "$tcp" ] && [ -n "$rdma" ] && [ -n "$tcp_pc" ] && [ -n "$rdma_pc" ] &&
+        ! grep -q 'memory check FAILED' /tmp/bench.table; then
+        result bench PASS "role=bench blackout_p50_us tcp=$tcp rdma=$rdma tcp_pc=$tcp_pc rdma_pc=$rdma_pc ms=$(ms_since "$t0")"
     else
-        result bench FAIL "role=bench rc=$rc tcp=${tcp:-none} rdma=${rdma:-none}"
+        result bench FAIL "role=bench rc=$rc tcp=${tcp:-none} rdma=${rdma:-none} tcp_pc=${tcp_pc:-none} rdma_pc=${rdma_pc:-none}"
     fi
 }
 
