@@ -10,7 +10,8 @@
 # kvm (blip run --cmdline hello inside each host), migrate-rdma / migrate-tcp (a running
 # dirty+heartbeat guest from A to B over rdma:// or tcp:// with --verify, back from B to A,
 # then `blip check` on A), fault-rdma / fault-tcp (B's blip receive killed mid pre-copy: the
-# guest keeps running on A), bench (blip-bench on A: the same cells over tcp:// and over
+# guest keeps running on A), host-rdma (`blip host serve --listen rdma://` on both; A drains its
+# guest to B naming only B's service; the guest checks its memory on B), bench (blip-bench on A: the same cells over tcp:// and over
 # rdma:// through A's own rxe0, side by side). Default: all but fault-tcp and the Linux
 # scenarios other than linux-boot. Linux guest (Debian's own kernel, the hosts'
 # /boot/vmlinuz-*, under blip): linux-boot (a tiny busybox initramfs on 1 and 2 vCPUs; in
@@ -28,7 +29,7 @@ cd "$ROOT"
 . ci/env.sh
 . ci/softroce/image.sh
 
-SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma,bench,linux-boot
+SCENARIOS=boot,rdma,kvm,migrate-rdma,migrate-tcp,fault-rdma,host-rdma,bench,linux-boot
 KEEP=0
 BUILD=1
 BLIP=${BLIP_BIN:-}
@@ -50,14 +51,14 @@ while (($#)); do
     esac
 done
 for s in ${SCENARIOS//,/ }; do
-    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|bench|linux-boot) ;;
+    case "$s" in boot|rdma|kvm|migrate-tcp|migrate-rdma|fault-tcp|fault-rdma|host-rdma|bench|linux-boot) ;;
         linux-boot-workload|linux-migrate-rdma|linux-migrate-tcp|linux-snapshot) ;; *) echo "ci/softroce.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 # migrate-tcp runs only where kvm passed on both hosts: run kvm first when it was not asked for.
 # Migration scenarios need the kvm scenario's verdict; add it (first) when it was left out.
 case ",$SCENARIOS," in
     *,kvm,*) ;;
-    *,migrate-*|*,fault-*|*,bench,*|*,linux-*) SCENARIOS=kvm,$SCENARIOS ;;
+    *,migrate-*|*,fault-*|*,host-*|*,bench,*|*,linux-*) SCENARIOS=kvm,$SCENARIOS ;;
 esac
 
 T_START=$(date +%s.%N)

@@ -566,5 +566,96 @@ scenario_bench() {
     fi
 }
 
+# The host service over RDMA: both hosts run `blip host serve --listen rdma://`; host a starts a
+# guest through its service, then drains itself naming only b's service (`blip host drain
+# --verify`). The guest must arrive on b under its own name, by RDMA, and pass its memory check
+# there; a then runs no guest and refuses new ones until undrained.
+HOST_PORT=7000
+scenario_host_rdma() {
+    name=host-rdma HR=/tmp/host-run
+    t0=$(now_cs)
+    if ! why=$(mig_ready rdma); then
+        mark "$name-serve" skip
+        result "$name" SKIP "$why"
+        return
+    fi
+    mkdir -p "$HR"
+    BLIP_RUN_DIR=$HR timeout 900 blip host serve --listen "rdma://$ME:$HOST_PORT" \
+        --ports 7100-7109 >/tmp/host-serve.out 2>&1 &
+    hpid=$!
+    d=$(deadline 60)
+    while ! { tcp_listening "$HOST_PORT" && [ -S "$HR/host/api.sock" ]; } &&
+        kill -0 "$hpid" 2>/dev/null && ! past "$d"; do
+        sleep 0.1
+    done
+    if ! tcp_listening "$HOST_PORT"; then
+        mark "$name-serve" fail
+        show blip-host "/tmp/host-serve.out"
+        result "$name" FAIL "blip host serve is not listening on rdma://$ME:$HOST_PORT"
+        return
+    fi
+    mark "$name-serve" ready
+    verdict=FAIL detail=""
+    if [ "$HOST" = b ]; then
+        st=$(wait_peer "$name-done" 600) || st=timeout
+        crc=1
+        if [ "$st" = ok ] && wait_file "$HR/hr-1.sock" 60; then
+            BLIP_RUN_DIR=$HR blip host guests >/tmp/host-guests.out 2>&1
+            show host-guests /tmp/host-guests.out
+            BLIP_RUN_DIR=$HR timeout 120 blip check --api "$HR/hr-1.sock" >/tmp/host-check.out 2>&1
+            crc=$?
+            show check /tmp/host-check.out
+        fi
+        [ -f "$HR/host/logs/hr-1.log" ] && show hr-1.log "$HR/host/logs/hr-1.log"
+        if [ "$st" = ok ] && [ "$crc" = 0 ] && grep -q '^hr-1 ' /tmp/host-guests.out &&
+            grep -q 'check: ok' "$HR/host/logs/hr-1.log"; then
+            verdict=PASS detail="role=dest guest hr-1 arrived by name, $(grep -o 'check: ok.*' "$HR/host/logs/hr-1.log" | head -1 | tr ' ' _)"
+        else
+            detail="role=dest source=$st check_rc=$crc"
+        fi
+        mark "$name-checked" "$verdict"
+    else
+        peer=$(wait_peer "$name-serve" 180) || peer=timeout
+        drc=1 rrc=1
+        if [ "$peer" = ready ]; then
+            BLIP_RUN_DIR=$HR timeout 120 blip host run hr-1 -- --mem 16M \
+                --cmdline "dirty ws=4 rate=1000 heartbeat period=5000" >/tmp/host-run.out 2>&1
+            rrc=$?
+            show host-run /tmp/host-run.out
+        fi
+        if [ "$rrc" = 0 ] && wait_file "$HR/hr-1.sock" 60; then
+            sleep 1
+            t1=$(now_cs)
+            BLIP_RUN_DIR=$HR timeout 600 blip host drain --to "rdma://$PEER:$HOST_PORT" --verify \
+                --max-blackout "$MIG_TARGET" --json >/tmp/host-drain.json 2>&1
+            drc=$?
+            log "host drain: rc=$drc in $(ms_since "$t1") ms"
+            show host-drain /tmp/host-drain.json
+        fi
+        if [ "$drc" = 0 ]; then mark "$name-done" ok; else mark "$name-done" "rc$drc"; fi
+        checked=$(wait_peer "$name-checked" 300) || checked=timeout
+        BLIP_RUN_DIR=$HR blip host guests >/tmp/host-guests.out 2>&1
+        # A drained host takes no guests.
+        BLIP_RUN_DIR=$HR timeout 60 blip host run hr-2 -- --mem 16M >/tmp/host-refused.out 2>&1
+        refused=$?
+        show host-refused /tmp/host-refused.out
+        if [ "$drc" = 0 ] && [ "$checked" = PASS ] && ! grep -q '^hr-1 ' /tmp/host-guests.out &&
+            [ "$refused" != 0 ] && grep -q 'drained' /tmp/host-refused.out &&
+            tr -d ' \n' </tmp/host-drain.json | grep -q '"transport":"rdma"'; then
+            verdict=PASS detail="role=source drained by rdma: $(report_summary /tmp/host-drain.json) ms=$(ms_since "$t0")"
+        else
+            detail="role=source run_rc=$rrc drain_rc=$drc peer_check=$checked refused_rc=$refused"
+        fi
+    fi
+    kill "$hpid" 2>/dev/null
+    reap "$hpid" 30
+    # Guests outlive their service by design: end any left (none when the scenario passed).
+    for pid in $(BLIP_RUN_DIR=$HR blip list --json 2>/dev/null | tr ',' '\n' | sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p'); do
+        kill -9 "$pid" 2>/dev/null
+    done
+    show blip-host "/tmp/host-serve.out"
+    result "$name" "$verdict" "$detail"
+}
+
 # The Linux-guest scenarios (linux-boot-workload, linux-migrate-*, linux-snapshot).
 [ -f /softroce/linux.sh ] && . /softroce/linux.sh

@@ -243,29 +243,23 @@ trait Conn: Read + Write + Send + Sized + 'static {
     fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
 }
 
-impl Conn for UnixStream {
-    fn dup(&self) -> std::io::Result<Self> {
-        self.try_clone()
-    }
-    fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(d)
-    }
-    fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.set_write_timeout(d)
-    }
+/// Both socket types have the same inherent methods; the trait only names them.
+macro_rules! socket_conn {
+    ($($t:ty),*) => {$(
+        impl Conn for $t {
+            fn dup(&self) -> std::io::Result<Self> {
+                self.try_clone()
+            }
+            fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+                self.set_read_timeout(d)
+            }
+            fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+                self.set_write_timeout(d)
+            }
+        }
+    )*};
 }
-
-impl Conn for std::net::TcpStream {
-    fn dup(&self) -> std::io::Result<Self> {
-        self.try_clone()
-    }
-    fn read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(d)
-    }
-    fn write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        self.set_write_timeout(d)
-    }
-}
+socket_conn!(UnixStream, std::net::TcpStream);
 
 /// Accepts forever on a thread named `name`: one thread per connection, at most
 /// [`MAX_CONNECTIONS`] at once (more are answered 503).
