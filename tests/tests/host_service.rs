@@ -219,6 +219,14 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
     assert!(err.contains("is drained: it takes no guests"), "{err}");
     let v = json(&host_cmd(&c, &c_run, &["guests", "--json"]));
     assert_eq!(v[0]["name"], "db-1", "db-1 stays: {v}");
+    // Nor does it start one of its own until undrained.
+    let o = host_cmd(&a, &run_a, &["run", "late", "--", "--mem", "16M"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("is drained: it starts no guests"), "{err}");
+    assert!(host_cmd(&a, &run_a, &["undrain"]).status.success());
+    run_guest(&a, &run_a, "late");
+    assert_eq!(guest_names(&a, &run_a), ["late"]);
 }
 
 #[test]

@@ -573,10 +573,20 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
 }
 
 /// `POST /guests`: `blip run --name NAME ARGS...`, answered once the guest is registered.
-fn run_guest(body: &Value) -> Response {
+/// A drained host starts no guest (as it takes none by migration) until it is undrained.
+fn run_guest(h: &Host, body: &Value) -> Response {
     let Some(name) = body["name"].as_str() else {
         return Response::error(400, "a guest needs a \"name\"");
     };
+    if h.drained.load(Ordering::Relaxed) {
+        return Response::error(
+            409,
+            format!(
+                "host {} is drained: it starts no guests (blip host undrain)",
+                hostname()
+            ),
+        );
+    }
     if let Err(e) = registry::check_name(name) {
         return Response::error(400, e.to_string());
     }
@@ -685,7 +695,7 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
             None => Response::error(404, format!("no guest named '{name}' runs here")),
         },
         ("POST", ["guests"]) => match body_json(req) {
-            Ok(b) => run_guest(&b),
+            Ok(b) => run_guest(h, &b),
             Err(r) => r,
         },
         ("POST", ["guests", name, "migrate"]) => match (find(name), body_json(req)) {
