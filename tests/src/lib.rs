@@ -4,6 +4,8 @@
 //! `cargo test`); set `BLIP_BIN` to test another build. Timeouts here only protect CI from a
 //! hung guest; no test asserts on how long anything took.
 
+pub mod netns;
+pub mod prom;
 pub mod relay;
 
 use std::io::Read;
@@ -146,10 +148,26 @@ impl Bg {
 
     /// Starts `blip args...` under `ip netns exec <ns>`.
     pub fn start_in_netns(dir: &std::path::Path, ns: &str, name: &str, args: &[&str]) -> Bg {
+        Bg::start_in_netns_with(dir, ns, name, args, &[])
+    }
+
+    /// [`Bg::start_in_netns`] with extra environment (`ip netns exec` passes it on).
+    pub fn start_in_netns_with(
+        dir: &std::path::Path,
+        ns: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Bg {
         let api = dir.join(format!("{name}.sock"));
         let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
         let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
-        let child = Command::new("ip")
+        let mut c = Command::new("ip");
+        c.env("BLIP_RUN_DIR", default_run_dir());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
             .args(["netns", "exec", ns])
             .arg(blip_bin())
             .args(args)
@@ -398,6 +416,89 @@ pub fn host_service(
         .map(|hp| format!("tcp://{hp}"))
         .unwrap_or_else(|| panic!("no URL in {line:?}"));
     (s, url)
+}
+
+/// Starts `blip host serve` in network namespace `ns`, listening on `tcp://ADDR:7000` with
+/// receivers on `ports`, its own run directory `run_dir` and host API at `<dir>/<name>.sock`;
+/// waits until it says it serves and returns it with its network URL.
+pub fn host_service_in_netns(
+    dir: &std::path::Path,
+    ns: &str,
+    name: &str,
+    run_dir: &std::path::Path,
+    key: &std::path::Path,
+    addr: &str,
+    ports: &str,
+) -> (Bg, String) {
+    std::fs::create_dir_all(run_dir).unwrap();
+    let url = format!("tcp://{addr}:7000");
+    let mut s = Bg::start_in_netns_with(
+        dir,
+        ns,
+        name,
+        &[
+            "host",
+            "serve",
+            "--listen",
+            &url,
+            "--ports",
+            ports,
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[("BLIP_RUN_DIR", run_dir.to_str().unwrap())],
+    );
+    let line = s.wait_stderr("blip host: serving");
+    assert!(
+        line.contains(&format!("{HOST_SERVING}{addr}:7000")),
+        "{line}"
+    );
+    (s, url)
+}
+
+/// A peer of a host service that speaks the protocol but holds the wrong key. Returns what the
+/// service answered (it must refuse with "authentication failed"), or why the exchange broke
+/// off; every step is bounded by `limit`.
+pub fn wrong_key_peer(url: &str, limit: Duration) -> Result<String, String> {
+    use blip_transport::protocol::{
+        self, HostRequest, Message, Role, AUTH_HMAC_SHA256, HOST_PREPARE,
+    };
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("tcp://")
+        .parse()
+        .map_err(|e| format!("{url}: {e}"))?;
+    let mut c = std::net::TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    c.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    let req = Message::HostRequest(HostRequest {
+        op: HOST_PREPARE,
+        name: "intruder".into(),
+        mem_size: 32 << 20,
+        vcpus: 1,
+    });
+    protocol::write_message(&mut c, &req).map_err(|e| e.to_string())?;
+    protocol::write_message(
+        &mut c,
+        &Message::Hello {
+            role: Role::Source,
+            session: 7,
+            nonce: [3; 32],
+            host_id: 1,
+            auth: AUTH_HMAC_SHA256,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match protocol::read_message(&mut c).map(|f| f.msg) {
+        Ok(Message::Hello { .. }) => {}
+        other => return Err(format!("expected the service's Hello, got {other:?}")),
+    }
+    protocol::write_message(&mut c, &Message::Auth { mac: [0x5a; 32] })
+        .map_err(|e| e.to_string())?;
+    match protocol::read_message(&mut c).map(|f| f.msg) {
+        Ok(Message::Refuse { reason }) => Ok(reason),
+        other => Err(format!("expected a refusal, got {other:?}")),
+    }
 }
 
 /// Runs `blip host ARGS` against the host API of `service` (started by [`host_service`]).

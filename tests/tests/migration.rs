@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
+use blip_tests::netns::{ip as netns, veth_pair};
 use blip_tests::{blip, listen_url, scratch, stdout, Bg};
 use blip_transport::protocol::{self, Message, Offer, Role};
 
@@ -189,52 +190,6 @@ fn report_counts_rounds_and_the_exit_status_follows_the_target() {
     assert_eq!(a.wait(), Some(0), "the source hands over: {}", a.stderr());
     b.wait_api();
     assert_alive_then_check(&mut b);
-}
-
-fn netns(args: &[&str]) -> bool {
-    std::process::Command::new("ip")
-        .args(args)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-struct Namespaces(Vec<String>);
-
-/// Two fresh network namespaces joined by a veth pair, 10.<subnet>.0.1 and .2, links up.
-/// Returns the guard that deletes them, the namespace names and the two link names.
-fn veth_pair(tag: &str, subnet: u8) -> (Namespaces, String, String, String, String) {
-    let id = std::process::id() % 10000;
-    let (na, nb) = (format!("blip{tag}a{id}"), format!("blip{tag}b{id}"));
-    let guard = Namespaces(vec![na.clone(), nb.clone()]);
-    let (va, vb) = (format!("v{tag}a{id}"), format!("v{tag}b{id}"));
-    assert!(
-        netns(&["netns", "add", &na]) && netns(&["netns", "add", &nb]),
-        "ip netns add (needs root and iproute2)"
-    );
-    assert!(netns(&[
-        "link", "add", &va, "type", "veth", "peer", "name", &vb
-    ]));
-    assert!(
-        netns(&["link", "set", &va, "netns", &na]) && netns(&["link", "set", &vb, "netns", &nb])
-    );
-    for (n, v, host) in [(&na, &va, 1), (&nb, &vb, 2)] {
-        let addr = format!("10.{subnet}.0.{host}/24");
-        assert!(netns(&["-n", n, "addr", "add", &addr, "dev", v]));
-        assert!(
-            netns(&["-n", n, "link", "set", v, "up"])
-                && netns(&["-n", n, "link", "set", "lo", "up"])
-        );
-    }
-    (guard, na, nb, va, vb)
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            netns(&["netns", "del", n]);
-        }
-    }
 }
 
 #[test]

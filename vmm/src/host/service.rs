@@ -49,6 +49,9 @@ use crate::Failure;
 const REQUEST_LIMIT: Duration = Duration::from_secs(5);
 /// Network connections heard at once (more are dropped at accept).
 const MAX_PEERS: usize = 32;
+/// Network connections heard at once from one address: a flood from one place cannot take
+/// every slot and starve the hosts that migrate here.
+const MAX_PEERS_PER_ADDR: usize = 8;
 
 /// A receiver the service started, until its guest arrives or it ends.
 struct Pending {
@@ -83,10 +86,25 @@ struct Host {
     drain_rows: Rows,
     drain_running: AtomicBool,
     peers: AtomicUsize,
+    /// Connections heard now, by remote address (see [`MAX_PEERS_PER_ADDR`]).
+    peers_from: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Migrations off this host, folded from its records at each scrape.
     outgoing: Mutex<metrics::Outgoing>,
     /// Migrations into this host: receivers started, guests arrived, receivers that died.
     in_counts: Mutex<metrics::Counts>,
+}
+
+impl Host {
+    /// A connection from `from` counted in `peers_from` ended.
+    fn peer_done(&self, from: std::net::SocketAddr) {
+        let mut by = self.peers_from.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by.get_mut(&from.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&from.ip());
+            }
+        }
+    }
 }
 
 fn drained_flag() -> PathBuf {
@@ -769,6 +787,7 @@ pub fn serve(
         drain_rows: Arc::default(),
         drain_running: AtomicBool::new(false),
         peers: AtomicUsize::new(0),
+        peers_from: Mutex::new(HashMap::new()),
         outgoing: Mutex::new(metrics::Outgoing::from_now()),
         in_counts: Mutex::default(),
     });
@@ -816,8 +835,21 @@ pub fn serve(
                 continue;
             }
         };
+        {
+            let mut by = h.peers_from.lock().unwrap_or_else(|e| e.into_inner());
+            let n = by.entry(from.ip()).or_insert(0);
+            if *n >= MAX_PEERS_PER_ADDR {
+                eprintln!(
+                    "blip host: dropped a connection from {from}: {MAX_PEERS_PER_ADDR} already open from {}",
+                    from.ip()
+                );
+                continue;
+            }
+            *n += 1;
+        }
         if h.peers.fetch_add(1, Ordering::AcqRel) >= MAX_PEERS {
             h.peers.fetch_sub(1, Ordering::AcqRel);
+            h.peer_done(from);
             eprintln!("blip host: dropped a connection from {from}: {MAX_PEERS} already open");
             continue;
         }
@@ -830,9 +862,11 @@ pub fn serve(
                     eprintln!("blip host: refused a connection from {from}: {e}");
                 }
                 h3.peers.fetch_sub(1, Ordering::AcqRel);
+                h3.peer_done(from);
             });
         if spawned.is_err() {
             h.peers.fetch_sub(1, Ordering::AcqRel);
+            h.peer_done(from);
         }
     }
     super::notify::notify_or_log("STOPPING=1");
