@@ -528,20 +528,30 @@ struct Listed {
 }
 
 fn list(json: bool) -> Result<i32, Failure> {
-    let rows: Vec<Listed> = registry::try_list()?
-        .into_iter()
-        .map(|entry| {
-            let status = match api::call(&entry.api, &Request::Status, &mut |_| {}) {
-                Ok(Reply::Status(s)) => Some(s),
-                _ => None,
-            };
-            Listed {
-                heartbeats: status.as_ref().map(|s| s.heartbeats),
-                state: status.map_or("not answering".into(), |s| s.state),
-                entry,
-            }
-        })
-        .collect();
+    // Every guest is asked at once: one that does not answer costs its deadline once, not
+    // once per guest listed after it.
+    let entries = registry::try_list()?;
+    let rows: Vec<Listed> = std::thread::scope(|scope| {
+        let asks: Vec<_> = entries
+            .into_iter()
+            .map(|entry| {
+                scope.spawn(move || {
+                    let status = match api::call(&entry.api, &Request::Status, &mut |_| {}) {
+                        Ok(Reply::Status(s)) => Some(s),
+                        _ => None,
+                    };
+                    Listed {
+                        heartbeats: status.as_ref().map(|s| s.heartbeats),
+                        state: status.map_or("not answering".into(), |s| s.state),
+                        entry,
+                    }
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .filter_map(|a| a.join().ok())
+            .collect()
+    });
     if json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(0);
