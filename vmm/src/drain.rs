@@ -27,7 +27,7 @@ use blip_vmm::migration::{OnTimeout, Options, Report};
 use blip_vmm::registry::{self, Entry};
 use serde::{Deserialize, Serialize};
 
-use crate::host::client;
+use crate::host::{client, HostError};
 use crate::Failure;
 
 /// One guest's line in the drain table.
@@ -147,6 +147,24 @@ type SetRow<'a> = dyn Fn(&dyn Fn(&mut Row)) + 'a;
 /// Called with each guest's live progress (the host service shows it in `GET /guests/NAME`).
 pub type OnProgress = Arc<dyn Fn(&str, &str, Option<&Progress>) + Send + Sync>;
 
+/// Asks the host service at `url` to prepare a receiver for `g`. A refusal is its answer; a
+/// connection that failed on the way (the service busy with a flood of strays, a restart) is
+/// tried twice more before the drain moves on to the next host.
+fn prepare_on(url: &str, key: &Option<Key>, g: &Entry) -> Result<HostReply, HostError> {
+    let mut pause = Duration::from_millis(250);
+    let mut tries_left = 2;
+    loop {
+        match client::prepare(url, key.clone(), g) {
+            Err(e) if !matches!(e, HostError::Refused(..)) && tries_left > 0 => {
+                tries_left -= 1;
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Migrates `g` to the best destination, falling back to the next one when a host refuses or
 /// a migration fails (the guest still runs here then). Never retries a handover in doubt.
 fn move_guest(
@@ -216,7 +234,7 @@ fn move_guest(
         });
         let to = match &dest {
             Dest::Receiver { url, .. } => url.clone(),
-            Dest::Host { url, .. } => match client::prepare(url, key.clone(), g) {
+            Dest::Host { url, .. } => match prepare_on(url, key, g) {
                 Ok(reply) => reply.address,
                 Err(e) => {
                     release();

@@ -548,9 +548,7 @@ fn list(json: bool) -> Result<i32, Failure> {
                 })
             })
             .collect();
-        asks.into_iter()
-            .filter_map(|a| a.join().ok())
-            .collect()
+        asks.into_iter().filter_map(|a| a.join().ok()).collect()
     });
     if json {
         println!("{}", serde_json::to_string(&rows)?);
