@@ -415,3 +415,115 @@ fn a_host_that_refuses_sends_the_guest_to_the_next() {
     assert_eq!(guest_names(&b, &run_b), ["solo"]);
     drop(blocker);
 }
+
+/// Waits (hang guard 60 s) until `blip host guest NAME` on `svc` shows a migration in pre-copy.
+fn wait_migrating(svc: &Bg, run: &Path, name: &str) {
+    let start = Instant::now();
+    loop {
+        let o = host_cmd(svc, run, &["guest", name]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["migration"]["phase"]
+            .as_str()
+            .is_some_and(|p| p == "precopy")
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} never showed pre-copy: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
+    let dir = scratch("host-cancel");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17450-17459");
+    let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17460-17469");
+    for n in ["c-1", "c-2"] {
+        run_guest(&a, &run_a, n);
+    }
+    // A 1 us blackout target never converges against a guest dirtying at full speed: the
+    // migration stays in pre-copy (60 s) until cancelled.
+    let host_api = a.api.to_str().unwrap().to_string();
+    let run_a_s = run_a.to_str().unwrap().to_string();
+    let mover = {
+        let (api, run, url) = (host_api.clone(), run_a_s.clone(), b_url.clone());
+        std::thread::spawn(move || {
+            blip(&[
+                "host",
+                "--api",
+                &api,
+                "migrate",
+                "c-1",
+                "--to",
+                &url,
+                "--max-blackout",
+                "1us",
+            ])
+            .env("BLIP_RUN_DIR", &run)
+            .output()
+            .unwrap()
+        })
+    };
+    wait_migrating(&a, &run_a, "c-1");
+    let o = host_cmd(&a, &run_a, &["cancel", "c-1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let moved = mover.join().unwrap();
+    let out = String::from_utf8_lossy(&moved.stdout).to_string()
+        + &String::from_utf8_lossy(&moved.stderr);
+    assert!(!moved.status.success(), "cancelled, yet: {out}");
+    // Both guests still run here, and the service takes requests again.
+    assert_eq!(guest_names(&a, &run_a), ["c-1", "c-2"]);
+
+    // A drain of both, one at a time, cancelled while the first is in pre-copy: the first stays,
+    // the second is never started.
+    let drain = {
+        let (api, run, url) = (host_api, run_a_s, b_url);
+        std::thread::spawn(move || {
+            blip(&[
+                "host",
+                "--api",
+                &api,
+                "drain",
+                "--to",
+                &url,
+                "--parallel",
+                "1",
+                "--max-blackout",
+                "1us",
+                "--json",
+            ])
+            .env("BLIP_RUN_DIR", &run)
+            .output()
+            .unwrap()
+        })
+    };
+    let start = Instant::now();
+    while !["c-1", "c-2"].iter().any(|n| {
+        let o = host_cmd(&a, &run_a, &["guest", n]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()["migration"]
+            ["phase"]
+            .as_str()
+            .is_some_and(|p| p == "precopy")
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the drain never reached pre-copy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = host_cmd(&a, &run_a, &["cancel"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = drain.join().unwrap();
+    let out = String::from_utf8_lossy(&d.stdout).to_string();
+    assert!(!d.status.success(), "{out}");
+    assert!(out.contains("cancelled: not started"), "{out}");
+    assert_eq!(guest_names(&a, &run_a), ["c-1", "c-2"]);
+    // Nothing is left behind on B.
+    assert!(guest_names(&b, &run_b).is_empty());
+}

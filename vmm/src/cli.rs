@@ -777,6 +777,13 @@ pub enum HostCmd {
     Drain(DrainPlan),
     /// Take guests again.
     Undrain,
+    /// Cancel guest NAME's migration, or (without NAME) the drain this service runs: migrations
+    /// stop in pre-copy and the guests stay here; a drain starts no more.
+    Cancel {
+        /// The guest whose migration to cancel; none = the running drain.
+        #[arg(value_parser = GuestName)]
+        name: Option<String>,
+    },
     /// The last migrations off this host, kept by the service.
     Migrations {
         /// How many.

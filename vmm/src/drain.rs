@@ -344,15 +344,18 @@ pub fn run_drain(
         let _ = tx.send(g.clone());
     }
     drop(tx);
+    // Set once `stop` is seen: queued guests are then not started.
+    let cancelled_flag = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..o.parallel.max(1))
         .map(|_| {
-            let (rx, rows, dests, o, key, on_progress) = (
+            let (rx, rows, dests, o, key, on_progress, cancelled) = (
                 rx.clone(),
                 rows.clone(),
                 dests.clone(),
                 o.clone(),
                 key.clone(),
                 on_progress.clone(),
+                cancelled_flag.clone(),
             );
             std::thread::spawn(move || {
                 for g in rx {
@@ -365,6 +368,13 @@ pub fn run_drain(
                             f(r);
                         }
                     };
+                    if cancelled.load(Ordering::Acquire) {
+                        set(&|r| {
+                            r.state = "cancelled: not started, stays here".into();
+                            r.ok = Some(false);
+                        });
+                        continue;
+                    }
                     move_guest(&g, &dests, &o, &key, &set, &on_progress);
                 }
             })
@@ -379,6 +389,7 @@ pub fn run_drain(
         }
         if stop.load(Ordering::Relaxed) && !cancelled {
             cancelled = true;
+            cancelled_flag.store(true, Ordering::Release);
             // Ctrl-C: cancel what runs; queued guests are simply not started.
             for g in guests {
                 let _ = api::call(&g.api, &Request::Cancel, &mut |_| {});

@@ -232,6 +232,19 @@ pub fn run(
             call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, *json, stop)
         }
+        HostCmd::Cancel { name } => {
+            match name {
+                Some(n) => {
+                    call(&sock, "POST", &format!("/guests/{n}/cancel"), None)?;
+                    println!("{n}: migration cancelled; the guest stays here");
+                }
+                None => {
+                    call(&sock, "POST", "/drain/cancel", None)?;
+                    println!("drain cancelled: migrations under way stop, no more start");
+                }
+            }
+            Ok(0)
+        }
         HostCmd::Undrain => {
             call(&sock, "POST", "/undrain", None)?;
             println!("host undrained: it takes guests again");

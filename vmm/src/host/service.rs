@@ -10,6 +10,8 @@
 //! | `POST /guests` `{"name": N, "args": ["--mem", "64M", ...]}` | runs `blip run --name N ARGS` (any `blip run` option), answers once it is registered |
 //! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false}` | 202; runs in the service (follow with `GET /host`) |
 //! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false, "streams": 1, "transport": "url"}` | 202; marks the host drained and moves every guest |
+//! | `POST /drain/cancel` | 202; the running drain (or single move) cancels its migrations in pre-copy and starts no more |
+//! | `POST /guests/NAME/cancel` | cancels NAME's migration in pre-copy (the guest stays here) |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
 //! | `GET /metrics` | Prometheus text 0.0.4 (see [`super::metrics`]); also on `--metrics-listen` |
@@ -85,6 +87,8 @@ struct Host {
     live: Mutex<HashMap<String, Live>>,
     drain_rows: Rows,
     drain_running: AtomicBool,
+    /// Set by `POST /drain/cancel`: the running drain cancels its migrations and starts no more.
+    drain_stop: AtomicBool,
     peers: AtomicUsize,
     /// Connections heard now, by remote address (see [`MAX_PEERS_PER_ADDR`]).
     peers_from: Mutex<HashMap<std::net::IpAddr, usize>>,
@@ -521,6 +525,7 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
     if h.drain_running.swap(true, Ordering::AcqRel) {
         return Response::error(409, "a drain or migration started here is still running");
     }
+    h.drain_stop.store(false, Ordering::Release);
     if mark_drained {
         h.set_drained(true);
     }
@@ -544,7 +549,6 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
     let n = guests.len();
     let h2 = h.clone();
     std::thread::spawn(move || {
-        static NEVER: AtomicBool = AtomicBool::new(false);
         let live = h2.clone();
         let on_progress: drain::OnProgress = Arc::new(move |name, to, p| {
             live.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -555,16 +559,23 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
                 },
             );
         });
-        let r = drain::run_drain(&guests, &o, &h2.drain_rows, &NEVER, on_progress, |_| {
-            // Migrations that ended no longer show as live.
-            let rows = h2
-                .drain_rows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let mut live = h2.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.retain(|n, _| rows.get(n).is_some_and(|r| r.ok.is_none()));
-        });
+        let r = drain::run_drain(
+            &guests,
+            &o,
+            &h2.drain_rows,
+            &h2.drain_stop,
+            on_progress,
+            |_| {
+                // Migrations that ended no longer show as live.
+                let rows = h2
+                    .drain_rows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let mut live = h2.live.lock().unwrap_or_else(|e| e.into_inner());
+                live.retain(|n, _| rows.get(n).is_some_and(|r| r.ok.is_none()));
+            },
+        );
         if let Err(Failure(e)) = r {
             eprintln!("blip host: drain failed: {e}");
         }
@@ -721,6 +732,21 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
             (None, _) => Response::error(404, format!("no guest named '{name}' runs here")),
             (Some(e), Ok(b)) => start_drain(h, vec![e], &b, false),
         },
+        ("POST", ["guests", name, "cancel"]) => match find(name) {
+            None => Response::error(404, format!("no guest named '{name}' runs here")),
+            Some(e) => match api::call(&e.api, &ApiReq::Cancel, &mut |_| {}) {
+                Ok(Reply::Error { message }) => Response::error(409, message),
+                Ok(_) => Response::json(200, &json!({ "cancelled": name })),
+                Err(e) => Response::error(502, error_chain(&e)),
+            },
+        },
+        ("POST", ["drain", "cancel"]) => {
+            if !h.drain_running.load(Ordering::Acquire) {
+                return Response::error(409, "no drain or migration started here is running");
+            }
+            h.drain_stop.store(true, Ordering::Release);
+            Response::json(202, &json!({ "cancelling": true }))
+        }
         ("POST", ["drain"]) => match body_json(req) {
             Ok(b) => start_drain(h, registry::list(), &b, true),
             Err(r) => r,
@@ -786,6 +812,7 @@ pub fn serve(
         live: Mutex::default(),
         drain_rows: Arc::default(),
         drain_running: AtomicBool::new(false),
+        drain_stop: AtomicBool::new(false),
         peers: AtomicUsize::new(0),
         peers_from: Mutex::new(HashMap::new()),
         outgoing: Mutex::new(metrics::Outgoing::from_now()),
