@@ -527,3 +527,48 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
     // Nothing is left behind on B.
     assert!(guest_names(&b, &run_b).is_empty());
 }
+
+#[test]
+fn a_guest_snapshotted_through_the_service_restarts_from_its_file() {
+    let dir = scratch("host-snap");
+    let key = key_file(&dir, "k");
+    let run = dir.join("a");
+    let _cleanup = KillGuests(vec![run.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run, &key, "17470-17479");
+    run_guest(&a, &run, "s-1");
+    let file = dir.join("s-1.snap");
+    // A relative file is made absolute by the CLI; here it is absolute already.
+    let v = json(&host_cmd(
+        &a,
+        &run,
+        &["snapshot", "s-1", file.to_str().unwrap(), "--stop"],
+    ));
+    assert!(v.to_string().contains("s-1.snap"), "{v}");
+    assert!(file.is_file());
+    let start = Instant::now();
+    while !guest_names(&a, &run).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "s-1 did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A missing file is one clear error; the real one starts the guest again, under a name.
+    let o = host_cmd(&a, &run, &["run", "s-2", "--snapshot", "/nonexistent.snap"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot file"));
+    let o = host_cmd(
+        &a,
+        &run,
+        &["run", "s-2", "--snapshot", file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(guest_names(&a, &run), ["s-2"]);
+    // The restored guest's own memory check passes.
+    let sock = run.join("s-2.sock");
+    let o = blip(&["check", "--api", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_file_line(&run.join("host/logs/s-2.log"), "check: ok");
+}

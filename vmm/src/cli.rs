@@ -754,9 +754,21 @@ pub enum HostCmd {
     Run {
         #[arg(value_parser = GuestName)]
         name: String,
-        /// `blip run` options (after `--`).
+        /// Start from this snapshot file (`blip restore`) instead of booting.
+        #[arg(long, value_name = "FILE")]
+        snapshot: Option<PathBuf>,
+        /// `blip run` options (after `--`; with --snapshot, `blip restore` options).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Write guest NAME to a snapshot file while it runs (or, with --stop, stop it after).
+    Snapshot {
+        #[arg(value_parser = GuestName)]
+        name: String,
+        /// The file to write (made absolute here).
+        file: PathBuf,
+        #[arg(long)]
+        stop: bool,
     },
     /// Move one guest to another host running the service.
     Migrate {

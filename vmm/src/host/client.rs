@@ -183,13 +183,16 @@ pub fn run(
             println!("{v}");
             Ok(0)
         }
-        HostCmd::Run { name, args } => {
-            let v = call(
-                &sock,
-                "POST",
-                "/guests",
-                Some(&json!({ "name": name, "args": args })),
-            )?;
+        HostCmd::Run {
+            name,
+            snapshot,
+            args,
+        } => {
+            let mut body = json!({ "name": name, "args": args });
+            if let Some(f) = snapshot {
+                body["snapshot"] = json!(std::path::absolute(f)?);
+            }
+            let v = call(&sock, "POST", "/guests", Some(&body))?;
             println!(
                 "guest {} runs (pid {}, API {})",
                 v["name"].as_str().unwrap_or("?"),
@@ -231,6 +234,17 @@ pub fn run(
             });
             call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, *json, stop)
+        }
+        HostCmd::Snapshot { name, file, stop } => {
+            let path = std::path::absolute(file)?;
+            let v = call(
+                &sock,
+                "POST",
+                &format!("/guests/{name}/snapshot"),
+                Some(&json!({ "path": path, "stop": stop })),
+            )?;
+            println!("{v}");
+            Ok(0)
         }
         HostCmd::Cancel { name } => {
             match name {

@@ -11,6 +11,7 @@
 //! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false}` | 202; runs in the service (follow with `GET /host`) |
 //! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false, "streams": 1, "transport": "url"}` | 202; marks the host drained and moves every guest |
 //! | `POST /drain/cancel` | 202; the running drain (or single move) cancels its migrations in pre-copy and starts no more |
+//! | `POST /guests/NAME/snapshot` `{"path": "/abs/file", "stop": false}` | 200 with the snapshot's summary once it is on disk (the guest runs on unless `stop`) |
 //! | `POST /guests/NAME/cancel` | cancels NAME's migration in pre-copy (the guest stays here) |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
@@ -601,7 +602,8 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
     Response::json(202, &json!({ "started": true, "guests": n }))
 }
 
-/// `POST /guests`: `blip run --name NAME ARGS...`, answered once the guest is registered.
+/// `POST /guests`: `blip run --name NAME ARGS...` (or `blip restore --name NAME ARGS... FILE`
+/// with `"snapshot": FILE`), answered once the guest is registered.
 /// A drained host starts no guest (as it takes none by migration) until it is undrained.
 fn run_guest(h: &Host, body: &Value) -> Response {
     let Some(name) = body["name"].as_str() else {
@@ -629,7 +631,15 @@ fn run_guest(h: &Host, body: &Value) -> Response {
     {
         return Response::error(400, "--name and --api are set by the host service");
     }
-    let mut args: Vec<String> = vec!["run".into(), "--name".into(), name.into()];
+    // From a snapshot (`"snapshot": FILE`, e.g. a cluster's failover copy) or booted afresh.
+    let snapshot = body["snapshot"].as_str();
+    if let Some(f) = snapshot {
+        if !std::path::Path::new(f).is_file() {
+            return Response::error(400, format!("no snapshot file {f}"));
+        }
+    }
+    let verb = if snapshot.is_some() { "restore" } else { "run" };
+    let mut args: Vec<String> = vec![verb.into(), "--name".into(), name.into()];
     if !extra
         .iter()
         .any(|a| a == "--serial" || a.starts_with("--serial="))
@@ -637,6 +647,9 @@ fn run_guest(h: &Host, body: &Value) -> Response {
         args.extend(["--serial".into(), "stdout".into()]);
     }
     args.extend(extra);
+    if let Some(f) = snapshot {
+        args.push(f.into());
+    }
     let (mut child, log, from) = match spawn_guest(name, &args) {
         Ok(x) => x,
         Err(e) => return Response::error(500, e),
@@ -739,6 +752,25 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
                 Ok(_) => Response::json(200, &json!({ "cancelled": name })),
                 Err(e) => Response::error(502, error_chain(&e)),
             },
+        },
+        ("POST", ["guests", name, "snapshot"]) => match (find(name), body_json(req)) {
+            (_, Err(r)) => r,
+            (None, _) => Response::error(404, format!("no guest named '{name}' runs here")),
+            (Some(e), Ok(b)) => {
+                let Some(path) = b["path"].as_str().filter(|p| p.starts_with('/')) else {
+                    return Response::error(400, "a snapshot needs an absolute \"path\"");
+                };
+                let req = ApiReq::Snapshot {
+                    path: path.into(),
+                    stop: b["stop"].as_bool().unwrap_or(false),
+                };
+                match api::call(&e.api, &req, &mut |_| {}) {
+                    Ok(Reply::Done(done)) => Response::json(200, &json!(done)),
+                    Ok(Reply::Error { message }) => Response::error(409, message),
+                    Ok(_) => Response::error(502, "the guest's blip gave no snapshot result"),
+                    Err(e) => Response::error(502, error_chain(&e)),
+                }
+            }
         },
         ("POST", ["drain", "cancel"]) => {
             if !h.drain_running.load(Ordering::Acquire) {
