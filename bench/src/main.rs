@@ -337,13 +337,11 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
         max_blackout_ns: target_us * 1000,
         max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
         via: a.via,
+        label_width: 0,
     };
-    println!("qemu    | blip, the same cells as QEMU (heartbeats via serial):");
-    migrate::header();
-    let blip: Vec<Value> = mems
+    let cells: Vec<migrate::Cell> = mems
         .iter()
-        .enumerate()
-        .map(|(i, &mem_mib)| {
+        .map(|&mem_mib| {
             let mut c = migrate::Cell::new(
                 mem_mib,
                 1,
@@ -354,8 +352,19 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
             );
             c.serial = true;
             c.target_us = target_us;
-            migrate::cell(&s, c, 100 + i)
+            c
         })
+        .collect();
+    let s = migrate::Settings {
+        label_width: migrate::label_width(&cells),
+        ..s
+    };
+    println!("qemu    | blip, the same cells as QEMU (heartbeats via serial):");
+    migrate::header(s.label_width);
+    let blip: Vec<Value> = cells
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| migrate::cell(&s, c, 100 + i))
         .collect();
     let mut c = migrate::Cell::new(
         64,
@@ -512,11 +521,12 @@ fn main() {
             max_blackout_ns: target_us * 1000,
             max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
             via: a.via,
+            label_width: migrate::label_width(&cells),
         };
         for note in &skipped {
             println!("migrate | {note}");
         }
-        migrate::header();
+        migrate::header(s.label_width);
         let rows: Vec<Value> = cells
             .into_iter()
             .enumerate()

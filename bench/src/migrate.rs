@@ -193,6 +193,11 @@ impl Cell {
         x
     }
 
+    /// The workload and what sets the cell apart (the table's load column).
+    fn label(&self) -> String {
+        format!("{}{}", self.load(), self.extras())
+    }
+
     fn name(&self) -> String {
         format!(
             "{}M {}vcpu {}{}",
@@ -246,6 +251,8 @@ pub struct Settings {
     /// holds pre-copy open this long, so `--quick` keeps it short.
     pub max_precopy_ms: u64,
     pub via: Via,
+    /// Width of the table's load column ([`label_width`] of the cells to come).
+    pub label_width: usize,
 }
 
 /// A child blip whose stderr is collected (last lines kept for error messages); killed when
@@ -713,23 +720,66 @@ impl Hists {
 }
 
 /// The table header.
-pub fn header() {
-    println!(
-        "migrate | {:>5} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check",
-        "mem", "vcpu", "load", "bo p50", "bo p99", "bo max", "gst p50", "gst p99", "pause", "harv", "pages", "save", "xfer+rst", "resume", "other", "total", "rounds", "n", "pred/actual p50", "worst", "target met"
-    );
-    println!(
-        "        | {:>17} | {:>26} | {:>17} | {:>53} | {:>8} | {:>6} | {:>4} | {:>22} | {:>10} |",
-        "",
-        "VMM blackout (us)",
-        "guest gap (us)",
-        "phase p50 (us)",
-        "p50 ms",
-        "p50",
-        "",
-        "predicted / VMM bo",
-        ""
-    );
+pub fn header(label_width: usize) {
+    let (line1, line2) = header_lines(label_width);
+    println!("{line1}");
+    println!("{line2}");
+}
+
+/// The column groups of a row: (group title, [(column, width)]); the row format in [`cell`]
+/// uses the same widths.
+fn columns(label_width: usize) -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
+    vec![
+        ("", vec![("mem", 5), ("vcpu", 4), ("load", label_width)]),
+        (
+            "VMM blackout (us)",
+            vec![("bo p50", 8), ("bo p99", 8), ("bo max", 8)],
+        ),
+        ("guest gap (us)", vec![("gst p50", 8), ("gst p99", 8)]),
+        (
+            "phase p50 (us)",
+            vec![
+                ("pause", 6),
+                ("harv", 6),
+                ("pages", 7),
+                ("save", 6),
+                ("xfer+rst", 8),
+                ("resume", 6),
+                ("other", 6),
+            ],
+        ),
+        ("p50 ms", vec![("total", 8)]),
+        ("p50", vec![("rounds", 6)]),
+        ("", vec![("n", 4)]),
+        (
+            "predicted / VMM bo",
+            vec![("pred/actual p50", 15), ("worst", 6)],
+        ),
+        ("", vec![("target met", 10)]),
+    ]
+}
+
+/// The two header lines: column names, then each group's title over its columns.
+fn header_lines(label_width: usize) -> (String, String) {
+    let (mut l1, mut l2) = ("migrate |".to_string(), "        |".to_string());
+    for (title, cols) in columns(label_width) {
+        let names: Vec<String> = cols.iter().map(|(n, w)| format!("{n:>w$}")).collect();
+        let names = names.join(" ");
+        l2.push_str(&format!(" {title:>w$} |", w = names.len()));
+        l1.push_str(&format!(" {names} |"));
+    }
+    l1.push_str(" memory check");
+    (l1, l2)
+}
+
+/// The load column's width: the longest cell label (workload and extras), at least 5.
+pub fn label_width<'a>(cells: impl IntoIterator<Item = &'a Cell>) -> usize {
+    cells
+        .into_iter()
+        .map(|c| c.label().len())
+        .max()
+        .unwrap_or(0)
+        .max(5)
 }
 
 /// A one-line progress bar on stderr (redrawn in place on a terminal, a line per tenth
@@ -967,10 +1017,10 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>5} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
-        format!("{}{}", c.load(), c.extras()),
+        c.label(),
         us(p50(&h.blackout)),
         us(p99(&h.blackout)),
         us(h.blackout.max()),
@@ -993,7 +1043,8 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
             format!(" ({failed} migration(s) failed)")
         } else {
             String::new()
-        }
+        },
+        lw = s.label_width,
     );
     if verdict != "ok" {
         eprintln!("blip-bench: migrate {}: memory check {verdict}", c.name());
@@ -1101,6 +1152,10 @@ mod tests {
             c.file_stem(),
             "migrate-1024M-1vcpu-dirty-1016M-max-bitmap-target-300us"
         );
+        // Header lines: each group title ends where its columns end.
+        let (l1, l2) = header_lines(label_width([&c]));
+        let bars = |l: &str| l.match_indices('|').map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(bars(&l1), bars(&l2), "\n{l1}\n{l2}");
         let mut c = Cell::new(64, 1, Load::Idle);
         c.pc = true;
         assert_eq!(c.name(), "64M 1vcpu idle pc");
