@@ -12,6 +12,7 @@ pub mod exit;
 pub mod fault;
 pub mod hash;
 pub mod loader;
+pub mod logging;
 pub mod memory;
 pub mod migration;
 pub mod persist;

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    blip_vmm::logging::init();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_sigint);
     }
