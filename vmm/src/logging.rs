@@ -36,6 +36,12 @@ use tracing_subscriber::EnvFilter;
 /// Level when neither `BLIP_LOG` nor `RUST_LOG` says one.
 pub const DEFAULT_FILTER: &str = "info";
 
+/// Target of the lines other programs wait for (`blip receive`'s "waiting for an incoming
+/// migration on URL", `blip host serve`'s "serving"): shown at info whatever the filter says,
+/// so a host service run with `RUST_LOG=warn` (its receivers inherit it) still sees its
+/// receivers listen.
+pub const READY: &str = "blip::ready";
+
 /// How lines look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Style {
@@ -93,7 +99,7 @@ pub fn filter_from(blip_log: Option<&str>, rust_log: Option<&str>) -> (EnvFilter
     let chosen = [("BLIP_LOG", blip_log), ("RUST_LOG", rust_log)]
         .into_iter()
         .find_map(|(n, v)| v.filter(|s| !s.trim().is_empty()).map(|v| (n, v)));
-    match chosen {
+    let (filter, complaint) = match chosen {
         None => (EnvFilter::new(DEFAULT_FILTER), None),
         Some((name, v)) => match EnvFilter::try_new(v) {
             Ok(f) => (f, None),
@@ -104,6 +110,11 @@ pub fn filter_from(blip_log: Option<&str>, rust_log: Option<&str>) -> (EnvFilter
                 )),
             ),
         },
+    };
+    let ready = format!("{READY}=info").parse();
+    match ready {
+        Ok(d) => (filter.add_directive(d), complaint),
+        Err(_) => (filter, complaint),
     }
 }
 
@@ -146,7 +157,10 @@ pub fn migration_id(session_id: u64) -> String {
 
 /// Names the migration of the current [`migration_span`] (a no-op outside one).
 pub fn set_migration(session_id: u64) {
-    Span::current().record("migration", tracing::field::display(migration_id(session_id)));
+    Span::current().record(
+        "migration",
+        tracing::field::display(migration_id(session_id)),
+    );
 }
 
 /// The event format of both styles.
@@ -286,7 +300,11 @@ mod tests {
             rest,
             " INFO blip: waiting for an incoming migration on tcp://127.0.0.1:1"
         );
-        assert!(lines[1].ends_with("  WARN [guest=a] blip: careful"), "{}", lines[1]);
+        assert!(
+            lines[1].ends_with("  WARN [guest=a] blip: careful"),
+            "{}",
+            lines[1]
+        );
     }
 
     #[test]
@@ -301,18 +319,51 @@ mod tests {
 
     #[test]
     fn filters_come_from_blip_log_then_rust_log() {
+        // The filter's directives, minus the READY one every filter has.
+        let dirs = |f: EnvFilter| -> String {
+            let s = f.to_string();
+            let mut d: Vec<&str> = s.split(',').collect();
+            let n = d.len();
+            d.retain(|x| *x != "blip::ready=info");
+            assert_eq!(d.len() + 1, n, "{s}");
+            d.join(",")
+        };
         let (f, c) = filter_from(None, None);
-        assert_eq!(f.to_string(), "info");
+        assert_eq!(dirs(f), "info");
         assert!(c.is_none());
         let (f, _) = filter_from(None, Some("debug"));
-        assert_eq!(f.to_string(), "debug");
+        assert_eq!(dirs(f), "debug");
         let (f, _) = filter_from(Some("warn"), Some("debug"));
-        assert_eq!(f.to_string(), "warn");
+        assert_eq!(dirs(f), "warn");
         let (f, _) = filter_from(Some(" "), Some("debug"));
-        assert_eq!(f.to_string(), "debug");
+        assert_eq!(dirs(f), "debug");
         let (f, c) = filter_from(None, Some("blip=notalevel"));
-        assert_eq!(f.to_string(), "info");
+        assert_eq!(dirs(f), "info");
         assert!(c.unwrap().contains("RUST_LOG"));
+    }
+
+    #[test]
+    fn ready_lines_pass_any_filter() {
+        let (filter, _) = filter_from(None, Some("warn"));
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .event_format(Line {
+                style: Style::Journal,
+            })
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!("hidden");
+            tracing::info!(target: READY, "blip: waiting for an incoming migration on tcp://x");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "<6>blip: waiting for an incoming migration on tcp://x\n"
+        );
     }
 
     #[test]
