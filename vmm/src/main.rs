@@ -95,6 +95,7 @@ fn main() -> ExitCode {
             blip_vmm::cli::HostCmd::Serve(a) => host::service::serve(a, &h.api, &STOP),
             cmd => host::client::run(&h.api, cmd, &STOP),
         },
+        Cmd::Generate(g) => generate(g),
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
             .map(|_| 0)
             .map_err(|e| Failure(format!("cannot write {}: {e}", out.display()))),
@@ -106,6 +107,25 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `blip generate man|completions`.
+fn generate(g: blip_vmm::cli::GenerateCmd) -> Result<i32, Failure> {
+    use blip_vmm::cli::GenerateCmd;
+    match g {
+        GenerateCmd::Man { out } => {
+            let pages = blip_vmm::generate::man_pages(&out)?;
+            eprintln!(
+                "blip: {} man pages written to {}",
+                pages.len(),
+                out.display()
+            );
+        }
+        GenerateCmd::Completions { shell } => {
+            blip_vmm::generate::completions(shell, &mut std::io::stdout().lock())?;
+        }
+    }
+    Ok(0)
 }
 
 fn serial_sink(s: &Serial) -> Result<Box<dyn Write + Send>, Failure> {
