@@ -51,8 +51,8 @@ fn man_pages_are_written_one_per_command_and_render() {
     pages.extend(["blip-host-serve", "blip-host-status", "blip-generate-man"].map(String::from));
     for page in &pages {
         let path = out.join(format!("{page}.1"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let th = text.lines().find(|l| l.starts_with(".TH ")).unwrap_or("");
         assert!(th.starts_with(&format!(".TH {page} 1 ")), "{page}: {th:?}");
         let name = text
@@ -96,7 +96,11 @@ fn bash_completion_parses_and_completes_the_subcommands() {
     assert!(o.status.success(), "{}", stderr(&o));
     let script = dir.join("blip");
     std::fs::write(&script, &o.stdout).unwrap();
-    let n = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    let n = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
     assert!(n.status.success(), "bash -n: {}", stderr(&n));
     let text = stdout(&o);
     for sub in subcommands() {
