@@ -78,6 +78,29 @@ pub enum Cmd {
     },
     /// The host service (`blip host serve`, one per node) and the commands that talk to it.
     Host(HostArgs),
+    /// Write blip's man pages or a shell completion script, generated from these commands'
+    /// own definitions (for installing blip on a node).
+    #[command(subcommand)]
+    Generate(GenerateCmd),
+}
+
+/// What `blip generate` writes.
+#[derive(Subcommand, Debug)]
+pub enum GenerateCmd {
+    /// Write one man page per command (blip.1, blip-migrate.1, blip-host-serve.1, ...) into a
+    /// directory, e.g. /usr/local/share/man/man1.
+    Man {
+        /// Directory for the pages (made if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print the completion script for SHELL on stdout, e.g. for bash into
+    /// /usr/share/bash-completion/completions/blip.
+    Completions {
+        /// The shell: bash, zsh, fish (also elvish, powershell).
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Options shared by everything that boots a guest.

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    blip_vmm::logging::init();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_sigint);
     }
@@ -94,6 +95,7 @@ fn main() -> ExitCode {
             blip_vmm::cli::HostCmd::Serve(a) => host::service::serve(a, &h.api, &STOP),
             cmd => host::client::run(&h.api, cmd, &STOP),
         },
+        Cmd::Generate(g) => generate(g),
         Cmd::GuestImage { out } => std::fs::write(&out, EMBEDDED_GUEST)
             .map(|_| 0)
             .map_err(|e| Failure(format!("cannot write {}: {e}", out.display()))),
@@ -105,6 +107,25 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `blip generate man|completions`.
+fn generate(g: blip_vmm::cli::GenerateCmd) -> Result<i32, Failure> {
+    use blip_vmm::cli::GenerateCmd;
+    match g {
+        GenerateCmd::Man { out } => {
+            let pages = blip_vmm::generate::man_pages(&out)?;
+            eprintln!(
+                "blip: {} man pages written to {}",
+                pages.len(),
+                out.display()
+            );
+        }
+        GenerateCmd::Completions { shell } => {
+            blip_vmm::generate::completions(shell, &mut std::io::stdout().lock())?;
+        }
+    }
+    Ok(0)
 }
 
 fn serial_sink(s: &Serial) -> Result<Box<dyn Write + Send>, Failure> {
@@ -162,12 +183,12 @@ fn finish(exit: VmExit) -> Result<i32, Failure> {
     match exit {
         VmExit::PoweredOff => Ok(0),
         VmExit::Reset => {
-            eprintln!("blip: the guest reset the machine; it is stopped");
+            tracing::info!("blip: the guest reset the machine; it is stopped");
             Ok(0)
         }
         VmExit::GuestExit(code) => Ok(code),
         VmExit::Interrupted => {
-            eprintln!("blip: interrupted, guest stopped");
+            tracing::info!("blip: interrupted, guest stopped");
             Ok(130)
         }
         VmExit::Fault { vcpu, reason, rip } => {
@@ -203,7 +224,7 @@ fn control_socket(
         Ok(s) => Ok((Some(s), name)),
         Err(e @ (api::ApiError::InUse(_) | api::ApiError::NotASocket(_))) => Err(e.into()),
         Err(e) => {
-            eprintln!(
+            tracing::warn!(
                 "blip: warning: not registered in {} ({}); no control API",
                 dir.display(),
                 error_chain(&e)
@@ -219,7 +240,7 @@ fn register(vm: &Vm, server: &Option<api::Server>, name: &str) -> Option<registr
     match registry::register(name, server.path(), vm.vcpu_count(), vm.mem_size()) {
         Ok(r) => Some(r),
         Err(e) => {
-            eprintln!("blip: warning: not registered: {}", error_chain(&e));
+            tracing::warn!("blip: warning: not registered: {}", error_chain(&e));
             None
         }
     }
@@ -230,6 +251,7 @@ fn run(a: &RunArgs) -> Result<i32, Failure> {
     // the registry entry, and only then does the guest run.
     let mut vm = Vm::create_with(config(&a.guest)?, a.dirty.config())?;
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
+    let _log = blip_vmm::logging::guest_span(&name).entered();
     let reg = register(&vm, &server, &name);
     vm.resume_all()?;
     serve_vm(vm, server, reg, None)
@@ -258,7 +280,7 @@ fn serve_vm(
         let Some(server) = &server else { continue };
         while let Ok(req) = server.requests.try_recv() {
             if let Some(why) = req.stale() {
-                eprintln!("blip: {why}");
+                tracing::warn!("blip: {why}");
                 let _ = req.reply.send(Reply::error(why));
                 continue;
             }
@@ -283,7 +305,7 @@ fn serve_vm(
                         match vm.resume_all() {
                             Ok(_) => {
                                 in_doubt = None;
-                                eprintln!("blip: in-doubt guest resumed here (blip resolve)");
+                                tracing::info!("blip: in-doubt guest resumed here (blip resolve)");
                                 let _ = req.reply.send(Reply::Ok {
                                     message: Some("the guest runs here".into()),
                                 });
@@ -293,7 +315,7 @@ fn serve_vm(
                             }
                         }
                     } else {
-                        eprintln!("blip: in-doubt guest discarded here (blip resolve)");
+                        tracing::info!("blip: in-doubt guest discarded here (blip resolve)");
                         let _ = req.reply.send(Reply::Ok {
                             message: Some("this copy of the guest is discarded".into()),
                         });
@@ -341,7 +363,7 @@ fn serve_vm(
                                 .reply
                                 .send(Reply::Done(Done::Snapshot { snapshot: saved }));
                             if stop {
-                                eprintln!(
+                                tracing::info!(
                                     "blip: snapshot written to {}; guest stopped",
                                     path.display()
                                 );
@@ -351,7 +373,7 @@ fn serve_vm(
                                 server.drain(Duration::from_secs(30));
                                 return Ok(0);
                             }
-                            eprintln!(
+                            tracing::info!(
                                 "blip: snapshot written to {} (guest paused {:.1} ms)",
                                 path.display(),
                                 pause_ns as f64 / 1e6
@@ -359,7 +381,7 @@ fn serve_vm(
                         }
                         Err(e) => {
                             let msg = error_chain(&e);
-                            eprintln!(
+                            tracing::error!(
                                 "blip: snapshot to {} failed: {msg}; the guest keeps running",
                                 path.display()
                             );
@@ -388,9 +410,10 @@ fn serve_vm(
                     let mut progress = |p: &source::Progress| {
                         let _ = reply.send(Reply::Progress(p.clone()));
                     };
+                    let _log = blip_vmm::logging::migration_span().entered();
                     match source::migrate(&mut vm, &options, &mut progress) {
                         Ok(report) if report.in_doubt.is_some() => {
-                            eprintln!(
+                            tracing::error!(
                                 "blip: migration to {} is IN DOUBT: {}; the guest is paused here. Resume it on exactly one side: blip status on both, then blip resolve --api SOCKET resume|discard",
                                 options.to,
                                 report.in_doubt.as_deref().unwrap_or_default()
@@ -401,7 +424,7 @@ fn serve_vm(
                             }));
                         }
                         Ok(report) => {
-                            eprintln!(
+                            tracing::info!(
                                 "blip: guest migrated to {} (blackout {:.1} us)",
                                 options.to,
                                 report.blackout_ns as f64 / 1e3
@@ -417,7 +440,7 @@ fn serve_vm(
                         }
                         Err(e) => {
                             let msg = error_chain(&e);
-                            eprintln!(
+                            tracing::error!(
                                 "blip: migration to {} failed: {msg}; the guest keeps running here",
                                 options.to
                             );
@@ -433,6 +456,7 @@ fn serve_vm(
 fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     let _ = a.auth.resolve().map_err(Failure)?;
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
+    let guest_log = blip_vmm::logging::guest_span(&name).entered();
     let (listener, rdma) = dest::listen(&a.listen)?;
     let local = listener
         .local_addr()
@@ -445,16 +469,16 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
             let rdma_ip = ip.filter(|ip| rdma && !ip.is_unspecified());
             let p = dest::Premade::new(size, a.mem_backing, rdma_ip)?;
             match &p.rdma {
-                Some(reg) => eprintln!(
+                Some(reg) => tracing::info!(
                     "blip: {} MiB of guest memory pre-faulted and registered for RDMA on {}",
                     size >> 20,
                     reg.port()
                 ),
-                None if rdma => eprintln!(
+                None if rdma => tracing::info!(
                     "blip: {} MiB of guest memory pre-faulted; it is registered for RDMA when the source connects (listen on a specific address to register it now)",
                     size >> 20
                 ),
-                None => eprintln!("blip: {} MiB of guest memory pre-faulted", size >> 20),
+                None => tracing::info!("blip: {} MiB of guest memory pre-faulted", size >> 20),
             }
             Some(p)
         }
@@ -463,7 +487,7 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     // One write for the whole line: stderr is unbuffered, and whoever waits for this line
     // (tests, bench, `blip demo`) may read it the moment its first piece lands.
     let waiting = format!("blip: waiting for an incoming migration on {scheme}://{local}");
-    eprintln!("{waiting}");
+    tracing::info!(target: blip_vmm::logging::READY, "{waiting}");
     let key = a
         .auth
         .resolve()
@@ -480,10 +504,11 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         premade,
         stop: Some(&STOP),
     };
+    let migration_log = blip_vmm::logging::migration_span().entered();
     let (vm, inc) = match dest::receive(&listener, cfg) {
         Ok(r) => r,
         Err(blip_vmm::migration::MigrationError::Interrupted) => {
-            eprintln!("blip: interrupted while waiting; no guest received");
+            tracing::info!("blip: interrupted while waiting; no guest received");
             return Ok(130);
         }
         Err(e) => {
@@ -495,13 +520,13 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     };
     drop(listener);
     match &inc.in_doubt {
-        None => eprintln!(
+        None => tracing::info!(
             "blip: guest received ({} pages in {} rounds, state restored in {:.1} us); running",
             inc.pages,
             inc.rounds,
             inc.restore_ns as f64 / 1e3
         ),
-        Some(why) => eprintln!(
+        Some(why) => tracing::error!(
             "blip: guest received but IN DOUBT: {why}; it is paused here. Resume it on exactly one side: blip status on both, then blip resolve --api SOCKET resume|discard"
         ),
     }
@@ -513,6 +538,9 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         }
         _ => name,
     };
+    drop(migration_log);
+    drop(guest_log);
+    let _log = blip_vmm::logging::guest_span(&name).entered();
     let reg = register(&vm, &server, &name);
     serve_vm(vm, server, reg, inc.in_doubt)
 }
@@ -806,6 +834,9 @@ pub fn render_report(r: &Report) -> String {
         r.mem_size >> 20,
         r.vcpus
     ));
+    if !r.id.is_empty() {
+        s.push_str(&format!("  migration id              {}\n", r.id));
+    }
     s.push_str(&format!(
         "  blackout (VMM, {})   {}\n",
         r.blackout_method,
@@ -958,6 +989,7 @@ fn snapshot(a: &blip_vmm::cli::SnapshotArgs) -> Result<i32, Failure> {
 fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
     use blip_vmm::snapshot;
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
+    let _log = blip_vmm::logging::guest_span(&name).entered();
     let cfg = snapshot::RestoreConfig {
         backing: a.mem_backing,
         serial: serial_sink(&a.serial)?,
@@ -972,7 +1004,7 @@ fn restore(a: blip_vmm::cli::RestoreArgs) -> Result<i32, Failure> {
     })?;
     let reg = register(&vm, &server, &name);
     vm.resume_all()?;
-    eprintln!(
+    tracing::info!(
         "blip: guest restored from {} ({} MiB, {} vCPU(s), {} pages, loaded in {:.1} ms); running",
         a.file.display(),
         r.mem_size >> 20,

@@ -609,7 +609,7 @@ pub fn load(path: &Path, cfg: RestoreConfig) -> Result<(Vm, Restored), SnapshotE
     // Guest time continues from the saved values: the parked time is not seen.
     let notes = vm.restore_state(&state).map_err(SnapshotError::Restore)?;
     for n in &notes {
-        eprintln!("blip: note: {n}");
+        tracing::warn!("blip: note: {n}");
     }
     Ok((
         vm,

@@ -95,6 +95,9 @@ pub struct Record {
     #[serde(default)]
     pub ended_ns: u64,
     pub guest: String,
+    /// The migration's id (its log lines say `migration=ID`), when it got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub to: String,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +116,7 @@ pub fn record(guest: &str, to: &str, result: Result<(), &str>, report: Option<&R
         ended: now.as_secs(),
         ended_ns: now.as_nanos() as u64,
         guest: guest.into(),
+        id: report.map(|r| r.id.clone()).filter(|id| !id.is_empty()),
         to: to.into(),
         ok: result.is_ok(),
         error: result.err().map(str::to_string),

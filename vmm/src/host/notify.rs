@@ -29,6 +29,6 @@ pub fn notify(state: &str) -> std::io::Result<()> {
 /// [`notify`], logging a failure instead of returning it.
 pub fn notify_or_log(state: &str) {
     if let Err(e) = notify(state) {
-        eprintln!("blip host: cannot tell systemd {state}: {e}");
+        tracing::warn!("blip host: cannot tell systemd {state}: {e}");
     }
 }

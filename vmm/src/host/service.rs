@@ -262,6 +262,7 @@ fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
     let _ = std::thread::Builder::new()
         .name("host-reap".into())
         .spawn(move || {
+            let _log = blip_vmm::logging::guest_span(&name).entered();
             let pid = child.id();
             if let Some(limit) = give_up {
                 let until = Instant::now() + limit;
@@ -273,7 +274,7 @@ fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
                         break;
                     }
                     if Instant::now() > until {
-                        eprintln!(
+                        tracing::warn!(
                             "blip host: the receiver for {name} (pid {pid}) got no guest within {} s; stopping it",
                             limit.as_secs()
                         );
@@ -285,8 +286,8 @@ fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
                 }
             }
             match child.wait() {
-                Ok(st) => eprintln!("blip host: guest {name} (pid {pid}) exited: {st}"),
-                Err(e) => eprintln!("blip host: cannot wait for guest {name} (pid {pid}): {e}"),
+                Ok(st) => tracing::info!("blip host: guest {name} (pid {pid}) exited: {st}"),
+                Err(e) => tracing::error!("blip host: cannot wait for guest {name} (pid {pid}): {e}"),
             }
         });
 }
@@ -294,6 +295,7 @@ fn reap(name: String, mut child: Child, give_up: Option<Duration>) {
 /// "Prepare a receiver for NAME": a `blip receive --name NAME` on a free port of the range,
 /// answered once it says it listens.
 fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Result<String, String> {
+    let _log = blip_vmm::logging::guest_span(name).entered();
     let _one_at_a_time = h.preparing.lock().unwrap_or_else(|e| e.into_inner());
     if h.drained.load(Ordering::Relaxed) {
         return Err(format!(
@@ -400,7 +402,7 @@ fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Resu
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .started += 1;
-        eprintln!("blip host: receiver for {name} (pid {pid}) listens on {url}");
+        tracing::info!("blip host: receiver for {name} (pid {pid}) listens on {url}");
         reap(
             name.to_string(),
             child,
@@ -440,7 +442,7 @@ fn peer(h: &Host, mut c: TcpStream, from: std::net::SocketAddr) -> Result<(), St
         match prepare(h, ip, &req.name, req.mem_size, req.vcpus) {
             Ok(url) => Message::HostReply(h.reply(url)),
             Err(reason) => {
-                eprintln!(
+                tracing::warn!(
                     "blip host: refused to prepare '{}' for {from}: {reason}",
                     req.name
                 );
@@ -578,7 +580,7 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             },
         );
         if let Err(Failure(e)) = r {
-            eprintln!("blip host: drain failed: {e}");
+            tracing::error!("blip host: drain failed: {e}");
         }
         h2.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let rows = h2
@@ -587,7 +589,7 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let failed = drain::failed(&rows);
-        eprintln!(
+        tracing::info!(
             "blip host: drain ended: {} of {} guest(s) moved{}",
             rows.len() - failed.len(),
             rows.len(),
@@ -658,7 +660,7 @@ fn run_guest(h: &Host, body: &Value) -> Response {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(e) = registry::list().into_iter().find(|e| e.pid == pid) {
-            eprintln!("blip host: guest {name} (pid {pid}) runs");
+            tracing::info!("blip host: guest {name} (pid {pid}) runs");
             reap(name.to_string(), child, None);
             return Response::json(
                 201,
@@ -869,7 +871,7 @@ pub fn serve(
         }
         None => String::new(),
     };
-    eprintln!(
+    tracing::info!(target: blip_vmm::logging::READY,
         "blip host: serving {} on {} (receivers on ports {}-{}, at most {} incoming), host API on {}{metrics_at}{}",
         hostname(),
         h.listen,
@@ -891,7 +893,7 @@ pub fn serve(
                 continue;
             }
             Err(e) => {
-                eprintln!("blip host: accept failed: {e}");
+                tracing::error!("blip host: accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -900,7 +902,7 @@ pub fn serve(
             let mut by = h.peers_from.lock().unwrap_or_else(|e| e.into_inner());
             let n = by.entry(from.ip()).or_insert(0);
             if *n >= MAX_PEERS_PER_ADDR {
-                eprintln!(
+                tracing::warn!(
                     "blip host: dropped a connection from {from}: {MAX_PEERS_PER_ADDR} already open from {}",
                     from.ip()
                 );
@@ -911,7 +913,7 @@ pub fn serve(
         if h.peers.fetch_add(1, Ordering::AcqRel) >= MAX_PEERS {
             h.peers.fetch_sub(1, Ordering::AcqRel);
             h.peer_done(from);
-            eprintln!("blip host: dropped a connection from {from}: {MAX_PEERS} already open");
+            tracing::warn!("blip host: dropped a connection from {from}: {MAX_PEERS} already open");
             continue;
         }
         let h3 = h.clone();
@@ -920,7 +922,7 @@ pub fn serve(
             .spawn(move || {
                 let _ = c.set_nonblocking(false);
                 if let Err(e) = peer(&h3, c, from) {
-                    eprintln!("blip host: refused a connection from {from}: {e}");
+                    tracing::warn!("blip host: refused a connection from {from}: {e}");
                 }
                 h3.peers.fetch_sub(1, Ordering::AcqRel);
                 h3.peer_done(from);
@@ -932,7 +934,7 @@ pub fn serve(
     }
     super::notify::notify_or_log("STOPPING=1");
     let _ = std::fs::remove_file(&sock);
-    eprintln!(
+    tracing::info!(
         "blip host: stopped; {} guest(s) keep running (a restarted service finds them)",
         registry::list().len()
     );

@@ -179,10 +179,10 @@ fn accept_source(
         };
         let allowed_peer = allowed(&cfg.allow, peer.ip());
         if !allowed_peer {
-            eprintln!("blip: {}", MigrationError::NotAllowed(peer.ip()));
+            tracing::warn!("blip: {}", MigrationError::NotAllowed(peer.ip()));
         }
         if hearing.load(std::sync::atomic::Ordering::Acquire) >= MAX_HANDSHAKES {
-            eprintln!(
+            tracing::warn!(
                 "blip: refused a connection from {peer}: {MAX_HANDSHAKES} connections are already in their handshake"
             );
             continue;
@@ -204,14 +204,16 @@ fn accept_source(
             continue;
         }
         let (tx, key, mine) = (tx.clone(), cfg.key.clone(), hearing.clone());
+        let log = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name("mig-session".into())
             .spawn(move || {
+                let _log = log.entered();
                 match open_session(c, key) {
                     Ok(won) => {
                         let _ = tx.send(won);
                     }
-                    Err(e) => eprintln!(
+                    Err(e) => tracing::warn!(
                         "blip: refused a connection from {peer}: {}",
                         crate::cli::error_chain(&e)
                     ),
@@ -220,7 +222,7 @@ fn accept_source(
             });
         if let Err(e) = spawned {
             hearing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            eprintln!("blip: refused a connection from {peer}: cannot start a thread ({e})");
+            tracing::warn!("blip: refused a connection from {peer}: cannot start a thread ({e})");
         }
     };
     listener.set_nonblocking(false)?;
@@ -294,6 +296,7 @@ fn receive_on(
     cfg: ReceiveConfig,
     vm_slot: &mut Option<Vm>,
 ) -> Result<Incoming, MigrationError> {
+    crate::logging::set_migration(session.id);
     // Nothing about this host (layout, acceptance) was said before the source proved the key.
     let _slot = crate::registry::take_slot(crate::registry::Direction::Incoming).map_err(|n| {
         MigrationError::Incompatible(format!(
@@ -326,7 +329,7 @@ fn receive_on(
         Some(reg) => {
             let c =
                 super::rdma::connect_dest(reg, super::rdma::queue_pairs(offer.streams), control)?;
-            eprintln!("blip: receiving by RDMA WRITE on {}", c.port);
+            tracing::info!("blip: receiving by RDMA WRITE on {}", c.port);
             DestLink::Rdma(c)
         }
         None => DestLink::tcp(listener, &session, offer.streams, &mem, &cfg.allow, control)?,
@@ -571,7 +574,7 @@ impl Receiver<'_> {
         let notes = vm.restore_state_with(&state, policy)?;
         self.inc.restore_ns = now_ns() - t;
         for n in &notes {
-            eprintln!("blip: note: {n}");
+            tracing::warn!("blip: note: {n}");
         }
         self.inc.restore_notes = notes.iter().map(ToString::to_string).collect();
         protocol::write_message(self.control, &Message::Ready { mem_hash })?;

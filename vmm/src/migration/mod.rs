@@ -281,6 +281,9 @@ pub struct Phases {
 /// The result of one migration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// The migration's id, as its log lines on both hosts show it (`migration=ID`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
     pub to: String,
     pub transport: String,
     pub streams: u32,

@@ -48,10 +48,10 @@ pub fn wants_rdma(endpoint: &Endpoint, choice: TransportChoice) -> bool {
         TransportChoice::Auto => {
             let ports = rdma::active_ports();
             if ports.is_empty() {
-                eprintln!("blip: --transport auto: TCP (no RDMA device with an active port)");
+                tracing::info!("blip: --transport auto: TCP (no RDMA device with an active port)");
                 false
             } else {
-                eprintln!("blip: --transport auto: RDMA ({})", ports.join(", "));
+                tracing::info!("blip: --transport auto: RDMA ({})", ports.join(", "));
                 true
             }
         }

@@ -166,6 +166,7 @@ fn run(
 ) -> Result<Report, MigrationError> {
     let key = opts.key.as_deref().map(Key::load).transpose()?;
     let session = Session::open_source(&mut g.control, key)?;
+    crate::logging::set_migration(session.id);
     let cal = calibrate(g)?;
     let streams = opts.streams;
     if !(1..=crate::cli::MAX_STREAMS).contains(&streams) {
@@ -187,6 +188,7 @@ fn run(
         SourceLink::tcp(&mem, endpoint.address(), &opts.to, streams, &session)?
     };
     let mut report = Report {
+        id: crate::logging::migration_id(session.id),
         to: opts.to.clone(),
         transport: link.name().into(),
         streams,
@@ -269,9 +271,7 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
         pauses.push(p.last_ns - p.requested_ns);
         resumes.push(r.first_ns.saturating_sub(r.requested_ns));
     }
-    if std::env::var_os("BLIP_DEBUG_PHASES").is_some() {
-        eprintln!("debug: calibration pauses {pauses:?} saves {saves:?} resumes {resumes:?} ns");
-    }
+    tracing::debug!("calibration pauses {pauses:?} saves {saves:?} resumes {resumes:?} ns");
     // Save, then the state's transfer, decode and restore on the destination: measured in the
     // bench's phase tables at about twice the save (encode and decode, restore ioctls).
     let calibrated = median(&mut pauses) + 3 * median(&mut saves) + median(&mut resumes);
