@@ -84,6 +84,9 @@ pub enum TlsError {
     /// The peer spoke plain blip to a TLS end.
     #[error("{peer} does not speak TLS (this end has --tls-cert/--tls-key/--tls-ca; the peer must have them too)")]
     PlainPeer { peer: String },
+    /// A TLS peer talked to a plain end.
+    #[error("{peer} speaks TLS but this end has no --tls-cert/--tls-key/--tls-ca")]
+    TlsPeer { peer: String },
     #[error("TLS set-up on the socket failed")]
     Io(#[source] io::Error),
 }
@@ -606,6 +609,12 @@ fn tls_write_vectored<W: Write>(s: &mut W, bufs: &[io::IoSlice<'_>]) -> io::Resu
 /// plain end's error message: a TLS record is content type 20..=23, then version 3.x.
 pub fn looks_like_tls(first: &[u8]) -> bool {
     first.len() >= 2 && (20..=23).contains(&first[0]) && first[1] == 3
+}
+
+/// [`looks_like_tls`] for the first four bytes as the protocol decoder reports a bad magic
+/// (little-endian).
+pub fn magic_looks_like_tls(magic: u32) -> bool {
+    looks_like_tls(&magic.to_le_bytes())
 }
 
 #[cfg(test)]

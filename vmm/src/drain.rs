@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use blip_transport::auth::Key;
 use blip_transport::protocol::HostReply;
+use blip_transport::tls::Tls;
 use blip_vmm::api::{self, Done, Progress, Reply, Request};
 use blip_vmm::cli::DrainArgs;
 use blip_vmm::migration::{OnTimeout, Options, Report};
@@ -60,6 +61,8 @@ pub struct DrainOptions {
     pub verify: bool,
     /// Shared key file (`None` = --insecure).
     pub key: Option<std::path::PathBuf>,
+    /// Mutual TLS (`--tls-*`, or the host service's settings).
+    pub tls: Option<blip_transport::tls::Files>,
 }
 
 /// A destination and what is known about it.
@@ -81,9 +84,9 @@ impl Dest {
 
 /// Finds out what each destination is. A destination that cannot be reached at all is kept as
 /// a receiver: its migration then fails with the real reason.
-fn classify(to: &[String], key: &Option<Key>) -> Vec<Dest> {
+fn classify(to: &[String], key: &Option<Key>, tls: Option<&Tls>) -> Vec<Dest> {
     to.iter()
-        .map(|url| match client::info(url, key.clone()) {
+        .map(|url| match client::info(url, key.clone(), tls) {
             Ok(reply) => Dest::Host {
                 url: url.clone(),
                 planned: reply,
@@ -152,6 +155,7 @@ fn move_guest(
     dests: &Mutex<Vec<Dest>>,
     o: &DrainOptions,
     key: &Option<Key>,
+    tls: Option<&Tls>,
     set: &SetRow<'_>,
     on_progress: &OnProgress,
 ) {
@@ -214,7 +218,7 @@ fn move_guest(
         });
         let to = match &dest {
             Dest::Receiver { url, .. } => url.clone(),
-            Dest::Host { url, .. } => match client::prepare(url, key.clone(), g) {
+            Dest::Host { url, .. } => match client::prepare(url, key.clone(), tls, g) {
                 Ok(reply) => reply.address,
                 Err(e) => {
                     release();
@@ -241,6 +245,7 @@ fn move_guest(
             key: o.key.clone(),
             guest_name: g.name.clone(),
             transport: Default::default(),
+            tls: o.tls.clone(),
         };
         // Published for the host service at most every 250 ms: this callback must keep up
         // with the progress lines, or the source stops writing them.
@@ -309,7 +314,8 @@ pub fn run_drain(
     mut tick: impl FnMut(bool),
 ) -> Result<(), Failure> {
     let key = o.key.as_deref().map(Key::load).transpose()?;
-    let dests = Arc::new(Mutex::new(classify(&o.to, &key)));
+    let tls = o.tls.as_ref().map(Tls::load).transpose()?;
+    let dests = Arc::new(Mutex::new(classify(&o.to, &key, tls.as_ref())));
     let mut order: Vec<Entry> = guests.to_vec();
     order.sort_by(|a, b| b.mem_size.cmp(&a.mem_size).then(a.name.cmp(&b.name)));
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -326,12 +332,13 @@ pub fn run_drain(
     drop(tx);
     let workers: Vec<_> = (0..o.parallel.max(1))
         .map(|_| {
-            let (rx, rows, dests, o, key, on_progress) = (
+            let (rx, rows, dests, o, key, tls, on_progress) = (
                 rx.clone(),
                 rows.clone(),
                 dests.clone(),
                 o.clone(),
                 key.clone(),
+                tls.clone(),
                 on_progress.clone(),
             );
             std::thread::spawn(move || {
@@ -345,7 +352,7 @@ pub fn run_drain(
                             f(r);
                         }
                     };
-                    move_guest(&g, &dests, &o, &key, &set, &on_progress);
+                    move_guest(&g, &dests, &o, &key, tls.as_ref(), &set, &on_progress);
                 }
             })
         })
@@ -453,6 +460,10 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
     if let Some(k) = &key {
         Key::load(k)?;
     }
+    let tls = a.tls.resolve().map_err(Failure)?;
+    if let Some(f) = &tls {
+        Tls::load(f)?;
+    }
     for t in &a.to {
         let _: blip_transport::tcp::Endpoint = t.parse()?;
     }
@@ -479,6 +490,7 @@ pub fn drain(a: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         max_precopy_ms: a.max_precopy_time / 1_000_000,
         verify: a.verify,
         key,
+        tls,
     };
     let rows: Rows = Arc::default();
     let mut last = String::new();
