@@ -410,8 +410,8 @@ fn peer(h: &Host, c: TcpStream, from: std::net::SocketAddr) -> Result<(), String
     tcp::tune(&c).map_err(|e| e.to_string())?;
     let _ = c.set_write_timeout(Some(REQUEST_LIMIT));
     let _ = c.set_read_timeout(Some(REQUEST_LIMIT));
-    let mut c = blip_vmm::migration::dest::tls_or_plain(c, h.tls.as_ref())
-        .map_err(|e| error_chain(&e))?;
+    let mut c =
+        blip_vmm::migration::dest::tls_or_plain(c, h.tls.as_ref()).map_err(|e| error_chain(&e))?;
     let req = match tcp::read_message_within(&mut c, REQUEST_LIMIT) {
         Ok(f) => match f.msg {
             Message::HostRequest(r) => r,
@@ -440,7 +440,11 @@ fn peer(h: &Host, c: TcpStream, from: std::net::SocketAddr) -> Result<(), String
     }
     let _ = c.set_write_timeout(Some(peer_timeout()));
     let answer = if req.op == HOST_PREPARE {
-        let ip = c.socket().local_addr().map(|a| a.ip()).map_err(|e| e.to_string())?;
+        let ip = c
+            .socket()
+            .local_addr()
+            .map(|a| a.ip())
+            .map_err(|e| e.to_string())?;
         match prepare(h, ip, &req.name, req.mem_size, req.vcpus) {
             Ok(url) => Message::HostReply(h.reply(url)),
             Err(reason) => {

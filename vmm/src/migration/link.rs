@@ -358,11 +358,7 @@ impl Senders {
     /// the control connection: a destination that dies or aborts mid-round fails the round at
     /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
     /// queue pair just stop completing).
-    fn finish_round(
-        &self,
-        round: u32,
-        control: &mut Conn,
-    ) -> Result<(u64, u64), MigrationError> {
+    fn finish_round(&self, round: u32, control: &mut Conn) -> Result<(u64, u64), MigrationError> {
         for s in &self.streams {
             s.send(Job::End(round));
         }
@@ -756,12 +752,7 @@ fn recv_pages_tls(
 
 /// Hears a candidate data stream: its StreamHello for this session and its proof of the key
 /// (after the TLS handshake, with `tls`). Returns its index, or `None` for anything else.
-fn stream_hello(
-    c: TcpStream,
-    session: &Session,
-    n: u32,
-    tls: Option<&Tls>,
-) -> Option<(u32, Conn)> {
+fn stream_hello(c: TcpStream, session: &Session, n: u32, tls: Option<&Tls>) -> Option<(u32, Conn)> {
     c.set_nonblocking(false).ok()?;
     tcp::tune(&c).ok()?;
     let mut c = match tls {

@@ -88,10 +88,7 @@ fn auth_word(key: &Option<Key>) -> u32 {
 
 impl Session {
     /// Opens the session as the source: Hello, the destination's Hello, then both proofs.
-    pub fn open_source(
-        control: &mut Conn,
-        key: Option<Key>,
-    ) -> Result<Session, MigrationError> {
+    pub fn open_source(control: &mut Conn, key: Option<Key>) -> Result<Session, MigrationError> {
         let id = u64::from_le_bytes(random_bytes()?);
         let ours = host_id();
         let src_nonce = random_bytes()?;
