@@ -294,9 +294,27 @@ pub fn tls_or_plain(c: TcpStream, tls: Option<&Tls>) -> Result<Conn, MigrationEr
                 let refuse = Message::Refuse {
                     reason: "this receiver requires TLS (give the source --tls-cert, --tls-key and --tls-ca)".into(),
                 };
-                let _ = protocol::write_message(&mut s, &refuse);
+                if protocol::write_message(&mut s, &refuse).is_ok() {
+                    drain_until_closed(s);
+                }
             }
             Err(e.into())
+        }
+    }
+}
+
+/// Closes our side and reads what the peer sent until it closes (bounded in bytes and time):
+/// closing with its bytes unread would reset the connection before it read our Refuse.
+fn drain_until_closed(mut c: TcpStream) {
+    use std::io::Read;
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }

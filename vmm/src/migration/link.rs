@@ -833,8 +833,8 @@ pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationE
 /// While the data streams connect, the source says nothing on the control connection unless
 /// it gives up: a source that died or aborted after Accept is seen here at once (end of stream,
 /// or its Abort), not at the 10 s stream deadline. Anything else that arrived is left unread
-/// for the receiver, whose checks refuse it in order. Leaves a 1 ms read timeout on `control`;
-/// the caller restores it.
+/// for the receiver, whose checks refuse it in order (over TLS it waits, decrypted, in the
+/// connection's read-ahead buffer). Waits at most 1 ms.
 fn source_still_there(control: &mut Conn) -> Result<(), MigrationError> {
     let mut buf = [0u8; 1024];
     match control.peek_within(&mut buf, Duration::from_millis(1)) {
