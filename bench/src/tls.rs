@@ -45,10 +45,14 @@ fn certs(dir: &Path) -> Result<[Vec<String>; 2], String> {
         let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
         write(&c, cert.pem())?;
         write(&k, key.serialize_pem())?;
-        Ok([("--tls-cert", &c), ("--tls-key", &k), ("--tls-ca", &ca_file)]
-            .iter()
-            .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
-            .collect())
+        Ok([
+            ("--tls-cert", &c),
+            ("--tls-key", &k),
+            ("--tls-ca", &ca_file),
+        ]
+        .iter()
+        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
+        .collect())
     };
     Ok([node("a")?, node("b")?])
 }
@@ -70,12 +74,26 @@ fn key_file(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// One migration: a fresh source and receiver, `tls` or not; the source's report.
-fn once(bin: &Path, dir: &Path, key: &Path, tls: Option<&[Vec<String>; 2]>) -> Result<Report, String> {
+fn once(
+    bin: &Path,
+    dir: &Path,
+    key: &Path,
+    tls: Option<&[Vec<String>; 2]>,
+) -> Result<Report, String> {
     let api = dir.join("src.sock");
     let _ = std::fs::remove_file(&api);
     let src = Proc(
         Command::new(bin)
-            .args(["run", "--mem", MEM, "--cmdline", GUEST, "--serial", "none", "--api"])
+            .args([
+                "run",
+                "--mem",
+                MEM,
+                "--cmdline",
+                GUEST,
+                "--serial",
+                "none",
+                "--api",
+            ])
             .arg(&api)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -84,10 +102,17 @@ fn once(bin: &Path, dir: &Path, key: &Path, tls: Option<&[Vec<String>; 2]>) -> R
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?,
     );
     let mut rx = Command::new(bin);
-    rx.args(["receive", "--listen", "tcp://127.0.0.1:0", "--serial", "none", "--key"])
-        .arg(key)
-        .arg("--api")
-        .arg(dir.join("dst.sock"));
+    rx.args([
+        "receive",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--serial",
+        "none",
+        "--key",
+    ])
+    .arg(key)
+    .arg("--api")
+    .arg(dir.join("dst.sock"));
     if let Some(t) = tls {
         rx.args(&t[1]);
     }
@@ -188,9 +213,7 @@ pub fn run(bin: &Path, reps: u32) -> Value {
         let (t_mbps, t_bo) = row("tls", &tls);
         let tput_ratio = if p_mbps > 0.0 { t_mbps / p_mbps } else { 0.0 };
         let bo_ratio = if p_bo > 0.0 { t_bo / p_bo } else { 0.0 };
-        println!(
-            "tls | TLS/plain: pre-copy throughput x{tput_ratio:.2}, blackout x{bo_ratio:.2}"
-        );
+        println!("tls | TLS/plain: pre-copy throughput x{tput_ratio:.2}, blackout x{bo_ratio:.2}");
         Ok(json!({
             "mem": MEM, "guest": GUEST, "reps": reps,
             "plain": { "precopy_mbps": p_mbps, "blackout_us": p_bo },

@@ -451,29 +451,6 @@ impl Drop for KillGuests {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{complete_line, WAITING};
-
-    #[test]
-    fn a_line_still_being_written_is_not_matched() {
-        let partial = format!("blip: 32 MiB pre-faulted\nblip: {WAITING}tcp");
-        assert_eq!(complete_line(&partial, WAITING), None);
-        let whole = format!("{partial}://127.0.0.1:4000\nmore");
-        assert_eq!(
-            complete_line(&whole, WAITING),
-            Some(format!("blip: {WAITING}tcp://127.0.0.1:4000"))
-        );
-    }
-
-    #[test]
-    fn the_first_whole_line_wins_and_carriage_returns_go() {
-        let text = "a x 1\r\nb x 2\n";
-        assert_eq!(complete_line(text, "x"), Some("a x 1".to_string()));
-        assert_eq!(complete_line(text, "y"), None);
-    }
-}
-
 /// Writes a test CA named `ca` and one certificate per node (subjectAltName 127.0.0.1 and
 /// localhost, signed by that CA) as PEM files in `dir`; returns each node's
 /// `--tls-cert FILE --tls-key FILE --tls-ca FILE` arguments.
@@ -509,4 +486,27 @@ pub fn tls_certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) -> Vec<Vec<Str
             .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{complete_line, WAITING};
+
+    #[test]
+    fn a_line_still_being_written_is_not_matched() {
+        let partial = format!("blip: 32 MiB pre-faulted\nblip: {WAITING}tcp");
+        assert_eq!(complete_line(&partial, WAITING), None);
+        let whole = format!("{partial}://127.0.0.1:4000\nmore");
+        assert_eq!(
+            complete_line(&whole, WAITING),
+            Some(format!("blip: {WAITING}tcp://127.0.0.1:4000"))
+        );
+    }
+
+    #[test]
+    fn the_first_whole_line_wins_and_carriage_returns_go() {
+        let text = "a x 1\r\nb x 2\n";
+        assert_eq!(complete_line(text, "x"), Some("a x 1".to_string()));
+        assert_eq!(complete_line(text, "y"), None);
+    }
 }

@@ -325,11 +325,12 @@ pub fn plain_talks_to_tls(e: MigrationError, c: &Conn) -> MigrationError {
         MigrationError::Protocol(protocol::ProtocolError::BadMagic(m))
             if !c.is_tls() && blip_transport::tls::magic_looks_like_tls(m) =>
         {
-            MigrationError::Tls(TlsError::TlsPeer {
+            TlsError::TlsPeer {
                 peer: c
                     .peer_addr()
                     .map_or_else(|_| "the peer".into(), |a| a.to_string()),
-            })
+            }
+            .into()
         }
         e => e,
     }

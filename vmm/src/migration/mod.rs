@@ -176,8 +176,9 @@ pub enum MigrationError {
     Auth(String),
     #[error(transparent)]
     Key(#[from] blip_transport::auth::AuthError),
+    /// Boxed: the TLS errors are large and every Result of a migration carries this enum.
     #[error(transparent)]
-    Tls(#[from] blip_transport::tls::TlsError),
+    Tls(Box<blip_transport::tls::TlsError>),
     #[error("connection from {0} refused: not in --allow")]
     NotAllowed(std::net::IpAddr),
     #[error(transparent)]
@@ -190,6 +191,12 @@ pub enum MigrationError {
     Memory(#[from] MemoryError),
     #[error("guest memory access failed")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+impl From<blip_transport::tls::TlsError> for MigrationError {
+    fn from(e: blip_transport::tls::TlsError) -> Self {
+        MigrationError::Tls(Box::new(e))
+    }
 }
 
 impl MigrationError {
