@@ -395,7 +395,7 @@ fn explain_rustls(e: &rustls::Error) -> String {
             | AlertDescription::AccessDenied),
         ) => format!(
             "the peer refused this node's certificate (TLS alert {a:?}): \
-             is it signed by the CA the peer trusts?"
+             is it signed by the CA the peer trusts, and does it name this host?"
         ),
         E::AlertReceived(a) => format!("the peer ended the handshake (TLS alert {a:?})"),
         E::InvalidMessage(_)
