@@ -17,6 +17,8 @@
 //!   `qemu-system-x86_64 -M microvm` (QMP, at each `--qemu-downtime-ms`), guest-observed
 //!   blackout timestamped the same way for both; a table of QEMU/blip ratios (see `qemu.rs`).
 //!   Skipped, with a note, when QEMU is not installed.
+//! - `tls`: the cost of mutual TLS: the same guest migrated plain and with TLS over loopback
+//!   TCP in one run; pre-copy MB/s and blackout each way and their ratio (see `tls.rs`).
 //!
 //! PNG plots (`plots.rs`) go to `<--out>/*.png`: blackout CDFs (blip vs QEMU per memory size,
 //! and the migrate matrix) and the blackout phase breakdown.
@@ -31,6 +33,7 @@ mod migrate;
 mod plots;
 mod qemu;
 mod report;
+mod tls;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -45,12 +48,12 @@ use serde_json::{json, Value};
 
 use crate::report::{hist, summary, us};
 
-const SCENARIOS: [&str; 5] = ["boot", "pause", "migrate", "dirty", "qemu"];
+const SCENARIOS: [&str; 6] = ["boot", "pause", "migrate", "dirty", "qemu", "tls"];
 
 #[derive(Parser, Debug)]
 #[command(name = "blip-bench", about = "blip latency benchmarks")]
 struct Args {
-    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty, qemu); default all.
+    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty, qemu, tls); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Pause/resume cycles per vCPU count.
@@ -560,6 +563,9 @@ fn main() {
     }
     if want("qemu") {
         results.insert("qemu".into(), qemu_scenario(&a, &bin));
+    }
+    if want("tls") {
+        results.insert("tls".into(), tls::run(&bin, if a.quick { 1 } else { 3 }));
     }
     let results = Value::Object(results);
     let pngs = plots::all(&a.out, &results);

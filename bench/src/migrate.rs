@@ -453,6 +453,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         key: Some(key_file(s)?),
         guest_name: String::new(),
         transport: Default::default(),
+        tls: None,
     };
     match s.via {
         Via::Api => {

@@ -552,6 +552,43 @@ impl Drop for KillGuests {
     }
 }
 
+/// Writes a test CA named `ca` and one certificate per node (subjectAltName 127.0.0.1 and
+/// localhost, signed by that CA) as PEM files in `dir`; returns each node's
+/// `--tls-cert FILE --tls-key FILE --tls-ca FILE` arguments.
+pub fn tls_certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) -> Vec<Vec<String>> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, ca);
+    let issuer = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+    let ca_file = dir.join(format!("{ca}-ca.crt"));
+    std::fs::write(&ca_file, issuer.pem()).unwrap();
+    nodes
+        .iter()
+        .map(|n| {
+            let mut p =
+                CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+            p.distinguished_name.push(DnType::CommonName, *n);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            let (c, k) = (
+                dir.join(format!("{ca}-{n}.crt")),
+                dir.join(format!("{ca}-{n}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            [
+                ("--tls-cert", &c),
+                ("--tls-key", &k),
+                ("--tls-ca", &ca_file),
+            ]
+            .iter()
+            .flat_map(|(f, p)| [f.to_string(), p.to_str().unwrap().to_string()])
+            .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{complete_line, WAITING};

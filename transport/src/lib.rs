@@ -13,6 +13,8 @@
 //!   memory regions ([`rdma::SourceEnd`], [`rdma::DestEnd`]: `prepare`, then
 //!   `handshake(remote)`), the page [`rdma::Writer`] and the destination's [`rdma::DestLink`].
 //! - [`auth`]: HMAC-SHA256 proofs of the shared migration key on the control channel.
+//! - [`tls`]: mutual TLS (rustls, ring) on the TCP control and data streams, and [`tls::Conn`],
+//!   the plain-or-TLS stream the migration reads and writes.
 //! - [`random`]: fresh random bytes (nonces, session ids, PSNs); a failure is an error.
 //!
 //! This crate must not know about KVM: it sees only bytes, addresses and counts.
@@ -22,3 +24,4 @@ pub mod protocol;
 pub mod random;
 pub mod rdma;
 pub mod tcp;
+pub mod tls;

@@ -77,6 +77,16 @@ impl Address {
     }
 }
 
+impl Address {
+    /// The host alone, as a certificate names it: a DNS name, or an IP address unbracketed.
+    pub fn host_name(&self) -> String {
+        match &self.host {
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(n) => n.clone(),
+        }
+    }
+}
+
 impl From<SocketAddr> for Address {
     fn from(a: SocketAddr) -> Address {
         Address {
@@ -250,7 +260,7 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
 /// byte a second cannot hold it open, because every read gets only the time that is left.
 /// Leaves the socket's read timeout at `limit` (for page data read after a Pages header).
 pub fn read_message_within(
-    s: &mut TcpStream,
+    s: &mut crate::tls::Conn,
     limit: Duration,
 ) -> Result<crate::protocol::Frame, crate::protocol::ProtocolError> {
     let mut d = Deadline {
@@ -269,7 +279,7 @@ pub fn read_message_within(
 
 /// A reader that fails with `TimedOut` once `until` has passed.
 struct Deadline<'a> {
-    s: &'a mut TcpStream,
+    s: &'a mut crate::tls::Conn,
     until: std::time::Instant,
 }
 

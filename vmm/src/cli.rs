@@ -202,6 +202,8 @@ pub struct ReceiveArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Accept sources only from this network (repeatable; e.g. 10.0.0.0/8). Default: any.
     #[arg(long, value_name = "CIDR")]
     pub allow: Vec<crate::migration::dest::Cidr>,
@@ -240,6 +242,39 @@ impl AuthArgs {
     }
 }
 
+/// Mutual TLS on TCP migrations: the control connection and the data streams are encrypted
+/// and both ends present a certificate signed by the same CA. All three files or none; both
+/// ends must agree. The shared key (--key) still applies inside TLS; with TLS, --insecure
+/// drops only the shared key (the certificates still authenticate both ends). Not for
+/// rdma:// (RDMA pages cannot travel inside TLS).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This node's certificate chain (PEM; its subjectAltName names the host others dial).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate that signs every node's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files (made absolute: another blip process may read them), `None` without TLS.
+    pub fn resolve(&self) -> Result<Option<blip_transport::tls::Files>, String> {
+        let abs = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        };
+        blip_transport::tls::Files::from_parts(
+            abs(&self.tls_cert),
+            abs(&self.tls_key),
+            abs(&self.tls_ca),
+        )
+    }
+}
+
 /// What `blip resolve` does with an in-doubt guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ResolveAction {
@@ -254,6 +289,8 @@ pub struct DrainArgs {
     pub plan: DrainPlan,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// What `blip drain` and `blip host drain` share: where guests go and how each one moves.
@@ -328,6 +365,8 @@ pub struct MigrateArgs {
     pub json: bool,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `blip demo`.
@@ -854,6 +893,8 @@ pub struct HostServeArgs {
     pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `blip console`: input for the guest's console.

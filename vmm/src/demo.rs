@@ -193,6 +193,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             key: Some(key.clone()),
             guest_name: String::new(),
             transport: Default::default(),
+            tls: None,
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
         if a.verify && r.verified != Some(true) {

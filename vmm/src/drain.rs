@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use blip_transport::auth::Key;
 use blip_transport::protocol::HostReply;
+use blip_transport::tls::Tls;
 use blip_vmm::api::{self, Done, Progress, Reply, Request};
 use blip_vmm::cli::DrainArgs;
 use blip_vmm::migration::{OnTimeout, Options, Report};
@@ -62,6 +63,8 @@ pub struct DrainOptions {
     pub transport: blip_vmm::migration::rdma::TransportChoice,
     /// Shared key file (`None` = --insecure).
     pub key: Option<std::path::PathBuf>,
+    /// Mutual TLS (`--tls-*`, or the host service's settings).
+    pub tls: Option<blip_transport::tls::Files>,
 }
 
 /// A destination and what is known about it.
@@ -83,9 +86,9 @@ impl Dest {
 
 /// Finds out what each destination is. A destination that cannot be reached at all is kept as
 /// a receiver: its migration then fails with the real reason.
-fn classify(to: &[String], key: &Option<Key>) -> Vec<Dest> {
+fn classify(to: &[String], key: &Option<Key>, tls: Option<&Tls>) -> Vec<Dest> {
     to.iter()
-        .map(|url| match client::info(url, key.clone()) {
+        .map(|url| match client::info(url, key.clone(), tls) {
             Ok(reply) => Dest::Host {
                 url: url.clone(),
                 planned: reply,
@@ -150,11 +153,16 @@ pub type OnProgress = Arc<dyn Fn(&str, &str, Option<&Progress>) + Send + Sync>;
 /// Asks the host service at `url` to prepare a receiver for `g`. A refusal is its answer; a
 /// connection that failed on the way (the service busy with a flood of strays, a restart) is
 /// tried twice more before the drain moves on to the next host.
-fn prepare_on(url: &str, key: &Option<Key>, g: &Entry) -> Result<HostReply, HostError> {
+fn prepare_on(
+    url: &str,
+    key: &Option<Key>,
+    tls: Option<&Tls>,
+    g: &Entry,
+) -> Result<HostReply, HostError> {
     let mut pause = Duration::from_millis(250);
     let mut tries_left = 2;
     loop {
-        match client::prepare(url, key.clone(), g) {
+        match client::prepare(url, key.clone(), tls, g) {
             Err(e) if !matches!(e, HostError::Refused(..)) && tries_left > 0 => {
                 tries_left -= 1;
                 std::thread::sleep(pause);
@@ -172,6 +180,7 @@ fn move_guest(
     dests: &Mutex<Vec<Dest>>,
     o: &DrainOptions,
     key: &Option<Key>,
+    tls: Option<&Tls>,
     set: &SetRow<'_>,
     on_progress: &OnProgress,
 ) {
@@ -234,7 +243,7 @@ fn move_guest(
         });
         let to = match &dest {
             Dest::Receiver { url, .. } => url.clone(),
-            Dest::Host { url, .. } => match prepare_on(url, key, g) {
+            Dest::Host { url, .. } => match prepare_on(url, key, tls, g) {
                 Ok(reply) => reply.address,
                 Err(e) => {
                     release();
@@ -261,6 +270,7 @@ fn move_guest(
             key: o.key.clone(),
             guest_name: g.name.clone(),
             transport: o.transport,
+            tls: o.tls.clone(),
         };
         // Published for the host service at most every 250 ms: this callback must keep up
         // with the progress lines, or the source stops writing them.
@@ -329,7 +339,8 @@ pub fn run_drain(
     mut tick: impl FnMut(bool),
 ) -> Result<(), Failure> {
     let key = o.key.as_deref().map(Key::load).transpose()?;
-    let dests = Arc::new(Mutex::new(classify(&o.to, &key)));
+    let tls = o.tls.as_ref().map(Tls::load).transpose()?;
+    let dests = Arc::new(Mutex::new(classify(&o.to, &key, tls.as_ref())));
     let mut order: Vec<Entry> = guests.to_vec();
     order.sort_by(|a, b| b.mem_size.cmp(&a.mem_size).then(a.name.cmp(&b.name)));
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -348,12 +359,13 @@ pub fn run_drain(
     let cancelled_flag = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..o.parallel.max(1))
         .map(|_| {
-            let (rx, rows, dests, o, key, on_progress, cancelled) = (
+            let (rx, rows, dests, o, key, tls, on_progress, cancelled) = (
                 rx.clone(),
                 rows.clone(),
                 dests.clone(),
                 o.clone(),
                 key.clone(),
+                tls.clone(),
                 on_progress.clone(),
                 cancelled_flag.clone(),
             );
@@ -375,7 +387,7 @@ pub fn run_drain(
                         });
                         continue;
                     }
-                    move_guest(&g, &dests, &o, &key, &set, &on_progress);
+                    move_guest(&g, &dests, &o, &key, tls.as_ref(), &set, &on_progress);
                 }
             })
         })
@@ -484,6 +496,10 @@ pub fn drain(args: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
     if let Some(k) = &key {
         Key::load(k)?;
     }
+    let tls = args.tls.resolve().map_err(Failure)?;
+    if let Some(f) = &tls {
+        Tls::load(f)?;
+    }
     for t in &a.to {
         let _: blip_transport::tcp::Endpoint = t.parse()?;
     }
@@ -512,6 +528,7 @@ pub fn drain(args: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         streams: a.streams,
         transport: a.transport,
         key,
+        tls,
     };
     let rows: Rows = Arc::default();
     let mut last = String::new();

@@ -455,6 +455,14 @@ fn serve_vm(
 
 fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
     let _ = a.auth.resolve().map_err(Failure)?;
+    if let Some(f) = a.tls.resolve().map_err(Failure)? {
+        if a.listen.to_ascii_lowercase().starts_with("rdma://") {
+            return Err(Failure(
+                "--tls-* covers TCP only: RDMA pages cannot travel inside TLS (listen on tcp:// or drop --tls-*)".into(),
+            ));
+        }
+        blip_transport::tls::Tls::load(&f)?; // bad files are reported before anything listens
+    }
     let (server, name) = control_socket(a.api.as_deref(), &a.name)?;
     let guest_log = blip_vmm::logging::guest_span(&name).entered();
     let (listener, rdma) = dest::listen(&a.listen)?;
@@ -494,7 +502,14 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         .map_err(Failure)?
         .map(|p| Key::load(&p))
         .transpose()?;
+    let tls = a
+        .tls
+        .resolve()
+        .map_err(Failure)?
+        .map(|f| blip_transport::tls::Tls::load(&f))
+        .transpose()?;
     let cfg = dest::ReceiveConfig {
+        tls,
         backing: a.mem_backing,
         serial: serial_sink(&a.serial)?,
         dirty: a.dirty.config(),
@@ -684,6 +699,10 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     if let Some(k) = &key {
         Key::load(k)?; // a bad key file is reported here, not by the source blip
     }
+    let tls = a.tls.resolve().map_err(Failure)?;
+    if let Some(f) = &tls {
+        blip_transport::tls::Tls::load(f)?; // likewise bad TLS files
+    }
     // Ctrl-C while migrating cancels the migration (the guest stays on the source).
     let watcher_api = api_path.clone();
     std::thread::spawn(move || loop {
@@ -704,6 +723,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         key,
         guest_name: String::new(),
         transport: a.transport,
+        tls,
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;

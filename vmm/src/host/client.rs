@@ -11,6 +11,7 @@ use blip_transport::protocol::{
     self, HostReply, HostRequest, Message, ProtocolError, HOST_INFO, HOST_PREPARE,
 };
 use blip_transport::tcp::{self, Endpoint};
+use blip_transport::tls::{Conn, Tls};
 use blip_vmm::cli::{DrainPlan, HostCmd};
 use blip_vmm::migration::session::Session;
 use blip_vmm::migration::{peer_timeout, MigrationError};
@@ -21,10 +22,11 @@ use super::{http, HostError};
 use crate::Failure;
 
 /// Asks the host service at `url` what it has free.
-pub fn info(url: &str, key: Option<Key>) -> Result<HostReply, HostError> {
+pub fn info(url: &str, key: Option<Key>, tls: Option<&Tls>) -> Result<HostReply, HostError> {
     ask(
         url,
         key,
+        tls,
         HostRequest {
             op: HOST_INFO,
             name: String::new(),
@@ -36,10 +38,16 @@ pub fn info(url: &str, key: Option<Key>) -> Result<HostReply, HostError> {
 
 /// Asks the host service at `url` to start a receiver for guest `g`; the reply's `address` is
 /// where to migrate it.
-pub fn prepare(url: &str, key: Option<Key>, g: &Entry) -> Result<HostReply, HostError> {
+pub fn prepare(
+    url: &str,
+    key: Option<Key>,
+    tls: Option<&Tls>,
+    g: &Entry,
+) -> Result<HostReply, HostError> {
     ask(
         url,
         key,
+        tls,
         HostRequest {
             op: HOST_PREPARE,
             name: g.name.clone(),
@@ -64,13 +72,24 @@ fn not_a_service(e: &MigrationError) -> bool {
     }
 }
 
-fn ask(url: &str, key: Option<Key>, req: HostRequest) -> Result<HostReply, HostError> {
+fn ask(
+    url: &str,
+    key: Option<Key>,
+    tls: Option<&Tls>,
+    req: HostRequest,
+) -> Result<HostReply, HostError> {
     let unreachable = |e: std::io::Error| HostError::Unreachable(url.to_string(), e);
     let ep = Endpoint::from_str(url)
         .map_err(|e| unreachable(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-    let mut c = tcp::connect(ep.address(), Duration::from_secs(5)).map_err(unreachable)?;
+    let c = tcp::connect(ep.address(), Duration::from_secs(5)).map_err(unreachable)?;
     c.set_read_timeout(Some(peer_timeout()))?;
     c.set_write_timeout(Some(peer_timeout()))?;
+    let mut c = match tls {
+        None => Conn::from(c),
+        Some(t) => t
+            .connect(c, &ep.address().host_name())
+            .map_err(|e| HostError::Session(url.to_string(), e.into()))?,
+    };
     protocol::write_message(&mut c, &Message::HostRequest(req))
         .map_err(|_| HostError::NotAService(url.to_string()))?;
     match Session::open_source(&mut c, key) {

@@ -35,6 +35,9 @@ pub struct Config {
     pub insecure: Option<bool>,
     pub metrics_listen: Option<String>,
     pub api: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Parses the text of a config file (`file` names it in errors).
@@ -85,8 +88,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             }
             "metrics_listen" => c.metrics_listen = Some(value),
             "api" => c.api = Some(PathBuf::from(value)),
+            "tls_cert" => c.tls_cert = Some(PathBuf::from(value)),
+            "tls_key" => c.tls_key = Some(PathBuf::from(value)),
+            "tls_ca" => c.tls_ca = Some(PathBuf::from(value)),
             _ => return Err(bad(format!(
-                "unknown setting {key:?} (known: listen, ports, max_incoming, key, insecure, metrics_listen, api)"
+                "unknown setting {key:?} (known: listen, ports, max_incoming, key, insecure, metrics_listen, api, tls_cert, tls_key, tls_ca)"
             ))),
         }
     }
@@ -123,6 +129,12 @@ pub fn merge(
         m.auth.key = c.key;
         m.auth.insecure = c.insecure.unwrap_or(false) && m.auth.key.is_none();
     }
+    // TLS files come as a set: any of them on the command line replaces the file's three.
+    if a.tls.tls_cert.is_none() && a.tls.tls_key.is_none() && a.tls.tls_ca.is_none() {
+        m.tls.tls_cert = c.tls_cert;
+        m.tls.tls_key = c.tls_key;
+        m.tls.tls_ca = c.tls_ca;
+    }
     (m, api.clone().or(c.api))
 }
 
@@ -145,6 +157,14 @@ mod tests {
         assert_eq!(c.max_incoming, Some(3));
         assert_eq!(c.insecure, Some(true));
         assert_eq!(c.api, Some(PathBuf::from("/run/x # y.sock")));
+        let c = parse(
+            "tls_cert = /etc/blip/tls/node.crt\ntls-key = \"/etc/blip/tls/node.key\"\ntls_ca = /etc/blip/tls/ca.crt\n",
+            Path::new("f"),
+        )
+        .unwrap();
+        assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/blip/tls/node.crt")));
+        assert_eq!(c.tls_key, Some(PathBuf::from("/etc/blip/tls/node.key")));
+        assert_eq!(c.tls_ca, Some(PathBuf::from("/etc/blip/tls/ca.crt")));
         for bad in [
             "listen",
             "lisen = x",

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use blip_transport::auth::Key;
 use blip_transport::protocol::{self, HostReply, Message, HOST_PREPARE};
 use blip_transport::tcp::{self, Endpoint};
+use blip_transport::tls::{Files, Tls};
 use blip_vmm::api::{self, Progress, Reply, Request as ApiReq};
 use blip_vmm::cli::{error_chain, HostServeArgs};
 use blip_vmm::migration::peer_timeout;
@@ -79,6 +80,10 @@ struct Host {
     next_port: AtomicUsize,
     key_path: Option<PathBuf>,
     key: Option<Key>,
+    /// Mutual TLS on this service's port, for the receivers it starts and the migrations it
+    /// runs (`tls_*` settings).
+    tls_files: Option<Files>,
+    tls: Option<Tls>,
     max_incoming: usize,
     drained: AtomicBool,
     pending: Mutex<HashMap<String, Pending>>,
@@ -195,11 +200,23 @@ impl Host {
         }
     }
 
+    /// The auth (and TLS) flags of the receivers this service starts.
     fn key_args(&self) -> Vec<String> {
-        match &self.key_path {
+        let mut v: Vec<String> = match &self.key_path {
             Some(k) => vec!["--key".into(), k.display().to_string()],
             None => vec!["--insecure".into()],
+        };
+        if let Some(f) = &self.tls_files {
+            for (flag, p) in [
+                ("--tls-cert", &f.cert),
+                ("--tls-key", &f.key),
+                ("--tls-ca", &f.ca),
+            ] {
+                v.push(flag.into());
+                v.push(p.display().to_string());
+            }
         }
+        v
     }
 }
 
@@ -414,14 +431,24 @@ fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Resu
 }
 
 /// One network peer: its request, the authenticated session, the answer.
-fn peer(h: &Host, mut c: TcpStream, from: std::net::SocketAddr) -> Result<(), String> {
+fn peer(h: &Host, c: TcpStream, from: std::net::SocketAddr) -> Result<(), String> {
     tcp::tune(&c).map_err(|e| e.to_string())?;
     let _ = c.set_write_timeout(Some(REQUEST_LIMIT));
+    let _ = c.set_read_timeout(Some(REQUEST_LIMIT));
+    let mut c =
+        blip_vmm::migration::dest::tls_or_plain(c, h.tls.as_ref()).map_err(|e| error_chain(&e))?;
     let req = match tcp::read_message_within(&mut c, REQUEST_LIMIT) {
         Ok(f) => match f.msg {
             Message::HostRequest(r) => r,
             other => return Err(format!("sent {} instead of a host request", other.kind())),
         },
+        Err(blip_transport::protocol::ProtocolError::BadMagic(m))
+            if h.tls.is_none() && blip_transport::tls::magic_looks_like_tls(m) =>
+        {
+            return Err(error_chain(&blip_transport::tls::TlsError::TlsPeer {
+                peer: from.to_string(),
+            }))
+        }
         Err(e) => return Err(error_chain(&e)),
     };
     let _ = c.set_read_timeout(Some(REQUEST_LIMIT));
@@ -438,7 +465,11 @@ fn peer(h: &Host, mut c: TcpStream, from: std::net::SocketAddr) -> Result<(), St
     }
     let _ = c.set_write_timeout(Some(peer_timeout()));
     let answer = if req.op == HOST_PREPARE {
-        let ip = c.local_addr().map(|a| a.ip()).map_err(|e| e.to_string())?;
+        let ip = c
+            .socket()
+            .local_addr()
+            .map(|a| a.ip())
+            .map_err(|e| e.to_string())?;
         match prepare(h, ip, &req.name, req.mem_size, req.vcpus) {
             Ok(url) => Message::HostReply(h.reply(url)),
             Err(reason) => {
@@ -544,6 +575,7 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             .clamp(1, u64::from(blip_vmm::cli::MAX_STREAMS)) as u32,
         transport: serde_json::from_value(body["transport"].clone()).unwrap_or_default(),
         key: h.key_path.clone(),
+        tls: h.tls_files.clone(),
     };
     h.drain_rows
         .lock()
@@ -826,9 +858,16 @@ pub fn serve(
     };
     let key_path = a.auth.resolve().map_err(Failure)?;
     let key = key_path.as_deref().map(Key::load).transpose()?;
+    let tls_files = a.tls.resolve().map_err(Failure)?;
+    let tls = tls_files.as_ref().map(Tls::load).transpose()?;
     let ports = parse_ports(a.ports.as_deref().unwrap_or("7100-7199"))?;
     let ep = Endpoint::from_str(&listen)?;
     let rdma = matches!(ep, Endpoint::Rdma(_));
+    if rdma && tls.is_some() {
+        return Err(Failure(
+            "tls_* covers TCP only: RDMA pages cannot travel inside TLS (listen on tcp:// or drop the TLS settings)".into(),
+        ));
+    }
     let listener = tcp::listen(ep.address()).map_err(|e| HostError::Listen(listen.clone(), e))?;
     let local = listener.local_addr().map_err(HostError::Io)?;
     registry::create_private_dir(&super::dir())?;
@@ -839,6 +878,8 @@ pub fn serve(
         next_port: AtomicUsize::new(0),
         key_path,
         key,
+        tls_files,
+        tls,
         max_incoming: a.max_incoming.unwrap_or_else(registry::slot_limit) as usize,
         drained: AtomicBool::new(drained_flag().exists()),
         pending: Mutex::default(),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use blip_transport::auth::Key;
 use blip_transport::protocol::{self, Message, TRANSPORT_RDMA, TRANSPORT_TCP};
 use blip_transport::tcp::{self, Endpoint};
+use blip_transport::tls::{Conn, Tls, TlsError};
 use std::net::IpAddr;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -41,6 +42,8 @@ pub struct ReceiveConfig {
     pub premade: Option<Premade>,
     /// Set by Ctrl-C / SIGTERM: stop waiting for a source.
     pub stop: Option<&'static std::sync::atomic::AtomicBool>,
+    /// Mutual TLS required on the control connection and the data streams (`--tls-*`).
+    pub tls: Option<Tls>,
 }
 
 /// Guest memory a destination prepared before any peer connected, and its RDMA registration
@@ -151,7 +154,7 @@ const MAX_HANDSHAKES: usize = 64;
 fn accept_source(
     listener: &TcpListener,
     cfg: &ReceiveConfig,
-) -> Result<(TcpStream, Session), MigrationError> {
+) -> Result<(Conn, Session), MigrationError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let hearing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     listener.set_nonblocking(true)?;
@@ -205,11 +208,12 @@ fn accept_source(
         }
         let (tx, key, mine) = (tx.clone(), cfg.key.clone(), hearing.clone());
         let log = tracing::Span::current();
+        let tls = cfg.tls.clone();
         let spawned = std::thread::Builder::new()
             .name("mig-session".into())
             .spawn(move || {
                 let _log = log.entered();
-                match open_session(c, key) {
+                match open_session(c, key, tls.as_ref()) {
                     Ok(won) => {
                         let _ = tx.send(won);
                     }
@@ -256,13 +260,15 @@ fn refuse_not_allowed(mut c: TcpStream) {
 
 /// One candidate source: socket set-up and the session.
 fn open_session(
-    mut c: TcpStream,
+    c: TcpStream,
     key: Option<Key>,
-) -> Result<(TcpStream, Session), MigrationError> {
+    tls: Option<&Tls>,
+) -> Result<(Conn, Session), MigrationError> {
     c.set_nonblocking(false)?;
     tcp::tune(&c)?;
     c.set_read_timeout(Some(peer_timeout()))?;
     c.set_write_timeout(Some(peer_timeout()))?;
+    let mut c = tls_or_plain(c, tls)?;
     match Session::open_destination(&mut c, key) {
         Ok(s) => Ok((c, s)),
         Err(e) => {
@@ -272,12 +278,67 @@ fn open_session(
                 };
                 let _ = protocol::write_message(&mut c, &refuse);
             }
-            Err(e)
+            Err(plain_talks_to_tls(e, &c))
         }
     }
 }
 
-fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
+/// The TLS handshake when this end requires TLS. A plain source is told why in plain blip
+/// (Refuse), so both ends print one clear line.
+pub fn tls_or_plain(c: TcpStream, tls: Option<&Tls>) -> Result<Conn, MigrationError> {
+    let Some(t) = tls else {
+        return Ok(Conn::from(c));
+    };
+    match t.accept(c) {
+        Ok(c) => Ok(c),
+        Err((e, sock)) => {
+            if let Some(mut s) = sock {
+                let refuse = Message::Refuse {
+                    reason: "this receiver requires TLS (give the source --tls-cert, --tls-key and --tls-ca)".into(),
+                };
+                if protocol::write_message(&mut s, &refuse).is_ok() {
+                    drain_until_closed(s);
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Closes our side and reads what the peer sent until it closes (bounded in bytes and time):
+/// closing with its bytes unread would reset the connection before it read our Refuse.
+fn drain_until_closed(mut c: TcpStream) {
+    use std::io::Read;
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// A plain end that read a TLS ClientHello as its first message: say so instead of "bad magic".
+pub fn plain_talks_to_tls(e: MigrationError, c: &Conn) -> MigrationError {
+    match e {
+        MigrationError::Protocol(protocol::ProtocolError::BadMagic(m))
+            if !c.is_tls() && blip_transport::tls::magic_looks_like_tls(m) =>
+        {
+            TlsError::TlsPeer {
+                peer: c
+                    .peer_addr()
+                    .map_or_else(|_| "the peer".into(), |a| a.to_string()),
+            }
+            .into()
+        }
+        e => e,
+    }
+}
+
+fn read(control: &mut Conn) -> Result<protocol::Frame, MigrationError> {
     match super::read_frame(control) {
         Ok(f) => Ok(f),
         Err(protocol::ProtocolError::Closed) => Err(MigrationError::Aborted(
@@ -291,7 +352,7 @@ fn read(control: &mut TcpStream) -> Result<protocol::Frame, MigrationError> {
 /// link, then the messages of the migration through the [`Stage`] machine.
 fn receive_on(
     listener: &TcpListener,
-    control: &mut TcpStream,
+    control: &mut Conn,
     session: Session,
     cfg: ReceiveConfig,
     vm_slot: &mut Option<Vm>,
@@ -317,7 +378,7 @@ fn receive_on(
         (false, _) => None,
         (true, Some(reg)) => Some(reg),
         (true, None) => Some(
-            super::rdma::register_dest(control.local_addr()?.ip(), &mem).map_err(|e| {
+            super::rdma::register_dest(control.socket().local_addr()?.ip(), &mem).map_err(|e| {
                 MigrationError::Incompatible(format!("RDMA set-up failed here: {e}"))
             })?,
         ),
@@ -332,7 +393,15 @@ fn receive_on(
             tracing::info!("blip: receiving by RDMA WRITE on {}", c.port);
             DestLink::Rdma(c)
         }
-        None => DestLink::tcp(listener, &session, offer.streams, &mem, &cfg.allow, control)?,
+        None => DestLink::tcp(
+            listener,
+            &session,
+            offer.streams,
+            &mem,
+            &cfg.allow,
+            control,
+            cfg.tls.as_ref(),
+        )?,
     };
     let mut r = Receiver {
         control,
@@ -439,7 +508,7 @@ fn prepare(
 /// The destination after Accept: reads the control stream and acts on each message the
 /// [`Stage`] machine lets through.
 struct Receiver<'a> {
-    control: &'a mut TcpStream,
+    control: &'a mut Conn,
     /// Dropped right after resume (RDMA: the registration, and so every rkey, dies then).
     link: Option<DestLink>,
     mem: GuestMem,

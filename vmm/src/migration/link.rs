@@ -14,6 +14,8 @@
 
 use std::io::{IoSlice, Write};
 use std::net::{TcpListener, TcpStream};
+
+use blip_transport::tls::{Conn, Tls};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -52,7 +54,7 @@ type StreamResult = Result<(u64, u64), MigrationError>;
 
 /// Where a sender thread puts pages.
 enum Sink {
-    Tcp(TcpStream),
+    Tcp(Conn),
     Rdma(Box<Writer>),
 }
 
@@ -95,16 +97,11 @@ impl SourceLink {
         url: &str,
         streams: u32,
         session: &Session,
+        tls: Option<&Tls>,
     ) -> Result<SourceLink, MigrationError> {
         let mut conns = Vec::new();
         for index in 0..streams {
-            let mut c = tcp::connect(addr, Duration::from_secs(10)).map_err(|source| {
-                MigrationError::Connect {
-                    addr: url.to_string(),
-                    source,
-                }
-            })?;
-            c.set_write_timeout(Some(peer_timeout()))?;
+            let mut c = super::source::connect(addr, url, tls)?;
             let hello = Message::StreamHello {
                 session: session.id,
                 index,
@@ -125,7 +122,7 @@ impl SourceLink {
     /// Connects one queue pair per sender plus the controller's over `control` (after Accept).
     pub fn rdma(
         mem: &GuestMem,
-        control: &mut TcpStream,
+        control: &mut Conn,
         streams: u32,
     ) -> Result<SourceLink, MigrationError> {
         let mut writers =
@@ -194,7 +191,7 @@ impl SourceLink {
     pub fn finish_round(
         &self,
         round: u32,
-        control: &mut TcpStream,
+        control: &mut Conn,
     ) -> Result<(u64, u64), MigrationError> {
         self.senders()?.finish_round(round, control)
     }
@@ -206,7 +203,7 @@ impl SourceLink {
         &mut self,
         mem: &GuestMem,
         runs: &[Run],
-        control: &mut TcpStream,
+        control: &mut Conn,
     ) -> Result<u64, MigrationError> {
         let mut pages = 0;
         for r in split_runs(runs, PAGES_PER_FRAME) {
@@ -238,7 +235,7 @@ impl SourceLink {
         &mut self,
         mem: &GuestMem,
         runs: &[Run],
-        control: &mut TcpStream,
+        control: &mut Conn,
     ) -> Result<u64, MigrationError> {
         match self {
             SourceLink::Tcp { batch, table, .. } => send_batches(control, mem, runs, batch, table),
@@ -258,7 +255,7 @@ impl SourceLink {
     /// RDMA: reaps the final writes while the destination restores, returning as soon as it
     /// speaks (Ready means it saw the final mark). A write that fails fails the migration now.
     /// TCP: nothing to wait for.
-    pub fn await_final(&mut self, control: &mut TcpStream) -> Result<(), MigrationError> {
+    pub fn await_final(&mut self, control: &mut Conn) -> Result<(), MigrationError> {
         let SourceLink::Rdma { controller, .. } = self else {
             return Ok(());
         };
@@ -291,7 +288,7 @@ impl Stream {
 
 /// Flushes the controller's RDMA writer, failing at once (with the destination's own reason
 /// when it sent one) if the destination goes away meanwhile.
-fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), MigrationError> {
+fn flush_watching(w: &mut Writer, control: &mut Conn) -> Result<(), MigrationError> {
     let mut lost = None;
     let r = w.flush_watching(|| {
         lost = control_lost(control);
@@ -305,12 +302,9 @@ fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), Migrati
 }
 
 /// Peeks one byte of the control connection without blocking: `None` while nothing is there.
-fn peek(control: &TcpStream) -> Option<std::io::Result<usize>> {
-    control.set_nonblocking(true).ok()?;
+fn peek(control: &mut Conn) -> Option<std::io::Result<usize>> {
     let mut b = [0u8; 1];
-    let r = control.peek(&mut b);
-    let _ = control.set_nonblocking(false);
-    match r {
+    match control.peek_within(&mut b, Duration::ZERO) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
         r => Some(r),
     }
@@ -318,7 +312,7 @@ fn peek(control: &TcpStream) -> Option<std::io::Result<usize>> {
 
 /// Has the destination gone (control connection closed or reset) or spoken out of turn (an
 /// Abort) while a round runs? Never blocks.
-fn control_lost(control: &mut TcpStream) -> Option<MigrationError> {
+fn control_lost(control: &mut Conn) -> Option<MigrationError> {
     match peek(control)? {
         Ok(0) => Some(MigrationError::Aborted(
             "the destination closed the control connection".into(),
@@ -364,11 +358,7 @@ impl Senders {
     /// the control connection: a destination that dies or aborts mid-round fails the round at
     /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
     /// queue pair just stop completing).
-    fn finish_round(
-        &self,
-        round: u32,
-        control: &mut TcpStream,
-    ) -> Result<(u64, u64), MigrationError> {
+    fn finish_round(&self, round: u32, control: &mut Conn) -> Result<(u64, u64), MigrationError> {
         for s in &self.streams {
             s.send(Job::End(round));
         }
@@ -589,10 +579,11 @@ impl DestLink {
         n: u32,
         mem: &GuestMem,
         allow: &[Cidr],
-        control: &TcpStream,
+        control: &mut Conn,
+        tls: Option<&Tls>,
     ) -> Result<DestLink, MigrationError> {
         let (tx, news) = crossbeam_channel::unbounded();
-        let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, TcpStream)>();
+        let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, Conn)>();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = vec![false; n as usize];
         let mut next_look = Instant::now();
@@ -604,7 +595,7 @@ impl DestLink {
                         continue; // a second stream with the same index: drop it
                     }
                     let (mem, tx) = (mem.clone(), tx.clone());
-                    let ctl = control.try_clone().ok();
+                    let ctl = control.socket_handle().ok();
                     std::thread::Builder::new()
                         .name(format!("mig-recv{index}"))
                         .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
@@ -612,10 +603,11 @@ impl DestLink {
                 match listener.accept() {
                     Ok((c, peer)) if allowed(allow, peer.ip()) => {
                         let (session, proven_tx) = (session.clone(), proven_tx.clone());
+                        let tls = tls.cloned();
                         std::thread::Builder::new()
                             .name("mig-hello".into())
                             .spawn(move || {
-                                if let Some(hello) = stream_hello(c, &session, n) {
+                                if let Some(hello) = stream_hello(c, &session, n, tls.as_ref()) {
                                     let _ = proven_tx.send(hello);
                                 }
                             })?;
@@ -705,7 +697,7 @@ impl DestLink {
 /// its data CRC. A frame without a data CRC is refused: no page lands unchecked. (A page that
 /// fails the check is in guest memory, but the migration fails and this VM never runs.)
 pub fn recv_pages(
-    conn: &mut TcpStream,
+    conn: &mut Conn,
     mem: &GuestMem,
     gpa: u64,
     count: u32,
@@ -713,6 +705,9 @@ pub fn recv_pages(
     scratch: &mut [u8],
 ) -> Result<(), MigrationError> {
     let len = check_run(mem, gpa, u64::from(count))?;
+    let Some(conn) = conn.plain_mut() else {
+        return recv_pages_tls(conn, mem, gpa, len, receipt, scratch);
+    };
     let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
     vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
         .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
@@ -728,11 +723,45 @@ pub fn recv_pages(
     Ok(())
 }
 
-/// Hears a candidate data stream: its StreamHello for this session and its proof of the key.
-/// Returns its index, or `None` for anything else.
-fn stream_hello(mut c: TcpStream, session: &Session, n: u32) -> Option<(u32, TcpStream)> {
+/// [`recv_pages`] over TLS: rustls decrypts into its own buffer, so the pages go through
+/// `scratch` (checksummed on the way) instead of straight from the socket into guest memory.
+fn recv_pages_tls(
+    conn: &mut Conn,
+    mem: &GuestMem,
+    gpa: u64,
+    len: u64,
+    receipt: &PagesReceipt,
+    scratch: &mut [u8],
+) -> Result<(), MigrationError> {
+    use std::io::Read;
+    let mut crc = receipt.partial_crc;
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(scratch.len());
+        conn.read_exact(&mut scratch[..n])?;
+        mem.write_slice(&scratch[..n], GuestAddress(gpa + off))?;
+        crc = crc32c_append(crc, &scratch[..n]);
+        off += n as u64;
+    }
+    receipt.verify(crc)?;
+    Ok(())
+}
+
+/// Hears a candidate data stream: its StreamHello for this session and its proof of the key
+/// (after the TLS handshake, with `tls`). Returns its index, or `None` for anything else.
+fn stream_hello(c: TcpStream, session: &Session, n: u32, tls: Option<&Tls>) -> Option<(u32, Conn)> {
     c.set_nonblocking(false).ok()?;
     tcp::tune(&c).ok()?;
+    let mut c = match tls {
+        None => Conn::from(c),
+        Some(t) => {
+            c.set_read_timeout(Some(super::HELLO_LIMIT)).ok()?;
+            c.set_write_timeout(Some(super::HELLO_LIMIT)).ok()?;
+            let c = t.accept(c).ok()?;
+            c.set_write_timeout(Some(peer_timeout())).ok()?;
+            c
+        }
+    };
     let hello = tcp::read_message_within(&mut c, super::HELLO_LIMIT).ok()?;
     match hello.msg {
         Message::StreamHello { session: s, index }
@@ -747,7 +776,7 @@ fn stream_hello(mut c: TcpStream, session: &Session, n: u32) -> Option<(u32, Tcp
 
 /// One TCP data stream: pages straight into guest memory; RoundEnds reported as news.
 fn receiver(
-    mut conn: TcpStream,
+    mut conn: Conn,
     index: usize,
     mem: GuestMem,
     news: Sender<StreamNews>,
@@ -801,12 +830,11 @@ pub fn check_run(mem: &GuestMem, gpa: u64, pages: u64) -> Result<u64, MigrationE
 /// While the data streams connect, the source says nothing on the control connection unless
 /// it gives up: a source that died or aborted after Accept is seen here at once (end of stream,
 /// or its Abort), not at the 10 s stream deadline. Anything else that arrived is left unread
-/// for the receiver, whose checks refuse it in order. Leaves a 1 ms read timeout on `control`;
-/// the caller restores it.
-fn source_still_there(control: &TcpStream) -> Result<(), MigrationError> {
-    control.set_read_timeout(Some(Duration::from_millis(1)))?;
+/// for the receiver, whose checks refuse it in order (over TLS it waits, decrypted, in the
+/// connection's read-ahead buffer). Waits at most 1 ms.
+fn source_still_there(control: &mut Conn) -> Result<(), MigrationError> {
     let mut buf = [0u8; 1024];
-    match control.peek(&mut buf) {
+    match control.peek_within(&mut buf, Duration::from_millis(1)) {
         Ok(0) => Err(MigrationError::Aborted(
             "the source closed the control connection before its data streams connected".into(),
         )),

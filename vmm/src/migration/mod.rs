@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use blip_transport::protocol::{self, ProtocolError};
+use blip_transport::tls::Conn;
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +94,7 @@ pub fn peer_timeout() -> Duration {
 }
 
 /// Reads one control or data message, the whole message within the peer timeout.
-pub(crate) fn read_frame(s: &mut std::net::TcpStream) -> Result<protocol::Frame, ProtocolError> {
+pub(crate) fn read_frame(s: &mut Conn) -> Result<protocol::Frame, ProtocolError> {
     blip_transport::tcp::read_message_within(s, peer_timeout())
 }
 
@@ -173,6 +174,9 @@ pub enum MigrationError {
     Auth(String),
     #[error(transparent)]
     Key(#[from] blip_transport::auth::AuthError),
+    /// Boxed: the TLS errors are large and every Result of a migration carries this enum.
+    #[error(transparent)]
+    Tls(Box<blip_transport::tls::TlsError>),
     #[error("connection from {0} refused: not in --allow")]
     NotAllowed(std::net::IpAddr),
     #[error(transparent)]
@@ -185,6 +189,12 @@ pub enum MigrationError {
     Memory(#[from] MemoryError),
     #[error("guest memory access failed")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+impl From<blip_transport::tls::TlsError> for MigrationError {
+    fn from(e: blip_transport::tls::TlsError) -> Self {
+        MigrationError::Tls(Box::new(e))
+    }
 }
 
 impl MigrationError {
@@ -236,6 +246,9 @@ pub struct Options {
     /// How pages travel (`--transport`; default: the URL's scheme).
     #[serde(default)]
     pub transport: rdma::TransportChoice,
+    /// Mutual TLS on the control connection and the data streams (`--tls-*`; TCP only).
+    #[serde(default)]
+    pub tls: Option<blip_transport::tls::Files>,
 }
 
 /// One pre-copy round.
@@ -393,6 +406,7 @@ mod tests {
             key: None,
             guest_name: String::new(),
             transport: rdma::TransportChoice::Auto,
+            tls: None,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();

@@ -10,7 +10,8 @@
 //! [`RdmaConnect`]. Dropping [`DestRdma`] (commit or abort) deregisters the memory, and with
 //! it the rkeys die.
 
-use std::net::{IpAddr, TcpStream};
+use blip_transport::tls::Conn;
+use std::net::IpAddr;
 
 use blip_transport::protocol::{self, Message, RdmaConnect};
 use blip_transport::rdma::{
@@ -75,7 +76,7 @@ pub fn require_device() -> Result<(), MigrationError> {
     Ok(())
 }
 
-fn read(control: &mut TcpStream) -> Result<RdmaConnect, MigrationError> {
+fn read(control: &mut Conn) -> Result<RdmaConnect, MigrationError> {
     match super::read_frame(control)?.msg {
         Message::RdmaConnect(c) => Ok(c),
         other => Err(MigrationError::from_unexpected(
@@ -108,11 +109,11 @@ fn raw_regions(mem: &GuestMem) -> Result<Vec<RawRegion>, RdmaError> {
 /// Source: registers guest memory, connects `n` queue pairs to the destination over
 /// `control` (after Accept) and returns one [`Writer`] per queue pair.
 pub fn connect_source(
-    control: &mut TcpStream,
+    control: &mut Conn,
     mem: &GuestMem,
     n: usize,
 ) -> Result<Vec<Writer>, MigrationError> {
-    let port = Port::for_ip(control.local_addr()?.ip())?;
+    let port = Port::for_ip(control.socket().local_addr()?.ip())?;
     let regions = raw_regions(mem)?;
     // SAFETY: `regions` are the live read-write mappings of `mem`, and every registration
     // keeps a clone of `mem` (which keeps those mappings) for as long as it exists.
@@ -176,7 +177,7 @@ pub fn register_dest(local_ip: IpAddr, mem: &GuestMem) -> Result<DestRegistratio
 pub fn connect_dest(
     reg: DestRegistration,
     n: usize,
-    control: &mut TcpStream,
+    control: &mut Conn,
 ) -> Result<DestRdma, MigrationError> {
     let port = reg.port();
     let end = DestEnd::prepare(reg.memory, n)?;

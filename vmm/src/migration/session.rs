@@ -17,7 +17,7 @@
 //! rules ([`negotiate`]) are pure and unit-tested here. Data streams prove the same key with
 //! [`Session::stream_mac`] / [`Session::stream_proven`].
 
-use std::net::TcpStream;
+use blip_transport::tls::Conn;
 
 use blip_transport::auth::{host_tag, Key, Proof};
 use blip_transport::protocol::{self, Message, Role, AUTH_HMAC_SHA256, AUTH_NONE};
@@ -68,7 +68,7 @@ pub struct Session {
     dst_nonce: [u8; 32],
 }
 
-fn read(control: &mut TcpStream) -> Result<Message, MigrationError> {
+fn read(control: &mut Conn) -> Result<Message, MigrationError> {
     match super::read_frame(control) {
         Ok(f) => Ok(f.msg),
         Err(protocol::ProtocolError::Closed) => Err(MigrationError::Aborted(
@@ -88,10 +88,7 @@ fn auth_word(key: &Option<Key>) -> u32 {
 
 impl Session {
     /// Opens the session as the source: Hello, the destination's Hello, then both proofs.
-    pub fn open_source(
-        control: &mut TcpStream,
-        key: Option<Key>,
-    ) -> Result<Session, MigrationError> {
+    pub fn open_source(control: &mut Conn, key: Option<Key>) -> Result<Session, MigrationError> {
         let id = u64::from_le_bytes(random_bytes()?);
         let ours = host_id();
         let src_nonce = random_bytes()?;
@@ -148,7 +145,7 @@ impl Session {
     /// Opens the session as the destination: the source's Hello, ours, then the source's
     /// proof (checked before this host says anything about itself) and ours.
     pub fn open_destination(
-        control: &mut TcpStream,
+        control: &mut Conn,
         key: Option<Key>,
     ) -> Result<Session, MigrationError> {
         let (id, src_nonce, their_auth, theirs) = match read(control)? {
@@ -222,7 +219,7 @@ impl Session {
     }
 
     /// Reads and checks data stream `index`'s proof (always true without a key).
-    pub fn stream_proven(&self, c: &mut TcpStream, index: u32) -> bool {
+    pub fn stream_proven(&self, c: &mut Conn, index: u32) -> bool {
         if self.key.is_none() {
             return true;
         }

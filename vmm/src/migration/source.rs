@@ -13,7 +13,6 @@
 //! A [`Rollback`] guard owns the VM for the whole sequence: dropped before Commit, it tells the
 //! destination (Abort), stops dirty tracking and resumes the guest here.
 
-use std::net::TcpStream;
 use std::str::FromStr;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use std::time::Duration;
 use blip_transport::auth::Key;
 use blip_transport::protocol::{self, Message, Offer, TRANSPORT_RDMA, TRANSPORT_TCP};
 use blip_transport::tcp::{self, Endpoint};
+use blip_transport::tls::{Conn, Tls};
 use serde::{Deserialize, Serialize};
 
 use super::controller::{Controller, Decision, Limits, RoundStats};
@@ -64,7 +64,7 @@ pub struct Progress {
 /// and resumes the guest here; after Commit it does nothing (the guest is the destination's).
 struct Rollback<'a> {
     vm: &'a mut Vm,
-    control: TcpStream,
+    control: Conn,
     paused: bool,
     tracking: bool,
     committed: bool,
@@ -117,8 +117,15 @@ pub fn migrate(
     let endpoint = Endpoint::from_str(&opts.to)?;
     let rdma = super::rdma::wants_rdma(&endpoint, opts.transport);
     if rdma {
+        if opts.tls.is_some() {
+            return Err(MigrationError::Options(
+                "--tls-* covers TCP only: RDMA pages cannot travel inside TLS (use tcp:// or drop --tls-*)"
+                    .into(),
+            ));
+        }
         super::rdma::require_device()?;
     }
+    let tls = opts.tls.as_ref().map(Tls::load).transpose()?;
     let running = Running::start();
     let _slot = crate::registry::take_slot(crate::registry::Direction::Outgoing).map_err(|n| {
         MigrationError::NoSlot(
@@ -127,7 +134,7 @@ pub fn migrate(
         )
     })?;
     let t_start = now_ns();
-    let control = connect(endpoint.address(), &opts.to)?;
+    let control = connect(endpoint.address(), &opts.to, tls.as_ref())?;
     control.set_read_timeout(Some(peer_timeout()))?;
     let mut g = Rollback {
         vm,
@@ -137,29 +144,52 @@ pub fn migrate(
         committed: false,
         reason: None,
     };
-    let r = run(&mut g, opts, &endpoint, rdma, &running, t_start, progress);
+    let r = run(
+        &mut g,
+        opts,
+        &endpoint,
+        rdma,
+        tls.as_ref(),
+        &running,
+        t_start,
+        progress,
+    );
     if let Err(e) = &r {
         g.reason = Some(e.to_string());
     }
     r
 }
 
-fn connect(addr: &tcp::Address, url: &str) -> Result<TcpStream, MigrationError> {
+/// Connects to `addr` (TLS when `tls` is set: the handshake and both certificate checks are
+/// done when this returns).
+pub(crate) fn connect(
+    addr: &tcp::Address,
+    url: &str,
+    tls: Option<&Tls>,
+) -> Result<Conn, MigrationError> {
     let c =
         tcp::connect(addr, Duration::from_secs(10)).map_err(|source| MigrationError::Connect {
             addr: url.to_string(),
             source,
         })?;
     c.set_write_timeout(Some(peer_timeout()))?;
-    Ok(c)
+    Ok(match tls {
+        None => Conn::from(c),
+        Some(t) => {
+            c.set_read_timeout(Some(peer_timeout()))?;
+            t.connect(c, &addr.host_name())?
+        }
+    })
 }
 
 /// The sequence, phase by phase.
+#[allow(clippy::too_many_arguments)]
 fn run(
     g: &mut Rollback,
     opts: &Options,
     endpoint: &Endpoint,
     rdma: bool,
+    tls: Option<&Tls>,
     running: &Running,
     t_start: u64,
     progress: &mut dyn FnMut(&Progress),
@@ -185,7 +215,7 @@ fn run(
     let mut link = if rdma {
         SourceLink::rdma(&mem, &mut g.control, streams)?
     } else {
-        SourceLink::tcp(&mem, endpoint.address(), &opts.to, streams, &session)?
+        SourceLink::tcp(&mem, endpoint.address(), &opts.to, streams, &session, tls)?
     };
     let mut report = Report {
         id: crate::logging::migration_id(session.id),
