@@ -11,7 +11,7 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mkdir -p /run/lock
 # libqb's IPC rings live in /dev/shm (qb-*-data files named after the service, e.g.
 # qb-cfg-*, qb-cib_rw-*): one shared /dev/shm lets nodes open each other's rings.
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+[ -n "${BLIP_CLUSTER_SHARED_SHM:-}" ] || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 # sysfs as seen from this network namespace (eth0 here, not the host's links).
 mount -t sysfs -o ro sysfs /sys 2>/dev/null || true
 for d in etc/corosync var/lib/corosync var/lib/pacemaker var/log/pacemaker var/log/corosync; do
