@@ -197,20 +197,24 @@ cluster_kill() {
 	local n=$1 pid u
 	pid=$(node_pid "$n") || return 0
 	u=$(cat "$CLUSTER_DIR/n$n/unshare.pid" 2>/dev/null)
-	kill -KILL "$pid" 2>/dev/null
+	kill -KILL "$pid" 2>/dev/null || true
 	# unshare exits once its child (the node's PID 1) is gone; the kernel has killed the rest.
-	[ -n "$u" ] && wait_for 30 "node $n to end" bash -c "! kill -0 $u 2>/dev/null"
+	if [ -n "$u" ]; then
+		wait_for 30 "node $n to end" bash -c "! kill -0 $u 2>/dev/null" || true
+	fi
 	rm -f "$CLUSTER_DIR/n$n/pid"
-	ip link del "blipcl-n$n" 2>/dev/null
+	# The veth goes with the network namespace; delete it in case it did not yet.
+	ip link del "blipcl-n$n" 2>/dev/null || true
 	return 0
 }
 
+# Safe under `set -e` (test.sh calls it from its EXIT trap): every step is best effort.
 cluster_down() {
 	local i
 	for i in $(seq 1 "$CLUSTER_NODES"); do
 		cluster_kill "$i"
 	done
-	ip link del "$CLUSTER_BR" 2>/dev/null
+	ip link del "$CLUSTER_BR" 2>/dev/null || true
 	[ -n "${BLIP_CLUSTER_KEEP:-}" ] || rm -rf "$CLUSTER_DIR"
 	return 0
 }

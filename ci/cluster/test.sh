@@ -10,7 +10,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 if [ -z "${BLIP_CLUSTER_LOCKED:-}" ]; then
 	export BLIP_CLUSTER_LOCKED=1
-	exec flock /tmp/cluster.lock "$0" "$@"
+	# -o: the daemons the test starts must not inherit (and keep) the lock.
+	exec flock -o /tmp/cluster.lock "$0" "$@"
 fi
 blip=$root/target/debug/blip
 while [ $# -gt 0 ]; do
@@ -38,6 +39,7 @@ fail() {
 }
 finish() {
 	rc=$?
+	set +e
 	if [ $rc -ne 0 ] && [ -d "$CLUSTER_DIR" ]; then
 		# What the logs say, before they go.
 		for i in $(seq 1 "$CLUSTER_NODES"); do
@@ -115,6 +117,10 @@ hb1=$(heartbeats g1 1)
 # Standby = live drain.
 t0=$(now)
 crm1 node standby node1
+# crm_resource --wait may answer before the scheduler has seen the change: wait for the
+# guests to leave first, then for the cluster to settle.
+off_node1() { [ -n "$(where g1)" ] && [ "$(where g1)" != node1 ] && [ -n "$(where g2)" ] && [ "$(where g2)" != node1 ]; }
+wait_for 120 "both guests off node1" off_node1 || fail "standby did not move the guests"
 settle || fail "standby did not settle"
 t_standby=$(ms_between "$t0" "$(now)")
 for g in g1 g2; do
@@ -144,6 +150,8 @@ cl_log "online node1 in $t_online ms; g1 stays on $g1_at"
 # A manual move.
 t0=$(now)
 crm1 resource move g1 node1
+on_node1() { [ "$(where g1)" = node1 ]; }
+wait_for 120 "g1 on node1" on_node1 || fail "crm resource move did not move g1"
 settle || fail "move did not settle"
 t_move=$(ms_between "$t0" "$(now)")
 [ "$(where g1)" = node1 ] || fail "g1 runs on '$(where g1)' after crm resource move g1 node1"
