@@ -116,13 +116,19 @@ CONF
 }
 
 cl_node_dirs() {
-	local s=$CLUSTER_DIR/n$1
+	local s=$CLUSTER_DIR/n$1 j
 	mkdir -p "$s"/{etc_corosync,var_lib_corosync,var_log_corosync}
 	mkdir -p "$s"/var_lib_pacemaker/{cib,pengine,blackbox,cores} "$s/var_log_pacemaker/bundles"
 	chown -R hacluster:haclient "$s/var_lib_pacemaker" "$s/var_log_pacemaker"
 	chmod 0750 "$s"/var_lib_pacemaker/*
 	chmod 0770 "$s/var_log_pacemaker"
 	cl_write_corosync_conf "$s/etc_corosync/corosync.conf"
+	# Node names must resolve: crmsh pings a node before `crm node standby NODE` (and does
+	# nothing when it cannot), and migrateuri templates name nodes.
+	{
+		echo "127.0.0.1 localhost"
+		for j in $(seq 1 "$CLUSTER_NODES"); do echo "$(node_addr "$j") node$j"; done
+	} >"$s/hosts"
 	cp "$CLUSTER_DIR/authkey" "$s/etc_corosync/authkey"
 	chmod 0400 "$s/etc_corosync/authkey"
 }

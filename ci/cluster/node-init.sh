@@ -17,6 +17,7 @@ mount -t sysfs -o ro sysfs /sys 2>/dev/null || true
 for d in etc/corosync var/lib/corosync var/lib/pacemaker var/log/pacemaker var/log/corosync; do
 	mount --bind "$s/${d//\//_}" "/$d"
 done
+mount --bind "$s/hosts" /etc/hosts
 hostname "node$n"
 : > "$s/ready"
 # Reap whatever daemonizes into this namespace until cluster.sh kills us (SIGKILL to PID 1

@@ -97,7 +97,7 @@ primitive $g ocf:blip:guest \\
 	params name=$g binary="$blip" mem=16M cmdline="heartbeat period=1000" \\
 		migrate_map="${map# }" verify=true \\
 	op monitor interval=5s timeout=30s \\
-	op start timeout=60s interval=0 op stop timeout=60s interval=0 \\
+	op start timeout=90s interval=0 op stop timeout=90s interval=0 \\
 	op migrate_to timeout=120s interval=0 op migrate_from timeout=60s interval=0 \\
 	meta allow-migrate=true
 location prefer-$g $g 100: node1
