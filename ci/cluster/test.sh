@@ -95,7 +95,7 @@ cfg=$CLUSTER_DIR/guests.crm
 		cat <<CRM
 primitive $g ocf:blip:guest \\
 	params name=$g binary="$blip" mem=16M cmdline="heartbeat period=1000" \\
-		migrate_map="${map# }" verify=true \\
+		migrate_map="${map# }" verify=true max_blackout=100ms \\
 	op monitor interval=5s timeout=30s \\
 	op start timeout=90s interval=0 op stop timeout=90s interval=0 \\
 	op migrate_to timeout=120s interval=0 op migrate_from timeout=60s interval=0 \\
