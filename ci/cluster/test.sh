@@ -2,7 +2,9 @@
 # blip guests as Pacemaker resources (ocf:blip:guest) on the 3-node namespace cluster of
 # cluster.sh, each node running `blip host serve`: two guests start on node1, `crm node
 # standby node1` moves both live (migrate_to / migrate_from), `crm node online node1`,
-# `crm resource move`. Prints the timings. Cleans up whatever happens (trap).
+# `crm resource move`; a third guest with snapshots in a shared directory runs on node3, node3
+# is killed whole, and the guest must start from its snapshot on exactly one surviving node.
+# Prints the timings. Cleans up whatever happens (trap).
 #
 #   ci/cluster/test.sh [--blip target/debug/blip]     (takes /tmp/cluster.lock itself)
 set -euo pipefail
@@ -86,6 +88,8 @@ heartbeats() {
 
 # One transaction, so no guest starts before its location preference exists.
 cfg=$CLUSTER_DIR/guests.crm
+snapdir=$CLUSTER_DIR/snapshots
+mkdir -p "$snapdir"
 {
 	# No fencing: only because these "nodes" share one kernel and the harness kills a node's
 	# namespace itself. A real cluster needs fencing so that a guest never runs twice.
@@ -103,6 +107,17 @@ primitive $g ocf:blip:guest \\
 location prefer-$g $g 100: node1
 CRM
 	done
+	# g3 keeps a snapshot in a directory all nodes share: failover after node loss.
+	cat <<CRM
+primitive g3 ocf:blip:guest \\
+	params name=g3 binary="$blip" mem=16M cmdline="heartbeat period=1000" \\
+		migrate_map="${map# }" max_blackout=100ms \\
+		snapshot_dir="$snapdir" snapshot_interval=2 \\
+	op monitor interval=2s timeout=30s \\
+	op start timeout=90s interval=0 op stop timeout=90s interval=0 \\
+	meta allow-migrate=true
+location prefer-g3 g3 100: node3
+CRM
 } >"$cfg"
 crm1 configure load update "$cfg"
 t0=$(now)
@@ -110,8 +125,9 @@ settle || fail "the guests did not settle"
 for g in g1 g2; do
 	[ "$(where $g)" = node1 ] || fail "$g runs on '$(where $g)', not node1"
 done
+[ "$(where g3)" = node3 ] || fail "g3 runs on '$(where g3)', not node3"
 t_start=$(ms_between "$t0" "$(now)")
-cl_log "g1 and g2 started on node1 in $t_start ms"
+cl_log "g1 and g2 started on node1, g3 on node3 in $t_start ms"
 hb1=$(heartbeats g1 1)
 
 # Standby = live drain.
@@ -161,6 +177,29 @@ move_line=$(grep -ho "guest g1: migrated to node1 in [0-9]* ms, blackout [0-9.?]
 	"$CLUSTER_DIR/n$n1_at/var_log_pacemaker/pacemaker.log" | tail -n 1)
 cl_log "crm resource move g1 node1 in $t_move ms ($move_line)"
 
+# Node loss: node3 dies whole (corosync, pacemaker, blip host serve, g3). g3 must start on
+# one surviving node from its latest snapshot, and only there.
+wait_for 30 "a snapshot of g3" test -s "$snapdir/g3.snap" || fail "no snapshot of g3"
+hb_before=$(heartbeats g3 3)
+snap_age_ms=$(ms_between "$(stat -c %.Y "$snapdir/g3.snap")" "$(now)")
+t0=$(now)
+cluster_kill 3
+away_from_3() { w=$(where g3); [ -n "$w" ] && [ "$w" != node3 ]; }
+wait_for 120 "g3 to run on a surviving node" away_from_3 || fail "g3 did not fail over"
+t_failover=$(ms_between "$t0" "$(now)")
+g3_at=$(where g3)
+hb_after=$(heartbeats g3 "${g3_at#node}")
+copies=0
+for i in 1 2; do
+	if on "$i" "$blip" list --json 2>/dev/null | grep -q '"name":"g3"'; then
+		copies=$((copies + 1))
+	fi
+done
+[ "$copies" = 1 ] || fail "g3 runs on $copies surviving nodes"
+grep -q "guest g3: restoring from" "$CLUSTER_DIR/n${g3_at#node}/var_log_pacemaker/pacemaker.log" ||
+	fail "g3 on $g3_at did not start from its snapshot"
+cl_log "node3 killed: g3 runs on $g3_at from its snapshot after $t_failover ms (heartbeat $hb_before at the kill, $hb_after after; snapshot $snap_age_ms ms old)"
+
 cat <<REPORT
 cluster test passed ($(ms_between "$t_all" "$(now)") ms in all)
   cluster up (3 nodes online):               $(ms_between "$t_all" "$t_up") ms
@@ -170,4 +209,5 @@ $(echo "$blackouts" | sed 's/^/    /')
   online node1:                              $t_online ms
   crm resource move g1 node1:                $t_move ms
     $move_line
+  node3 killed -> g3 running on $g3_at:        $t_failover ms (snapshot was $snap_age_ms ms old; heartbeat $hb_before at the kill, $hb_after after)
 REPORT
