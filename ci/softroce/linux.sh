@@ -134,6 +134,18 @@ linux_clock() {
         exit (d > 1000 || d < -1000) ? 1 : 0 }'
 }
 
+# The guest's own view of a hop from console $1 to console $2: the CLOCK_MONOTONIC gap (ms)
+# between the last whole heartbeat on $1 and the first on $2 ("none" without both).
+linux_hop_gap() {
+    l=$(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$1" 2>/dev/null | tail -n 1 | sed 's/.*mono=\([0-9]*\) .*/\1/')
+    f=$(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$2" 2>/dev/null | head -n 1 | sed 's/.*mono=\([0-9]*\) .*/\1/')
+    if [ -n "$l" ] && [ -n "$f" ]; then
+        echo "$l $f" | awk '{ printf "%.1f", ($2 - $1) / 1e6 }'
+    else
+        echo none
+    fi
+}
+
 # Console lines of files $@ that show trouble (the first 5), or nothing.
 linux_bad() {
     grep -ahE "$LINUX_BAD" "$@" 2>/dev/null | head -n 5 | tr -d '\r'
@@ -431,7 +443,10 @@ _linux_migrate() {
     show blip-receive-back "$a2.out"
     linux_show "$a2" 30 console-a2
     bad=$(linux_bad "$as" "/tmp/l$P-b.serial" "$a2")
-    summary="there: $(report_summary "/tmp/l$P-ab.json") back_blackout_us=$((${bo2:-0} / 1000)) guest_blackout_ns=${g1:-none},${g2:-none} allowed_gap_ms=$allow up_ms=$up_ms migrate_ms=$mms $clock end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
+    # The gap the guest itself saw across each hop (its CLOCK_MONOTONIC, continued by the
+    # migration's clock advance).
+    gg="$(linux_hop_gap "$as" "/tmp/l$P-b.serial"),$(linux_hop_gap "/tmp/l$P-b.serial" "$a2")"
+    summary="there: $(report_summary "/tmp/l$P-ab.json") back_blackout_us=$((${bo2:-0} / 1000)) guest_blackout_ns=${g1:-none},${g2:-none} guest_seen_gap_ms=$gg allowed_gap_ms=$allow up_ms=$up_ms migrate_ms=$mms $clock end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
     if ! moved "$mrc" || [ "$back" != ok ]; then
         result "$name" FAIL "role=source migrate_rc=$mrc source_rc=$src back=$back $summary"
     elif [ "$back_here" != yes ]; then
