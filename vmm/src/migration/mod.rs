@@ -92,10 +92,9 @@ pub fn peer_timeout() -> Duration {
         .map_or(Duration::from_secs(30), Duration::from_millis)
 }
 
-/// Reads one control or data message, failing once nothing moved on `s` (either way) for the
-/// peer timeout.
+/// Reads one control or data message, the whole message within the peer timeout.
 pub(crate) fn read_frame(s: &mut std::net::TcpStream) -> Result<protocol::Frame, ProtocolError> {
-    link::read_frame_patient(s, &link::Progress::default())
+    blip_transport::tcp::read_message_within(s, peer_timeout())
 }
 
 /// How long an unauthenticated connection may take to say who it is (data streams' hello and
