@@ -127,3 +127,32 @@ fn a_data_stream_that_stops_fails_within_about_the_peer_timeout() {
     assert!(a.alive(), "source died: {}", a.stderr());
     assert_alive_then_check(&mut a);
 }
+
+#[test]
+fn an_empty_pages_frame_on_the_control_stream_is_a_keepalive() {
+    // What an RDMA source sends while a long round moves (the destination sees none of its
+    // bytes): here injected before every RoundEnd on a TCP migration's control stream.
+    let dir = scratch("keepalive");
+    let mut a = blip_tests::dirtying_source_with(&dir, "a", &env());
+    let (mut b, url) = receiver(&dir);
+    let mut empty = Vec::new();
+    blip_transport::protocol::write_pages(&mut empty, 0, &[]).unwrap();
+    let relay = Relay::start(&url, move |f| {
+        if f.conn == 0 && f.dir == Dir::ToDest && f.kind == MessageKind::RoundEnd as u16 {
+            let mut bytes = empty.clone();
+            bytes.append(&mut f.bytes);
+            f.bytes = bytes;
+        }
+        Action::Forward
+    });
+    let o = migrate(&a, &relay.url, &["--verify"]);
+    assert!(
+        matches!(o.status.code(), Some(0 | 5)),
+        "migrate failed: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}

@@ -810,6 +810,10 @@ pub fn restore_vcpu(
         fd.set_debug_regs(d)
             .map_err(kvm("set debug registers", i))?;
     }
+    // A restored guest was stopped: tell its kvmclock (PVCLOCK_GUEST_STOPPED), so Linux's
+    // soft-lockup and RCU-stall watchdogs do not count the blackout or the parked time as a
+    // hung CPU. KVM refuses (EINVAL) where the guest never enabled kvmclock: nothing to tell.
+    let _ = fd.kvmclock_ctrl();
     Ok(note)
 }
 
