@@ -19,7 +19,9 @@
 # linux-migrate-tcp    migrates it back; then on a: heartbeats from all three consoles (b
 #                      publishes its own) with no hole and no gap above the larger blackout +
 #                      one period (+ LINUX_GAP_SLACK_MS), the same for blip's own heartbeat
-#                      timestamps (guest_blackout_ns), the guest's CLOCK_MONOTONIC within 1 s
+#                      timestamps (guest_blackout_ns; the report also says the largest gap
+#                      the guest's own clock saw around each hop: guest_seen_gap_ms), the
+#                      guest's CLOCK_MONOTONIC within 1 s
 #                      of the host's elapsed time, a full CHECK OK after the return, and no
 #                      BUG / WARNING / soft lockup / RCU stall / unstable clocksource / slow
 #                      hrtimer on any console.
@@ -134,16 +136,14 @@ linux_clock() {
         exit (d > 1000 || d < -1000) ? 1 : 0 }'
 }
 
-# The guest's own view of a hop from console $1 to console $2: the CLOCK_MONOTONIC gap (ms)
-# between the last whole heartbeat on $1 and the first on $2 ("none" without both).
+# The guest's own view of a hop from console $1 to console $2: the largest CLOCK_MONOTONIC gap
+# (ms) between its heartbeats from the last one on $1 through $2 ("none" without beats). Not
+# just the first beat on $2: a beat timed before the pause and printed after it carries the
+# old clock, and the jump shows on the next one.
 linux_hop_gap() {
-    l=$(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$1" 2>/dev/null | tail -n 1 | sed 's/.*mono=\([0-9]*\) .*/\1/')
-    f=$(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$2" 2>/dev/null | head -n 1 | sed 's/.*mono=\([0-9]*\) .*/\1/')
-    if [ -n "$l" ] && [ -n "$f" ]; then
-        echo "$l $f" | awk '{ printf "%.1f", ($2 - $1) / 1e6 }'
-    else
-        echo none
-    fi
+    n=$(linux_last_n "$1")
+    g=$(blip-linux-guest hb-check --from "${n:-0}" "$1" "$2" | sed -n 's/.*max_gap_ms=\([0-9.]*\) .*/\1/p')
+    echo "${g:-none}"
 }
 
 # Console lines of files $@ that show trouble (the first 5), or nothing.
