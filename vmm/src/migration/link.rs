@@ -95,6 +95,36 @@ impl<'a> Silence<'a> {
     }
 }
 
+/// Over RDMA the destination sees none of the bytes: while they move, the source tells it on
+/// the control stream (an empty Pages frame) every quarter of the peer timeout.
+struct Keepalive<'a> {
+    progress: &'a Progress,
+    told: Instant,
+    seen: u64,
+    every: Duration,
+}
+
+impl<'a> Keepalive<'a> {
+    fn new(progress: &'a Progress) -> Keepalive<'a> {
+        Keepalive {
+            progress,
+            told: Instant::now(),
+            seen: progress.get(),
+            every: peer_timeout() / 4,
+        }
+    }
+
+    /// Sends one if it is time and the writes moved since the last.
+    fn send(&mut self, control: &mut TcpStream) -> Result<(), MigrationError> {
+        if self.told.elapsed() > self.every && self.progress.get() != self.seen {
+            protocol::write_pages(control, 0, &[])?;
+            self.told = Instant::now();
+            self.seen = self.progress.get();
+        }
+        Ok(())
+    }
+}
+
 /// The longest single wait on a quiet connection before progress elsewhere is looked at.
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -288,6 +318,8 @@ pub enum SourceLink {
     Rdma {
         senders: Option<Senders>,
         controller: Box<Writer>,
+        /// Completions of every queue pair, the controller's too.
+        progress: Progress,
     },
 }
 
@@ -338,16 +370,19 @@ impl SourceLink {
     ) -> Result<SourceLink, MigrationError> {
         let mut writers =
             super::rdma::connect_source(control, mem, super::rdma::queue_pairs(streams))?;
-        let controller = Box::new(writers.pop().ok_or(MigrationError::Internal(
+        let mut controller = Box::new(writers.pop().ok_or(MigrationError::Internal(
             "RDMA connect returned no queue pair",
         ))?);
+        let progress = Progress::default();
+        controller.set_progress(progress.0.clone());
         let conns = writers
             .into_iter()
             .map(|w| Sink::Rdma(Box::new(w)))
             .collect();
         Ok(SourceLink::Rdma {
-            senders: Some(Senders::start(mem, conns, Progress::default(), true)),
+            senders: Some(Senders::start(mem, conns, progress.clone(), true)),
             controller,
+            progress,
         })
     }
 
@@ -426,8 +461,13 @@ impl SourceLink {
             }
             pages += r.pages;
         }
-        if let SourceLink::Rdma { controller, .. } = self {
-            flush_watching(controller, control)?;
+        if let SourceLink::Rdma {
+            controller,
+            progress,
+            ..
+        } = self
+        {
+            flush_watching(controller, control, progress)?;
         }
         Ok(pages)
     }
@@ -498,11 +538,17 @@ impl Stream {
 }
 
 /// Flushes the controller's RDMA writer, failing at once (with the destination's own reason
-/// when it sent one) if the destination goes away meanwhile.
-fn flush_watching(w: &mut Writer, control: &mut TcpStream) -> Result<(), MigrationError> {
+/// when it sent one) if the destination goes away meanwhile, and keeping the destination's
+/// wait alive while the writes complete.
+fn flush_watching(
+    w: &mut Writer,
+    control: &mut TcpStream,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
     let mut lost = None;
+    let mut keepalive = Keepalive::new(progress);
     let r = w.flush_watching(|| {
-        lost = control_lost(control);
+        lost = control_lost(control).or_else(|| keepalive.send(control).err());
         lost.is_some()
     });
     match (r, lost) {
@@ -550,6 +596,7 @@ impl Senders {
             .map(|(i, mut conn)| {
                 if let Sink::Rdma(w) = &mut conn {
                     w.set_abort(abort.clone());
+                    w.set_progress(progress.0.clone());
                 }
                 let (jtx, jrx) = crossbeam_channel::unbounded();
                 let (mem, rtx, progress) = (mem.clone(), rtx.clone(), progress.clone());
@@ -584,7 +631,7 @@ impl Senders {
         }
         let (mut pages, mut bytes) = (0, 0);
         let mut silence = Silence::new(&self.progress);
-        let mut told = (Instant::now(), self.progress.get());
+        let mut keepalive = Keepalive::new(&self.progress);
         let mut pending = self.streams.len();
         while pending > 0 {
             match self.results.recv_timeout(Duration::from_millis(50)) {
@@ -601,13 +648,8 @@ impl Senders {
                     if silence.over() {
                         return Err(stream_timeout("a data stream stopped responding"));
                     }
-                    if self.keepalive
-                        && told.0.elapsed() > silence.limit / 4
-                        && told.1 != self.progress.get()
-                    {
-                        // An empty Pages frame: bytes on the destination's control stream.
-                        protocol::write_pages(control, 0, &[])?;
-                        told = (Instant::now(), self.progress.get());
+                    if self.keepalive {
+                        keepalive.send(control)?;
                     }
                 }
             }
