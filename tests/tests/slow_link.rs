@@ -10,8 +10,9 @@ use blip_tests::relay::{Action, Dir, Relay};
 use blip_tests::{blip, listen_url, scratch, Bg};
 use blip_transport::protocol::MessageKind;
 
-/// The peer timeout of both sides in these tests.
-const PEER_TIMEOUT_MS: &str = "1500";
+/// The peer timeout of both sides in these tests: short, but not so short that a loaded
+/// machine's pauses (a throwaway VM probed before the offer) exceed it.
+const PEER_TIMEOUT_MS: &str = "3000";
 
 fn key(dir: &std::path::Path) -> String {
     let k = dir.join("migration.key");
@@ -70,8 +71,8 @@ fn a_first_round_longer_than_the_peer_timeout_migrates_while_bytes_move() {
     let dir = scratch("slow-link");
     let mut a = blip_tests::dirtying_source_with(&dir, "a", &env());
     let (mut b, url) = receiver(&dir);
-    // 1 MiB/s: the guest's first round (several MiB of non-zero pages) takes seconds.
-    let relay = Relay::throttled(&url, 1 << 20);
+    // 512 KiB/s: the guest's first round (about 4 MiB of non-zero pages) takes about 8 s.
+    let relay = Relay::throttled(&url, 512 << 10);
     let o = migrate(&a, &relay.url, &["--verify"]);
     assert!(
         matches!(o.status.code(), Some(0 | 5)),
@@ -82,8 +83,12 @@ fn a_first_round_longer_than_the_peer_timeout_migrates_while_bytes_move() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
     assert_eq!(r["verified"], true, "{r}");
     let first = r["rounds"][0]["duration_ns"].as_u64().expect("round 0");
+    eprintln!(
+        "round 0: {first} ns, {} bytes; verify {} ns",
+        r["rounds"][0]["bytes"], r["phases"]["verify"]
+    );
     assert!(
-        first > 2 * 1_500_000_000,
+        first > 2 * 3_000_000_000,
         "round 0 took {first} ns: not clearly longer than the peer timeout, the test shows nothing"
     );
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
@@ -115,7 +120,7 @@ fn a_data_stream_that_stops_fails_within_about_the_peer_timeout() {
     assert!(
         err.contains("stopped responding")
             || err.contains("went silent")
-            || err.contains("no complete message within 1.5s")
+            || err.contains("no complete message within 3s")
             || err.contains("aborted"),
         "{err}"
     );
