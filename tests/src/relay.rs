@@ -6,12 +6,16 @@
 //! Connections are numbered in the order they arrive: 0 is the control connection, data
 //! streams follow. Every frame on them is a 16-byte header (magic, version, kind, length, CRC)
 //! and its payload; the relay reads whole frames and never reorders them.
+//!
+//! [`Relay::throttled`] is a slow link instead: it forwards bytes as they come (no frames, no
+//! hook), all connections' source-to-destination bytes sharing one rate, as they would share
+//! one slow network link.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Bytes of a frame header.
 const HEADER: usize = 16;
@@ -97,6 +101,70 @@ impl Relay {
         });
         Relay { url, stop }
     }
+}
+
+impl Relay {
+    /// Relays every connection made to a fresh loopback port to `target` (a `tcp://` URL), the
+    /// source-to-destination bytes of all of them together at most `bytes_per_sec`, in small
+    /// pieces so they flow steadily (the other way is not slowed).
+    pub fn throttled(target: &str, bytes_per_sec: u64) -> Relay {
+        let target = target.trim_start_matches("tcp://").to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("tcp://{}", l.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        // The time the shared link is free again.
+        let link = Arc::new(Mutex::new(Instant::now()));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(src) = c else { return };
+                let Ok(dst) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (from, to, rate) in [
+                    (src.try_clone(), dst.try_clone(), Some(bytes_per_sec)),
+                    (dst.try_clone(), src.try_clone(), None),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let link = link.clone();
+                    std::thread::spawn(move || copy_paced(from, to, rate, &link));
+                }
+            }
+        });
+        Relay { url, stop }
+    }
+}
+
+/// Copies `from` to `to` until the end, each piece waiting its turn on the shared `link` when
+/// `rate` (bytes per second) is set.
+fn copy_paced(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>, link: &Mutex<Instant>) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(rate) = rate {
+            let done = {
+                let mut free = link.lock().unwrap();
+                let start = (*free).max(Instant::now());
+                *free = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                *free
+            };
+            std::thread::sleep(done.saturating_duration_since(Instant::now()));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 impl Drop for Relay {

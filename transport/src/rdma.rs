@@ -42,7 +42,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -894,6 +894,8 @@ pub struct Writer {
     bytes: u64,
     failed: bool,
     abort: Option<Arc<AtomicBool>>,
+    /// Bumped by every completion reaped (the owner's "bytes still move" counter).
+    progress: Option<Arc<AtomicU64>>,
 }
 
 // SAFETY: the raw pointers inside `wrs`/`sges` point only into the Writer's own vectors and
@@ -945,6 +947,7 @@ impl Writer {
             bytes: 0,
             failed: false,
             abort: None,
+            progress: None,
         }
     }
 
@@ -968,6 +971,12 @@ impl Writer {
             return Err(RdmaError::Stalled(self.timeout));
         }
         Ok(())
+    }
+
+    /// Counts every completion reaped into `counter`: over a slow link a flush may wait long
+    /// for a deep queue to drain, and the owner must see that it moves.
+    pub fn set_progress(&mut self, counter: Arc<AtomicU64>) {
+        self.progress = Some(counter);
     }
 
     /// Spin on the completion queue without yielding the CPU (the blackout).
@@ -1042,13 +1051,16 @@ impl Writer {
     /// [`Writer::flush`] that also gives up (with [`RdmaError::Aborted`]) as soon as
     /// `peer_gone()` says so; it is asked about once a millisecond while completions are
     /// missing (a peer that vanished may leave writes neither completed nor failed until the
-    /// retry timers run out).
+    /// retry timers run out). It fails when no completion came for the timeout (a deep queue
+    /// draining over a slow link takes as long as it takes).
     pub fn flush_watching(&mut self, mut peer_gone: impl FnMut() -> bool) -> Result<()> {
         self.post(true)?;
-        let deadline = Instant::now() + self.timeout;
+        let mut deadline = Instant::now() + self.timeout;
         let mut next_check = Instant::now() + Duration::from_millis(1);
         while self.window.outstanding() > 0 {
-            if !self.reap(true)? {
+            if self.reap(true)? {
+                deadline = Instant::now() + self.timeout;
+            } else {
                 self.waiting_in_vain(deadline)?;
                 let now = Instant::now();
                 if now >= next_check {
@@ -1138,6 +1150,9 @@ impl Writer {
             idle(&mut self.spins, self.busy_poll && for_flush);
         } else {
             self.spins = 0;
+            if let Some(p) = &self.progress {
+                p.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         Ok(n > 0)
     }

@@ -810,6 +810,10 @@ pub fn restore_vcpu(
         fd.set_debug_regs(d)
             .map_err(kvm("set debug registers", i))?;
     }
+    // A restored guest was stopped: tell its kvmclock (PVCLOCK_GUEST_STOPPED), so Linux's
+    // soft-lockup and RCU-stall watchdogs do not count the blackout or the parked time as a
+    // hung CPU. KVM refuses (EINVAL) where the guest never enabled kvmclock: nothing to tell.
+    let _ = fd.kvmclock_ctrl();
     Ok(note)
 }
 
@@ -972,7 +976,7 @@ impl Vm {
                     source,
                 })?;
             Some(ClockState {
-                clock: c.clock,
+                clock: self.guest_clock(&vcpus, c.clock, c.flags),
                 flags: c.flags,
                 realtime: c.realtime,
                 host_tsc: c.host_tsc,
@@ -990,6 +994,37 @@ impl Vm {
             saved_at_ns,
             devices: self.devices().save_state(),
         })
+    }
+
+    /// The KVM clock value to save: KVM's own (`kvm`) when its master clock is stable, else the
+    /// time the guest itself reads at vCPU 0's saved TSC (see
+    /// [`platform_state::guest_kvmclock_ns`]), so a restore moves neither kvmclock nor TSC
+    /// relative to the other.
+    fn guest_clock(&self, vcpus: &[VcpuState], kvm: u64, flags: u32) -> u64 {
+        if flags & kvm_bindings::KVM_CLOCK_TSC_STABLE != 0 {
+            return kvm;
+        }
+        let Some(v) = vcpus.first() else { return kvm };
+        let msr = |i: u32| v.msrs.iter().find(|&&(m, _)| m == i).map(|&(_, d)| d);
+        let (Some(st), Some(tsc)) = (
+            msr(platform_state::MSR_KVM_SYSTEM_TIME_NEW),
+            msr(MSR_IA32_TSC),
+        ) else {
+            return kvm;
+        };
+        match platform_state::guest_kvmclock_ns(self.memory(), st, tsc) {
+            Some(g) => {
+                let d = g as i64 - kvm as i64;
+                if d.unsigned_abs() > 1_000_000 {
+                    eprintln!(
+                        "blip: note: the guest's kvmclock differs from KVM's by {:.1} ms; saving the guest's",
+                        d as f64 / 1e6
+                    );
+                }
+                g
+            }
+            None => kvm,
+        }
     }
 
     /// Restores `st` into this VM, which must be blank (`image: None`) and paused, with guest

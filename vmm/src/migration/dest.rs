@@ -16,7 +16,7 @@ use blip_transport::tls::{Conn, Tls, TlsError};
 use std::net::IpAddr;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::link::{check_run, recv_pages, DestLink};
+use super::link::{check_run, read_frame_patient, recv_pages, DestLink, Gate, Progress};
 use super::session::Session;
 use super::source::VERIFY_FLAG;
 use super::stage::{step, Stage};
@@ -386,6 +386,7 @@ fn receive_on(
     protocol::write_message(control, &Message::Accept)?;
     // RDMA: queue pairs connect over control and the rkeys go out; the pages then land with no
     // work here. TCP: the data streams connect.
+    let progress = Progress::default();
     let link = match registration {
         Some(reg) => {
             let c =
@@ -398,9 +399,12 @@ fn receive_on(
             &session,
             offer.streams,
             &mem,
-            &cfg.allow,
+            Gate {
+                allow: &cfg.allow,
+                tls: cfg.tls.as_ref(),
+            },
             control,
-            cfg.tls.as_ref(),
+            &progress,
         )?,
     };
     let mut r = Receiver {
@@ -409,6 +413,7 @@ fn receive_on(
         mem,
         verify: offer.state_pieces & VERIFY_FLAG != 0,
         scratch: vec![0u8; 1 << 20],
+        progress,
         inc: Incoming {
             guest_name: offer.guest_name.clone(),
             ..Default::default()
@@ -514,6 +519,8 @@ struct Receiver<'a> {
     mem: GuestMem,
     verify: bool,
     scratch: Vec<u8>,
+    /// Bytes moved on any stream: the control stream's wait lasts while they move.
+    progress: Progress,
     inc: Incoming,
 }
 
@@ -526,12 +533,15 @@ impl Receiver<'_> {
         while stage != Stage::Resumed {
             // After Ready the source either commits or (having given up, e.g. on a lost
             // Ready) sends Abort: wait two peer timeouts, so its Abort lands before this side
-            // would declare the handover in doubt.
-            let limit = match stage {
-                Stage::Restored => super::peer_timeout() * 2,
-                _ => super::peer_timeout(),
+            // would declare the handover in doubt. Before, the source is silent only when no
+            // stream of the migration moves a byte for the peer timeout.
+            let read = match stage {
+                Stage::Restored => {
+                    tcp::read_message_within(self.control, super::peer_timeout() * 2)
+                }
+                _ => read_frame_patient(self.control, &self.progress),
             };
-            let f = match tcp::read_message_within(self.control, limit) {
+            let f = match read {
                 Ok(f) => f,
                 // Ready went out: the source may have sent Commit (or died) and count on this
                 // copy. Keep the restored guest, paused, and say so. Only an Abort message
@@ -567,6 +577,7 @@ impl Receiver<'_> {
                         count,
                         &receipt,
                         &mut self.scratch,
+                        &self.progress,
                     )?;
                     self.inc.pages += u64::from(count);
                 }

@@ -11,12 +11,20 @@
 //! or a queue pair of its own) carries the last live round and the final pages.
 //! Destination: TCP receiver threads read pages straight into guest memory and report each
 //! RoundEnd; over RDMA the pages land with no work here, and round marks say when.
+//!
+//! "The peer went silent" means no byte of this migration moved, on any of its streams, for the
+//! peer timeout ([`Progress`]): over a slow link one round takes far longer than the timeout
+//! while the data streams flow and the control stream says nothing. Waits on one quiet
+//! connection therefore go in short slices and last as long as bytes move elsewhere; a message
+//! being read is never cut in the middle. Over RDMA the destination sees no bytes (the writes
+//! are one-sided), so during a long round the source sends it an empty Pages frame on the
+//! control stream whenever its writes moved since the last one.
 
-use std::io::{IoSlice, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 use blip_transport::tls::{Conn, Tls};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +45,231 @@ use crate::memory::{self, GuestMem, PAGE_SIZE};
 const FINAL_BATCH_PAGES: u64 = 2048;
 
 // ---------------------------------------------------------------------------------------------
+// Progress: what silence means
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes this side of one migration moved on any of its streams, bumped by every thread that
+/// moves them. A wait fails only when this stands still for the peer timeout.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    pub fn bump(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The peer timeout, started afresh whenever [`Progress`] moves.
+struct Silence<'a> {
+    progress: &'a Progress,
+    seen: u64,
+    until: Instant,
+    limit: Duration,
+}
+
+impl<'a> Silence<'a> {
+    fn new(progress: &'a Progress) -> Silence<'a> {
+        let limit = peer_timeout();
+        Silence {
+            progress,
+            seen: progress.get(),
+            until: Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// Has nothing moved for the whole peer timeout?
+    fn over(&mut self) -> bool {
+        let now = self.progress.get();
+        if now != self.seen {
+            self.seen = now;
+            self.until = Instant::now() + self.limit;
+        }
+        Instant::now() > self.until
+    }
+
+    fn left(&self) -> Duration {
+        self.until.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Over RDMA the destination sees none of the bytes: while they move, the source tells it on
+/// the control stream (an empty Pages frame) every quarter of the peer timeout.
+struct Keepalive<'a> {
+    progress: &'a Progress,
+    told: Instant,
+    seen: u64,
+    every: Duration,
+}
+
+impl<'a> Keepalive<'a> {
+    fn new(progress: &'a Progress) -> Keepalive<'a> {
+        Keepalive {
+            progress,
+            told: Instant::now(),
+            seen: progress.get(),
+            every: peer_timeout() / 4,
+        }
+    }
+
+    /// Sends one if it is time and the writes moved since the last.
+    fn send(&mut self, control: &mut Conn) -> Result<(), MigrationError> {
+        if self.told.elapsed() > self.every && self.progress.get() != self.seen {
+            protocol::write_pages(control, 0, &[])?;
+            self.told = Instant::now();
+            self.seen = self.progress.get();
+        }
+        Ok(())
+    }
+}
+
+/// The longest single wait on a quiet connection before progress elsewhere is looked at.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Reads a stream in waits of at most [`SLICE`], failing with `TimedOut` only once the whole
+/// migration has been silent for the peer timeout. Bytes read count as progress, and so do
+/// bytes this side wrote that the peer acknowledged meanwhile (a peer still taking in a large
+/// message before it answers is not silent). A timed-out read consumes nothing, so a message
+/// is never cut.
+struct Patient<'a> {
+    s: &'a mut Conn,
+    silence: Silence<'a>,
+    /// The read timeout last set on `s` (set again only when it changes).
+    timeout: Option<Duration>,
+    /// `s`'s unacknowledged bytes when last looked at.
+    queued: u64,
+}
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let wait = self.silence.left().min(SLICE).max(Duration::from_millis(1));
+            if self.timeout != Some(wait) {
+                self.s.set_read_timeout(Some(wait))?;
+                self.timeout = Some(wait);
+            }
+            match self.s.read(buf) {
+                Ok(n) => {
+                    self.silence.progress.bump(n as u64);
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    let queued = send_queue(self.s.socket()).unwrap_or(0);
+                    if queued < self.queued {
+                        self.silence.progress.bump(self.queued - queued);
+                    }
+                    self.queued = queued;
+                    if self.silence.over() {
+                        return Err(std::io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reads one message from `s` for as long as the migration's bytes keep moving; fails with
+/// `TimedOut` after the peer timeout of silence. Leaves the peer timeout as `s`'s read timeout
+/// (page data after a Pages header is read with it).
+pub fn read_frame_patient(
+    s: &mut Conn,
+    progress: &Progress,
+) -> Result<protocol::Frame, protocol::ProtocolError> {
+    let limit = peer_timeout();
+    let queued = send_queue(s.socket()).unwrap_or(0);
+    let r = protocol::read_message(&mut Patient {
+        s: &mut *s,
+        silence: Silence::new(progress),
+        timeout: None,
+        queued,
+    });
+    let _ = s.set_read_timeout(Some(limit));
+    r.map_err(|e| match e {
+        protocol::ProtocolError::TimedOut(_) => protocol::ProtocolError::TimedOut(limit),
+        e => e,
+    })
+}
+
+/// A data stream that counts what it writes as progress (each partial write counts, so a
+/// 1 MiB frame crawling over a slow link is progress all along).
+struct Counted {
+    s: Conn,
+    progress: Progress,
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.s.write(buf)?;
+        self.progress.bump(n as u64);
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.s.write_vectored(bufs)?;
+        self.progress.bump(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+impl Counted {
+    /// Waits until the peer acknowledged every byte written (the socket's send queue is
+    /// empty), what drains counting as progress, so the round ends when its pages arrived
+    /// rather than when they were queued: the destination's ack then follows at once even
+    /// over a slow link. Fails after the peer timeout without progress.
+    fn drain(&mut self) -> Result<(), MigrationError> {
+        // Over TLS, what the record layer still holds goes out first.
+        self.s.flush()?;
+        let mut silence = Silence::new(&self.progress);
+        let mut last = u64::MAX;
+        loop {
+            let queued = send_queue(self.s.socket())?;
+            if queued == 0 {
+                return Ok(());
+            }
+            if queued < last {
+                if last != u64::MAX {
+                    self.progress.bump(last - queued);
+                }
+                last = queued;
+            }
+            if silence.over() {
+                return Err(stream_timeout("a data stream stopped responding"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// Bytes written to `s` that its peer has not acknowledged yet (SIOCOUTQ).
+fn send_queue(s: &TcpStream) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) on a TCP socket writes one c_int through the pointer,
+    // which points at `n`, alive for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Source
 // ---------------------------------------------------------------------------------------------
 
@@ -54,7 +287,7 @@ type StreamResult = Result<(u64, u64), MigrationError>;
 
 /// Where a sender thread puts pages.
 enum Sink {
-    Tcp(Conn),
+    Tcp(Counted),
     Rdma(Box<Writer>),
 }
 
@@ -69,6 +302,10 @@ pub struct Senders {
     results: Receiver<StreamResult>,
     /// Set when the senders are dropped: RDMA writers stop waiting for completions.
     abort: Arc<AtomicBool>,
+    /// Bytes the streams moved.
+    progress: Progress,
+    /// RDMA: tell the destination (which sees no bytes) that the round moves.
+    keepalive: bool,
 }
 
 /// The source's side of the page transport.
@@ -86,6 +323,8 @@ pub enum SourceLink {
     Rdma {
         senders: Option<Senders>,
         controller: Box<Writer>,
+        /// Completions of every queue pair, the controller's too.
+        progress: Progress,
     },
 }
 
@@ -100,6 +339,7 @@ impl SourceLink {
         tls: Option<&Tls>,
     ) -> Result<SourceLink, MigrationError> {
         let mut conns = Vec::new();
+        let progress = Progress::default();
         for index in 0..streams {
             let mut c = super::source::connect(addr, url, tls)?;
             let hello = Message::StreamHello {
@@ -110,10 +350,13 @@ impl SourceLink {
             if let Some(mac) = session.stream_mac(index) {
                 protocol::write_message(&mut c, &Message::Auth { mac })?;
             }
-            conns.push(Sink::Tcp(c));
+            conns.push(Sink::Tcp(Counted {
+                s: c,
+                progress: progress.clone(),
+            }));
         }
         Ok(SourceLink::Tcp {
-            senders: Some(Senders::start(mem, conns)),
+            senders: Some(Senders::start(mem, conns, progress, false)),
             batch: vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize],
             table: Vec::with_capacity(FINAL_BATCH_PAGES as usize),
         })
@@ -127,16 +370,19 @@ impl SourceLink {
     ) -> Result<SourceLink, MigrationError> {
         let mut writers =
             super::rdma::connect_source(control, mem, super::rdma::queue_pairs(streams))?;
-        let controller = Box::new(writers.pop().ok_or(MigrationError::Internal(
+        let mut controller = Box::new(writers.pop().ok_or(MigrationError::Internal(
             "RDMA connect returned no queue pair",
         ))?);
+        let progress = Progress::default();
+        controller.set_progress(progress.0.clone());
         let conns = writers
             .into_iter()
             .map(|w| Sink::Rdma(Box::new(w)))
             .collect();
         Ok(SourceLink::Rdma {
-            senders: Some(Senders::start(mem, conns)),
+            senders: Some(Senders::start(mem, conns, progress.clone(), true)),
             controller,
+            progress,
         })
     }
 
@@ -215,8 +461,13 @@ impl SourceLink {
             }
             pages += r.pages;
         }
-        if let SourceLink::Rdma { controller, .. } = self {
-            flush_watching(controller, control)?;
+        if let SourceLink::Rdma {
+            controller,
+            progress,
+            ..
+        } = self
+        {
+            flush_watching(controller, control, progress)?;
         }
         Ok(pages)
     }
@@ -287,11 +538,17 @@ impl Stream {
 }
 
 /// Flushes the controller's RDMA writer, failing at once (with the destination's own reason
-/// when it sent one) if the destination goes away meanwhile.
-fn flush_watching(w: &mut Writer, control: &mut Conn) -> Result<(), MigrationError> {
+/// when it sent one) if the destination goes away meanwhile, and keeping the destination's
+/// wait alive while the writes complete.
+fn flush_watching(
+    w: &mut Writer,
+    control: &mut Conn,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
     let mut lost = None;
+    let mut keepalive = Keepalive::new(progress);
     let r = w.flush_watching(|| {
-        lost = control_lost(control);
+        lost = control_lost(control).or_else(|| keepalive.send(control).err());
         lost.is_some()
     });
     match (r, lost) {
@@ -327,7 +584,7 @@ fn control_lost(control: &mut Conn) -> Option<MigrationError> {
 }
 
 impl Senders {
-    fn start(mem: &GuestMem, conns: Vec<Sink>) -> Senders {
+    fn start(mem: &GuestMem, conns: Vec<Sink>, progress: Progress, keepalive: bool) -> Senders {
         let (rtx, rrx) = crossbeam_channel::unbounded();
         let abort = Arc::new(AtomicBool::new(false));
         let streams = conns
@@ -336,13 +593,13 @@ impl Senders {
             .map(|(i, mut conn)| {
                 if let Sink::Rdma(w) = &mut conn {
                     w.set_abort(abort.clone());
+                    w.set_progress(progress.0.clone());
                 }
                 let (jtx, jrx) = crossbeam_channel::unbounded();
-                let mem = mem.clone();
-                let rtx = rtx.clone();
+                let (mem, rtx, progress) = (mem.clone(), rtx.clone(), progress.clone());
                 let thread = std::thread::Builder::new()
                     .name(format!("mig-send{i}"))
-                    .spawn(move || sender(conn, mem, jrx, rtx))
+                    .spawn(move || sender(conn, mem, jrx, rtx, progress))
                     .ok();
                 Stream { jobs: jtx, thread }
             })
@@ -351,19 +608,23 @@ impl Senders {
             streams,
             results: rrx,
             abort,
+            progress,
+            keepalive,
         }
     }
 
     /// Ends round `round` on every stream and sums what they sent. While it waits it watches
     /// the control connection: a destination that dies or aborts mid-round fails the round at
     /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
-    /// queue pair just stop completing).
+    /// queue pair just stop completing). It gives up only when no stream moved a byte for the
+    /// peer timeout; over RDMA it keeps the destination's wait alive meanwhile.
     fn finish_round(&self, round: u32, control: &mut Conn) -> Result<(u64, u64), MigrationError> {
         for s in &self.streams {
             s.send(Job::End(round));
         }
         let (mut pages, mut bytes) = (0, 0);
-        let deadline = Instant::now() + peer_timeout();
+        let mut silence = Silence::new(&self.progress);
+        let mut keepalive = Keepalive::new(&self.progress);
         let mut pending = self.streams.len();
         while pending > 0 {
             match self.results.recv_timeout(Duration::from_millis(50)) {
@@ -377,8 +638,11 @@ impl Senders {
                     if let Some(e) = control_lost(control) {
                         return Err(e);
                     }
-                    if Instant::now() > deadline {
+                    if silence.over() {
                         return Err(stream_timeout("a data stream stopped responding"));
+                    }
+                    if self.keepalive {
+                        keepalive.send(control)?;
                     }
                 }
             }
@@ -409,7 +673,13 @@ impl Drop for Senders {
 
 /// One sender thread: runs jobs until its channel closes. After a failure it skips the jobs
 /// and reports the failure at the next round end.
-fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<StreamResult>) {
+fn sender(
+    mut sink: Sink,
+    mem: GuestMem,
+    jobs: Receiver<Job>,
+    results: Sender<StreamResult>,
+    progress: Progress,
+) {
     let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
     let (mut pages, mut bytes) = (0u64, 0u64);
     let mut failed: Option<MigrationError> = None;
@@ -426,7 +696,7 @@ fn sender(mut sink: Sink, mem: GuestMem, jobs: Receiver<Job>, results: Sender<St
         if failed.is_some() {
             continue;
         }
-        match sink.run(&job, &mem, &mut buf) {
+        match sink.run(&job, &mem, &mut buf, &progress) {
             Ok((p, b)) => {
                 pages += p;
                 bytes += b;
@@ -443,15 +713,19 @@ impl Sink {
         job: &Job,
         mem: &GuestMem,
         buf: &mut [u8],
+        progress: &Progress,
     ) -> Result<(u64, u64), MigrationError> {
         match job {
-            Job::Scan { first, pages } => self.send_nonzero(mem, buf, *first, *pages),
+            Job::Scan { first, pages } => self.send_nonzero(mem, buf, *first, *pages, progress),
             Job::Live(runs) => {
                 let mut pages = 0;
                 for r in runs {
                     match self {
                         Sink::Tcp(conn) => send_checked(conn, mem, r, buf)?,
-                        Sink::Rdma(w) => w.write(r.gpa(), r.pages * PAGE_SIZE)?,
+                        Sink::Rdma(w) => {
+                            w.write(r.gpa(), r.pages * PAGE_SIZE)?;
+                            progress.bump(r.pages * PAGE_SIZE);
+                        }
                     }
                     pages += r.pages;
                 }
@@ -471,6 +745,7 @@ impl Sink {
         buf: &mut [u8],
         first: u64,
         n: u64,
+        progress: &Progress,
     ) -> Result<(u64, u64), MigrationError> {
         let page = PAGE_SIZE as usize;
         let len = n as usize * page;
@@ -481,7 +756,10 @@ impl Sink {
             let data = &buf[start * page..(start + count) * page];
             match self {
                 Sink::Tcp(conn) => protocol::write_pages(conn, gpa, &[IoSlice::new(data)])?,
-                Sink::Rdma(w) => w.write(gpa, data.len() as u64)?,
+                Sink::Rdma(w) => {
+                    w.write(gpa, data.len() as u64)?;
+                    progress.bump(data.len() as u64);
+                }
             }
             pages += count as u64;
         }
@@ -493,7 +771,10 @@ impl Sink {
     fn end_round(&mut self, round: u32, pages: u64) -> Result<(), MigrationError> {
         match self {
             // The destination counts what arrived; `pages` says what this stream sent.
-            Sink::Tcp(conn) => protocol::write_message(conn, &Message::RoundEnd { round, pages })?,
+            Sink::Tcp(conn) => {
+                protocol::write_message(conn, &Message::RoundEnd { round, pages })?;
+                conn.drain()?;
+            }
             Sink::Rdma(w) => {
                 w.mark(round)?;
                 w.flush()?;
@@ -563,9 +844,17 @@ pub enum DestLink {
     Tcp {
         news: Receiver<StreamNews>,
         done: Vec<Option<u32>>,
+        /// Bytes the receivers read.
+        progress: Progress,
     },
     /// Queue pairs connected, memory registered (dropping this deregisters it: rkeys die).
     Rdma(super::rdma::DestRdma),
+}
+
+/// Who may open a data stream: a source address `allow`ed, over TLS when `tls` is set.
+pub struct Gate<'a> {
+    pub allow: &'a [Cidr],
+    pub tls: Option<&'a Tls>,
 }
 
 impl DestLink {
@@ -578,10 +867,11 @@ impl DestLink {
         session: &Session,
         n: u32,
         mem: &GuestMem,
-        allow: &[Cidr],
+        gate: Gate<'_>,
         control: &mut Conn,
-        tls: Option<&Tls>,
+        progress: &Progress,
     ) -> Result<DestLink, MigrationError> {
+        let Gate { allow, tls } = gate;
         let (tx, news) = crossbeam_channel::unbounded();
         let (proven_tx, proven) = crossbeam_channel::unbounded::<(u32, Conn)>();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -594,11 +884,11 @@ impl DestLink {
                     if std::mem::replace(&mut seen[index as usize], true) {
                         continue; // a second stream with the same index: drop it
                     }
-                    let (mem, tx) = (mem.clone(), tx.clone());
+                    let (mem, tx, p) = (mem.clone(), tx.clone(), progress.clone());
                     let ctl = control.socket_handle().ok();
                     std::thread::Builder::new()
                         .name(format!("mig-recv{index}"))
-                        .spawn(move || receiver(c, index as usize, mem, tx, ctl))?;
+                        .spawn(move || receiver(c, index as usize, mem, tx, ctl, p))?;
                 }
                 match listener.accept() {
                     Ok((c, peer)) if allowed(allow, peer.ip()) => {
@@ -638,20 +928,27 @@ impl DestLink {
         Ok(DestLink::Tcp {
             news,
             done: vec![None; n as usize],
+            progress: progress.clone(),
         })
     }
 
     /// Waits until round `round`'s pages are all in guest memory. TCP: every stream reported
     /// its RoundEnd and the pages that arrived on them add up to the `pages` the source says
-    /// it sent. RDMA: every sender queue pair's mark arrived.
+    /// it sent (for as long as their bytes keep coming). RDMA: every sender queue pair's mark
+    /// arrived.
     pub fn wait_round(&mut self, round: u32, pages: u64) -> Result<(), MigrationError> {
-        let (news, done) = match self {
+        let (news, done, progress) = match self {
             DestLink::Rdma(c) => return c.wait_round(round),
-            DestLink::Tcp { news, done } => (news, done),
+            DestLink::Tcp {
+                news,
+                done,
+                progress,
+            } => (news, done, progress),
         };
         let mut got = 0;
+        let mut silence = Silence::new(progress);
         while done.iter().any(|r| r.is_none_or(|r| r < round)) {
-            match news.recv_timeout(peer_timeout()) {
+            match news.recv_timeout(SLICE) {
                 Ok(Ok((i, r, p))) => {
                     done[i] = Some(r);
                     if r == round {
@@ -659,6 +956,7 @@ impl DestLink {
                     }
                 }
                 Ok(Err(e)) => return Err(MigrationError::Stream(Box::new(e))),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !silence.over() => {}
                 Err(_) => return Err(stream_timeout("a data stream went silent")),
             }
         }
@@ -696,6 +994,7 @@ impl DestLink {
 /// Reads a Pages payload straight into guest memory, refusing anything outside it, and checks
 /// its data CRC. A frame without a data CRC is refused: no page lands unchecked. (A page that
 /// fails the check is in guest memory, but the migration fails and this VM never runs.)
+/// Each 64 KiB read counts as progress. An empty frame is the source's keepalive.
 pub fn recv_pages(
     conn: &mut Conn,
     mem: &GuestMem,
@@ -703,14 +1002,29 @@ pub fn recv_pages(
     count: u32,
     receipt: &PagesReceipt,
     scratch: &mut [u8],
+    progress: &Progress,
 ) -> Result<(), MigrationError> {
     let len = check_run(mem, gpa, u64::from(count))?;
+    if len == 0 {
+        receipt.verify(receipt.partial_crc)?;
+        return Ok(());
+    }
     let Some(conn) = conn.plain_mut() else {
-        return recv_pages_tls(conn, mem, gpa, len, receipt, scratch);
+        return recv_pages_tls(conn, mem, gpa, len, receipt, scratch, progress);
     };
-    let mut slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
-    vm_memory::ReadVolatile::read_exact_volatile(conn, &mut slice)
-        .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
+    let slice = vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(gpa), len as usize)?;
+    const PIECE: usize = 64 << 10;
+    let mut at = 0usize;
+    while at < len as usize {
+        let n = (len as usize - at).min(PIECE);
+        let mut piece = slice
+            .subslice(at, n)
+            .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
+        vm_memory::ReadVolatile::read_exact_volatile(conn, &mut piece)
+            .map_err(|e| MigrationError::GuestMemory(vm_memory::GuestMemoryError::from(e)))?;
+        progress.bump(n as u64);
+        at += n;
+    }
     let mut crc = receipt.partial_crc;
     let mut off = 0u64;
     while off < len {
@@ -732,6 +1046,7 @@ fn recv_pages_tls(
     len: u64,
     receipt: &PagesReceipt,
     scratch: &mut [u8],
+    progress: &Progress,
 ) -> Result<(), MigrationError> {
     use std::io::Read;
     let mut crc = receipt.partial_crc;
@@ -741,6 +1056,7 @@ fn recv_pages_tls(
         conn.read_exact(&mut scratch[..n])?;
         mem.write_slice(&scratch[..n], GuestAddress(gpa + off))?;
         crc = crc32c_append(crc, &scratch[..n]);
+        progress.bump(n as u64);
         off += n as u64;
     }
     receipt.verify(crc)?;
@@ -781,16 +1097,26 @@ fn receiver(
     mem: GuestMem,
     news: Sender<StreamNews>,
     control: Option<TcpStream>,
+    progress: Progress,
 ) {
     let mut scratch = vec![0u8; 1 << 20];
     let mut pages = 0u64;
     loop {
-        let r = match super::read_frame(&mut conn) {
+        // A stream with nothing to carry waits as long as the others move.
+        let r = match read_frame_patient(&mut conn, &progress) {
             Ok(protocol::Frame {
                 msg: Message::Pages { gpa, count },
                 pages: Some(receipt),
-            }) => recv_pages(&mut conn, &mem, gpa, count, &receipt, &mut scratch)
-                .map(|()| pages += u64::from(count)),
+            }) => recv_pages(
+                &mut conn,
+                &mem,
+                gpa,
+                count,
+                &receipt,
+                &mut scratch,
+                &progress,
+            )
+            .map(|()| pages += u64::from(count)),
             Ok(protocol::Frame {
                 msg: Message::RoundEnd { round, .. },
                 ..

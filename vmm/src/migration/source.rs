@@ -94,7 +94,7 @@ impl Drop for Rollback<'_> {
 
 impl Rollback<'_> {
     fn read(&mut self) -> Result<Message, MigrationError> {
-        Ok(super::read_frame(&mut self.control)?.msg)
+        Ok(super::link::read_frame_patient(&mut self.control, &Default::default())?.msg)
     }
 
     fn read_within(&mut self, limit: Duration) -> Result<Message, MigrationError> {

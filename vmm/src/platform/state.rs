@@ -227,7 +227,98 @@ pub fn realtime_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// MSR_KVM_SYSTEM_TIME_NEW: where the guest asked KVM to keep its kvmclock structure (guest
+/// physical address, bit 0 = enabled).
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+
+/// The kvmclock time the guest itself reads when its TSC is `tsc`: from the pvclock structure
+/// (`pvclock_vcpu_time_info`: version, pad, tsc_timestamp, system_time, tsc_to_system_mul,
+/// tsc_shift) that `system_time_msr` points at. `None` when kvmclock is off, the structure is
+/// outside memory or mid-update, or `tsc` is before its timestamp.
+///
+/// Why: `KVM_GET_CLOCK` answers in the host's time. Without a stable master clock
+/// (`KVM_CLOCK_TSC_STABLE` unset, as under the soft-RoCE hosts' emulated TSC) KVM refreshes a
+/// guest's structure rarely, and between refreshes the guest extrapolates with its TSC at the
+/// nominal rate: its kvmclock drifts from KVM's by the TSC's rate error. A restore that sets
+/// KVM's value makes KVM write a fresh structure, and the guest's kvmclock jumps by that drift
+/// while its TSC does not; Linux's clocksource watchdog then marks the TSC unstable. Saving
+/// the guest's own view keeps the two in step.
+pub fn guest_kvmclock_ns(
+    mem: &crate::memory::GuestMem,
+    system_time_msr: u64,
+    tsc: u64,
+) -> Option<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    if system_time_msr & 1 == 0 {
+        return None;
+    }
+    let mut b = [0u8; 32];
+    mem.read_slice(&mut b, GuestAddress(system_time_msr & !1))
+        .ok()?;
+    pvclock_read(&b, tsc)
+}
+
+/// [`guest_kvmclock_ns`] over the structure's bytes.
+fn pvclock_read(b: &[u8; 32], tsc: u64) -> Option<u64> {
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    if u32_at(0) & 1 != 0 {
+        return None;
+    }
+    let (tsc_timestamp, system_time, mul) = (u64_at(8), u64_at(16), u32_at(24));
+    let shift = b[28] as i8;
+    let mut delta = tsc.checked_sub(tsc_timestamp)?;
+    if shift < 0 {
+        delta >>= u32::from(shift.unsigned_abs());
+    } else {
+        delta <<= u32::from(shift as u8);
+    }
+    let ns = ((u128::from(delta) * u128::from(mul)) >> 32) as u64;
+    Some(system_time.wrapping_add(ns))
+}
+
 /// TSC ticks in `ns` nanoseconds at `tsc_khz`.
 pub fn tsc_ticks(ns: u64, tsc_khz: u32) -> u64 {
     ((u128::from(ns) * u128::from(tsc_khz)) / 1_000_000) as u64
+}
+
+#[cfg(test)]
+mod pvclock_tests {
+    use super::*;
+
+    fn structure(
+        version: u32,
+        tsc_timestamp: u64,
+        system_time: u64,
+        mul: u32,
+        shift: i8,
+    ) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&version.to_le_bytes());
+        b[8..16].copy_from_slice(&tsc_timestamp.to_le_bytes());
+        b[16..24].copy_from_slice(&system_time.to_le_bytes());
+        b[24..28].copy_from_slice(&mul.to_le_bytes());
+        b[28] = shift as u8;
+        b
+    }
+
+    #[test]
+    fn pvclock_scales_the_tsc_delta_like_the_guest() {
+        // 2 GHz: 0.5 ns per tick = mul 2^31, shift 0.
+        let b = structure(2, 1_000, 5_000_000, 1 << 31, 0);
+        assert_eq!(pvclock_read(&b, 1_000), Some(5_000_000));
+        assert_eq!(pvclock_read(&b, 2_001_000), Some(6_000_000));
+        // The same rate as shift -1 with mul 2^32 - 1 (just under 1 ns per tick).
+        let b = structure(2, 0, 0, u32::MAX, -1);
+        assert_eq!(pvclock_read(&b, 2_000_000), Some(999_999));
+        // 500 MHz: 2 ns per tick = mul 2^31, shift 2.
+        let b = structure(2, 0, 10, 1 << 31, 2);
+        assert_eq!(pvclock_read(&b, 1_000), Some(2_010));
+    }
+
+    #[test]
+    fn pvclock_mid_update_or_before_its_timestamp_is_none() {
+        assert_eq!(pvclock_read(&structure(3, 0, 0, 1 << 31, 0), 10), None);
+        assert_eq!(pvclock_read(&structure(2, 100, 0, 1 << 31, 0), 10), None);
+    }
 }
