@@ -239,9 +239,19 @@ impl Server {
 
     /// Waits (up to `limit`) until every connection has written its replies; call after
     /// dropping all reply senders, before the process exits.
+    /// Requests still queued (or arriving meanwhile) get an error at once: nothing will run
+    /// them, and their connections would otherwise hold the exit up for the whole `limit`.
     pub fn drain(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while self.open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        loop {
+            for r in self.requests.try_iter() {
+                let _ = r
+                    .reply
+                    .send(Reply::error("the guest has stopped; this blip is exiting"));
+            }
+            if self.open.load(Ordering::Acquire) == 0 || Instant::now() >= deadline {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -324,6 +324,12 @@ fn prepare(h: &Host, local_ip: IpAddr, name: &str, mem: u64, vcpus: u32) -> Resu
     if registry::list().iter().any(|e| e.name == name) {
         return Err(format!("a guest named '{name}' already runs on this host"));
     }
+    // A receiver for the same guest from a migration just cancelled or failed is on its way
+    // out (its source sent Abort): give it a moment to end before refusing.
+    let until = Instant::now() + Duration::from_secs(10);
+    while h.incoming().iter().any(|i| i.0 == name) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let incoming = h.incoming();
     if incoming.iter().any(|i| i.0 == name) {
         return Err(format!("a receiver for '{name}' is already waiting here"));
