@@ -534,7 +534,7 @@ fn a_guest_snapshotted_through_the_service_restarts_from_its_file() {
     let key = key_file(&dir, "k");
     let run = dir.join("a");
     let _cleanup = KillGuests(vec![run.clone()]);
-    let (a, _) = host_service(&dir, "svc-a", &run, &key, "17470-17479");
+    let (a, _) = host_service(&dir, "svc-a", &run, &key, "17490-17499");
     run_guest(&a, &run, "s-1");
     let file = dir.join("s-1.snap");
     // A relative file is made absolute by the CLI; here it is absolute already.

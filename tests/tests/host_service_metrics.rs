@@ -2,59 +2,10 @@
 //! API socket and on `--metrics-listen`, parsed as Prometheus text, counters moved on both
 //! ends and the histograms' `_count` matching the migrations that succeeded.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 
+use blip_tests::prom::{get as get_metrics, parse};
 use blip_tests::{host_cmd, host_service, key_file, scratch, Bg, KillGuests, HOST_SERVING};
-
-/// One `GET /metrics` over `s`; the body (status checked, content type checked).
-fn get_metrics(mut s: impl Read + Write) -> String {
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    body.to_string()
-}
-
-/// Parses the text format: `name{labels} value` per sample; checks every sample has a TYPE.
-fn parse(text: &str) -> HashMap<String, f64> {
-    let mut typed = Vec::new();
-    let mut m = HashMap::new();
-    for l in text.lines() {
-        if let Some(t) = l.strip_prefix("# TYPE ") {
-            let mut w = t.split(' ');
-            let (name, kind) = (w.next().unwrap(), w.next().unwrap());
-            assert!(["counter", "gauge", "histogram"].contains(&kind), "{l}");
-            typed.push(name.to_string());
-            continue;
-        }
-        if l.starts_with('#') || l.is_empty() {
-            continue;
-        }
-        let (key, value) = l
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("bad line {l:?}"));
-        let base = key.split('{').next().unwrap();
-        assert!(
-            typed.iter().any(|t| base == t
-                || base
-                    .strip_prefix(t.as_str())
-                    .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s))),
-            "sample without TYPE: {l}"
-        );
-        let v: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {l:?}"));
-        assert!(m.insert(key.to_string(), v).is_none(), "duplicate {key}");
-    }
-    m
-}
 
 #[test]
 fn metrics_count_a_migration_through_the_service() {
@@ -91,10 +42,10 @@ fn metrics_count_a_migration_through_the_service() {
 
     let before = parse(&get_metrics(std::net::TcpStream::connect(&http).unwrap()));
     assert_eq!(
-        before["blip_migrations_succeeded_total{direction=\"out\"}"],
+        before.get("blip_migrations_succeeded_total{direction=\"out\"}"),
         0.0
     );
-    assert_eq!(before["blip_host_drained"], 0.0);
+    assert_eq!(before.get("blip_host_drained"), 0.0);
 
     let o = host_cmd(
         &a,
@@ -115,7 +66,7 @@ fn metrics_count_a_migration_through_the_service() {
     let up = parse(&get_metrics(
         std::os::unix::net::UnixStream::connect(&a.api).unwrap(),
     ));
-    assert_eq!(up["blip_guests_running"], 1.0);
+    assert_eq!(up.get("blip_guests_running"), 1.0);
 
     let o = host_cmd(
         &a,
@@ -148,49 +99,56 @@ fn metrics_count_a_migration_through_the_service() {
     ] {
         let m = parse(&text);
         assert_eq!(
-            m["blip_migrations_started_total{direction=\"out\"}"], 1.0,
+            m.get("blip_migrations_started_total{direction=\"out\"}"),
+            1.0,
             "{text}"
         );
         assert_eq!(
-            m["blip_migrations_succeeded_total{direction=\"out\"}"], ok,
+            m.get("blip_migrations_succeeded_total{direction=\"out\"}"),
+            ok,
             "{text}"
         );
         assert_eq!(
-            m["blip_migrations_failed_total{direction=\"out\"}"], failed,
+            m.get("blip_migrations_failed_total{direction=\"out\"}"),
+            failed,
             "{text}"
         );
         assert_eq!(
-            m["blip_migrations_running{direction=\"out\"}"], 0.0,
+            m.get("blip_migrations_running{direction=\"out\"}"),
+            0.0,
             "{text}"
         );
-        assert_eq!(m["blip_migration_blackout_seconds_count"], ok, "{text}");
-        assert_eq!(m["blip_migration_duration_seconds_count"], ok, "{text}");
+        assert_eq!(m.get("blip_migration_blackout_seconds_count"), ok, "{text}");
+        assert_eq!(m.get("blip_migration_duration_seconds_count"), ok, "{text}");
         assert_eq!(
-            m["blip_migration_blackout_seconds_bucket{le=\"+Inf\"}"], ok,
+            m.get("blip_migration_blackout_seconds_bucket{le=\"+Inf\"}"),
+            ok,
             "{text}"
         );
         if moved {
-            assert!(m["blip_migration_blackout_seconds_sum"] > 0.0, "{text}");
+            assert!(m.get("blip_migration_blackout_seconds_sum") > 0.0, "{text}");
             assert!(
-                m["blip_migration_bytes_total{direction=\"out\"}"] > 0.0,
+                m.get("blip_migration_bytes_total{direction=\"out\"}") > 0.0,
                 "{text}"
             );
         }
-        assert_eq!(m["blip_guests_running"], 1.0 - ok, "{text}");
+        assert_eq!(m.get("blip_guests_running"), 1.0 - ok, "{text}");
     }
     // Destination side: one receiver started, its guest arrived.
     let text = get_metrics(std::os::unix::net::UnixStream::connect(&b.api).unwrap());
     let m = parse(&text);
     assert_eq!(
-        m["blip_migrations_started_total{direction=\"in\"}"], 1.0,
+        m.get("blip_migrations_started_total{direction=\"in\"}"),
+        1.0,
         "{text}"
     );
     if moved {
         assert_eq!(
-            m["blip_migrations_succeeded_total{direction=\"in\"}"], 1.0,
+            m.get("blip_migrations_succeeded_total{direction=\"in\"}"),
+            1.0,
             "{text}"
         );
-        assert_eq!(m["blip_guests_running"], 1.0, "{text}");
+        assert_eq!(m.get("blip_guests_running"), 1.0, "{text}");
     }
 
     // Anything but GET /metrics on the metrics port: 404.
