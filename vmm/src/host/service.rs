@@ -660,7 +660,10 @@ fn start_job(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, drain: bool) -> Re
             .filter(|(_, j)| j.done.load(Ordering::Acquire))
             .map(|(i, _)| *i)
             .collect();
-        for old in finished.iter().take(finished.len().saturating_sub(KEEP_JOBS)) {
+        for old in finished
+            .iter()
+            .take(finished.len().saturating_sub(KEEP_JOBS))
+        {
             jobs.remove(old);
         }
         (id, job, guests)
@@ -732,8 +735,7 @@ fn run_job(h: &Arc<Host>, id: u64, job: Job, guests: Vec<Entry>, o: DrainOptions
 /// answers once its process ended, within `timeout_ms` (default 30 s; `force`: SIGKILL then).
 fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
     let name = &e.name;
-    if h
-        .moving
+    if h.moving
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(name)
@@ -773,7 +775,10 @@ fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
                 Err(e) => {
                     return Response::error(
                         502,
-                        format!("no snapshot of '{name}', so it runs on: {}", error_chain(&e)),
+                        format!(
+                            "no snapshot of '{name}', so it runs on: {}",
+                            error_chain(&e)
+                        ),
                     )
                 }
             }
@@ -818,7 +823,11 @@ fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
         format!(
             "guest '{name}' (pid {pid}) still runs {} ms after it was asked to stop{}",
             start.elapsed().as_millis(),
-            if force { " and killed" } else { " (force: SIGKILL)" }
+            if force {
+                " and killed"
+            } else {
+                " (force: SIGKILL)"
+            }
         ),
     )
 }
