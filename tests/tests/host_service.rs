@@ -766,14 +766,15 @@ fn a_guest_stopped_with_a_snapshot_through_the_api_restarts_from_it() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_file_line(&run.join("host/logs/t-2.log"), "check: ok");
-    // A plain stop (SIGTERM), and one of a guest that is not there.
-    let o = host_cmd(&a, &run, &["stop", "t-2"]);
+    // (A check ends the guest.) A plain stop (SIGTERM), and one of a guest that is not there.
+    run_guest(&a, &run, "t-3");
+    let o = host_cmd(&a, &run, &["stop", "t-3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(guest_names(&a, &run).is_empty());
-    let o = host_cmd(&a, &run, &["stop", "t-2"]);
+    let o = host_cmd(&a, &run, &["stop", "t-3"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("no guest named 't-2'"),
+        !o.status.success() && err.contains("no guest named 't-3'"),
         "{err}"
     );
 }
