@@ -878,8 +878,9 @@ pub enum HostCmd {
     Drain(DrainPlan),
     /// Take guests again.
     Undrain,
-    /// Cancel guest NAME's migration, or (without NAME) the drain this service runs: migrations
-    /// stop in pre-copy and the guests stay here; a drain starts no more.
+    /// Cancel guest NAME's migration, or (without NAME) every job this service runs (drains and
+    /// single moves): migrations stop in pre-copy and the guests stay here; a drain starts no
+    /// more.
     Cancel {
         /// The guest whose migration to cancel; none = the running drain.
         #[arg(value_parser = GuestName)]
