@@ -479,6 +479,15 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
     assert!(!moved.status.success(), "cancelled, yet: {out}");
     // Both guests still run here, and the service takes requests again.
     assert_eq!(guest_names(&a, &run_a), ["c-1", "c-2"]);
+    // B's receiver for the cancelled c-1 ends on its own; until then B refuses another c-1.
+    let start = Instant::now();
+    while json(&host_cmd(&b, &run_b, &["status", "--json"]))["incoming"] != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "B's receiver for c-1 never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A drain of both, one at a time, cancelled while the first is in pre-copy: the first stays,
     // the second is never started.
