@@ -15,7 +15,7 @@
 //! | `GET /jobs` , `GET /jobs/ID` | the jobs (running, and the last finished ones); one job: `{job, kind, guests, running, rows}`, `rows` its own per-guest table |
 //! | `POST /jobs/ID/cancel` | 202; that job cancels its migrations in pre-copy and starts no more |
 //! | `POST /drain/cancel` | 202; every running job (drain or single move) cancels its migrations in pre-copy and starts no more |
-//! | `POST /guests/NAME/snapshot` `{"path": "/abs/file", "stop": false}` | 200 with the snapshot's summary once it is on disk (the guest runs on unless `stop`) |
+//! | `POST /guests/NAME/snapshot` `{"path": "/abs/file", "stop": false}` | 200 with the snapshot's summary once it is on disk (the guest runs on unless `stop`; with `stop`, once its process ended) |
 //! | `POST /guests/NAME/cancel` | cancels NAME's migration in pre-copy (the guest stays here) |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
@@ -731,6 +731,18 @@ fn run_job(h: &Arc<Host>, id: u64, job: Job, guests: Vec<Entry>, o: DrainOptions
     }
 }
 
+/// Waits until process `pid` ended (true), or `d` passed (false).
+fn ended_within(pid: u32, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while registry::pid_alive(pid) {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// `DELETE /guests/NAME`: stops the guest (SIGTERM, or a final snapshot with `snapshot`) and
 /// answers once its process ended, within `timeout_ms` (default 30 s; `force`: SIGKILL then).
 fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
@@ -784,16 +796,7 @@ fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
             }
         }
     }
-    let ended_within = |d: Duration| {
-        let until = Instant::now() + d;
-        while registry::pid_alive(pid) {
-            if Instant::now() > until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    };
+    let ended_within = |d: Duration| ended_within(pid, d);
     let start = Instant::now();
     if ended_within(limit) {
         tracing::info!("blip host: guest {name} (pid {pid}) stopped");
@@ -1025,11 +1028,23 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
                 let Some(path) = b["path"].as_str().filter(|p| p.starts_with('/')) else {
                     return Response::error(400, "a snapshot needs an absolute \"path\"");
                 };
+                let stop = b["stop"].as_bool().unwrap_or(false);
                 let req = ApiReq::Snapshot {
                     path: path.into(),
-                    stop: b["stop"].as_bool().unwrap_or(false),
+                    stop,
                 };
                 match api::call(&e.api, &req, &mut |_| {}) {
+                    // With `stop`, answered once the guest's process ended (as DELETE is), so
+                    // the caller never talks to a guest on its way out.
+                    Ok(Reply::Done(done)) if stop && !ended_within(e.pid, Duration::from_secs(30)) => {
+                        Response::error(
+                            504,
+                            format!(
+                                "snapshot written ({}), but guest '{name}' (pid {}) still runs 30 s after it",
+                                json!(done), e.pid
+                            ),
+                        )
+                    }
                     Ok(Reply::Done(done)) => Response::json(200, &json!(done)),
                     Ok(Reply::Error { message }) => Response::error(409, message),
                     Ok(_) => Response::error(502, "the guest's blip gave no snapshot result"),
