@@ -479,6 +479,15 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
     assert!(!moved.status.success(), "cancelled, yet: {out}");
     // Both guests still run here, and the service takes requests again.
     assert_eq!(guest_names(&a, &run_a), ["c-1", "c-2"]);
+    // B's receiver for the cancelled c-1 ends on its own; until then B refuses another c-1.
+    let start = Instant::now();
+    while json(&host_cmd(&b, &run_b, &["status", "--json"]))["incoming"] != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "B's receiver for c-1 never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A drain of both, one at a time, cancelled while the first is in pre-copy: the first stays,
     // the second is never started.
@@ -571,4 +580,210 @@ fn a_guest_snapshotted_through_the_service_restarts_from_its_file() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_file_line(&run.join("host/logs/s-2.log"), "check: ok");
+}
+
+/// `blip host ... migrate NAME --to URL ARGS` in a thread, against `svc`'s API.
+fn migrate_in_thread(
+    svc: &Bg,
+    run: &Path,
+    name: &str,
+    to: &str,
+    args: &[&str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let mut all: Vec<String> = ["host", "--api", svc.api.to_str().unwrap(), "migrate", name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    all.extend(["--to".to_string(), to.to_string()]);
+    all.extend(args.iter().map(|s| s.to_string()));
+    let run = run.to_path_buf();
+    std::thread::spawn(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        blip(&refs).env("BLIP_RUN_DIR", &run).output().unwrap()
+    })
+}
+
+/// The blackout (us, one decimal) of `name`'s last migration record on `svc`.
+fn recorded_blackout(svc: &Bg, run: &Path, name: &str) -> String {
+    let hist = json(&host_cmd(svc, run, &["migrations", "--json"]));
+    let r = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|r| r["guest"] == name)
+        .unwrap_or_else(|| panic!("no record for {name}: {hist}"));
+    assert_eq!(r["ok"], true, "{r}");
+    format!(
+        "{:.1}",
+        r["report"]["blackout_ns"].as_u64().unwrap() as f64 / 1e3
+    )
+}
+
+#[test]
+fn two_single_migrations_run_at_once_and_each_reports_its_own_guest() {
+    let dir = scratch("host-two-moves");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17640-17649");
+    let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17650-17659");
+    for n in ["m-1", "m-2"] {
+        run_guest(&a, &run_a, n);
+    }
+    // A 1 us target never converges against a guest dirtying at full speed: each pre-copies
+    // for its 8 s limit and then moves anyway, so the two overlap.
+    let args = ["--max-blackout", "1us", "--max-precopy-time", "8s"];
+    let one = migrate_in_thread(
+        &a,
+        &run_a,
+        "m-1",
+        &b_url,
+        &[&args[..], &["--json"]].concat(),
+    );
+    let two = migrate_in_thread(&a, &run_a, "m-2", &b_url, &args);
+    // Both are seen migrating at the same time.
+    let start = Instant::now();
+    loop {
+        let v = json(&host_cmd(&a, &run_a, &["guests", "--json"]));
+        let moving = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["state"] == "migrating")
+            .count();
+        if moving == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && !one.is_finished() && !two.is_finished(),
+            "the two migrations were never seen running at once: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (one, two) = (one.join().unwrap(), two.join().unwrap());
+    // Each command reports its own guest only, with its own blackout.
+    let rows = json(&one);
+    assert_eq!(rows.as_object().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows["m-1"]["ok"], true, "{rows}");
+    assert_eq!(
+        format!("{:.1}", rows["m-1"]["blackout_us"].as_f64().unwrap()),
+        recorded_blackout(&a, &run_a, "m-1"),
+        "{rows}"
+    );
+    let out = String::from_utf8_lossy(&two.stdout).to_string();
+    assert!(
+        two.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    assert!(
+        out.contains(&format!(
+            "m-2 migrated to {b_url}: blackout {} us",
+            recorded_blackout(&a, &run_a, "m-2")
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("blip drain"), "{out}");
+    assert_eq!(guest_names(&b, &run_b), ["m-1", "m-2"]);
+    assert!(guest_names(&a, &run_a).is_empty());
+    // The host is not drained by single moves.
+    let st = json(&host_cmd(&a, &run_a, &["status", "--json"]));
+    assert_eq!(st["drained"], false, "{st}");
+}
+
+#[test]
+fn a_guest_already_migrating_gets_409_and_other_guests_do_not() {
+    let dir = scratch("host-409");
+    let key = key_file(&dir, "k");
+    let (run_a, run_b) = (dir.join("a"), dir.join("b"));
+    let _cleanup = KillGuests(vec![run_a.clone(), run_b.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17660-17669");
+    let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17670-17679");
+    for n in ["d-1", "d-2"] {
+        run_guest(&a, &run_a, n);
+    }
+    // Stays in pre-copy (a 1 us target, 60 s limit) until cancelled.
+    let mover = migrate_in_thread(&a, &run_a, "d-1", &b_url, &["--max-blackout", "1us"]);
+    wait_migrating(&a, &run_a, "d-1");
+    let o = host_cmd(&a, &run_a, &["migrate", "d-1", "--to", &b_url]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("guest 'd-1' is migrating already"), "{err}");
+    // A stop of a migrating guest is refused too.
+    let o = host_cmd(&a, &run_a, &["stop", "d-1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is migrating"), "{err}");
+    // Another guest moves meanwhile, in its own job.
+    let o = host_cmd(
+        &a,
+        &run_a,
+        &["migrate", "d-2", "--to", &b_url, "--max-blackout", "50ms"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains(&format!("d-2 migrated to {b_url}")), "{out}");
+    // Cancelled, d-1's own command fails with its own result and d-1 stays.
+    let o = host_cmd(&a, &run_a, &["cancel", "d-1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let moved = mover.join().unwrap();
+    let err = String::from_utf8_lossy(&moved.stderr);
+    assert!(!moved.status.success(), "{err}");
+    assert!(err.contains("d-1 was not migrated"), "{err}");
+    assert_eq!(guest_names(&a, &run_a), ["d-1"]);
+    assert_eq!(guest_names(&b, &run_b), ["d-2"]);
+}
+
+#[test]
+fn a_guest_stopped_with_a_snapshot_through_the_api_restarts_from_it() {
+    let dir = scratch("host-stop");
+    let key = key_file(&dir, "k");
+    let run = dir.join("a");
+    let _cleanup = KillGuests(vec![run.clone()]);
+    let (a, _) = host_service(&dir, "svc-a", &run, &key, "17680-17689");
+    run_guest(&a, &run, "t-1");
+    let file = dir.join("t-1.snap");
+    // Answered once the guest's process ended: it is gone at once.
+    let o = host_cmd(
+        &a,
+        &run,
+        &["stop", "t-1", "--snapshot", file.to_str().unwrap()],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("guest t-1 stopped") && out.contains("t-1.snap"),
+        "{out}"
+    );
+    assert!(file.is_file());
+    assert!(guest_names(&a, &run).is_empty());
+    // Restored from it under the service, it passes its own memory check.
+    let o = host_cmd(
+        &a,
+        &run,
+        &["run", "t-2", "--snapshot", file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(guest_names(&a, &run), ["t-2"]);
+    let sock = run.join("t-2.sock");
+    let o = blip(&["check", "--api", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_file_line(&run.join("host/logs/t-2.log"), "check: ok");
+    // (A check ends the guest.) A plain stop (SIGTERM), and one of a guest that is not there.
+    run_guest(&a, &run, "t-3");
+    let o = host_cmd(&a, &run, &["stop", "t-3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(guest_names(&a, &run).is_empty());
+    let o = host_cmd(&a, &run, &["stop", "t-3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no guest named 't-3'"),
+        "{err}"
+    );
 }

@@ -832,7 +832,24 @@ pub enum HostCmd {
         #[arg(long)]
         stop: bool,
     },
-    /// Move one guest to another host running the service.
+    /// Stop guest NAME (SIGTERM, or a final snapshot with --snapshot); returns once its
+    /// process ended.
+    Stop {
+        #[arg(value_parser = GuestName)]
+        name: String,
+        /// Write the guest to this file first (made absolute here); it then exits. If the
+        /// snapshot fails the guest runs on and the command fails.
+        #[arg(long, value_name = "FILE")]
+        snapshot: Option<PathBuf>,
+        /// How long to wait for the guest's process to end.
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ns)]
+        timeout: u64,
+        /// SIGKILL the guest if it still runs after --timeout.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move one guest to another host running the service (a job of its own: other
+    /// migrations may run at once); exits with this guest's result.
     Migrate {
         #[arg(value_parser = GuestName)]
         name: String,
@@ -842,6 +859,16 @@ pub enum HostCmd {
         /// Blackout target.
         #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
         max_blackout: u64,
+        /// Longest pre-copy; then the guest is stopped and copied anyway.
+        #[arg(long, default_value = "60s", value_parser = parse_duration_ns)]
+        max_precopy_time: u64,
+        /// Parallel TCP data streams (1 to 16).
+        #[arg(long, default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_STREAMS)))]
+        streams: u32,
+        /// How pages travel (see blip migrate --transport).
+        #[arg(long, value_enum, default_value = "url")]
+        transport: crate::migration::rdma::TransportChoice,
         #[arg(long)]
         verify: bool,
         #[arg(long)]
@@ -851,8 +878,9 @@ pub enum HostCmd {
     Drain(DrainPlan),
     /// Take guests again.
     Undrain,
-    /// Cancel guest NAME's migration, or (without NAME) the drain this service runs: migrations
-    /// stop in pre-copy and the guests stay here; a drain starts no more.
+    /// Cancel guest NAME's migration, or (without NAME) every job this service runs (drains and
+    /// single moves): migrations stop in pre-copy and the guests stay here; a drain starts no
+    /// more.
     Cancel {
         /// The guest whose migration to cancel; none = the running drain.
         #[arg(value_parser = GuestName)]

@@ -220,21 +220,66 @@ pub fn run(
             );
             Ok(0)
         }
+        HostCmd::Stop {
+            name,
+            snapshot,
+            timeout,
+            force,
+        } => {
+            let mut body = json!({ "timeout_ms": timeout / 1_000_000, "force": force });
+            if let Some(f) = snapshot {
+                body["snapshot"] = json!(std::path::absolute(f)?);
+            }
+            let (status, v) = http::call(
+                &sock,
+                "DELETE",
+                &format!("/guests/{name}"),
+                Some(&body),
+                Duration::from_nanos(*timeout) + Duration::from_secs(30),
+            )?;
+            if !(200..300).contains(&status) {
+                return Err(Failure(v["error"].as_str().map_or_else(
+                    || format!("the host API answered {status}"),
+                    str::to_string,
+                )));
+            }
+            println!(
+                "guest {name} stopped (pid {}{}{})",
+                v["pid"],
+                if v["killed"].as_bool() == Some(true) {
+                    ", killed"
+                } else {
+                    ""
+                },
+                match snapshot {
+                    Some(f) => format!(", snapshot {}", f.display()),
+                    None => String::new(),
+                }
+            );
+            Ok(0)
+        }
         HostCmd::Migrate {
             name,
             to,
             max_blackout,
+            max_precopy_time,
+            streams,
+            transport,
             verify,
             json,
         } => {
-            let body = json!({ "to": [to], "verify": verify, "max_blackout_ns": max_blackout });
-            call(
+            let body = json!({
+                "to": [to], "verify": verify, "max_blackout_ns": max_blackout,
+                "max_precopy_ms": max_precopy_time / 1_000_000, "streams": streams,
+                "transport": transport,
+            });
+            let v = call(
                 &sock,
                 "POST",
                 &format!("/guests/{name}/migrate"),
                 Some(&body),
             )?;
-            follow(&sock, *json, stop)
+            follow(&sock, job_id(&v)?, Some(name), *json, stop)
         }
         HostCmd::Drain(DrainPlan {
             to,
@@ -251,8 +296,8 @@ pub fn run(
                 "max_precopy_ms": max_precopy_time / 1_000_000, "streams": streams,
                 "transport": transport,
             });
-            call(&sock, "POST", "/drain", Some(&body))?;
-            follow(&sock, *json, stop)
+            let v = call(&sock, "POST", "/drain", Some(&body))?;
+            follow(&sock, job_id(&v)?, None, *json, stop)
         }
         HostCmd::Snapshot { name, file, stop } => {
             let path = std::path::absolute(file)?;
@@ -322,24 +367,81 @@ pub fn run(
     }
 }
 
-/// Follows the drain (or single migration) the service runs until it ends, showing its table;
-/// Ctrl-C here stops following only (the service carries on).
-fn follow(sock: &Path, json: bool, stop: &AtomicBool) -> Result<i32, Failure> {
+fn job_id(v: &Value) -> Result<u64, Failure> {
+    v["job"]
+        .as_u64()
+        .ok_or_else(|| Failure(format!("the host service started no job: {v}")))
+}
+
+/// Follows job `job` (a drain, or guest `single`'s move) until it ends, showing its own table,
+/// and exits with its own result; Ctrl-C here stops following only (the service carries on).
+fn follow(
+    sock: &Path,
+    job: u64,
+    single: Option<&str>,
+    json: bool,
+    stop: &AtomicBool,
+) -> Result<i32, Failure> {
     let mut last = String::new();
     loop {
-        let v = call(sock, "GET", "/host", None)?;
+        let v = call(sock, "GET", &format!("/jobs/{job}"), None)?;
         let rows: std::collections::BTreeMap<String, crate::drain::Row> =
-            serde_json::from_value(v["drain"]["rows"].clone()).unwrap_or_default();
+            serde_json::from_value(v["rows"].clone()).unwrap_or_default();
         if !json {
             crate::drain::render_live(&rows, &mut last);
         }
-        if v["drain"]["running"].as_bool() != Some(true) {
-            return crate::drain::finish(&rows, json);
+        if v["running"].as_bool() != Some(true) {
+            return match single {
+                None => crate::drain::finish(&rows, json),
+                Some(name) => finish_one(name, &rows, json),
+            };
         }
         if stop.load(Ordering::Relaxed) {
-            eprintln!("blip: stopped following; the host service carries on (blip host status)");
+            eprintln!(
+                "blip: stopped following; the host service carries on (job {job}: blip host status)"
+            );
             return Ok(130);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The end of one guest's move: its own line (or its row as JSON) and its own verdict.
+fn finish_one(
+    name: &str,
+    rows: &std::collections::BTreeMap<String, crate::drain::Row>,
+    json: bool,
+) -> Result<i32, Failure> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    }
+    match rows.get(name) {
+        Some(r) if r.ok == Some(true) => {
+            if !json {
+                println!(
+                    "{name} migrated to {}: blackout {}, total {}",
+                    r.to,
+                    r.blackout_us.map_or("-".into(), |b| format!("{b:.1} us")),
+                    r.total_ms.map_or("-".into(), |t| format!("{t:.1} ms"))
+                );
+            }
+            Ok(0)
+        }
+        Some(r) => Err(Failure(format!(
+            "{name} was not migrated{}: {}; it still runs here",
+            if r.to.is_empty() {
+                String::new()
+            } else {
+                format!(" to {}", r.to)
+            },
+            if r.tried.is_empty() {
+                r.state.clone()
+            } else {
+                r.tried.join("; ")
+            }
+        ))),
+        None => Err(Failure(format!(
+            "{name} was not migrated: the job has no row for it"
+        ))),
     }
 }

@@ -8,28 +8,39 @@
 //! | `GET /guests` | `[{name, pid, vcpus, mem_size, state, api}]` |
 //! | `GET /guests/NAME` | the guest's entry and status; during a migration the service runs: `migration: {to, phase, round, pages_sent, bytes_sent, remaining_dirty, dirty_rate, throughput, predicted_blackout_ns, elapsed_ns}` |
 //! | `POST /guests` `{"name": N, "args": ["--mem", "64M", ...]}` | runs `blip run --name N ARGS` (any `blip run` option), answers once it is registered |
-//! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false}` | 202; runs in the service (follow with `GET /host`) |
-//! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false, "streams": 1, "transport": "url"}` | 202; marks the host drained and moves every guest |
-//! | `POST /drain/cancel` | 202; the running drain (or single move) cancels its migrations in pre-copy and starts no more |
-//! | `POST /guests/NAME/snapshot` `{"path": "/abs/file", "stop": false}` | 200 with the snapshot's summary once it is on disk (the guest runs on unless `stop`) |
+//! | `POST /guests` `{"name": N, "snapshot": "/abs/file", "args": [...]}` | the same from a snapshot (`blip restore --name N ARGS FILE`) |
+//! | `DELETE /guests/NAME` `{"snapshot": "/abs/file", "timeout_ms": 30000, "force": false}` (body optional) | 200 once the guest's process ended: SIGTERM, or with `snapshot` a final snapshot that stops it (on a failed snapshot the guest runs on: 409/502); 504 if it still runs after `timeout_ms` (`force`: SIGKILL then) |
+//! | `POST /guests/NAME/migrate` `{"to": [HOST...], "verify": false, "max_blackout_ns": N, "streams": 1, "transport": "url"}` | 202 `{"job": ID}`; runs at once beside other jobs (409 if NAME is migrating already); follow with `GET /jobs/ID` |
+//! | `POST /drain` `{"to": [HOST...], "parallel": 2, "verify": false, "streams": 1, "transport": "url"}` | 202 `{"job": ID}`; marks the host drained and moves every guest not already moving (409 while another drain runs) |
+//! | `GET /jobs` , `GET /jobs/ID` | the jobs (running, and the last finished ones); one job: `{job, kind, guests, running, rows}`, `rows` its own per-guest table |
+//! | `POST /jobs/ID/cancel` | 202; that job cancels its migrations in pre-copy and starts no more |
+//! | `POST /drain/cancel` | 202; every running job (drain or single move) cancels its migrations in pre-copy and starts no more |
+//! | `POST /guests/NAME/snapshot` `{"path": "/abs/file", "stop": false}` | 200 with the snapshot's summary once it is on disk (the guest runs on unless `stop`; with `stop`, once its process ended) |
 //! | `POST /guests/NAME/cancel` | cancels NAME's migration in pre-copy (the guest stays here) |
 //! | `POST /undrain` | the host takes guests again |
 //! | `GET /migrations?last=N` | the last N migration records (default 20) |
 //! | `GET /metrics` | Prometheus text 0.0.4 (see [`super::metrics`]); also on `--metrics-listen` |
+//!
+//! Migrations run as jobs, each with its own id, table and cancel flag, so two callers that
+//! each move one guest each get their own result. Jobs are not queued: each starts its
+//! migrations at once, and the host's outgoing migration slots (`$BLIP_MAX_MIGRATIONS`,
+//! default 2, held by the guests' own blip processes) bound how many move at once; a
+//! migration beyond them is refused "busy" by the source blip and its job ends failed for that
+//! guest (the guest stays here).
 //!
 //! Guests are children of the service but independent of it: each runs in its own session
 //! (`setsid`, so no terminal's SIGHUP or SIGINT reaches it), writes to its own log file, and
 //! keeps running when the service stops (SIGTERM ends the service with status 0; a restarted
 //! service finds its guests again in the registry).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +83,31 @@ struct Live {
     progress: Option<Progress>,
 }
 
+/// One migration job: a single guest's move or a drain, with its own table and cancel flag.
+#[derive(Clone)]
+struct Job {
+    kind: &'static str,
+    guests: Vec<String>,
+    rows: Rows,
+    /// Set by a cancel: the job cancels its migrations and starts no more.
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
+
+/// Finished jobs kept for `GET /jobs/ID`.
+const KEEP_JOBS: usize = 64;
+
+impl Job {
+    fn view(&self, id: u64) -> Value {
+        let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let running = !self.done.load(Ordering::Acquire);
+        json!({
+            "job": id, "kind": self.kind, "guests": self.guests, "running": running,
+            "done": !running, "rows": rows,
+        })
+    }
+}
+
 /// The service's state, shared by its threads.
 struct Host {
     listen: String,
@@ -91,10 +127,11 @@ struct Host {
     /// pass the --max-incoming check.
     preparing: Mutex<()>,
     live: Mutex<HashMap<String, Live>>,
-    drain_rows: Rows,
-    drain_running: AtomicBool,
-    /// Set by `POST /drain/cancel`: the running drain cancels its migrations and starts no more.
-    drain_stop: AtomicBool,
+    /// Migration jobs (single moves and drains), running and the last finished ones, by id.
+    jobs: Mutex<BTreeMap<u64, Job>>,
+    next_job: AtomicU64,
+    /// Guests some running job is moving: a second move of one is refused (409).
+    moving: Mutex<HashSet<String>>,
     peers: AtomicUsize,
     /// Connections heard now, by remote address (see [`MAX_PEERS_PER_ADDR`]).
     peers_from: Mutex<HashMap<std::net::IpAddr, usize>>,
@@ -551,8 +588,10 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Starts a drain (or a single guest's move) in the background; 409 while one runs.
-fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bool) -> Response {
+/// Starts a migration job in the background: one guest's move (`drain` false; 409 if it is
+/// moving already) or a drain of every guest not already moving (409 while another drain
+/// runs). Answers 202 with the job's id.
+fn start_job(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, drain: bool) -> Response {
     let to = strings(&body["to"]);
     if to.is_empty() {
         return Response::error(400, "name at least one destination host in \"to\"");
@@ -562,13 +601,13 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             return Response::error(400, format!("bad destination {t:?}: {e}"));
         }
     }
-    if h.drain_running.swap(true, Ordering::AcqRel) {
-        return Response::error(409, "a drain or migration started here is still running");
-    }
-    h.drain_stop.store(false, Ordering::Release);
-    if mark_drained {
-        h.set_drained(true);
-    }
+    let transport = match body.get("transport") {
+        None | Some(Value::Null) => Default::default(),
+        Some(t) => match serde_json::from_value(t.clone()) {
+            Ok(t) => t,
+            Err(_) => return Response::error(400, format!("bad \"transport\" {t}")),
+        },
+    };
     let o = DrainOptions {
         to,
         parallel: body["parallel"].as_u64().unwrap_or(2).clamp(1, 16) as u32,
@@ -579,67 +618,227 @@ fn start_drain(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, mark_drained: bo
             .as_u64()
             .unwrap_or(1)
             .clamp(1, u64::from(blip_vmm::cli::MAX_STREAMS)) as u32,
-        transport: serde_json::from_value(body["transport"].clone()).unwrap_or_default(),
+        transport,
         key: h.key_path.clone(),
         tls: h.tls_files.clone(),
     };
-    h.drain_rows
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
+    // Claim the guests (and, for a drain, the drain) under the jobs' lock.
+    let (id, job, guests) = {
+        let mut jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moving = h.moving.lock().unwrap_or_else(|e| e.into_inner());
+        if drain
+            && jobs
+                .values()
+                .any(|j| j.kind == "drain" && !j.done.load(Ordering::Acquire))
+        {
+            return Response::error(409, "a drain started here is still running");
+        }
+        let guests: Vec<Entry> = if drain {
+            // Guests a job moves already are left to it.
+            guests
+                .into_iter()
+                .filter(|g| !moving.contains(&g.name))
+                .collect()
+        } else {
+            if let Some(g) = guests.first() {
+                if moving.contains(&g.name) || super::read_live(&g.name).is_some() {
+                    return Response::error(
+                        409,
+                        format!("guest '{}' is migrating already", g.name),
+                    );
+                }
+            }
+            guests
+        };
+        let id = h.next_job.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            kind: if drain { "drain" } else { "migrate" },
+            guests: guests.iter().map(|g| g.name.clone()).collect(),
+            rows: Arc::default(),
+            stop: Arc::default(),
+            done: Arc::default(),
+        };
+        moving.extend(job.guests.iter().cloned());
+        jobs.insert(id, job.clone());
+        // Forget the oldest finished jobs beyond KEEP_JOBS.
+        let finished: Vec<u64> = jobs
+            .iter()
+            .filter(|(_, j)| j.done.load(Ordering::Acquire))
+            .map(|(i, _)| *i)
+            .collect();
+        for old in finished
+            .iter()
+            .take(finished.len().saturating_sub(KEEP_JOBS))
+        {
+            jobs.remove(old);
+        }
+        (id, job, guests)
+    };
+    if drain {
+        h.set_drained(true);
+    }
     let n = guests.len();
     let h2 = h.clone();
-    std::thread::spawn(move || {
-        let live = h2.clone();
-        let on_progress: drain::OnProgress = Arc::new(move |name, to, p| {
-            live.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                name.to_string(),
-                Live {
-                    to: to.to_string(),
-                    progress: p.cloned(),
-                },
-            );
-        });
-        let r = drain::run_drain(
-            &guests,
-            &o,
-            &h2.drain_rows,
-            &h2.drain_stop,
-            on_progress,
-            |_| {
-                // Migrations that ended no longer show as live.
-                let rows = h2
-                    .drain_rows
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let mut live = h2.live.lock().unwrap_or_else(|e| e.into_inner());
-                live.retain(|n, _| rows.get(n).is_some_and(|r| r.ok.is_none()));
+    let started = std::thread::Builder::new()
+        .name(format!("host-job-{id}"))
+        .spawn(move || run_job(&h2, id, job, guests, o));
+    if let Err(e) = started {
+        return Response::error(500, format!("cannot start job {id}: {e}"));
+    }
+    Response::json(202, &json!({ "job": id, "started": true, "guests": n }))
+}
+
+/// Runs job `id` to its end (in its own thread).
+fn run_job(h: &Arc<Host>, id: u64, job: Job, guests: Vec<Entry>, o: DrainOptions) {
+    let live = h.clone();
+    let on_progress: drain::OnProgress = Arc::new(move |name, to, p| {
+        live.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            name.to_string(),
+            Live {
+                to: to.to_string(),
+                progress: p.cloned(),
             },
         );
-        if let Err(Failure(e)) = r {
-            tracing::error!("blip host: drain failed: {e}");
-        }
-        h2.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let rows = h2
-            .drain_rows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let failed = drain::failed(&rows);
-        tracing::info!(
-            "blip host: drain ended: {} of {} guest(s) moved{}",
-            rows.len() - failed.len(),
-            rows.len(),
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!("; still here: {}", failed.join(", "))
-            }
-        );
-        h2.drain_running.store(false, Ordering::Release);
     });
-    Response::json(202, &json!({ "started": true, "guests": n }))
+    // This job's migrations that ended no longer show as live (other jobs' stay).
+    let forget_ended = |all: bool| {
+        let rows = job.rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut live = h.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|n, _| {
+            !job.guests.contains(n) || (!all && rows.get(n).is_some_and(|r| r.ok.is_none()))
+        });
+    };
+    let r = drain::run_drain(&guests, &o, &job.rows, &job.stop, on_progress, |_| {
+        forget_ended(false)
+    });
+    if let Err(Failure(e)) = r {
+        tracing::error!("blip host: job {id} ({}) failed: {e}", job.kind);
+    }
+    forget_ended(true);
+    let rows = job.rows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let failed = drain::failed(&rows);
+    tracing::info!(
+        "blip host: job {id} ({} of {}) ended: {} of {} guest(s) moved{}",
+        job.kind,
+        job.guests.join(", "),
+        rows.len() - failed.len(),
+        rows.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; still here: {}", failed.join(", "))
+        }
+    );
+    {
+        let _jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moving = h.moving.lock().unwrap_or_else(|e| e.into_inner());
+        moving.retain(|n| !job.guests.contains(n));
+        job.done.store(true, Ordering::Release);
+    }
+}
+
+/// Waits until process `pid` ended (true), or `d` passed (false).
+fn ended_within(pid: u32, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while registry::pid_alive(pid) {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// `DELETE /guests/NAME`: stops the guest (SIGTERM, or a final snapshot with `snapshot`) and
+/// answers once its process ended, within `timeout_ms` (default 30 s; `force`: SIGKILL then).
+fn stop_guest(h: &Host, e: &Entry, body: &Value) -> Response {
+    let name = &e.name;
+    if h.moving
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(name)
+        || super::read_live(name).is_some()
+    {
+        return Response::error(
+            409,
+            format!("guest '{name}' is migrating; cancel it first (blip host cancel {name})"),
+        );
+    }
+    let limit = Duration::from_millis(body["timeout_ms"].as_u64().unwrap_or(30_000));
+    let force = body["force"].as_bool().unwrap_or(false);
+    let pid = e.pid;
+    let mut snap = Value::Null;
+    match body.get("snapshot") {
+        None | Some(Value::Null) => {
+            // SAFETY: kill sends a signal to the registered guest's process; no memory involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        Some(p) => {
+            let Some(path) = p.as_str().filter(|p| p.starts_with('/')) else {
+                return Response::error(400, "\"snapshot\" must be an absolute path");
+            };
+            let req = ApiReq::Snapshot {
+                path: path.into(),
+                stop: true,
+            };
+            match api::call(&e.api, &req, &mut |_| {}) {
+                Ok(Reply::Done(done)) => snap = json!(done),
+                Ok(Reply::Error { message }) => {
+                    return Response::error(
+                        409,
+                        format!("no snapshot of '{name}', so it runs on: {message}"),
+                    )
+                }
+                Ok(_) => return Response::error(502, "the guest's blip gave no snapshot result"),
+                Err(e) => {
+                    return Response::error(
+                        502,
+                        format!(
+                            "no snapshot of '{name}', so it runs on: {}",
+                            error_chain(&e)
+                        ),
+                    )
+                }
+            }
+        }
+    }
+    let ended_within = |d: Duration| ended_within(pid, d);
+    let start = Instant::now();
+    if ended_within(limit) {
+        tracing::info!("blip host: guest {name} (pid {pid}) stopped");
+        return Response::json(
+            200,
+            &json!({ "stopped": name, "pid": pid, "snapshot": snap,
+                     "elapsed_ms": start.elapsed().as_millis() as u64 }),
+        );
+    }
+    if force {
+        tracing::warn!(
+            "blip host: guest {name} (pid {pid}) still runs {} ms after the stop; SIGKILL",
+            limit.as_millis()
+        );
+        // SAFETY: as above, a signal to the registered guest's process.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        if ended_within(Duration::from_secs(10)) {
+            return Response::json(
+                200,
+                &json!({ "stopped": name, "pid": pid, "killed": true, "snapshot": snap,
+                         "elapsed_ms": start.elapsed().as_millis() as u64 }),
+            );
+        }
+    }
+    Response::error(
+        504,
+        format!(
+            "guest '{name}' (pid {pid}) still runs {} ms after it was asked to stop{}",
+            start.elapsed().as_millis(),
+            if force {
+                " and killed"
+            } else {
+                " (force: SIGKILL)"
+            }
+        ),
+    )
 }
 
 /// `POST /guests`: `blip run --name NAME ARGS...` (or `blip restore --name NAME ARGS... FILE`
@@ -750,18 +949,23 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["host"]) => {
             let r = h.reply(String::new());
-            let rows = h
-                .drain_rows
+            // The latest drain's table (single moves are in `GET /jobs`).
+            let drain = h
+                .jobs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone();
+                .iter()
+                .rev()
+                .find(|(_, j)| j.kind == "drain")
+                .map(|(id, j)| j.view(*id))
+                .unwrap_or_else(|| json!({ "running": false, "rows": {} }));
             Response::json(
                 200,
                 &json!({
                     "host": r.host, "listen": h.listen, "free_mem": r.free_mem,
                     "free_vcpus": r.free_vcpus, "guests": r.guests, "incoming": r.incoming,
                     "drained": r.drained == 1, "ports": format!("{}-{}", h.ports.0, h.ports.1),
-                    "drain": { "running": h.drain_running.load(Ordering::Acquire), "rows": rows },
+                    "drain": drain,
                 }),
             )
         }
@@ -783,8 +987,38 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
         ("POST", ["guests", name, "migrate"]) => match (find(name), body_json(req)) {
             (_, Err(r)) => r,
             (None, _) => Response::error(404, format!("no guest named '{name}' runs here")),
-            (Some(e), Ok(b)) => start_drain(h, vec![e], &b, false),
+            (Some(e), Ok(b)) => start_job(h, vec![e], &b, false),
         },
+        ("DELETE", ["guests", name]) => match (find(name), body_json(req)) {
+            (_, Err(r)) => r,
+            (None, _) => Response::error(404, format!("no guest named '{name}' runs here")),
+            (Some(e), Ok(b)) => stop_guest(h, &e, &b),
+        },
+        ("GET", ["jobs"]) => {
+            let jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let v: Vec<Value> = jobs.iter().map(|(id, j)| j.view(*id)).collect();
+            Response::json(200, &v)
+        }
+        ("GET", ["jobs", id]) => match id.parse::<u64>().ok().and_then(|i| {
+            let jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.get(&i).map(|j| j.view(i))
+        }) {
+            Some(v) => Response::json(200, &v),
+            None => Response::error(404, format!("no job {id} here")),
+        },
+        ("POST", ["jobs", id, "cancel"]) => {
+            let jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match id.parse::<u64>().ok().and_then(|i| jobs.get(&i)) {
+                None => Response::error(404, format!("no job {id} here")),
+                Some(j) if j.done.load(Ordering::Acquire) => {
+                    Response::error(409, format!("job {id} has ended"))
+                }
+                Some(j) => {
+                    j.stop.store(true, Ordering::Release);
+                    Response::json(202, &json!({ "cancelling": true, "job": id }))
+                }
+            }
+        }
         ("POST", ["guests", name, "cancel"]) => match find(name) {
             None => Response::error(404, format!("no guest named '{name}' runs here")),
             Some(e) => match api::call(&e.api, &ApiReq::Cancel, &mut |_| {}) {
@@ -800,11 +1034,23 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
                 let Some(path) = b["path"].as_str().filter(|p| p.starts_with('/')) else {
                     return Response::error(400, "a snapshot needs an absolute \"path\"");
                 };
+                let stop = b["stop"].as_bool().unwrap_or(false);
                 let req = ApiReq::Snapshot {
                     path: path.into(),
-                    stop: b["stop"].as_bool().unwrap_or(false),
+                    stop,
                 };
                 match api::call(&e.api, &req, &mut |_| {}) {
+                    // With `stop`, answered once the guest's process ended (as DELETE is), so
+                    // the caller never talks to a guest on its way out.
+                    Ok(Reply::Done(done)) if stop && !ended_within(e.pid, Duration::from_secs(30)) => {
+                        Response::error(
+                            504,
+                            format!(
+                                "snapshot written ({}), but guest '{name}' (pid {}) still runs 30 s after it",
+                                json!(done), e.pid
+                            ),
+                        )
+                    }
                     Ok(Reply::Done(done)) => Response::json(200, &json!(done)),
                     Ok(Reply::Error { message }) => Response::error(409, message),
                     Ok(_) => Response::error(502, "the guest's blip gave no snapshot result"),
@@ -813,14 +1059,22 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
             }
         },
         ("POST", ["drain", "cancel"]) => {
-            if !h.drain_running.load(Ordering::Acquire) {
+            let jobs = h.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let running: Vec<u64> = jobs
+                .iter()
+                .filter(|(_, j)| !j.done.load(Ordering::Acquire))
+                .map(|(id, j)| {
+                    j.stop.store(true, Ordering::Release);
+                    *id
+                })
+                .collect();
+            if running.is_empty() {
                 return Response::error(409, "no drain or migration started here is running");
             }
-            h.drain_stop.store(true, Ordering::Release);
-            Response::json(202, &json!({ "cancelling": true }))
+            Response::json(202, &json!({ "cancelling": true, "jobs": running }))
         }
         ("POST", ["drain"]) => match body_json(req) {
-            Ok(b) => start_drain(h, registry::list(), &b, true),
+            Ok(b) => start_job(h, registry::list(), &b, true),
             Err(r) => r,
         },
         ("POST", ["undrain"]) => {
@@ -837,7 +1091,7 @@ fn route(h: &Arc<Host>, req: &Request) -> Response {
             Response::json(200, &super::migrations(n))
         }
         ("GET", ["metrics"]) => scrape(h),
-        (_, ["host" | "guests" | "drain" | "undrain" | "migrations" | "metrics", ..]) => {
+        (_, ["host" | "guests" | "drain" | "undrain" | "migrations" | "metrics" | "jobs", ..]) => {
             Response::error(
                 405,
                 format!("{} {} is not a host API request", req.method, path),
@@ -891,9 +1145,9 @@ pub fn serve(
         pending: Mutex::default(),
         preparing: Mutex::default(),
         live: Mutex::default(),
-        drain_rows: Arc::default(),
-        drain_running: AtomicBool::new(false),
-        drain_stop: AtomicBool::new(false),
+        jobs: Mutex::default(),
+        next_job: AtomicU64::new(1),
+        moving: Mutex::default(),
         peers: AtomicUsize::new(0),
         peers_from: Mutex::new(HashMap::new()),
         outgoing: Mutex::new(metrics::Outgoing::from_now()),
