@@ -508,6 +508,56 @@ pub fn host_cmd(service: &Bg, run_dir: &std::path::Path, args: &[&str]) -> Outpu
     blip(&all).env("BLIP_RUN_DIR", run_dir).output().unwrap()
 }
 
+/// The guest the host-service tests run: dirties 2 MiB as fast as it can, beats every 1 ms,
+/// and checks its own memory on `blip check`.
+pub const HOST_GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
+
+/// The JSON a successful command printed (panics with its output otherwise).
+pub fn ok_json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// `blip host run NAME` on service `svc`: a 32 MiB [`HOST_GUEST`] with its console on stdout.
+pub fn host_run_guest(svc: &Bg, run_dir: &std::path::Path, name: &str) {
+    let o = host_cmd(
+        svc,
+        run_dir,
+        &[
+            "run",
+            name,
+            "--",
+            "--mem",
+            "32M",
+            "--cmdline",
+            HOST_GUEST,
+            "--serial",
+            "stdout",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "host run {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The names of the guests service `svc` lists.
+pub fn host_guest_names(svc: &Bg, run_dir: &std::path::Path) -> Vec<String> {
+    let v = ok_json(&host_cmd(svc, run_dir, &["guests", "--json"]));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Waits until `path` has a whole line containing `needle` (hang guard: 60 s).
 pub fn wait_file_line(path: &std::path::Path, needle: &str) -> String {
     let start = Instant::now();

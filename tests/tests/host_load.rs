@@ -20,20 +20,10 @@ use blip_tests::{
     host_cmd, host_service_in_netns, key_file, scratch, wrong_key_peer, Bg, KillGuests,
 };
 
-const GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
+use blip_tests::ok_json as json;
+use blip_tests::HOST_GUEST as GUEST;
 const RATE: u32 = 50;
 const SECONDS: u32 = 30;
-
-fn json(o: &std::process::Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{} {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
 
 fn has_guest(svc: &Bg, run: &Path, name: &str) -> bool {
     let o = host_cmd(svc, run, &["guests", "--json"]);

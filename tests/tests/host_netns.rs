@@ -12,7 +12,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,31 +20,13 @@ use std::time::{Duration, Instant};
 use blip_tests::netns::bridged;
 use blip_tests::{
     blip, blip_bin, host_cmd, host_service_in_netns, key_file, prom, scratch, wait_file_line,
-    wait_with_limit, wrong_key_peer, Bg, KillGuests,
+    wait_with_limit, wrong_key_peer, KillGuests,
 };
 
-const GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
+use blip_tests::host_guest_names as guest_names;
+use blip_tests::ok_json as json;
+use blip_tests::HOST_GUEST as GUEST;
 const NAMES: [&str; 6] = ["web-1", "web-2", "web-3", "web-4", "web-5", "web-6"];
-
-fn json(o: &std::process::Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{} {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
-
-fn guest_names(svc: &Bg, run: &Path) -> Vec<String> {
-    let v = json(&host_cmd(svc, run, &["guests", "--json"]));
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["name"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// Knocks on each of `urls` in turn until `stop`: a connect-and-close, garbage bytes and a
 /// wrong-key peer (which must be refused "authentication failed"). Counts the rounds.

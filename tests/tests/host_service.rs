@@ -11,50 +11,9 @@ use std::time::{Duration, Instant};
 use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg, KillGuests};
 use blip_transport::protocol::{self, HostRequest, Message, Role, AUTH_HMAC_SHA256, HOST_PREPARE};
 
-const GUEST: &str = "dirty ws=2 rate=max heartbeat period=1000";
-
-fn json(o: &std::process::Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{} {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
-
-fn run_guest(svc: &Bg, run: &Path, name: &str) {
-    let o = host_cmd(
-        svc,
-        run,
-        &[
-            "run",
-            name,
-            "--",
-            "--mem",
-            "32M",
-            "--cmdline",
-            GUEST,
-            "--serial",
-            "stdout",
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "host run {name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn guest_names(svc: &Bg, run: &Path) -> Vec<String> {
-    let v = json(&host_cmd(svc, run, &["guests", "--json"]));
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["name"].as_str().unwrap().to_string())
-        .collect()
-}
+use blip_tests::host_guest_names as guest_names;
+use blip_tests::host_run_guest as run_guest;
+use blip_tests::ok_json as json;
 
 /// A peer that speaks the protocol but holds the wrong key: it must get "authentication
 /// failed" and nothing else.
