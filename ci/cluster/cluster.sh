@@ -41,6 +41,7 @@ cluster_install() {
 	command -v crm_mon >/dev/null || need+=(pacemaker-cli-utils)
 	command -v crm >/dev/null || need+=(crmsh)
 	command -v ocf-tester >/dev/null || need+=(resource-agents)
+	command -v xmllint >/dev/null || need+=(libxml2-utils) # ocf-tester checks meta-data with it
 	[ ${#need[@]} -eq 0 ] && return 0
 	cl_log "installing ${need[*]}"
 	apt-get update -qq &&
