@@ -606,6 +606,12 @@ scenario_host_rdma() {
             crc=$?
             show check /tmp/host-check.out
         fi
+        # The verdict line reaches the log after `blip check` returns: wait for it.
+        d=$(deadline 30)
+        while [ "$crc" = 0 ] && ! grep -q -e 'check: ok' -e 'check: FAILED' "$HR/host/logs/hr-1.log" 2>/dev/null &&
+            ! past "$d"; do
+            sleep 0.1
+        done
         [ -f "$HR/host/logs/hr-1.log" ] && show hr-1.log "$HR/host/logs/hr-1.log"
         if [ "$st" = ok ] && [ "$crc" = 0 ] && grep -q '^hr-1 ' /tmp/host-guests.out &&
             grep -q 'check: ok' "$HR/host/logs/hr-1.log"; then
