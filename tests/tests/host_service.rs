@@ -9,46 +9,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg, KillGuests};
-use blip_transport::protocol::{self, HostRequest, Message, Role, AUTH_HMAC_SHA256, HOST_PREPARE};
 
 use blip_tests::host_guest_names as guest_names;
 use blip_tests::host_run_guest as run_guest;
 use blip_tests::ok_json as json;
-
-/// A peer that speaks the protocol but holds the wrong key: it must get "authentication
-/// failed" and nothing else.
-fn wrong_key_peer(url: &str) -> String {
-    let addr = url.trim_start_matches("tcp://");
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = Message::HostRequest(HostRequest {
-        op: HOST_PREPARE,
-        name: "intruder".into(),
-        mem_size: 32 << 20,
-        vcpus: 1,
-    });
-    protocol::write_message(&mut c, &req).unwrap();
-    protocol::write_message(
-        &mut c,
-        &Message::Hello {
-            role: Role::Source,
-            session: 7,
-            nonce: [3; 32],
-            host_id: 1,
-            auth: AUTH_HMAC_SHA256,
-        },
-    )
-    .unwrap();
-    match protocol::read_message(&mut c).map(|f| f.msg) {
-        Ok(Message::Hello { .. }) => {}
-        other => panic!("expected the service's Hello, got {other:?}"),
-    }
-    protocol::write_message(&mut c, &Message::Auth { mac: [0x5a; 32] }).unwrap();
-    match protocol::read_message(&mut c).map(|f| f.msg) {
-        Ok(Message::Refuse { reason }) => reason,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
+use blip_tests::wrong_key_peer;
 
 #[test]
 fn drain_by_host_moves_three_guests_while_strays_knock() {
@@ -123,7 +88,7 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // A wrong key, while the drain runs: refused, logged, and the service goes on.
-    let reason = wrong_key_peer(&b_url);
+    let reason = wrong_key_peer(&b_url, Duration::from_secs(30)).unwrap();
     assert!(reason.contains("authentication failed"), "{reason}");
     b.wait_stderr("authentication failed");
 
