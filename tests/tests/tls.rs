@@ -3,7 +3,8 @@
 //! Checked: a TLS migration moves the guest with verified memory; a peer whose certificate
 //! another CA signed is refused and the guest keeps running on the source; a TLS end and a
 //! plain end refuse each other with one clear line on each side; a host service configured
-//! with TLS takes a guest from `blip drain --to`.
+//! with TLS takes a guest from `blip drain --to`; a TLS source outside the receiver's `--allow`
+//! is told so.
 
 use std::time::Duration;
 
@@ -148,6 +149,23 @@ fn tls_and_plain_ends_refuse_each_other_in_one_line_each() {
     // TLS with an rdma:// URL is refused before anything connects.
     let o = migrate(&a, "rdma://127.0.0.1:1", k, &s(&certs[0]));
     refused_cleanly(&o, &a, "RDMA pages cannot travel inside TLS");
+    check_and_exit(&mut a);
+}
+
+#[test]
+fn a_tls_source_outside_allow_hears_why_it_was_refused() {
+    let dir = scratch("tls-allow");
+    let key = key_file(&dir, "k");
+    let k = key.to_str().unwrap();
+    let certs = tls_certs(&dir, "cluster", &["a", "b"]);
+    let mut a = dirtying_source(&dir, "a");
+    let mut extra = s(&certs[1]);
+    extra.extend_from_slice(&["--allow", "10.99.0.0/16"]);
+    let (mut r, url) = receiver(&dir, "b", k, &extra);
+    let o = migrate(&a, &url, k, &s(&certs[0]));
+    // The receiver's plain Refuse reaches the operator, not "does not speak TLS".
+    refused_cleanly(&o, &a, "--allow does not include the source's address");
+    assert!(r.alive(), "{}", r.stderr());
     check_and_exit(&mut a);
 }
 

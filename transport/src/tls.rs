@@ -84,6 +84,10 @@ pub enum TlsError {
     /// The peer spoke plain blip to a TLS end.
     #[error("{peer} does not speak TLS (this end has --tls-cert/--tls-key/--tls-ca; the peer must have them too)")]
     PlainPeer { peer: String },
+    /// The peer answered the ClientHello with a plain blip Refuse (a receiver refuses a source
+    /// outside its --allow before any TLS).
+    #[error("{peer} refused this node: {reason}")]
+    Refused { peer: String, reason: String },
     /// A TLS peer talked to a plain end.
     #[error("{peer} speaks TLS but this end has no --tls-cert/--tls-key/--tls-ca")]
     TlsPeer { peer: String },
@@ -254,6 +258,15 @@ impl Tls {
             peer: peer.clone(),
             why: explain(&e),
         };
+        // Send the ClientHello, then look at the first byte of the answer before TLS consumes
+        // it: a receiver that refuses this address answers with a plain blip Refuse, whose
+        // reason is worth more to the operator than "the peer does not speak TLS".
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock).map_err(fail)?;
+        }
+        if let Some(reason) = plain_refusal(&mut s.sock) {
+            return Err(TlsError::Refused { peer, reason });
+        }
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock).map_err(fail)?;
         }
@@ -404,6 +417,23 @@ fn explain_rustls(e: &rustls::Error) -> String {
             "the peer does not speak TLS (it needs --tls-cert/--tls-key/--tls-ca too)".into()
         }
         e => e.to_string(),
+    }
+}
+
+/// TLS records start with a content type of 20–24 (handshake 22, alert 21). Anything else in
+/// the first byte of the server's answer is not TLS; if it is a whole blip Refuse, its reason.
+fn plain_refusal(sock: &mut TcpStream) -> Option<String> {
+    let mut first = [0u8; 1];
+    match sock.peek(&mut first) {
+        Ok(1) if !(20..=24).contains(&first[0]) => {}
+        _ => return None,
+    }
+    match crate::protocol::read_message(sock) {
+        Ok(crate::protocol::Frame {
+            msg: crate::protocol::Message::Refuse { reason },
+            ..
+        }) => Some(reason),
+        _ => None,
     }
 }
 
