@@ -118,6 +118,28 @@ fn journal_lines_carry_the_syslog_priority_and_no_time() {
 }
 
 #[test]
+fn under_the_journal_a_failed_command_logs_its_error_at_error_priority() {
+    let dir = scratch("log-journal-err");
+    let err = dir.join("run.err");
+    File::create(&err).unwrap();
+    let m = std::fs::metadata(&err).unwrap();
+    let f = std::fs::OpenOptions::new().append(true).open(&err).unwrap();
+    let missing = dir.join("no-such-kernel");
+    let o = blip(&["run", "--kernel", missing.to_str().unwrap()])
+        .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f)
+        .status()
+        .unwrap();
+    assert_eq!(o.code(), Some(2));
+    let all = read_lossy(&err);
+    let last = all.lines().last().unwrap_or_default();
+    assert!(last.starts_with("<3>blip: error: "), "{all}");
+    assert!(last.contains("no-such-kernel"), "{all}");
+}
+
+#[test]
 fn rust_log_filters_but_the_waiting_line_always_shows() {
     let dir = scratch("log-filter");
     let err = dir.join("recv.err");

@@ -93,6 +93,21 @@ pub fn detect_style() -> Style {
     }
 }
 
+/// The last line of a failed command, `blip: error: MSG`, on stderr. Under journald it carries
+/// the error priority (`<3>`) like the events do, so `journalctl -p err` finds a guest that died;
+/// elsewhere it is the plain line scripts and tests read.
+pub fn error_line(msg: &str) {
+    eprintln!("{}", error_text(detect_style(), msg));
+}
+
+/// What [`error_line`] prints for `style`.
+pub fn error_text(style: Style, msg: &str) -> String {
+    match style {
+        Style::Journal => format!("<{}>blip: error: {msg}", priority(Level::ERROR)),
+        Style::Human { .. } => format!("blip: error: {msg}"),
+    }
+}
+
 /// The filter: `BLIP_LOG`, else `RUST_LOG`, else [`DEFAULT_FILTER`]; with the complaint to log
 /// when the variable did not parse (the default is used then).
 pub fn filter_from(blip_log: Option<&str>, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
@@ -219,6 +234,15 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_lines_carry_the_error_priority_only_for_the_journal() {
+        assert_eq!(error_text(Style::Journal, "x"), "<3>blip: error: x");
+        assert_eq!(
+            error_text(Style::Human { ansi: true }, "x"),
+            "blip: error: x"
+        );
+    }
+
     use super::*;
     use std::io::Write;
     use std::sync::{Arc, Mutex};

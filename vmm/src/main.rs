@@ -103,7 +103,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(Failure(msg)) => {
-            eprintln!("blip: error: {msg}");
+            blip_vmm::logging::error_line(&msg);
             ExitCode::from(2)
         }
     }
@@ -192,7 +192,9 @@ fn finish(exit: VmExit) -> Result<i32, Failure> {
             Ok(130)
         }
         VmExit::Fault { vcpu, reason, rip } => {
-            eprintln!("blip: error: guest crashed: vcpu {vcpu}: {reason} at rip {rip:#x}");
+            blip_vmm::logging::error_line(&format!(
+                "guest crashed: vcpu {vcpu}: {reason} at rip {rip:#x}"
+            ));
             Ok(4)
         }
     }
