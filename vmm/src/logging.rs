@@ -108,6 +108,84 @@ pub fn error_text(style: Style, msg: &str) -> String {
     }
 }
 
+/// A rate limit for lines that a peer can cause at will (a refused or dropped connection): a
+/// flood of strangers must not flood the journal. Lines are counted per *kind* (the caller's
+/// text with its digits removed, so addresses and ports do not make kinds): at most
+/// `per_window` lines of a kind pass per window, and the first line of that kind to pass in a
+/// later window says how many were left out. Per kind, so the first line of every kind in a
+/// window always shows: one flood cannot hide another reason.
+pub struct Quota {
+    per_window: u32,
+    window: std::time::Duration,
+    kinds: std::sync::Mutex<Vec<(String, QuotaState)>>,
+}
+
+struct QuotaState {
+    start: std::time::Instant,
+    shown: u32,
+    left_out: u64,
+}
+
+/// Kinds remembered at most; beyond, the table starts afresh (a kind then shows again).
+const QUOTA_KINDS: usize = 64;
+
+impl Quota {
+    /// A quota of `per_window` lines of each kind per `window` (usable in a `static`).
+    pub const fn new(per_window: u32, window: std::time::Duration) -> Quota {
+        Quota {
+            per_window,
+            window,
+            kinds: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether a line with text `line` at `now` may be shown: `Some(n)` with the number of
+    /// lines of its kind left out before it (usually 0), `None` when it is to be left out.
+    pub fn admit(&self, line: &str, now: std::time::Instant) -> Option<u64> {
+        let kind: String = line
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(120)
+            .collect();
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match kinds.iter().position(|(k, _)| *k == kind) {
+            Some(i) => i,
+            None => {
+                if kinds.len() >= QUOTA_KINDS {
+                    kinds.clear();
+                }
+                let fresh = QuotaState {
+                    start: now,
+                    shown: 0,
+                    left_out: 0,
+                };
+                kinds.push((kind, fresh));
+                kinds.len() - 1
+            }
+        };
+        let s = &mut kinds[i].1;
+        if now.saturating_duration_since(s.start) >= self.window {
+            s.start = now;
+            s.shown = 0;
+        }
+        if s.shown >= self.per_window {
+            s.left_out += 1;
+            return None;
+        }
+        s.shown += 1;
+        Some(std::mem::take(&mut s.left_out))
+    }
+
+    /// Logs `line` as a warning if its kind's quota allows, with how many were left out.
+    pub fn warn(&self, line: &str) {
+        match self.admit(line, std::time::Instant::now()) {
+            Some(0) => tracing::warn!("{line}"),
+            Some(n) => tracing::warn!("{line} ({n} similar lines left out before this one)"),
+            None => {}
+        }
+    }
+}
+
 /// The filter: `BLIP_LOG`, else `RUST_LOG`, else [`DEFAULT_FILTER`]; with the complaint to log
 /// when the variable did not parse (the default is used then).
 pub fn filter_from(blip_log: Option<&str>, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
@@ -234,6 +312,26 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_quota_passes_its_lines_per_window_and_kind_and_counts_the_rest() {
+        let q = Quota::new(2, std::time::Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
+        let a = |port: u32| format!("refused a connection from 10.0.0.1:{port}: garbage");
+        assert_eq!(q.admit(&a(1), t0), Some(0));
+        assert_eq!(q.admit(&a(2), t0), Some(0));
+        assert_eq!(q.admit(&a(3), t0), None);
+        // Another kind is not hidden by the first one's flood.
+        assert_eq!(q.admit("refused: authentication failed", t0), Some(0));
+        assert_eq!(
+            q.admit(&a(4), t0 + std::time::Duration::from_millis(999)),
+            None
+        );
+        // A new window: the first line says two were left out, the next says nothing more.
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(q.admit(&a(5), t1), Some(2));
+        assert_eq!(q.admit(&a(6), t1), Some(0));
+    }
+
     #[test]
     fn error_lines_carry_the_error_priority_only_for_the_journal() {
         assert_eq!(error_text(Style::Journal, "x"), "<3>blip: error: x");

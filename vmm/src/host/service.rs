@@ -50,6 +50,7 @@ use blip_transport::tcp::{self, Endpoint};
 use blip_transport::tls::{Files, Tls};
 use blip_vmm::api::{self, Progress, Reply, Request as ApiReq};
 use blip_vmm::cli::{error_chain, HostServeArgs};
+use blip_vmm::logging::Quota;
 use blip_vmm::migration::peer_timeout;
 use blip_vmm::migration::session::Session;
 use blip_vmm::registry::{self, Entry};
@@ -67,6 +68,10 @@ const MAX_PEERS: usize = 32;
 /// Network connections heard at once from one address: a flood from one place cannot take
 /// every slot and starve the hosts that migrate here.
 const MAX_PEERS_PER_ADDR: usize = 8;
+
+/// Lines about refused or dropped peer connections: a stranger can cause them at will, so at
+/// most 10 a second of each kind reach the log (the next one says how many were left out).
+static PEER_LINES: Quota = Quota::new(10, Duration::from_secs(1));
 
 /// A receiver the service started, until its guest arrives or it ends.
 struct Pending {
@@ -1203,10 +1208,10 @@ pub fn serve(
             let mut by = h.peers_from.lock().unwrap_or_else(|e| e.into_inner());
             let n = by.entry(from.ip()).or_insert(0);
             if *n >= MAX_PEERS_PER_ADDR {
-                tracing::warn!(
+                PEER_LINES.warn(&format!(
                     "blip host: dropped a connection from {from}: {MAX_PEERS_PER_ADDR} already open from {}",
                     from.ip()
-                );
+                ));
                 continue;
             }
             *n += 1;
@@ -1214,7 +1219,9 @@ pub fn serve(
         if h.peers.fetch_add(1, Ordering::AcqRel) >= MAX_PEERS {
             h.peers.fetch_sub(1, Ordering::AcqRel);
             h.peer_done(from);
-            tracing::warn!("blip host: dropped a connection from {from}: {MAX_PEERS} already open");
+            PEER_LINES.warn(&format!(
+                "blip host: dropped a connection from {from}: {MAX_PEERS} already open"
+            ));
             continue;
         }
         let h3 = h.clone();
@@ -1223,7 +1230,7 @@ pub fn serve(
             .spawn(move || {
                 let _ = c.set_nonblocking(false);
                 if let Err(e) = peer(&h3, c, from) {
-                    tracing::warn!("blip host: refused a connection from {from}: {e}");
+                    PEER_LINES.warn(&format!("blip host: refused a connection from {from}: {e}"));
                 }
                 h3.peers.fetch_sub(1, Ordering::AcqRel);
                 h3.peer_done(from);
