@@ -159,7 +159,7 @@ ops=(op monitor interval=5s timeout=30s op start timeout=90s interval=0
 		cat <<CRM
 primitive $g ocf:blip:guest \\
 	params name=$g binary="$blip" mem=16M cmdline="$cmdline" \\
-		migrate_map="${map# }" verify=true max_blackout=100ms \\
+		migrate_map="${map# }" verify=true max_blackout=100ms max_precopy_time=10s \\
 	${ops[*]} \\
 	meta allow-migrate=true
 location prefer-$g $g 100: node1
@@ -180,7 +180,7 @@ CRM
 } >"$cfg"
 t0=$(now)
 on 1 pcs resource create g4 ocf:blip:guest name=g4 binary="$blip" mem=16M cmdline="$cmdline" \
-	migrate_map="${map# }" verify=true max_blackout=100ms "${ops[@]}" \
+	migrate_map="${map# }" verify=true max_blackout=100ms max_precopy_time=10s "${ops[@]}" \
 	meta allow-migrate=true --disabled || fail "pcs resource create g4"
 t_pcs=$(ms_between "$t0" "$(now)")
 crm1 configure load update "$cfg"
@@ -202,10 +202,12 @@ for g in $guests; do hb[$g]=$(heartbeats "$g" 1); done
 from=$(log_lines "$(pcmk_log 1)")
 t0=$(now)
 on 1 pcs node standby node1 || fail "pcs node standby node1"
+t_standby_cmd=$(ms_between "$t0" "$(now)")
 # crm_resource --wait may answer before the scheduler has seen the change: wait for the
 # guests to arrive first, then for the cluster to settle.
 # shellcheck disable=SC2086
 wait_for 150 "g1..g4 on node2" all_on node2 $guests || fail "standby did not move the guests to node2"
+t_standby_moved=$(ms_between "$t0" "$(now)")
 settle || fail "standby did not settle"
 t_standby=$(ms_between "$t0" "$(now)")
 for g in $guests; do
@@ -217,7 +219,7 @@ done
 standby_lines=$(blackouts "$(pcmk_log 1)" "$from" "g[1-4]")
 [ "$(echo "$standby_lines" | grep -c .)" = 4 ] ||
 	fail "node1's log has $(echo "$standby_lines" | grep -c .) live migrations, not 4: $standby_lines"
-cl_log "pcs node standby node1: g1..g4 -> node2 live in $t_standby ms"
+cl_log "pcs node standby node1: g1..g4 -> node2 live in $t_standby ms (pcs returned after $t_standby_cmd ms, all four on node2 after $t_standby_moved ms, then settled)"
 echo "$standby_lines" >&2
 
 # Unstandby: the guests stay where they are (stickiness 200 > preference 100).
@@ -370,7 +372,7 @@ cluster test passed ($(ms_between "$t_all" "$(now)") ms in all)
   cluster up (3 nodes online):                      $(ms_between "$t_all" "$t_up") ms
   Slurm up (slurmctld node1, slurmd node2/3 idle):  $t_slurm ms
   4 guests started on node1 (g4 by pcs):            $t_start ms
-  pcs node standby node1 (4 guests moved live):     $t_standby ms
+  pcs node standby node1 (4 guests moved live):     $t_standby ms (pcs returned: $t_standby_cmd ms; all on node2: $t_standby_moved ms; then settled)
 $(echo "$standby_lines" | sed 's/^/    /')
   pcs node unstandby node1:                         $t_online ms
   crm resource move g1 node1:                       $t_move ms
