@@ -308,43 +308,59 @@ grep -q "guest fo: restoring from" "$(pcmk_log "${fo_at#node}")" ||
 cl_log "node3 killed: fo runs on $fo_at from its snapshot after $t_failover ms (heartbeat $hb_before at the kill, $hb_after after; snapshot $snap_age_ms ms old)"
 
 # The agent's stop with its host service down (a second service on node2 with its own run
-# directory, outside Pacemaker): the guest's process outlives the service, and stop must end
-# it; with no process left, stop succeeds at once and monitor says "not running".
+# directory, outside Pacemaker): the guests' processes outlive the service, and stop must end
+# them: t2 by SIGTERM, t3 (with snapshot_dir) by a final snapshot through its own control
+# socket. With no process left, stop succeeds at once and monitor says "not running".
 t0=$(now)
+# agent2 GUEST ACTION [VAR=VALUE...]: the agent's ACTION for GUEST on node2's second service.
 agent2() {
-	on 2 env OCF_ROOT=/usr/lib/ocf OCF_RESKEY_name=t2 OCF_RESKEY_binary="$blip" \
+	local g=$1 action=$2
+	shift 2
+	on 2 env OCF_ROOT=/usr/lib/ocf OCF_RESKEY_name="$g" OCF_RESKEY_binary="$blip" \
 		OCF_RESKEY_api=/run/blip-t/host/api.sock OCF_RESKEY_mem=16M \
-		OCF_RESKEY_cmdline="heartbeat period=1000" OCF_RESKEY_CRM_meta_timeout=20000 \
-		/usr/lib/ocf/resource.d/blip/guest "$@"
+		OCF_RESKEY_cmdline="heartbeat period=1000" OCF_RESKEY_CRM_meta_timeout=20000 "$@" \
+		/usr/lib/ocf/resource.d/blip/guest "$action"
 }
-t2_pid() {
-	on 2 env BLIP_RUN_DIR=/run/blip-t "$blip" list --json 2>/dev/null | tr ',{}' '\n\n\n' |
-		sed -n 's/^"pid": *\([0-9]*\)$/\1/p'
+# pid_of GUEST: its pid in the second service's registry.
+pid_of() {
+	on 2 env BLIP_RUN_DIR=/run/blip-t "$blip" list --json 2>/dev/null | tr '{}' '\n\n' |
+		grep "\"name\": *\"$1\"" | tr ',' '\n' | sed -n 's/^ *"pid": *\([0-9]*\) *$/\1/p'
 }
+snap_t=$CLUSTER_DIR/snapshots-t
+mkdir -p "$snap_t"
 on_bg 2 /var/log/pacemaker/blip-host-t.log env BLIP_RUN_DIR=/run/blip-t "$blip" host serve \
 	--listen "tcp://$(node_addr 2):7300" --ports 7301-7310 --key "$key"
 wait_for 20 "the second host service on node2" on 2 test -S /run/blip-t/host/api.sock ||
 	fail "no second host service on node2"
-agent2 start || fail "agent start of t2"
-pid=$(t2_pid)
-[ -n "$pid" ] || fail "t2 has no pid in the registry"
-svc=$(on 2 pgrep -f "host serve --listen tcp://$(node_addr 2):7300")
+agent2 t2 start || fail "agent start of t2"
+agent2 t3 start OCF_RESKEY_snapshot_dir="$snap_t" || fail "agent start of t3"
+pid2=$(pid_of t2)
+pid3=$(pid_of t3)
+[ -n "$pid2" ] && [ -n "$pid3" ] || fail "t2/t3 have no pid in the registry ('$pid2', '$pid3')"
+svc=$(on 2 pgrep -f "^[^ ]*blip host serve --listen tcp://$(node_addr 2):7300")
+[ -n "$svc" ] || fail "no pid for the second host service"
 on 2 kill -TERM "$svc"
 service_gone() { ! on 2 kill -0 "$svc" 2>/dev/null; }
 wait_for 20 "the second host service to end" service_gone || fail "the second host service did not end"
-on 2 kill -0 "$pid" || fail "t2 ended with its host service (it should outlive it)"
+on 2 kill -0 "$pid2" && on 2 kill -0 "$pid3" || fail "t2 or t3 ended with its host service (they outlive it)"
+for g in t2 t3; do
+	extra=
+	[ $g = t3 ] && extra=OCF_RESKEY_snapshot_dir=$snap_t
+	rc=0
+	agent2 $g stop $extra || rc=$?
+	[ $rc = 0 ] || fail "agent stop of $g with its host service down: rc $rc"
+done
+if on 2 kill -0 "$pid2" 2>/dev/null; then fail "t2 (pid $pid2) still runs after a successful stop"; fi
+if on 2 kill -0 "$pid3" 2>/dev/null; then fail "t3 (pid $pid3) still runs after a successful stop"; fi
+[ -s "$snap_t/t3.snap" ] || fail "t3's stop wrote no final snapshot"
 rc=0
-agent2 stop || rc=$?
-[ $rc = 0 ] || fail "agent stop of t2 with its host service down: rc $rc"
-if on 2 kill -0 "$pid" 2>/dev/null; then fail "t2 (pid $pid) still runs after a successful stop"; fi
-rc=0
-agent2 stop || rc=$?
+agent2 t2 stop || rc=$?
 [ $rc = 0 ] || fail "second agent stop of t2 (nothing runs): rc $rc"
 rc=0
-agent2 monitor || rc=$?
+agent2 t2 monitor || rc=$?
 [ $rc = 7 ] || fail "agent monitor of t2 after stop: rc $rc, not 7 (not running)"
 t_stopdown=$(ms_between "$t0" "$(now)")
-cl_log "agent stop with the host service down: t2's process ended, stop 0, again 0, monitor 7 ($t_stopdown ms)"
+cl_log "agent stop with the host service down: t2 ended by SIGTERM, t3 by a final snapshot, stop 0, again 0, monitor 7 ($t_stopdown ms)"
 
 # The moved guests check their own memory pattern (the guest then exits: the test ends here).
 for g in $guests; do
