@@ -7,6 +7,7 @@
 #   ci/cluster/cluster.sh up               # start nodes, corosync, pacemaker; wait until all online
 #   ci/cluster/cluster.sh on N CMD...      # run CMD inside node N (all its namespaces)
 #   ci/cluster/cluster.sh kill N           # SIGKILL node N's whole namespace (node loss)
+#   ci/cluster/cluster.sh reboot N         # kill node N, start it afresh with corosync + pacemaker
 #   ci/cluster/cluster.sh down             # kill every node's processes, delete links and files
 #
 # Sourced (`. ci/cluster/cluster.sh`), it only defines the functions (cluster_up, cluster_down,
@@ -42,6 +43,11 @@ cluster_install() {
 	command -v crm >/dev/null || need+=(crmsh)
 	command -v ocf-tester >/dev/null || need+=(resource-agents)
 	command -v xmllint >/dev/null || need+=(libxml2-utils) # ocf-tester checks meta-data with it
+	command -v slurmctld >/dev/null || need+=(slurmctld)
+	command -v slurmd >/dev/null || need+=(slurmd)
+	command -v scontrol >/dev/null || need+=(slurm-client)
+	command -v munged >/dev/null || need+=(munge)
+	command -v pcs >/dev/null || need+=(pcs)
 	[ ${#need[@]} -eq 0 ] && return 0
 	cl_log "installing ${need[*]}"
 	apt-get update -qq &&
@@ -137,6 +143,7 @@ cl_node_dirs() {
 # Starts node N's namespaces and its link to the bridge.
 cl_node_start() {
 	local n=$1 s=$CLUSTER_DIR/n$1 u child
+	rm -f "$s/ready"
 	setsid unshare --net --mount --uts --pid --fork --mount-proc --propagation private \
 		"$CLUSTER_HERE/node-init.sh" "$n" "$CLUSTER_DIR" </dev/null >"$s/init.log" 2>&1 &
 	u=$!
@@ -199,6 +206,39 @@ cluster_up() {
 	cl_log "$CLUSTER_NODES nodes online in $(ms_between "$t0" "$(now)") ms"
 }
 
+# boot N: the daemons a node's boot starts (corosync, then pacemaker), and wait until the
+# cluster (asked on node ASK, default the first other node) shows it online.
+cluster_boot() {
+	local n=$1 ask=${2:-}
+	[ -n "$ask" ] || ask=$(((n % CLUSTER_NODES) + 1))
+	on_bg "$n" /var/log/corosync/stdout.log corosync -f || return 1
+	wait_for 30 "corosync on node $n" on "$n" corosync-cfgtool -s || return 1
+	on_bg "$n" /var/log/pacemaker/stdout.log \
+		env PCMK_logfile=/var/log/pacemaker/pacemaker.log pacemakerd || return 1
+	wait_for "$CLUSTER_DEADLINE" "node$n online" cl_node_online "$ask" "$n"
+}
+cl_node_online() {
+	on "$1" crm_mon -1 --output-as=xml 2>/dev/null | grep -q "<node name=\"node$2\" .* online=\"true\""
+}
+cl_node_offline() {
+	on "$1" crm_mon -1 --output-as=xml 2>/dev/null | grep -q "<node name=\"node$2\" .* online=\"false\""
+}
+
+# reboot N: what stands in for a reboot of node N on one shared kernel: every process of the
+# node ends (SIGKILL to its PID 1, as `kill`), fresh namespaces start (new /run, /dev/shm,
+# PID 1), and corosync and pacemaker start again as the node's boot would. Its private
+# directories (/etc/corosync, /var/lib/pacemaker, logs) stay, as a disk does.
+cluster_reboot() {
+	local n=$1 ask=$((($1 % CLUSTER_NODES) + 1))
+	cluster_kill "$n"
+	# A machine's reboot outlasts corosync's token timeout: the others see the node leave
+	# (and drop its transient attributes, e.g. a standby "until reboot"). A node back
+	# within the token timeout would rejoin a membership it never left.
+	wait_for 60 "node$n offline" cl_node_offline "$ask" "$n" || return 1
+	cl_node_start "$n" || return 1
+	cluster_boot "$n"
+}
+
 # kill N: SIGKILL to node N's PID 1 ends every process of the node at once (node loss).
 cluster_kill() {
 	local n=$1 pid u
@@ -242,9 +282,10 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
 		;;
 	on) on "$@" ;;
 	kill) cluster_kill "$1" ;;
+	reboot) cluster_reboot "$1" ;;
 	down) cluster_down ;;
 	*)
-		echo "usage: $0 install|up|on N CMD...|kill N|down" >&2
+		echo "usage: $0 install|up|on N CMD...|kill N|reboot N|down" >&2
 		exit 2
 		;;
 	esac

@@ -17,6 +17,14 @@ mount -t sysfs -o ro sysfs /sys 2>/dev/null || true
 for d in etc/corosync var/lib/corosync var/lib/pacemaker var/log/pacemaker var/log/corosync; do
 	mount --bind "$s/${d//\//_}" "/$d"
 done
+# Slurm and MUNGE (when cluster.sh made their directories for this node): the node's own
+# slurm.conf copy, slurmctld state / slurmd spool, logs, munged's seed and log.
+for d in etc/slurm var/lib/slurm var/log/slurm var/lib/munge var/log/munge; do
+	[ -d "$s/${d//\//_}" ] || continue
+	mkdir -p "/$d"
+	mount --bind "$s/${d//\//_}" "/$d"
+done
+mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
 mount --bind "$s/hosts" /etc/hosts
 hostname "node$n"
 : > "$s/ready"
