@@ -63,7 +63,7 @@ linux_ready() {
 # LINUX_T0 (centiseconds, /proc/uptime).
 linux_run() {
     LINUX_T0=$(now_cs)
-    timeout 1800 blip run --kernel "$LINUX_KERNEL" --initrd "$LINUX_INITRD" --mem "$LINUX_MEM" \
+    BLIP_LOG=debug timeout 1800 blip run --kernel "$LINUX_KERNEL" --initrd "$LINUX_INITRD" --mem "$LINUX_MEM" \
         --vcpus "$3" --cmdline "$LINUX_CMDLINE" --name "$4" --api "$2" --serial "$1" \
         >"$1.out" 2>&1 &
     LINUX_PID=$!
@@ -144,6 +144,28 @@ linux_hop_gap() {
     n=$(linux_last_n "$1")
     g=$(blip-linux-guest hb-check --from "${n:-0}" "$1" "$2" | sed -n 's/.*max_gap_ms=\([0-9.]*\) .*/\1/p')
     echo "${g:-none}"
+}
+
+# Where the guest's time went: every gap of more than two periods between consecutive
+# heartbeats of files $@ (concatenated), from beat $1 on, as "gap n=<beat after the gap>
+# mono_ms=<its CLOCK_MONOTONIC> real_s=<its CLOCK_REALTIME modulo 1000 s> gap_ms=<gap>"; the guest clocks run on the host's (kvmclock), so these place each gap on
+# the host's timeline (see linux_anchor).
+linux_gaps() {
+    from=$1
+    shift
+    grep -ah 'HB [0-9]* mono=[0-9]* real=[0-9]' "$@" 2>/dev/null | tr -d '\r' |
+        sed 's/.*HB \([0-9]*\) mono=\([0-9]*\) real=\([0-9]*\).*/\1 \2 \3/' |
+        awk -v from="$from" -v p="$LINUX_PERIOD_MS" '$1 >= from {
+            if (seen && $2 > m) { g = ($2 - m) / 1e6
+                if (g > 2 * p) printf "gap n=%d mono_ms=%.0f real_s=%.3f gap_ms=%.0f\n", $1, $2 / 1e6, ($3 % 1e12) / 1e9, g }
+            seen = 1; m = $2 }'
+}
+
+# A host-time anchor, "anchor <what> uptime_cs=<host /proc/uptime> <last beat of file $2>":
+# a beat's CLOCK_MONOTONIC against the host's uptime at that moment (within the 20 ms
+# polling of linux_sample), so the blip log's and the report's times line up with the beats.
+linux_anchor() {
+    echo "anchor $1 uptime_cs=$(now_cs) $(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$2" | tail -n 1 | tr -d '\r')"
 }
 
 # Console lines of files $@ that show trouble (the first 5), or nothing.
@@ -299,7 +321,11 @@ _linux_migrate() {
     fi
     if [ "$HOST" = b ]; then
         bs=/tmp/l$P-b.serial
-        if ! start_receive "$P" "$ab" "$bs" "/tmp/l$P-b.sock" --mem "$LINUX_MEM" --name "l$P-b"; then
+        export BLIP_LOG=debug
+        start_receive "$P" "$ab" "$bs" "/tmp/l$P-b.sock" --mem "$LINUX_MEM" --name "l$P-b"
+        lr=$?
+        unset BLIP_LOG
+        if [ "$lr" != 0 ]; then
             mark "$name-listen" fail
             show blip-receive "$bs.out"
             result "$name" FAIL "blip receive is not listening on $P://$ME:$ab"
@@ -313,17 +339,19 @@ _linux_migrate() {
         if [ "$st" = ok ] && wait_file "/tmp/l$P-b.sock" 60; then
             # The guest runs here: 20 heartbeats and a check, then it goes back.
             first=$(linux_wait "$bs" 'HB [0-9]+ mono=[0-9]+ real=[0-9]' 60 "$rpid" && linux_last_n "$bs")
+            linux_anchor arrived-b "$bs"
             if [ -n "$first" ] && linux_wait_beat "$bs" $((first + 20)) 60 "$rpid" &&
                 linux_wait "$bs" 'CHECK (OK|FAILED)' 30 "$rpid"; then
                 here=yes
             fi
             bl=$(wait_peer "$name-back-listen" 120) || bl=timeout
             if [ "$bl" = ready ]; then
+                linux_anchor before-back "$bs"
                 t1=$(now_cs)
                 timeout 900 blip migrate --api "/tmp/l$P-b.sock" --to "$P://$PEER:$ba" --verify \
                     --max-blackout "$MIG_TARGET" --json >"/tmp/l$P-back.json" 2>&1
                 brc=$?
-                log "migrate back: rc=$brc in $(ms_since "$t1") ms"
+                log "migrate back: rc=$brc in $(ms_since "$t1") ms (uptime_cs $t1 to $(now_cs))"
                 show migrate-back "/tmp/l$P-back.json"
             fi
         fi
@@ -331,6 +359,8 @@ _linux_migrate() {
         rrc=$?
         show blip-receive "$bs.out"
         linux_show "$bs" 30 console-b
+        linux_gaps 0 "$bs" >/tmp/linux.gaps
+        show gaps-b /tmp/linux.gaps
         # a judges the heartbeats across all three consoles: publish this one and the report.
         cp "$bs" "/sync/$name-b.serial" 2>/dev/null
         cp "/tmp/l$P-back.json" "/sync/$name-back.json" 2>/dev/null
@@ -350,7 +380,11 @@ _linux_migrate() {
     fi
 
     as=/tmp/l$P-a.serial a2=/tmp/l$P-a2.serial
-    if ! start_receive "$P" "$ba" "$a2" "/tmp/l$P-a2.sock" --name "l$P-a2"; then
+    export BLIP_LOG=debug
+    start_receive "$P" "$ba" "$a2" "/tmp/l$P-a2.sock" --name "l$P-a2"
+    lr=$?
+    unset BLIP_LOG
+    if [ "$lr" != 0 ]; then
         mark "$name-back-listen" fail
     else
         mark "$name-back-listen" ready
@@ -381,11 +415,13 @@ _linux_migrate() {
         return
     fi
     s1=$(linux_sample "$as" "$spid")
+    log "sample before the migration (uptime_cs n mono_ns): $s1"
     t1=$(now_cs)
     timeout 900 blip migrate --api "/tmp/l$P-a.sock" --to "$P://$PEER:$ab" --verify --json \
         --max-blackout "$MIG_TARGET" >"/tmp/l$P-ab.json" 2>&1
     mrc=$?
     mms=$(ms_since "$t1")
+    log "migrate: rc=$mrc in $mms ms (uptime_cs $t1 to $(now_cs))"
     show migrate "/tmp/l$P-ab.json"
     if moved "$mrc"; then
         mark "$name-done" ok
@@ -409,6 +445,7 @@ _linux_migrate() {
             back_here=yes
         fi
         s2=$(linux_sample "$a2" "$rpid")
+        log "sample after the return (uptime_cs n mono_ns): $s2"
     fi
     timeout 60 wget -q -O "/tmp/l$P-b.serial" "http://$PEER:$SYNC_PORT/$name-b.serial" 2>/dev/null
     timeout 30 wget -q -O "/tmp/l$P-back.json" "http://$PEER:$SYNC_PORT/$name-back.json" 2>/dev/null
@@ -442,6 +479,8 @@ _linux_migrate() {
     fi
     show blip-receive-back "$a2.out"
     linux_show "$a2" 30 console-a2
+    linux_gaps "${from:-0}" "$as" "/tmp/l$P-b.serial" "$a2" >/tmp/linux.gaps
+    show gaps /tmp/linux.gaps
     bad=$(linux_bad "$as" "/tmp/l$P-b.serial" "$a2")
     # The gap the guest itself saw across each hop (its CLOCK_MONOTONIC, continued by the
     # migration's clock advance).
