@@ -32,7 +32,7 @@
 
 LINUX_KERNEL=$(ls /boot/vmlinuz-* 2>/dev/null | head -n 1)
 LINUX_INITRD=/softroce/linux/initrd.cpio
-LINUX_MEM=256M
+LINUX_MEM=128M
 LINUX_PERIOD_MS=100
 # loglevel=5: warnings reach the console (the checks grep them), notices and info do not.
 LINUX_CMDLINE="console=ttyS0 reboot=k panic=-1 loglevel=5 workload.mem=32M workload.rate=1000 workload.period=$LINUX_PERIOD_MS workload.full=5"
