@@ -388,6 +388,7 @@ _linux_migrate() {
     spid=$LINUX_PID
     linux_wait "$as" 'WORKLOAD UP' "$LINUX_UP_SECS" "$spid"
     w=$?
+    LINUX_UP_MS=$(ms_since "$LINUX_T0")
     [ "$w" = 0 ] && { linux_wait_beat "$as" 20 60 "$spid"; w=$?; }
     [ "$w" = 0 ] && { linux_wait "$as" 'CHECK (OK|FAILED)' 30 "$spid"; w=$?; }
     if [ "$w" != 0 ]; then
@@ -400,6 +401,9 @@ _linux_migrate() {
         return
     fi
     up_ms=$(ms_since "$t0")
+    # Boot time to /init: the guest's CLOCK_MONOTONIC at its first heartbeat (the workload
+    # is /init and beats at once), and the wall time from `blip run` to the marker.
+    log "linux boot: first beat $(grep -a 'HB 0 mono=' "$as" | head -n 1 | sed 's/.*\(mono=[0-9]*\).*/\1/'), WORKLOAD UP $LINUX_UP_MS ms after blip run"
     st=$(wait_peer "$name-listen" 180) || st=timeout
     if [ "$st" != ready ]; then
         mark "$name-done" fail
