@@ -560,6 +560,8 @@ _linux_snapshot() {
         return
     fi
     smp1=$(linux_sample "$s" "$pid")
+    log "sample before the snapshots (uptime_cs n mono_ns): $smp1"
+    log "live snapshot from uptime_cs $(now_cs)"
     timeout 300 blip snapshot --api /tmp/ls.sock --json /tmp/ls-live.snap >/tmp/ls-live.json 2>&1
     lrc=$?
     show snapshot-live /tmp/ls-live.json
@@ -611,6 +613,8 @@ _linux_snapshot() {
     show blip-run "$s.out"
     show blip-restore "$s2.out"
     linux_show "$s2" 30 console-restored
+    linux_gaps "${from:-0}" "$s" "$s2" >/tmp/linux.gaps
+    show gaps /tmp/linux.gaps
     bad=$(linux_bad "$s" "$s2")
     summary="live_rc=$lrc stop_rc=$src run_rc=$rrc snapshot_bytes=${snap_size:-none} outage_ms=$outage_ms restore_to_beat_ms=$restore_ms allowed_gap_ms=$allow $clock end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
     if [ "$lrc" != 0 ] || [ "$alive" != 0 ] || [ "$src" != 0 ] || [ "$rrc" != 0 ]; then
