@@ -198,3 +198,50 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
         "anomalies": anomalies,
     }))
 }
+
+/// Loopback TCP bandwidth in bytes per second, for the migrate cells' final pages to be
+/// compared with in the same run: one connection over 127.0.0.1 (TCP_NODELAY, as blip's
+/// streams), a writer thread blasting `total` bytes in 1 MiB writes and this thread reading
+/// them into a 1 MiB buffer; timed from the first byte read to the last. The best of `tries`
+/// (the host is shared: the best is what the machine allows).
+pub fn loopback_tcp_bandwidth(total: usize, tries: u32) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let mut best = 0.0f64;
+    for _ in 0..tries.max(1) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let buf = vec![0x5au8; 1 << 20];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(buf.len());
+                s.write_all(&buf[..n])?;
+                left -= n;
+            }
+            Ok(())
+        });
+        let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = s.read(&mut buf).map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let first = got;
+        while got < total {
+            match s.read(&mut buf).map_err(|e| e.to_string())? {
+                0 => return Err("loopback writer closed early".into()),
+                n => got += n,
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        writer
+            .join()
+            .map_err(|_| "loopback writer panicked".to_string())?
+            .map_err(|e| e.to_string())?;
+        if secs > 0.0 {
+            best = best.max((total - first) as f64 / secs);
+        }
+    }
+    Ok(best)
+}
