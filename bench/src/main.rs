@@ -554,6 +554,19 @@ fn main() {
             ),
             Err(e) => println!("migrate | loopback TCP bandwidth not measured: {e}"),
         }
+        // The final-pages path alone, 256 pages, behind a 4096-page last live round (16 MiB,
+        // the full-speed cell's working set) as before issue 18, and after its barrier.
+        let mut final_path = serde_json::Map::new();
+        for (name, barrier) in [("queued_behind_last_round", false), ("after_barrier", true)] {
+            let best = (0..5)
+                .filter_map(|_| dirty::final_pages_path(256, 4096, barrier).ok())
+                .fold(0.0f64, f64::max);
+            println!(
+                "migrate | final pages path, 256 pages, {name}: {:.2} GB/s (best of 5)",
+                best / 1e9
+            );
+            final_path.insert(format!("{name}_bytes_per_s"), best.into());
+        }
         migrate::header(s.label_width);
         let rows: Vec<Value> = cells
             .into_iter()
@@ -566,6 +579,7 @@ fn main() {
                 "via": format!("{:?}", a.via).to_lowercase(),
                 "max_blackout_ns": s.max_blackout_ns,
                 "loopback_tcp_bytes_per_s": loopback.ok(),
+                "final_pages_path": final_path,
                 "skipped": skipped,
                 "cells": rows,
             }),

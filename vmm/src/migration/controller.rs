@@ -12,14 +12,21 @@
 //! with the guest still running on the source.
 //!
 //! **The prediction.** After the controller says Stop, the source sends one last live round
-//! (the whole dirty set, without waiting for an ack) and only then pauses, so the blackout
-//! carries the pages the guest dirties *during that last round*, not the dirty set itself:
+//! (the whole dirty set) and only then pauses, so the blackout carries the pages the guest
+//! dirties *during that last round*, not the dirty set itself:
 //!
 //! ```text
-//! last_round  = dirty · page / bandwidth
+//! last_round  = dirty · page / bandwidth + rtt
 //! final_pages = min(dirty, dirty_rate · last_round)
 //! predicted   = fixed + 2 · rtt + final_pages · page / bandwidth
 //! ```
+//!
+//! This assumes the last live round is *over* at the pause. Over TCP it was not: the round
+//! went out on the control stream without an ack, its tail still sat in the socket buffers at
+//! the pause, and the final pages queued behind it. That was the wrong term (issue 18: "final
+//! pages" of 57–247 pages took 0.5–3 ms on loopback and the prediction was 1.2–3.8x low); the
+//! last live round now ends with a barrier (`link::SourceLink::last_live_round`), one round
+//! trip, which is the `+ rtt` above.
 //!
 //! `fixed` (pause, state save, restore, resume) is measured once before the offer
 //! (calibration); `rtt` is the shortest RoundEnd → RoundAck seen; bandwidth is smoothed over
@@ -235,7 +242,8 @@ impl Controller {
     pub fn predict(&self, dirty: u64, rate: f64) -> u64 {
         let bw = self.bandwidth();
         let page = PAGE_SIZE as f64;
-        let last_round_s = dirty as f64 * page / bw;
+        let rtt_s = self.rtt_ns.unwrap_or(0) as f64 / 1e9;
+        let last_round_s = dirty as f64 * page / bw + rtt_s;
         let final_pages = (rate.max(0.0) * last_round_s).min(dirty as f64);
         let pages_ns = final_pages * page / bw * 1e9;
         self.fixed_ns + 2 * self.rtt_ns.unwrap_or(0) + pages_ns as u64

@@ -836,8 +836,9 @@ fn send_checked(
 }
 
 /// Sends `runs` (guest paused) as few PageBatch frames as fit `buf`: one write, one read and
-/// one CRC for the whole final round. Returns pages sent.
-fn send_batches(
+/// one CRC for the whole final round. Returns pages sent. Public for `blip-bench`, which
+/// times this path against raw loopback TCP.
+pub fn send_batches(
     w: &mut dyn Write,
     mem: &GuestMem,
     runs: &[Run],
