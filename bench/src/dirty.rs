@@ -314,12 +314,8 @@ pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, 
     let mut gpa = 32 << 20;
     while left > 0 {
         let n = left.min(256);
-        write_pages(
-            &mut s,
-            gpa,
-            &[IoSlice::new(&live[..(n * page) as usize])],
-        )
-        .map_err(|x| e(&x))?;
+        write_pages(&mut s, gpa, &[IoSlice::new(&live[..(n * page) as usize])])
+            .map_err(|x| e(&x))?;
         gpa += n * page;
         left -= n;
     }

@@ -329,7 +329,8 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
         }
     }
     let same = |c: &migrate::Cell| {
-        (c.mem_mib, c.vcpus, c.load, c.bitmap, c.pc, c.rdma) == (64, 1, full.load, false, false, None)
+        (c.mem_mib, c.vcpus, c.load, c.bitmap, c.pc, c.rdma)
+            == (64, 1, full.load, false, false, None)
     };
     if !v.iter().any(same) {
         v.push(full);

@@ -1155,7 +1155,10 @@ mod tests {
         let c = Cell::new(64, 2, l);
         assert_eq!(c.cmdline(), "dirty ws=4 rate=2000 heartbeat period=1000");
         let full = Cell::new(64, 1, "dirty:16:full".parse().unwrap());
-        assert_eq!(full.cmdline(), "dirty ws=16 rate=full heartbeat period=1000");
+        assert_eq!(
+            full.cmdline(),
+            "dirty ws=16 rate=full heartbeat period=1000"
+        );
         assert_eq!(full.name(), "64M 1vcpu dirty 16M@full");
         assert_eq!(c.name(), "64M 2vcpu dirty 4M@2000pps");
         // `all` is all of memory above 8 MiB (the guest's image, stacks and page tables).
