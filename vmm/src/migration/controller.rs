@@ -461,7 +461,7 @@ mod tests {
     fn long_or_large_rounds_and_stops_are_not_held() {
         let mut c = Controller::new(limits(10_000, OnTimeout::Go), 300_000);
         // Short but leaving many pages dirty: the next round goes at once.
-        let mut r = round(1, 5, MIN_ROUND_PAGES, 20_000.0, MS);
+        let mut r = round(1, 5, MIN_ROUND_PAGES, 0.0, MS);
         r.duration_ns = 200_000;
         assert_eq!(c.after_round(&r), Decision::Continue);
         assert_eq!(c.hold_ns(), 0);
