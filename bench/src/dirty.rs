@@ -198,3 +198,140 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
         "anomalies": anomalies,
     }))
 }
+
+/// Loopback TCP bandwidth in bytes per second, for the migrate cells' final pages to be
+/// compared with in the same run: one connection over 127.0.0.1 (TCP_NODELAY, as blip's
+/// streams), a writer thread blasting `total` bytes in 1 MiB writes and this thread reading
+/// them into a 1 MiB buffer; timed from the first byte read to the last. The best of `tries`
+/// (the host is shared: the best is what the machine allows).
+pub fn loopback_tcp_bandwidth(total: usize, tries: u32) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let mut best = 0.0f64;
+    for _ in 0..tries.max(1) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let buf = vec![0x5au8; 1 << 20];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(buf.len());
+                s.write_all(&buf[..n])?;
+                left -= n;
+            }
+            Ok(())
+        });
+        let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = s.read(&mut buf).map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let first = got;
+        while got < total {
+            match s.read(&mut buf).map_err(|e| e.to_string())? {
+                0 => return Err("loopback writer closed early".into()),
+                n => got += n,
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        writer
+            .join()
+            .map_err(|_| "loopback writer panicked".to_string())?
+            .map_err(|e| e.to_string())?;
+        if secs > 0.0 {
+            best = best.max((total - first) as f64 / secs);
+        }
+    }
+    Ok(best)
+}
+
+/// The final-pages path as the source runs it ([`blip_vmm::migration::link::send_batches`]:
+/// copy out of guest memory, one CRC, one vectored write) into a loopback TCP connection whose
+/// reader decodes frames as the destination does (`read_message`, the batch copied into
+/// memory). Timed from the call to the moment the reader has the whole batch: bytes per second.
+///
+/// `backlog` pages of a last live round (Pages frames of up to 256 pages) are written first.
+/// With `barrier` the timing starts only after the reader consumed them (what the last live
+/// round's RoundEnd/RoundAck barrier does since issue 18); without it, as before, the final
+/// batch queues behind them in the socket buffers and its time includes theirs.
+pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, String> {
+    use blip_transport::protocol::{read_message, write_pages, Message};
+    use blip_vmm::dirty::Run;
+    use std::io::IoSlice;
+    use std::sync::mpsc;
+
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let page = 4096u64;
+    let mem = blip_vmm::memory::create(64 << 20, Backing::Anon).map_err(|x| e(&x))?;
+    // Every other page of the first 32 MiB, so the batch has many runs, as a real final round.
+    let runs: Vec<Run> = (0..pages)
+        .map(|i| Run {
+            first: 2 * i,
+            pages: 1,
+        })
+        .collect();
+    for r in &runs {
+        mem.write_obj(r.first ^ 0x5a5a, GuestAddress(r.gpa()))
+            .map_err(|x| e(&x))?;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|x| e(&x))?;
+    let addr = l.local_addr().map_err(|x| e(&x))?;
+    let (tx, rx) = mpsc::channel::<(&'static str, Instant)>();
+    let reader = std::thread::spawn(move || -> Result<(), String> {
+        let (mut s, _) = l.accept().map_err(|x| e(&x))?;
+        s.set_nodelay(true).map_err(|x| e(&x))?;
+        let mut sink = vec![0u8; (256 * page) as usize];
+        let mut seen = 0u64;
+        loop {
+            let f = read_message(&mut s).map_err(|x| e(&x))?;
+            match f.msg {
+                Message::Pages { count, .. } => {
+                    let receipt = f.pages.ok_or("no receipt")?;
+                    receipt
+                        .read_into(&mut s, &mut sink[..receipt.data_len])
+                        .map_err(|x| e(&x))?;
+                    seen += u64::from(count);
+                    if seen == backlog {
+                        let _ = tx.send(("backlog", Instant::now()));
+                    }
+                }
+                Message::PageBatch { data, .. } => {
+                    let mut dst = vec![0u8; data.len()];
+                    dst.copy_from_slice(&data);
+                    std::hint::black_box(&dst);
+                    let _ = tx.send(("batch", Instant::now()));
+                    return Ok(());
+                }
+                other => return Err(format!("unexpected {:?}", other.kind())),
+            }
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr).map_err(|x| e(&x))?;
+    s.set_nodelay(true).map_err(|x| e(&x))?;
+    let live = vec![0x77u8; (256 * page) as usize];
+    let mut left = backlog;
+    let mut gpa = 32 << 20;
+    while left > 0 {
+        let n = left.min(256);
+        write_pages(&mut s, gpa, &[IoSlice::new(&live[..(n * page) as usize])])
+            .map_err(|x| e(&x))?;
+        gpa += n * page;
+        left -= n;
+    }
+    if barrier && backlog > 0 {
+        rx.recv().map_err(|x| e(&x))?;
+    }
+    let mut batch = vec![0u8; (2048 * page) as usize];
+    let mut table = Vec::with_capacity(2048);
+    let t0 = Instant::now();
+    blip_vmm::migration::link::send_batches(&mut s, &mem, &runs, &mut batch, &mut table)
+        .map_err(|x| e(&x))?;
+    let done = loop {
+        if let ("batch", t) = rx.recv().map_err(|x| e(&x))? {
+            break t;
+        }
+    };
+    reader.join().map_err(|_| "reader panicked".to_string())??;
+    Ok((pages * page) as f64 / done.duration_since(t0).as_secs_f64())
+}

@@ -275,6 +275,15 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
         ws_mib: 16,
         rate: 0,
     };
+    // The guest at the host's top dirtying speed (issue 18 item 5), 1 vCPU, 64 MiB, loopback.
+    let full = migrate::Cell::new(
+        64,
+        1,
+        migrate::Load::Dirty {
+            ws_mib: 16,
+            rate: migrate::FULL,
+        },
+    );
     if a.quick {
         let mut bitmap = migrate::Cell::new(64, 1, dirty);
         bitmap.bitmap = true;
@@ -286,6 +295,7 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
                 migrate::Cell::new(64, 2, dirty),
                 bitmap,
                 pc,
+                full,
             ],
             skipped,
         ));
@@ -317,6 +327,13 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
                 }
             }
         }
+    }
+    let same = |c: &migrate::Cell| {
+        (c.mem_mib, c.vcpus, c.load, c.bitmap, c.pc, c.rdma)
+            == (64, 1, full.load, false, false, None)
+    };
+    if !v.iter().any(same) {
+        v.push(full);
     }
     Ok((v, skipped))
 }
@@ -529,6 +546,28 @@ fn main() {
         for note in &skipped {
             println!("migrate | {note}");
         }
+        // What the final pages are measured against (issue 18: at least half of it).
+        let loopback = dirty::loopback_tcp_bandwidth(256 << 20, 3);
+        match &loopback {
+            Ok(bw) => println!(
+                "migrate | loopback TCP: {:.2} GB/s (one stream, best of 3 x 256 MiB); final pages: final_pages_bytes_per_s in each cell's JSON",
+                bw / 1e9
+            ),
+            Err(e) => println!("migrate | loopback TCP bandwidth not measured: {e}"),
+        }
+        // The final-pages path alone, 256 pages, behind a 4096-page last live round (16 MiB,
+        // the full-speed cell's working set) as before issue 18, and after its barrier.
+        let mut final_path = serde_json::Map::new();
+        for (name, barrier) in [("queued_behind_last_round", false), ("after_barrier", true)] {
+            let best = (0..5)
+                .filter_map(|_| dirty::final_pages_path(256, 4096, barrier).ok())
+                .fold(0.0f64, f64::max);
+            println!(
+                "migrate | final pages path, 256 pages, {name}: {:.2} GB/s (best of 5)",
+                best / 1e9
+            );
+            final_path.insert(format!("{name}_bytes_per_s"), best.into());
+        }
         migrate::header(s.label_width);
         let rows: Vec<Value> = cells
             .into_iter()
@@ -540,6 +579,8 @@ fn main() {
             json!({
                 "via": format!("{:?}", a.via).to_lowercase(),
                 "max_blackout_ns": s.max_blackout_ns,
+                "loopback_tcp_bytes_per_s": loopback.ok(),
+                "final_pages_path": final_path,
                 "skipped": skipped,
                 "cells": rows,
             }),

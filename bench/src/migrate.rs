@@ -30,17 +30,21 @@ pub enum Load {
     /// Heartbeats only.
     Idle,
     /// Rewrites `ws_mib` MiB (0 = all of memory above the guest's first 8 MiB) at `rate` pages/s per
-    /// vCPU (0 = as fast as it can).
+    /// vCPU (0 = as fast as it can, [`FULL`] = the guest's `rate=full`: one store per page).
     Dirty { ws_mib: u64, rate: u32 },
 }
+
+/// `rate` of [`Load::Dirty`] for the guest's `rate=full` (`dirty:WS:full`): a tight loop with
+/// one store per page, the host's top dirtying speed.
+pub const FULL: u32 = u32::MAX;
 
 impl std::str::FromStr for Load {
     type Err = String;
     /// `idle`, `dirty` (16 MiB at full speed), or `dirty:WS:RATE` with WS in MiB or `all` and
-    /// RATE in pages/s or `max` (e.g. `dirty:4:2000`, `dirty:all:max`).
+    /// RATE in pages/s, `max` or `full` (e.g. `dirty:4:2000`, `dirty:all:max`, `dirty:16:full`).
     fn from_str(v: &str) -> Result<Load, String> {
         let bad = || {
-            format!("workload '{v}': use idle, dirty or dirty:WS:RATE (WS MiB or all, RATE pages/s or max)")
+            format!("workload '{v}': use idle, dirty or dirty:WS:RATE (WS MiB or all, RATE pages/s, max or full)")
         };
         match v {
             "idle" => return Ok(Load::Idle),
@@ -62,6 +66,7 @@ impl std::str::FromStr for Load {
         };
         let rate = match it.next().ok_or_else(bad)? {
             "max" => 0,
+            "full" => FULL,
             n => n.parse().map_err(|_| bad())?,
         };
         if it.next().is_some() {
@@ -76,6 +81,8 @@ impl std::str::FromStr for Load {
 fn rate_word(rate: u32, unit: &str) -> String {
     if rate == 0 {
         "max".to_string()
+    } else if rate == FULL {
+        "full".to_string()
     } else {
         format!("{rate}{unit}")
     }
@@ -139,11 +146,7 @@ impl Cell {
         let load = match self.load {
             Load::Idle => "heartbeat period=1000".to_string(),
             Load::Dirty { rate, .. } => {
-                let rate = if rate == 0 {
-                    "max".to_string()
-                } else {
-                    rate.to_string()
-                };
+                let rate = rate_word(rate, "");
                 format!(
                     "dirty ws={} rate={rate} heartbeat period=1000",
                     self.ws_mib()
@@ -634,6 +637,8 @@ struct Hists {
     bytes: Histogram<u64>,
     pages: Histogram<u64>,
     final_page_count: Histogram<u64>,
+    /// Final pages' bytes over the final-pages phase, bytes per second.
+    final_bw: Histogram<u64>,
 }
 
 impl Hists {
@@ -658,6 +663,7 @@ impl Hists {
             bytes: hist(),
             pages: hist(),
             final_page_count: hist(),
+            final_bw: hist(),
         }
     }
 
@@ -691,6 +697,10 @@ impl Hists {
         self.bytes.saturating_record(r.bytes_sent);
         self.pages.saturating_record(r.pages_sent + r.final_pages);
         self.final_page_count.saturating_record(r.final_pages);
+        if r.final_pages > 0 && p.final_pages > 0 {
+            self.final_bw
+                .saturating_record(r.final_pages * 4096 * 1_000_000_000 / p.final_pages);
+        }
     }
 
     fn json(&self) -> Value {
@@ -716,6 +726,7 @@ impl Hists {
             "bytes_sent": summary(&self.bytes),
             "pages_sent_incl_final": summary(&self.pages),
             "final_pages": summary(&self.final_page_count),
+            "final_pages_bytes_per_s": summary(&self.final_bw),
         })
     }
 }
@@ -1143,6 +1154,12 @@ mod tests {
         );
         let c = Cell::new(64, 2, l);
         assert_eq!(c.cmdline(), "dirty ws=4 rate=2000 heartbeat period=1000");
+        let full = Cell::new(64, 1, "dirty:16:full".parse().unwrap());
+        assert_eq!(
+            full.cmdline(),
+            "dirty ws=16 rate=full heartbeat period=1000"
+        );
+        assert_eq!(full.name(), "64M 1vcpu dirty 16M@full");
         assert_eq!(c.name(), "64M 2vcpu dirty 4M@2000pps");
         // `all` is all of memory above 8 MiB (the guest's image, stacks and page tables).
         let mut c = Cell::new(1024, 1, "dirty:all:max".parse().unwrap());

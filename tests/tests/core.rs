@@ -112,6 +112,24 @@ fn two_vcpus_both_run_the_dirty_workload() {
 }
 
 #[test]
+fn two_vcpus_dirty_at_full_speed_and_pass_the_check() {
+    // `rate=full`: one store per page in batches; the check knows its page format.
+    let o = run_blip(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "dirty ws=2 rate=full sweeps=3",
+    ]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "stdout: {out} stderr: {}", stderr(&o));
+    assert!(out.contains("check: ok pages=512"), "{out}");
+    for (v, g) in vcpu_gens(&out) {
+        assert!(g >= 3, "vcpu {v} did not advance: gen {g}\n{out}");
+    }
+}
+
+#[test]
 fn heartbeats_are_recorded() {
     let o = run_blip(&[
         "run",

@@ -12,18 +12,35 @@
 //! with the guest still running on the source.
 //!
 //! **The prediction.** After the controller says Stop, the source sends one last live round
-//! (the whole dirty set, without waiting for an ack) and only then pauses, so the blackout
-//! carries the pages the guest dirties *during that last round*, not the dirty set itself:
+//! (the whole dirty set) and only then pauses, so the blackout carries the pages the guest
+//! dirties *during that last round*, not the dirty set itself:
 //!
 //! ```text
-//! last_round  = dirty · page / bandwidth
+//! last_round  = dirty · page / bandwidth + rtt
 //! final_pages = min(dirty, dirty_rate · last_round)
 //! predicted   = fixed + 2 · rtt + final_pages · page / bandwidth
 //! ```
 //!
+//! This assumes the last live round is *over* at the pause. Over TCP it was not: the round
+//! went out on the control stream without an ack, its tail still sat in the socket buffers at
+//! the pause, and the final pages queued behind it. That was the wrong term (issue 18: "final
+//! pages" of 57–247 pages took 0.5–3 ms on loopback and the prediction was 1.2–3.8x low); the
+//! last live round now ends with a barrier (`link::SourceLink::last_live_round`), one round
+//! trip, which is the `+ rtt` above.
+//!
 //! `fixed` (pause, state save, restore, resume) is measured once before the offer
 //! (calibration); `rtt` is the shortest RoundEnd → RoundAck seen; bandwidth is smoothed over
 //! rounds large enough to measure it.
+//!
+//! **A round has a useful minimum size.** When the target cannot be met (fixed costs above it,
+//! or a guest dirtying as fast as the link drains), pre-copy used to spin: each round found a
+//! handful of pages, sent them and asked again, 136,867 rounds in 30 s in one `blip demo` hop.
+//! Each round costs a harvest, a round trip and the destination's bookkeeping, and tells the
+//! controller nothing new. So after a round that was both short (under [`MIN_ROUND_NS`]) and
+//! small (under [`MIN_ROUND_PAGES`] dirty), the next one waits ([`Controller::hold_ns`]) until
+//! [`MIN_ROUND_NS`] have passed since this one began; the stop reason says how many rounds
+//! were held. A guest that converges is not slowed: Stop is answered at once, and a round that
+//! leaves many pages dirty is followed at once.
 
 use std::fmt;
 
@@ -37,6 +54,13 @@ const MIN_MEASURED_BYTES: u64 = 64 * PAGE_SIZE;
 
 /// A guest dirtying more than this fraction of what the link drains does not converge.
 const THROTTLE_FRACTION: f64 = 0.5;
+
+/// A round shorter than this that left fewer than [`MIN_ROUND_PAGES`] dirty is followed by a
+/// wait until this long after it began (nanoseconds).
+pub const MIN_ROUND_NS: u64 = 5_000_000;
+
+/// A round that leaves at least this many pages dirty is followed at once.
+pub const MIN_ROUND_PAGES: u64 = 256;
 
 /// What the controller is told before pre-copy starts.
 #[derive(Clone, Copy, Debug)]
@@ -72,9 +96,19 @@ pub struct RoundStats {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StopReason {
     /// The predicted blackout is within the target.
-    WithinTarget { predicted_ns: u64, target_ns: u64 },
+    WithinTarget {
+        predicted_ns: u64,
+        target_ns: u64,
+        rounds: u32,
+        held: u32,
+    },
     /// `--max-precopy-time` ran out and `--on-timeout go` says stop anyway.
-    Timeout { predicted_ns: u64, target_ns: u64 },
+    Timeout {
+        predicted_ns: u64,
+        target_ns: u64,
+        rounds: u32,
+        held: u32,
+    },
 }
 
 impl fmt::Display for StopReason {
@@ -83,22 +117,40 @@ impl fmt::Display for StopReason {
             StopReason::WithinTarget {
                 predicted_ns,
                 target_ns,
+                rounds,
+                held,
             } => write!(
                 f,
-                "predicted blackout {} within target {}",
+                "predicted blackout {} within target {} after {}",
                 us(predicted_ns),
-                us(target_ns)
+                us(target_ns),
+                rounds_held(rounds, held)
             ),
             StopReason::Timeout {
                 predicted_ns,
                 target_ns,
+                rounds,
+                held,
             } => write!(
                 f,
-                "max-precopy-time reached with predicted blackout {} above target {}; --on-timeout go",
+                "max-precopy-time reached with predicted blackout {} above target {} after {}; --on-timeout go",
                 us(predicted_ns),
-                us(target_ns)
+                us(target_ns),
+                rounds_held(rounds, held)
             ),
         }
+    }
+}
+
+fn rounds_held(rounds: u32, held: u32) -> String {
+    let r = if rounds == 1 { "round" } else { "rounds" };
+    if held == 0 {
+        format!("{rounds} {r}")
+    } else {
+        format!(
+            "{rounds} {r} ({held} held to the {} ms minimum round)",
+            MIN_ROUND_NS / 1_000_000
+        )
     }
 }
 
@@ -131,6 +183,12 @@ pub struct Controller {
     bandwidth: Option<f64>,
     /// The latest prediction.
     predicted_ns: u64,
+    /// Rounds seen.
+    rounds: u32,
+    /// Rounds after which the next one was held back to the minimum round.
+    held: u32,
+    /// How long the next round should wait (nanoseconds; 0 = start it now).
+    hold_ns: u64,
 }
 
 impl Controller {
@@ -142,7 +200,21 @@ impl Controller {
             rtt_ns: None,
             bandwidth: None,
             predicted_ns: fixed_ns,
+            rounds: 0,
+            held: 0,
+            hold_ns: 0,
         }
+    }
+
+    /// How long to wait before the next round (0 = at once): a round that was both short and
+    /// small is not followed by another until [`MIN_ROUND_NS`] after it began.
+    pub fn hold_ns(&self) -> u64 {
+        self.hold_ns
+    }
+
+    /// Rounds after which the next one was held back.
+    pub fn held_rounds(&self) -> u32 {
+        self.held
     }
 
     /// The limits this controller enforces.
@@ -170,7 +242,8 @@ impl Controller {
     pub fn predict(&self, dirty: u64, rate: f64) -> u64 {
         let bw = self.bandwidth();
         let page = PAGE_SIZE as f64;
-        let last_round_s = dirty as f64 * page / bw;
+        let rtt_s = self.rtt_ns.unwrap_or(0) as f64 / 1e9;
+        let last_round_s = dirty as f64 * page / bw + rtt_s;
         let final_pages = (rate.max(0.0) * last_round_s).min(dirty as f64);
         let pages_ns = final_pages * page / bw * 1e9;
         self.fixed_ns + 2 * self.rtt_ns.unwrap_or(0) + pages_ns as u64
@@ -178,6 +251,23 @@ impl Controller {
 
     /// Takes one round's statistics and decides what comes next.
     pub fn after_round(&mut self, r: &RoundStats) -> Decision {
+        let d = self.decide(r);
+        self.hold_ns = match d {
+            Decision::Continue | Decision::Throttle
+                if r.duration_ns < MIN_ROUND_NS && r.dirty_pages < MIN_ROUND_PAGES =>
+            {
+                MIN_ROUND_NS - r.duration_ns
+            }
+            _ => 0,
+        };
+        if self.hold_ns > 0 {
+            self.held += 1;
+        }
+        d
+    }
+
+    fn decide(&mut self, r: &RoundStats) -> Decision {
+        self.rounds += 1;
         self.rtt_ns = Some(self.rtt_ns.map_or(r.ack_rtt_ns, |t| t.min(r.ack_rtt_ns)));
         if r.bytes >= MIN_MEASURED_BYTES && r.duration_ns > 0 {
             let measured = r.bytes as f64 * 1e9 / r.duration_ns as f64;
@@ -192,6 +282,8 @@ impl Controller {
             return Decision::Stop(StopReason::WithinTarget {
                 predicted_ns: self.predicted_ns,
                 target_ns,
+                rounds: self.rounds,
+                held: self.held,
             });
         }
         if r.elapsed_ns >= self.limits.max_precopy_ns {
@@ -199,6 +291,8 @@ impl Controller {
                 super::OnTimeout::Go => Decision::Stop(StopReason::Timeout {
                     predicted_ns: self.predicted_ns,
                     target_ns,
+                    rounds: self.rounds,
+                    held: self.held,
                 }),
                 super::OnTimeout::Abort => Decision::Abort,
             };
@@ -332,6 +426,57 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(c.bandwidth(), bw);
+    }
+
+    #[test]
+    fn tiny_rounds_that_cannot_meet_the_target_are_held_to_the_minimum() {
+        // Fixed costs alone exceed the target; each round finds a few pages in 0.2 ms (what
+        // made 136,867 rounds in 30 s).
+        let mut c = Controller::new(limits(10_000, OnTimeout::Go), 300_000);
+        let mut elapsed = 0;
+        let mut rounds = 0u32;
+        while elapsed < 30_000 * MS {
+            let mut r = round(rounds, 5, 5, 20_000.0, elapsed);
+            r.duration_ns = 200_000;
+            match c.after_round(&r) {
+                Decision::Continue | Decision::Throttle => {}
+                Decision::Stop(reason) => {
+                    assert!(matches!(reason, StopReason::Timeout { .. }));
+                    let text = reason.to_string();
+                    assert!(text.contains("held to the 5 ms minimum round"), "{text}");
+                    break;
+                }
+                Decision::Abort => panic!("abort"),
+            }
+            assert_eq!(c.hold_ns(), MIN_ROUND_NS - 200_000, "round {rounds}");
+            elapsed += r.duration_ns + c.hold_ns();
+            rounds += 1;
+        }
+        // One round per 5 ms at most: 6,000 in 30 s, not 150,000.
+        assert!(rounds <= 6_000, "{rounds}");
+        assert_eq!(c.held_rounds(), rounds);
+    }
+
+    #[test]
+    fn long_or_large_rounds_and_stops_are_not_held() {
+        let mut c = Controller::new(limits(10_000, OnTimeout::Go), 300_000);
+        // Short but leaving many pages dirty: the next round goes at once.
+        let mut r = round(1, 5, MIN_ROUND_PAGES, 0.0, MS);
+        r.duration_ns = 200_000;
+        assert_eq!(c.after_round(&r), Decision::Continue);
+        assert_eq!(c.hold_ns(), 0);
+        // Small but long enough.
+        let mut r = round(2, 5, 5, 20_000.0, 2 * MS);
+        r.duration_ns = MIN_ROUND_NS;
+        c.after_round(&r);
+        assert_eq!(c.hold_ns(), 0);
+        // A stop is never held.
+        let mut c = Controller::new(limits(MS, OnTimeout::Go), 300_000);
+        let mut r = round(1, 5, 5, 0.0, MS);
+        r.duration_ns = 200_000;
+        assert!(matches!(c.after_round(&r), Decision::Stop(_)));
+        assert_eq!(c.hold_ns(), 0);
+        assert_eq!(c.held_rounds(), 0);
     }
 
     #[test]

@@ -405,7 +405,9 @@ impl Precopy<'_> {
             }
             record(report, rr);
             match decision {
-                Decision::Continue | Decision::Throttle => {}
+                Decision::Continue | Decision::Throttle => {
+                    std::thread::sleep(Duration::from_nanos(ctl.hold_ns()))
+                }
                 Decision::Stop(reason) => {
                     report.predicted_blackout_ns = ctl.predicted_ns();
                     report.stop_reason = reason.to_string();
