@@ -1868,7 +1868,7 @@ mod tests {
             let enc_whole = encode(&a).unwrap().len();
             let enc_rest = encode(&b).unwrap().len();
             eprintln!(
-                "persist: {platform:?}: early {} bytes ({} MSRs), blackout state {} of {} bytes                  ({} MSRs)",
+                "persist: {platform:?}: early {} bytes ({} MSRs), blackout state {} of {} bytes ({} MSRs)",
                 encode_early(&early).unwrap().len(),
                 early.vcpus[0].msrs.len(),
                 enc_rest,
@@ -1956,6 +1956,147 @@ mod tests {
         assert_eq!(cs, new_cs, "the destination kept the stale early value");
         if let (Some(x), Some(w)) = (xcrs, whole.vcpus[0].xcrs) {
             assert_eq!(x.xcrs[0].value, w.xcrs[0].value);
+        }
+    }
+
+    /// What each piece costs, get and set, on a paused vCPU of a booted guest (µs per call,
+    /// mean of 200), for the table in docs/ARCHITECTURE.md: which pieces are worth moving out
+    /// of the blackout. `cargo test -p blip-vmm --lib persist_piece_ioctl_costs -- --nocapture`
+    #[test]
+    fn persist_piece_ioctl_costs() {
+        let mut vm = boot(1, Duration::from_millis(100));
+        let caps = Arc::new(vm.persist_caps().unwrap());
+        let (tx, rx) = mpsc::sync_channel(1);
+        let c = caps.clone();
+        vm.with_vcpu(
+            0,
+            Box::new(move |fd| {
+                const N: u32 = 200;
+                let time = |f: &mut dyn FnMut()| {
+                    let t = Instant::now();
+                    for _ in 0..N {
+                        f();
+                    }
+                    t.elapsed().as_secs_f64() * 1e6 / f64::from(N)
+                };
+                let st = save_vcpu(fd, 0, &c).unwrap();
+                let cpuid = CpuId::from_entries(&st.cpuid).unwrap();
+                let entries: Vec<kvm_msr_entry> = st
+                    .msrs
+                    .iter()
+                    .filter(|(m, _)| !BLACKOUT_ONLY_MSRS.contains(m))
+                    .map(|&(index, data)| kvm_msr_entry {
+                        index,
+                        data,
+                        ..Default::default()
+                    })
+                    .collect();
+                let early_msrs = msrs_of(0, &entries).unwrap();
+                let all = msrs_of(0, &msr_entries(&c.msr_indices)).unwrap();
+                let mut rows: Vec<(String, f64, f64)> = Vec::new();
+                rows.push((
+                    format!("CPUID ({} entries)", st.cpuid.len()),
+                    time(&mut || {
+                        fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+                    }),
+                    time(&mut || fd.set_cpuid2(&cpuid).unwrap()),
+                ));
+                let khz = fd.get_tsc_khz().unwrap();
+                rows.push((
+                    "TSC kHz".into(),
+                    time(&mut || {
+                        fd.get_tsc_khz().unwrap();
+                    }),
+                    time(&mut || {
+                        let _ = fd.set_tsc_khz(khz);
+                    }),
+                ));
+                rows.push((
+                    format!("MSRs, early ({})", entries.len()),
+                    time(&mut || {
+                        let mut m = early_msrs.clone();
+                        fd.get_msrs(&mut m).unwrap();
+                    }),
+                    time(&mut || {
+                        fd.set_msrs(&early_msrs).unwrap();
+                    }),
+                ));
+                rows.push((
+                    format!("MSRs, all ({})", c.msr_indices.len()),
+                    time(&mut || {
+                        let mut m = all.clone();
+                        fd.get_msrs(&mut m).unwrap();
+                    }),
+                    f64::NAN,
+                ));
+                if let Some(x) = st.xcrs {
+                    rows.push((
+                        "XCRs".into(),
+                        time(&mut || {
+                            fd.get_xcrs().unwrap();
+                        }),
+                        time(&mut || fd.set_xcrs(&x).unwrap()),
+                    ));
+                }
+                if let Some(w) = &st.xsave {
+                    rows.push((
+                        "XSAVE".into(),
+                        time(&mut || {
+                            get_xsave(fd, 0, c.xsave_size).unwrap();
+                        }),
+                        time(&mut || set_xsave(fd, 0, w, c.xsave_size).unwrap()),
+                    ));
+                }
+                rows.push((
+                    "regs".into(),
+                    time(&mut || {
+                        fd.get_regs().unwrap();
+                    }),
+                    time(&mut || fd.set_regs(&st.regs).unwrap()),
+                ));
+                rows.push((
+                    "sregs".into(),
+                    time(&mut || {
+                        fd.get_sregs().unwrap();
+                    }),
+                    time(&mut || fd.set_sregs(&st.sregs).unwrap()),
+                ));
+                if let Some(e) = st.events {
+                    rows.push((
+                        "vCPU events".into(),
+                        time(&mut || {
+                            fd.get_vcpu_events().unwrap();
+                        }),
+                        time(&mut || fd.set_vcpu_events(&e).unwrap()),
+                    ));
+                }
+                rows.push((
+                    "MP state".into(),
+                    time(&mut || {
+                        fd.get_mp_state().unwrap();
+                    }),
+                    time(&mut || {
+                        fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                            mp_state: st.mp_state,
+                        })
+                        .unwrap()
+                    }),
+                ));
+                if let Some(d) = st.debugregs {
+                    rows.push((
+                        "debug registers".into(),
+                        time(&mut || {
+                            fd.get_debug_regs().unwrap();
+                        }),
+                        time(&mut || fd.set_debug_regs(&d).unwrap()),
+                    ));
+                }
+                let _ = tx.send(rows);
+            }),
+        )
+        .unwrap();
+        for (what, get, set) in rx.recv().unwrap() {
+            eprintln!("persist: cost {what:<22} get {get:>6.2} us  set {set:>6.2} us");
         }
     }
 
