@@ -161,7 +161,11 @@ fn migrates_a_pc_platform_guest_with_its_early_state() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // This guest on this platform does not converge to 1 ms here: bound the pre-copy.
-    let r = report(&migrate(&a, &url, &["--verify", "--max-precopy-time", "3s"]));
+    let r = report(&migrate(
+        &a,
+        &url,
+        &["--verify", "--max-precopy-time", "3s"],
+    ));
     assert_eq!(r["verified"], true, "{r}");
     assert!(
         r["state_pieces"].as_str().unwrap_or("").contains("lapic"),
@@ -174,7 +178,10 @@ fn migrates_a_pc_platform_guest_with_its_early_state() {
     let h0 = b.last_heartbeat();
     let start = std::time::Instant::now();
     while b.last_heartbeat() <= h0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "heartbeats stopped");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "heartbeats stopped"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let o = blip(&["check", "--api", b.api.to_str().unwrap()])

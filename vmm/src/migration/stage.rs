@@ -98,7 +98,14 @@ mod tests {
 
     #[test]
     fn the_early_state_comes_first_and_once() {
-        let whole = [early(), pages(), round_end(), batch(), state(), Message::Commit];
+        let whole = [
+            early(),
+            pages(),
+            round_end(),
+            batch(),
+            state(),
+            Message::Commit,
+        ];
         assert_eq!(
             whole.iter().try_fold(Stage::Accepted, step).unwrap(),
             Stage::Resumed
@@ -106,10 +113,18 @@ mod tests {
         // Anything else right after Accept is refused, naming the early state.
         for first in [pages(), round_end(), batch(), state(), Message::Commit] {
             let e = step(Stage::Accepted, &first).unwrap_err();
-            assert!(e.to_string().contains("expected EarlyState"), "{first:?}: {e}");
+            assert!(
+                e.to_string().contains("expected EarlyState"),
+                "{first:?}: {e}"
+            );
         }
         // A second one, in any later stage, is refused.
-        for s in [Stage::Precopy, Stage::Final, Stage::Restored, Stage::Resumed] {
+        for s in [
+            Stage::Precopy,
+            Stage::Final,
+            Stage::Restored,
+            Stage::Resumed,
+        ] {
             assert!(step(s, &early()).is_err(), "{s:?} took a second EarlyState");
         }
         assert!(matches!(
