@@ -22,6 +22,13 @@
 //! clocks neither stall nor jump; a snapshot restore continues from the saved values (the
 //! parked time is not seen).
 //!
+//! Early state: a migration sends what a running guest cannot change or changes only at boot
+//! ([`EarlyState`]: CPUID, TSC frequency, XCRs, most MSRs) before the pause, and the
+//! destination applies it then ([`Vm::apply_early`]). The blackout's state is the whole state
+//! minus what is still equal to its early value ([`VmState::strip_early`]), so anything the
+//! guest changed in between travels again and wins ([`VmState::merge_early`],
+//! [`restore_vcpu_after`]). Snapshots always hold the whole state.
+//!
 //! Format: the whole [`VmState`] is bincode (fixed-int, little-endian) inside one envelope
 //! ([`ENVELOPE`]: a layout of the transport's one framing helper, which does every check):
 //!

@@ -2,7 +2,9 @@
 //!
 //! Everything that can be prepared is prepared before the first page arrives: the VM, its vCPU
 //! threads (Paused, no state) and pre-faulted guest memory. Pages are read straight from the
-//! sockets into guest memory; the guest runs only after the source's Commit.
+//! sockets into guest memory; the guest runs only after the source's Commit. The early state
+//! (CPUID, TSC frequency, XCRs, boot-time MSRs) comes before the first round and is set on the
+//! vCPUs then: the blackout restores only the rest and what changed since.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
