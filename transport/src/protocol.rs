@@ -2239,7 +2239,7 @@ mod tests {
         let b = Header::new(MessageKind::Resumed, 8, 0x1234_5678).encode();
         assert_eq!(
             b,
-            [b'B', b'L', b'I', b'P', 2, 0, 12, 0, 8, 0, 0, 0, 0x78, 0x56, 0x34, 0x12]
+            [b'B', b'L', b'I', b'P', 3, 0, 12, 0, 8, 0, 0, 0, 0x78, 0x56, 0x34, 0x12]
         );
     }
 
