@@ -880,8 +880,10 @@ fn set_tsc_khz(
 /// (they change all the time, the deadline needs the LAPIC restored first, and the TSC is
 /// advanced by the transit time), the APIC base and EFER (sregs set them in the blackout, in
 /// the order KVM needs), and the kvmclock wall-clock MSRs (a write makes KVM write guest
-/// memory at once, which the pages still to come would overwrite and `--verify` would see).
-pub const BLACKOUT_ONLY_MSRS: [u32; 7] = [
+/// memory at once, which the pages still to come would overwrite and `--verify` would see), and
+/// the FS/GS bases (a Linux guest changes them at every context switch and `swapgs`: they
+/// would travel twice).
+pub const BLACKOUT_ONLY_MSRS: [u32; 10] = [
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     0x3b,        // MSR_IA32_TSC_ADJUST
@@ -889,6 +891,9 @@ pub const BLACKOUT_ONLY_MSRS: [u32; 7] = [
     0xc000_0080, // MSR_EFER
     0x11,        // MSR_KVM_WALL_CLOCK
     0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
+    0xc000_0100, // MSR_FS_BASE
+    0xc000_0101, // MSR_GS_BASE
+    0xc000_0102, // MSR_KERNEL_GS_BASE
 ];
 
 /// One vCPU's early state: the pieces a running guest cannot change (CPUID, TSC frequency)
@@ -1060,22 +1065,41 @@ impl VmState {
     }
 }
 
+/// What [`apply_early_vcpu`] did on one vCPU.
+#[derive(Debug, Default)]
+pub struct EarlyApplied {
+    /// Set when the TSC frequency could not be matched.
+    pub note: Option<TscNote>,
+    /// MSRs KVM refused on the blank vCPU; the blackout sets them (after sregs).
+    pub refused: Vec<u32>,
+}
+
 /// Applies one vCPU's early state to a blank, paused vCPU, before the blackout: CPUID first
 /// (KVM checks XCRs and some MSRs against it), the TSC frequency (before any TSC write), the
-/// MSRs, the XCRs. Returns a note when the TSC frequency could not be matched.
+/// MSRs, the XCRs.
+///
+/// An MSR KVM refuses here is skipped, not an error: some checks depend on state that only
+/// the blackout sets (standard KVM checks an address MSR such as `LSTAR` for canonical form
+/// against the vCPU's CR4.LA57, so a 5-level-paging guest's kernel addresses are refused
+/// before sregs). Such an MSR is left out of what counts as applied, and the blackout sets it
+/// in the usual order.
 pub fn apply_early_vcpu(
     fd: &VcpuFd,
     e: &EarlyVcpu,
     caps: &Caps,
-) -> Result<Option<TscNote>, PersistError> {
+) -> Result<EarlyApplied, PersistError> {
     let i = e.index;
     set_cpuid(fd, i, &e.cpuid)?;
-    let note = match e.tsc_khz {
-        Some(khz) => set_tsc_khz(fd, i, khz, caps)?,
-        None => None,
+    let mut out = EarlyApplied {
+        note: match e.tsc_khz {
+            Some(khz) => set_tsc_khz(fd, i, khz, caps)?,
+            None => None,
+        },
+        refused: Vec::new(),
     };
-    let mut done = 0;
-    for chunk in e.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+    let mut rest = &e.msrs[..];
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
@@ -1086,21 +1110,21 @@ pub fn apply_early_vcpu(
             .collect();
         let n = fd
             .set_msrs(&msrs_of(i, &entries)?)
-            .map_err(kvm("set MSRs (early)", i))?;
-        if n != chunk.len() {
-            return Err(PersistError::MsrWrite {
-                vcpu: i,
-                set: done + n,
-                total: e.msrs.len(),
-                index: chunk[n.min(chunk.len() - 1)].0,
-            });
-        }
-        done += n;
+            .map_err(kvm("set MSRs (early)", i))?
+            .min(chunk.len());
+        // KVM stops at the first MSR it refuses: skip that one and go on.
+        let consumed = if n == chunk.len() {
+            n
+        } else {
+            out.refused.push(chunk[n].0);
+            n + 1
+        };
+        rest = &rest[consumed..];
     }
     if let Some(x) = &e.xcrs {
         fd.set_xcrs(x).map_err(kvm("set XCRs (early)", i))?;
     }
-    Ok(note)
+    Ok(out)
 }
 
 /// Wraps an early state in its envelope.
@@ -1366,8 +1390,13 @@ impl Vm {
 
     /// Applies an early state ([`EarlyState`]) to this blank, paused VM before the blackout:
     /// every vCPU thread sets its own pieces at the same time. Returns notes on vCPUs whose
-    /// TSC frequency could not be matched.
-    pub fn apply_early(&mut self, early: &EarlyState) -> Result<Vec<TscNote>, PersistError> {
+    /// TSC frequency could not be matched, and what was applied: `early` without the MSRs KVM
+    /// refused on a blank vCPU (pass that to [`Vm::restore_state_after`], which then sets
+    /// them in the blackout).
+    pub fn apply_early(
+        &mut self,
+        early: &EarlyState,
+    ) -> Result<(Vec<TscNote>, EarlyState), PersistError> {
         early.check(self.vcpu_count())?;
         let caps = Arc::new(Caps::of_vm_probing(self.fd(), false));
         let n = early.vcpus.len();
@@ -1376,22 +1405,31 @@ impl Vm {
         self.with_each_vcpu(|i| {
             let (tx, c, all) = (tx.clone(), caps.clone(), shared.clone());
             Box::new(move |fd| {
-                let _ = tx.send(apply_early_vcpu(fd, &all[i as usize], &c));
+                let _ = tx.send((i, apply_early_vcpu(fd, &all[i as usize], &c)));
             })
         })
         .map_err(PersistError::Vm)?;
         let mut notes = Vec::new();
+        let mut applied = early.clone();
         let mut replies = 0;
-        while let Ok(r) = rx.try_recv() {
+        while let Ok((i, r)) = rx.try_recv() {
             replies += 1;
-            if let Some(note) = r? {
-                notes.push(note);
+            let r = r?;
+            notes.extend(r.note);
+            if !r.refused.is_empty() {
+                tracing::debug!(
+                    "vCPU {i}: MSRs {:x?} refused before sregs; set in the blackout",
+                    r.refused
+                );
+                applied.vcpus[i as usize]
+                    .msrs
+                    .retain(|(m, _)| !r.refused.contains(m));
             }
         }
         if replies != n {
             return Err(PersistError::NoReply(replies as u8));
         }
-        Ok(notes)
+        Ok((notes, applied))
     }
 
     /// [`Vm::restore_state_with`] into a VM that got `early` ([`Vm::apply_early`]) before:
@@ -1887,10 +1925,10 @@ mod tests {
                 drop(d);
                 let mut d = fresh();
                 let t = Instant::now();
-                d.apply_early(&early).unwrap();
+                let (_, took) = d.apply_early(&early).unwrap();
                 applied.push(t.elapsed().as_secs_f64() * 1e6);
                 let t = Instant::now();
-                d.restore_state_after(&merged, ClockPolicy::Continue, Some(&early))
+                d.restore_state_after(&merged, ClockPolicy::Continue, Some(&took))
                     .unwrap();
                 after.push(t.elapsed().as_secs_f64() * 1e6);
             }
@@ -1998,7 +2036,7 @@ mod tests {
         copy_memory(src.memory(), dst.memory(), 32 << 20);
         drop(src);
         let early = decode_early(&encode_early(&early).unwrap()).unwrap();
-        dst.apply_early(&early).unwrap();
+        let (_, applied) = dst.apply_early(&early).unwrap();
         let mut back = decode(&encode(&st).unwrap()).unwrap();
         back.merge_early(&early).unwrap();
         assert_eq!(back.vcpus[0].cpuid, whole.vcpus[0].cpuid);
@@ -2008,7 +2046,7 @@ mod tests {
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b, "merged MSRs differ from the saved ones");
-        dst.restore_state_after(&back, ClockPolicy::Continue, Some(&early))
+        dst.restore_state_after(&back, ClockPolicy::Continue, Some(&applied))
             .unwrap();
         let (tx, rx) = mpsc::sync_channel(1);
         dst.with_vcpu(
@@ -2176,6 +2214,63 @@ mod tests {
         for (what, get, set) in rx.recv().unwrap() {
             eprintln!("persist: cost {what:<22} get {get:>6.2} us  set {set:>6.2} us");
         }
+    }
+
+    /// An early MSR KVM refuses on a blank vCPU (as standard KVM refuses a 5-level-paging
+    /// kernel's address before CR4.LA57 is set) is skipped before the pause and set in the
+    /// blackout, after sregs. Here: a non-canonical LSTAR in the early state, the real one in
+    /// the blackout's state.
+    #[test]
+    fn persist_early_msr_refused_on_a_blank_vcpu_is_set_in_the_blackout() {
+        const LSTAR: u32 = 0xc000_0082;
+        let mut src = boot(1, Duration::from_millis(50));
+        let caps = src.persist_caps().unwrap();
+        let st = src.save_state_with(&caps).unwrap();
+        drop(src);
+        let real = st.vcpus[0].msrs.iter().find(|m| m.0 == LSTAR).unwrap().1;
+        let mut early = EarlyState::of(&st);
+        let at = early.vcpus[0]
+            .msrs
+            .iter()
+            .position(|m| m.0 == LSTAR)
+            .unwrap();
+        early.vcpus[0].msrs[at].1 = 0x8000_0000_0000_0000;
+        let mut rest = st.clone();
+        assert_eq!(
+            rest.strip_early(&early).msrs,
+            1,
+            "the real LSTAR travels again"
+        );
+        let mut dst = Vm::create(config(32 << 20, 1, None, Sink::default())).unwrap();
+        let (_, applied) = dst.apply_early(&early).unwrap();
+        assert_eq!(
+            applied.vcpus[0].msr(LSTAR),
+            None,
+            "KVM took a non-canonical LSTAR"
+        );
+        assert_eq!(
+            applied.vcpus[0].msrs.len() + 1,
+            early.vcpus[0].msrs.len(),
+            "only LSTAR was refused"
+        );
+        rest.merge_early(&early).unwrap();
+        dst.restore_state_after(&rest, ClockPolicy::Continue, Some(&applied))
+            .unwrap();
+        let (tx, rx) = mpsc::sync_channel(1);
+        dst.with_vcpu(
+            0,
+            Box::new(move |fd| {
+                let mut m = Msrs::from_entries(&[kvm_msr_entry {
+                    index: LSTAR,
+                    ..Default::default()
+                }])
+                .unwrap();
+                fd.get_msrs(&mut m).unwrap();
+                let _ = tx.send(m.as_slice()[0].data);
+            }),
+        )
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), real);
     }
 
     #[test]

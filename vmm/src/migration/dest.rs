@@ -525,8 +525,9 @@ struct Receiver<'a> {
     /// Bytes moved on any stream: the control stream's wait lasts while they move.
     progress: Progress,
     inc: Incoming,
-    /// The early state, applied to the vCPUs when it came (before the first round).
-    early: Option<persist::EarlyState>,
+    /// The early state as sent, and what of it KVM took on the blank vCPUs when it came
+    /// (before the first round).
+    early: Option<(persist::EarlyState, persist::EarlyState)>,
 }
 
 impl Receiver<'_> {
@@ -640,7 +641,7 @@ impl Receiver<'_> {
     fn apply_early(&mut self, vm: &mut Vm, bytes: &[u8]) -> Result<(), MigrationError> {
         let t = now_ns();
         let early = persist::decode_early(bytes)?;
-        let notes = vm.apply_early(&early)?;
+        let (notes, applied) = vm.apply_early(&early)?;
         tracing::debug!(
             "early state ({} bytes) applied in {} us",
             bytes.len(),
@@ -652,7 +653,7 @@ impl Receiver<'_> {
         self.inc
             .restore_notes
             .extend(notes.iter().map(ToString::to_string));
-        self.early = Some(early);
+        self.early = Some((early, applied));
         Ok(())
     }
 
@@ -672,7 +673,7 @@ impl Receiver<'_> {
         // structure at once), which the source never did.
         let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         let t = now_ns();
-        let early = self
+        let (early, applied) = self
             .early
             .as_ref()
             .ok_or(MigrationError::Internal("State before EarlyState"))?;
@@ -683,7 +684,7 @@ impl Receiver<'_> {
         let policy = persist::ClockPolicy::Advance {
             since_ns: arrived_ns,
         };
-        let notes = vm.restore_state_after(&state, policy, Some(early))?;
+        let notes = vm.restore_state_after(&state, policy, Some(applied))?;
         self.inc.restore_ns = now_ns() - t;
         for n in &notes {
             tracing::warn!("blip: note: {n}");
