@@ -64,6 +64,7 @@ fn handshake() -> Vec<u8> {
         Message::RoundEnd { round: 0, pages: 8192 },
         Message::RoundAck { round: 0 },
         Message::State(b"BLIPSTAT\x01\x00\x00\x00".to_vec()),
+        Message::EarlyState(b"BLIPERLY\x02\x00\x00\x00".to_vec()),
         Message::Ready { mem_hash: 0 },
         Message::Commit,
         Message::Resumed { t_ns: 123_456_789 },

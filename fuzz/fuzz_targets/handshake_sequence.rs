@@ -21,9 +21,9 @@ use blip_vmm::migration::MigrationError;
 use libfuzzer_sys::fuzz_target;
 
 /// What the source and destination state machines wait for.
-const EXPECTED: [&str; 10] = [
+const EXPECTED: [&str; 11] = [
     "Hello", "Auth", "Offer", "Accept", "StreamHello", "RoundAck", "State", "Ready", "Commit",
-    "Resumed",
+    "Resumed", "EarlyState",
 ];
 
 fn decode_one(bytes: &[u8]) -> Message {

@@ -25,8 +25,9 @@
 //!   final:   RDMA WRITEs + mark FINAL on queue pair N+1, and State goes out at once; the
 //!            destination restores only after the FINAL mark arrived
 //!                           <------------------ RoundAck{round}   (all streams drained)
+//!   EarlyState{opaque bytes} on control ----->  (once, before round 0: applied at once)
 //!   ... last round (vCPUs paused = blackout) ...
-//!   State{opaque bytes} on control ---------->
+//!   State{opaque bytes} on control ---------->  (only what EarlyState lacks or what changed)
 //!                           <------------------ Ready             (holds complete state)
 //!   Commit ------------------------------------>
 //!                           <------------------ Resumed{t_ns}
@@ -67,7 +68,12 @@ pub use crc32c::crc32c_append;
 /// `b"BLIP"` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"BLIP");
 /// The protocol version this build speaks; the peer must speak the same one.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3: the source sends [`Message::EarlyState`] before the pause (the state a running
+/// guest cannot or does not change), and the blackout's [`Message::State`] carries only the
+/// rest. A version-2 peer is refused at its first frame (Hello) with "protocol version
+/// mismatch".
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the encoded [`Header`].
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted or sent (64 MiB).
@@ -536,11 +542,13 @@ pub enum MessageKind {
     HostRequest = 18,
     /// [`Message::HostReply`]
     HostReply = 19,
+    /// [`Message::EarlyState`]
+    EarlyState = 20,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 19] = [
+    pub const ALL: [MessageKind; 20] = [
         MessageKind::Hello,
         MessageKind::Offer,
         MessageKind::Accept,
@@ -560,6 +568,7 @@ impl MessageKind {
         MessageKind::RdmaConnect,
         MessageKind::HostRequest,
         MessageKind::HostReply,
+        MessageKind::EarlyState,
     ];
 
     /// The kind with wire value `v`, if there is one.
@@ -589,6 +598,7 @@ impl MessageKind {
             MessageKind::RdmaConnect => "RdmaConnect",
             MessageKind::HostRequest => "HostRequest",
             MessageKind::HostReply => "HostReply",
+            MessageKind::EarlyState => "EarlyState",
         }
     }
 }
@@ -900,8 +910,13 @@ pub enum Message {
         /// Round number.
         round: u32,
     },
-    /// Source → destination: the opaque vCPU/device state.
+    /// Source → destination: the opaque vCPU/device state (inside the blackout: what the
+    /// [`Message::EarlyState`] did not carry, or carried with a value that changed since).
     State(Vec<u8>),
+    /// Source → destination, once, before the first pre-copy round: the opaque early state
+    /// (state a running guest cannot change or changes only at boot), applied to the
+    /// destination's prepared vCPUs before the pause.
+    EarlyState(Vec<u8>),
     /// Destination → source: complete state held, ready to resume. `mem_hash` is the
     /// destination's guest-memory hash when the Offer asked for verification, else 0.
     Ready {
@@ -957,6 +972,7 @@ impl Message {
             Message::RoundEnd { .. } => MessageKind::RoundEnd,
             Message::RoundAck { .. } => MessageKind::RoundAck,
             Message::State(_) => MessageKind::State,
+            Message::EarlyState(_) => MessageKind::EarlyState,
             Message::Ready { .. } => MessageKind::Ready,
             Message::Heartbeat { .. } => MessageKind::Heartbeat,
             Message::PageBatch { .. } => MessageKind::PageBatch,
@@ -1122,7 +1138,7 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             e.u64(*pages);
         }
         Message::RoundAck { round } => e.u32(*round),
-        Message::State(bytes) => e.bytes(bytes)?,
+        Message::State(bytes) | Message::EarlyState(bytes) => e.bytes(bytes)?,
         Message::Resumed { t_ns } => e.u64(*t_ns),
         Message::HostRequest(r) => {
             if r.name.len() > MAX_HOST_NAME {
@@ -1414,6 +1430,7 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         },
         MessageKind::RoundAck => Message::RoundAck { round: d.u32()? },
         MessageKind::State => Message::State(d.bytes()?.to_vec()),
+        MessageKind::EarlyState => Message::EarlyState(d.bytes()?.to_vec()),
         MessageKind::Ready => Message::Ready { mem_hash: d.u64()? },
         MessageKind::Auth => Message::Auth { mac: d.array()? },
         MessageKind::PageBatch => {
@@ -1682,6 +1699,8 @@ mod tests {
             Message::RoundAck { round: 9 },
             Message::State(vec![1, 2, 3, 4, 5]),
             Message::State(Vec::new()),
+            Message::EarlyState(vec![9, 8, 7]),
+            Message::EarlyState(Vec::new()),
             Message::Ready { mem_hash: 7 },
             Message::Heartbeat {
                 counter: 3,
@@ -1964,6 +1983,33 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_peer_without_early_state_is_refused_at_its_hello() {
+        // A version-2 source sends its whole state in the blackout and no EarlyState: its
+        // first frame (Hello) already names the version, and the refusal says which.
+        let hello = Message::Hello {
+            role: Role::Source,
+            session: 1,
+            nonce: [0; 32],
+            host_id: 0,
+            auth: AUTH_NONE,
+        };
+        let mut b = Vec::new();
+        write_message(&mut b, &hello).unwrap();
+        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let err = read_message(&mut Cursor::new(&b)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "protocol version mismatch: this build speaks version 3, the peer speaks 2"
+        );
+        // The early state has its own kind, and round-trips with its bytes.
+        let mut b = Vec::new();
+        write_message(&mut b, &Message::EarlyState(vec![1; 300])).unwrap();
+        let f = read_message(&mut Cursor::new(&b)).unwrap();
+        assert_eq!(f.msg.kind(), MessageKind::EarlyState);
+        assert!(matches!(f.msg, Message::EarlyState(v) if v == vec![1; 300]));
+    }
+
+    #[test]
     fn huge_length_is_rejected_before_allocating() {
         for len in [u32::MAX, MAX_PAYLOAD + 1] {
             let h = Header::new(MessageKind::State, len, 0).encode();
@@ -2193,7 +2239,7 @@ mod tests {
         let b = Header::new(MessageKind::Resumed, 8, 0x1234_5678).encode();
         assert_eq!(
             b,
-            [b'B', b'L', b'I', b'P', 2, 0, 12, 0, 8, 0, 0, 0, 0x78, 0x56, 0x34, 0x12]
+            [b'B', b'L', b'I', b'P', 3, 0, 12, 0, 8, 0, 0, 0, 0x78, 0x56, 0x34, 0x12]
         );
     }
 

@@ -2,7 +2,9 @@
 //!
 //! Everything that can be prepared is prepared before the first page arrives: the VM, its vCPU
 //! threads (Paused, no state) and pre-faulted guest memory. Pages are read straight from the
-//! sockets into guest memory; the guest runs only after the source's Commit.
+//! sockets into guest memory; the guest runs only after the source's Commit. The early state
+//! (CPUID, TSC frequency, XCRs, boot-time MSRs) comes before the first round and is set on the
+//! vCPUs then: the blackout restores only the rest and what changed since.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -418,6 +420,7 @@ fn receive_on(
             guest_name: offer.guest_name.clone(),
             ..Default::default()
         },
+        early: None,
     };
     r.run(vm_slot)?;
     Ok(r.inc)
@@ -522,6 +525,9 @@ struct Receiver<'a> {
     /// Bytes moved on any stream: the control stream's wait lasts while they move.
     progress: Progress,
     inc: Incoming,
+    /// The early state as sent, and what of it KVM took on the blank vCPUs when it came
+    /// (before the first round).
+    early: Option<(persist::EarlyState, persist::EarlyState)>,
 }
 
 impl Receiver<'_> {
@@ -529,7 +535,7 @@ impl Receiver<'_> {
         let vm = vm_slot
             .as_mut()
             .ok_or(MigrationError::Internal("no VM after Accept"))?;
-        let mut stage = Stage::Precopy;
+        let mut stage = Stage::Accepted;
         while stage != Stage::Resumed {
             // After Ready the source either commits or (having given up, e.g. on a lost
             // Ready) sends Abort: wait two peer timeouts, so its Abort lands before this side
@@ -582,6 +588,7 @@ impl Receiver<'_> {
                     self.inc.pages += u64::from(count);
                 }
                 Message::PageBatch { runs, data } => self.write_batch(&runs, &data)?,
+                Message::EarlyState(bytes) => self.apply_early(vm, &bytes)?,
                 Message::State(bytes) => self.restore(vm, &bytes)?,
                 Message::Commit => self.resume(vm)?,
                 _ => {
@@ -629,6 +636,27 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// The early state, before any round: set on the prepared vCPUs now, so the blackout
+    /// sets only what it lacks or what changed since.
+    fn apply_early(&mut self, vm: &mut Vm, bytes: &[u8]) -> Result<(), MigrationError> {
+        let t = now_ns();
+        let early = persist::decode_early(bytes)?;
+        let (notes, applied) = vm.apply_early(&early)?;
+        tracing::debug!(
+            "early state ({} bytes) applied in {} us",
+            bytes.len(),
+            (now_ns() - t) / 1000
+        );
+        for n in &notes {
+            tracing::warn!("blip: note: {n}");
+        }
+        self.inc
+            .restore_notes
+            .extend(notes.iter().map(ToString::to_string));
+        self.early = Some((early, applied));
+        Ok(())
+    }
+
     /// The state: once the final pages are in, restore it and say Ready.
     fn restore(&mut self, vm: &mut Vm, bytes: &[u8]) -> Result<(), MigrationError> {
         // Guest time moves on by what passes here from now to the KVM clock write.
@@ -645,18 +673,25 @@ impl Receiver<'_> {
         // structure at once), which the source never did.
         let mem_hash = if self.verify { digest(&self.mem) } else { 0 };
         let t = now_ns();
-        let state = persist::decode(bytes)?;
+        let (early, applied) = self
+            .early
+            .as_ref()
+            .ok_or(MigrationError::Internal("State before EarlyState"))?;
+        let mut state = persist::decode(bytes)?;
+        state.merge_early(early)?;
         // Guest time (kvmclock, TSCs) moves on by the time since the state arrived: the guest
         // neither stalls nor jumps (PC platform only; see persist::ClockPolicy).
         let policy = persist::ClockPolicy::Advance {
             since_ns: arrived_ns,
         };
-        let notes = vm.restore_state_with(&state, policy)?;
+        let notes = vm.restore_state_after(&state, policy, Some(applied))?;
         self.inc.restore_ns = now_ns() - t;
         for n in &notes {
             tracing::warn!("blip: note: {n}");
         }
-        self.inc.restore_notes = notes.iter().map(ToString::to_string).collect();
+        self.inc
+            .restore_notes
+            .extend(notes.iter().map(ToString::to_string));
         protocol::write_message(self.control, &Message::Ready { mem_hash })?;
         Ok(())
     }

@@ -6,8 +6,11 @@
 //! 2. [`calibrate`]: measure the blackout's fixed costs (state save, one pause/resume);
 //! 3. [`offer`]: the guest's shape; the destination builds its VM and answers Accept; then
 //!    the page link ([`SourceLink`]) connects;
-//! 4. [`precopy`]: rounds of dirty pages, each judged by the pure [`Controller`];
-//! 5. [`stop_and_copy`]: last live round, pause, final pages, state, wait for Ready;
+//! 4. the early state ([`persist::EarlyState`], taken in [`calibrate`]) goes out and the
+//!    destination applies it; then [`precopy`]: rounds of dirty pages, each judged by the
+//!    pure [`Controller`];
+//! 5. [`stop_and_copy`]: last live round, pause, final pages, the state minus what the early
+//!    state already carried with the same value, wait for Ready;
 //! 6. [`commit`]: the point of no return, then the destination's Resumed.
 //!
 //! A [`Rollback`] guard owns the VM for the whole sequence: dropped before Commit, it tells the
@@ -32,7 +35,7 @@ use super::{
 use crate::devices::now_ns;
 use crate::dirty::Rates;
 use crate::memory::{digest, PAGE_SIZE};
-use crate::persist::{self, Caps};
+use crate::persist::{self, Caps, EarlyState};
 use crate::vcpu::{Throttle, THROTTLE_PERIOD};
 use crate::vm::Vm;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -234,6 +237,9 @@ fn run(
         max_precopy_ns: opts.max_precopy_ms.saturating_mul(1_000_000),
         on_timeout: opts.on_timeout,
     };
+    // The early state goes before the first round: the destination sets it on its prepared
+    // vCPUs while the pages move, and the blackout carries only the rest.
+    g.write(&Message::EarlyState(persist::encode_early(&cal.early)?))?;
     let mut ctl = Controller::new(limits, cal.fixed_ns);
     let throttler = Throttler::start(g.vm.throttles());
     let pre = Precopy {
@@ -248,6 +254,7 @@ fn run(
         &mut report,
         &throttler,
         &cal.caps,
+        &cal.early,
         opts.verify,
     )?;
     commit(g, &mut report, &h, session.same_host, ctl.rtt_ns())?;
@@ -276,8 +283,10 @@ struct Calibration {
     caps: Caps,
     /// Pause + state save + transfer and restore (about two saves) + resume.
     fixed_ns: u64,
-    /// Encoded state size.
+    /// Encoded size of the blackout's state (the whole state minus the early one).
     state_len: u64,
+    /// The state sent before the pause, taken in the first calibration pause.
+    early: EarlyState,
 }
 
 /// Measures the fixed costs of a blackout: three short pause → state save → resume cycles,
@@ -289,11 +298,16 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let caps = g.vm.persist_caps()?;
     let (mut saves, mut pauses, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
     let mut state_len = 0;
+    let mut early = None;
     for _ in 0..3 {
         let p = g.vm.pause_all()?;
         g.paused = true;
         let t0 = now_ns();
-        let state = g.vm.save_state_with(&caps)?;
+        let mut state = g.vm.save_state_with(&caps)?;
+        // The early state comes from the first pause (no extra stop for the guest); the
+        // later ones time the blackout's save as it will be: whole save, strip, encode.
+        let early = early.get_or_insert_with(|| EarlyState::of(&state));
+        state.strip_early(early);
         state_len = persist::encode(&state)?.len() as u64;
         saves.push(now_ns() - t0);
         let r = g.vm.resume_all()?;
@@ -314,6 +328,7 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
         caps,
         fixed_ns,
         state_len,
+        early: early.unwrap_or_default(),
     })
 }
 
@@ -518,6 +533,7 @@ fn stop_and_copy(
     report: &mut Report,
     throttler: &Throttler,
     caps: &Caps,
+    early: &EarlyState,
     verify: bool,
 ) -> Result<Handover, MigrationError> {
     let mem = g.vm.memory().clone();
@@ -555,9 +571,15 @@ fn stop_and_copy(
         d
     });
     let t = now_ns();
-    let state = g.vm.save_state_with(caps)?;
+    let mut state = g.vm.save_state_with(caps)?;
+    // What the early state carried with the same value stays out; whatever the guest changed
+    // since (an MSR, its XCRs) travels again and wins on the destination.
+    let changed = state.strip_early(early);
     let bytes = persist::encode(&state)?;
     ph.state_save = now_ns() - t;
+    if changed != persist::EarlyDelta::default() {
+        tracing::debug!("early state changed before the pause, re-sent: {changed:?}");
+    }
     report.state_bytes = bytes.len() as u64;
     let t = now_ns();
     g.write(&Message::State(bytes))?;

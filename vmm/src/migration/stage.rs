@@ -2,13 +2,16 @@
 //! stage. Pure, so every order a broken or hostile source could send is unit-tested here.
 //!
 //! ```text
-//!            Pages, RoundEnd            PageBatch
-//!           ┌────────┐                 ┌────────┐
-//!           ▼        │                 ▼        │
-//!        Precopy ────┴── PageBatch ──► Final ───┘
-//!           │                            │
-//!           └───────── State ────────────┴──► Restored ── Commit ──► Resumed
+//!                                       Pages, RoundEnd            PageBatch
+//!                                      ┌────────┐                 ┌────────┐
+//!                                      ▼        │                 ▼        │
+//!  Accepted ── EarlyState (once) ──► Precopy ────┴── PageBatch ──► Final ───┘
+//!                                      │                            │
+//!                                      └───────── State ────────────┴──► Restored ── Commit ──► Resumed
 //! ```
+//!
+//! The early state comes first and once: a State (the blackout's rest of it) is meaningless
+//! without it, and a second EarlyState after pages moved could only be a confused source.
 //!
 //! Abort is accepted in every stage (it ends the migration with the source's reason); any
 //! other message out of its stage is refused with an error that names what was expected, and
@@ -21,6 +24,8 @@ use super::MigrationError;
 /// Where an incoming migration stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Accept was sent: only the early state may come (it is applied before any round).
+    Accepted,
     /// Pre-copy rounds: live pages, round ends, and the last live round on the control stream.
     Precopy,
     /// The guest is paused on the source: final page batches until the state.
@@ -35,6 +40,7 @@ impl Stage {
     /// What this stage accepts, for errors.
     fn expects(self) -> &'static str {
         match self {
+            Stage::Accepted => "EarlyState",
             Stage::Precopy => "Pages, RoundEnd, PageBatch or State",
             Stage::Final => "PageBatch or State",
             Stage::Restored => "Commit",
@@ -47,6 +53,7 @@ impl Stage {
 pub fn step(stage: Stage, msg: &Message) -> Result<Stage, MigrationError> {
     use Stage::*;
     match (stage, msg) {
+        (Accepted, Message::EarlyState(_)) => Ok(Precopy),
         (Precopy, Message::Pages { .. } | Message::RoundEnd { .. }) => Ok(Precopy),
         (Precopy | Final, Message::PageBatch { .. }) => Ok(Final),
         (Precopy | Final, Message::State(_)) => Ok(Restored),
@@ -80,9 +87,50 @@ mod tests {
         Message::State(vec![1, 2, 3])
     }
 
+    fn early() -> Message {
+        Message::EarlyState(vec![4, 5])
+    }
+
     /// Feeds `msgs` from Precopy; returns the final stage or the first refusal.
     fn run(msgs: &[Message]) -> Result<Stage, MigrationError> {
         msgs.iter().try_fold(Stage::Precopy, step)
+    }
+
+    #[test]
+    fn the_early_state_comes_first_and_once() {
+        let whole = [
+            early(),
+            pages(),
+            round_end(),
+            batch(),
+            state(),
+            Message::Commit,
+        ];
+        assert_eq!(
+            whole.iter().try_fold(Stage::Accepted, step).unwrap(),
+            Stage::Resumed
+        );
+        // Anything else right after Accept is refused, naming the early state.
+        for first in [pages(), round_end(), batch(), state(), Message::Commit] {
+            let e = step(Stage::Accepted, &first).unwrap_err();
+            assert!(
+                e.to_string().contains("expected EarlyState"),
+                "{first:?}: {e}"
+            );
+        }
+        // A second one, in any later stage, is refused.
+        for s in [
+            Stage::Precopy,
+            Stage::Final,
+            Stage::Restored,
+            Stage::Resumed,
+        ] {
+            assert!(step(s, &early()).is_err(), "{s:?} took a second EarlyState");
+        }
+        assert!(matches!(
+            step(Stage::Accepted, &Message::Abort { reason: "x".into() }),
+            Err(MigrationError::Aborted(_))
+        ));
     }
 
     #[test]
