@@ -194,7 +194,7 @@ impl Cell {
     }
 
     /// The workload and what sets the cell apart (the table's load column).
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         format!("{}{}", self.load(), self.extras())
     }
 
@@ -736,6 +736,7 @@ fn columns(label_width: usize) -> Vec<(&'static str, Vec<(&'static str, usize)>)
             "VMM blackout (us)",
             vec![("bo p50", 8), ("bo p99", 8), ("bo max", 8)],
         ),
+        ("bo / floor", vec![("p50", 5), ("p99", 5)]),
         ("guest gap (us)", vec![("gst p50", 8), ("gst p99", 8)]),
         (
             "phase p50 (us)",
@@ -830,7 +831,7 @@ impl Progress {
 }
 
 /// Runs one cell; returns its JSON (never panics on a failed migration or check).
-pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
+pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Floor>) -> Value {
     let s = &Settings {
         max_blackout_ns: c.target_us * 1000,
         ..s.clone()
@@ -1018,13 +1019,15 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} {:>8.1} | {:>5} {:>5} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
         c.label(),
         us(p50(&h.blackout)),
         us(p99(&h.blackout)),
         us(h.blackout.max()),
+        floor_ratio(p50(&h.blackout), floor.map(|f| f.p50())),
+        floor_ratio(p99(&h.blackout), floor.map(|f| f.p99())),
         opt_us(gst, 0.5),
         opt_us(gst, 0.99),
         us(p50(&h.pause)),
@@ -1073,12 +1076,30 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "wall_s": wall.as_secs_f64(),
         "hlog": hlog_written.ok().map(|_| hlog.display().to_string()),
         "histograms": h.json(),
+        "floor_ns": floor.map(|f| json!({"p50": f.p50(), "p99": f.p99()})),
+        "blackout_over_floor": floor.map(|f| json!({
+            "p50": ratio(p50(&h.blackout), f.p50()),
+            "p99": ratio(p99(&h.blackout), f.p99()),
+        })),
         "prediction_ratio": pred.json(),
         "migrations_target_met": pred.met,
         "migrations_target_missed": pred.with_target - pred.met,
         "samples_columns": ["blackout_ns", "guest_blackout_ns", "guest_serial_blackout_ns", "total_ns", "round_count", "bytes_sent", "guest_serial_handover_ns", "guest_serial_max_gap_at_ns", "predicted_blackout_ns", "predicted_over_actual", "target_ns", "target_met"],
         "samples": samples,
     })
+}
+
+/// `a / b`, `None` when either is 0 (nothing measured).
+pub fn ratio(a: u64, b: u64) -> Option<f64> {
+    (a > 0 && b > 0).then(|| a as f64 / b as f64)
+}
+
+/// Blackout ÷ floor for the table ("-" without a floor).
+fn floor_ratio(blackout: u64, floor: Option<u64>) -> String {
+    match floor.and_then(|f| ratio(blackout, f)) {
+        Some(r) => format!("{r:.2}"),
+        None => "-".into(),
+    }
 }
 
 fn opt_us(h: &Histogram<u64>, q: f64) -> String {
