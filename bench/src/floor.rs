@@ -13,7 +13,7 @@ use blip_vmm::platform::Platform;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::migrate::Cell;
+use crate::migrate::{fit, Cell};
 use crate::report::{hist, p50, p99, summary, us};
 
 /// A floor's shape: what the floor of a migrate cell depends on (not the tracker, target or
@@ -57,6 +57,7 @@ pub struct Floor {
     restore: Histogram<u64>,
     resume: Histogram<u64>,
     state_bytes: u64,
+    samples: Vec<Sample>,
     pub error: Option<String>,
 }
 
@@ -97,6 +98,8 @@ impl Floor {
                 "resume": summary(&self.resume),
             },
             "state_bytes": self.state_bytes,
+            "samples_columns": ["total_ns", "pause_ns", "save_ns", "encode_ns", "decode_ns", "restore_ns", "resume_ns"],
+            "samples": self.samples.iter().map(|x| json!([x.total_ns, x.pause_ns, x.save_ns, x.encode_ns, x.decode_ns, x.restore_ns, x.resume_ns])).collect::<Vec<_>>(),
             "error": self.error,
         })
     }
@@ -149,6 +152,7 @@ pub fn run(shapes: &[Shape], reps: u32) -> Vec<Floor> {
             restore: hist(),
             resume: hist(),
             state_bytes: 0,
+            samples: Vec::new(),
             error: None,
         };
         match floor::measure(&cfg) {
@@ -160,19 +164,19 @@ pub fn run(shapes: &[Shape], reps: u32) -> Vec<Floor> {
             Err(e) => f.error = Some(error_chain(&e)),
         }
         println!(
-            "floor   | {:>4}M {:>4} {:<lw$} | {:>8} {:>8.1} {:>8.1} | {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>7.1} {:>6.1} | {:>6} | {:>4}{}",
+            "floor   | {:>4}M {:>4} {:<lw$} | {:>8} {:>8} {:>8} | {:>6} {:>6} {:>6} {:>6} {:>7} {:>6} | {:>6} | {:>4}{}",
             s.mem_mib,
             s.vcpus,
             s.label(),
             "",
-            us(f.p50()),
-            us(f.p99()),
-            us(p50(&f.pause)),
-            us(p50(&f.save)),
-            us(p50(&f.encode)),
-            us(p50(&f.decode)),
-            us(p50(&f.restore)),
-            us(p50(&f.resume)),
+            fit(us(f.p50()), 8),
+            fit(us(f.p99()), 8),
+            fit(us(p50(&f.pause)), 6),
+            fit(us(p50(&f.save)), 6),
+            fit(us(p50(&f.encode)), 6),
+            fit(us(p50(&f.decode)), 6),
+            fit(us(p50(&f.restore)), 7),
+            fit(us(p50(&f.resume)), 6),
             f.state_bytes,
             f.total.len(),
             f.error.as_ref().map(|e| format!(" FAILED: {e}")).unwrap_or_default(),
@@ -191,6 +195,7 @@ fn record(f: &mut Floor, x: &Sample) {
     f.restore.saturating_record(x.restore_ns);
     f.resume.saturating_record(x.resume_ns);
     f.state_bytes = x.state_bytes;
+    f.samples.push(*x);
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -312,28 +317,24 @@ pub fn excess_row(lw: usize, c: &Cell, label: &str, row: &Value, floor: Option<&
     let d: Vec<String> = mig
         .iter()
         .zip(fl.iter())
-        .map(|(&m, &f)| format!("{:.1}", (m as f64 - f as f64) / 1e3))
+        .map(|(&m, &f)| (m as f64 - f as f64) / 1e3)
         .collect();
     let bo = &h["vmm_blackout_ns"];
-    let r = |a: u64, b: u64| {
-        crate::migrate::ratio(a, b)
-            .map(|x| format!("{x:.2}"))
-            .unwrap_or_else(|| "-".into())
-    };
+    let r = |a: u64, b: u64| crate::migrate::floor_ratio(a, Some(b));
     println!(
-        "overflr | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6.1} | {:>5} {:>5}",
+        "overflr | {:>4}M {:>4} {:>lw$} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>5} {:>5}",
         c.mem_mib,
         c.vcpus,
         label,
-        us(q(bo, "p50")),
-        us(f.p50()),
-        d[0],
-        d[1],
-        d[2],
-        d[3],
-        d[4],
-        d[5],
-        us(ph("unaccounted")),
+        fit(us(q(bo, "p50")), 8),
+        fit(us(f.p50()), 8),
+        fit(d[0], 6),
+        fit(d[1], 6),
+        fit(d[2], 7),
+        fit(d[3], 6),
+        fit(d[4], 8),
+        fit(d[5], 6),
+        fit(us(ph("unaccounted")), 6),
         r(q(bo, "p50"), f.p50()),
         r(q(bo, "p99"), f.p99()),
     );

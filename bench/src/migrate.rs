@@ -539,6 +539,7 @@ fn off_by(r: f64) -> f64 {
 fn ratio_cell(r: Option<f64>) -> String {
     match r {
         Some(r) if r > 0.0 && r < 0.01 => format!("{r:.1e}"),
+        Some(r) if r.is_finite() && r >= 100.0 => format!("{r:.0}"),
         Some(r) if r.is_finite() => format!("{r:.2}"),
         Some(_) => "inf".into(),
         None => "n/a".into(),
@@ -757,7 +758,7 @@ fn columns(label_width: usize) -> Vec<(&'static str, Vec<(&'static str, usize)>)
             "predicted / VMM bo",
             vec![("pred/actual p50", 15), ("worst", 6)],
         ),
-        ("", vec![("target met", 10)]),
+        ("", vec![("target met", 11)]),
     ]
 }
 
@@ -1019,25 +1020,25 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
     let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} {:>8.1} | {:>5} {:>5} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>lw$} | {:>8} {:>8} {:>8} | {:>5} {:>5} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | {:>15} {:>6} | {:>11} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
         c.label(),
-        us(p50(&h.blackout)),
-        us(p99(&h.blackout)),
-        us(h.blackout.max()),
+        fit(us(p50(&h.blackout)), 8),
+        fit(us(p99(&h.blackout)), 8),
+        fit(us(h.blackout.max()), 8),
         floor_ratio(p50(&h.blackout), floor.map(|f| f.p50())),
         floor_ratio(p99(&h.blackout), floor.map(|f| f.p99())),
         opt_us(gst, 0.5),
         opt_us(gst, 0.99),
-        us(p50(&h.pause)),
-        us(p50(&h.final_harvest)),
-        us(p50(&h.final_pages)),
-        us(p50(&h.state_save)),
-        us(p50(&h.transfer_restore)),
-        us(p50(&h.resume)),
-        us(p50(&h.other)),
-        p50(&h.total) as f64 / 1e6,
+        fit(us(p50(&h.pause)), 6),
+        fit(us(p50(&h.final_harvest)), 6),
+        fit(us(p50(&h.final_pages)), 7),
+        fit(us(p50(&h.state_save)), 6),
+        fit(us(p50(&h.transfer_restore)), 8),
+        fit(us(p50(&h.resume)), 6),
+        fit(us(p50(&h.other)), 6),
+        fit(p50(&h.total) as f64 / 1e6, 8),
         p50(&h.rounds),
         h.blackout.len(),
         ratio_cell(pred.quantile(0.5)),
@@ -1095,8 +1096,10 @@ pub fn ratio(a: u64, b: u64) -> Option<f64> {
 }
 
 /// Blackout ÷ floor for the table ("-" without a floor).
-fn floor_ratio(blackout: u64, floor: Option<u64>) -> String {
+pub fn floor_ratio(blackout: u64, floor: Option<u64>) -> String {
     match floor.and_then(|f| ratio(blackout, f)) {
+        Some(r) if r >= 100.0 => format!("{r:.0}"),
+        Some(r) if r >= 10.0 => format!("{r:.1}"),
         Some(r) => format!("{r:.2}"),
         None => "-".into(),
     }
@@ -1106,7 +1109,17 @@ fn opt_us(h: &Histogram<u64>, q: f64) -> String {
     if h.is_empty() {
         "n/a".into()
     } else {
-        format!("{:.1}", us(h.value_at_quantile(q)))
+        fit(us(h.value_at_quantile(q)), 8)
+    }
+}
+
+/// `v` with one decimal, or none when that would not fit `width` (columns stay aligned).
+pub fn fit(v: f64, width: usize) -> String {
+    let s = format!("{v:.1}");
+    if s.len() <= width {
+        s
+    } else {
+        format!("{v:.0}")
     }
 }
 
