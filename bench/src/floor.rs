@@ -314,7 +314,7 @@ pub fn excess_row(lw: usize, c: &Cell, label: &str, row: &Value, floor: Option<&
         ph("resume"),
     ];
     let fl = f.phases_p50();
-    let d: Vec<String> = mig
+    let d: Vec<f64> = mig
         .iter()
         .zip(fl.iter())
         .map(|(&m, &f)| (m as f64 - f as f64) / 1e3)
