@@ -118,7 +118,12 @@ pub fn shapes<'a>(cells: impl IntoIterator<Item = &'a Cell>) -> Vec<Shape> {
 }
 
 fn label_width(shapes: &[Shape]) -> usize {
-    shapes.iter().map(|s| s.label().len()).max().unwrap_or(0).max(5)
+    shapes
+        .iter()
+        .map(|s| s.label().len())
+        .max()
+        .unwrap_or(0)
+        .max(5)
 }
 
 /// Measures every shape's floor (`reps` hand-overs each) and prints the floor table.
@@ -137,7 +142,11 @@ pub fn run(shapes: &[Shape], reps: u32) -> Vec<Floor> {
         let cfg = Config {
             mem_size: s.mem_mib << 20,
             vcpus: s.vcpus,
-            platform: if s.pc { Platform::Pc } else { Platform::Minimal },
+            platform: if s.pc {
+                Platform::Pc
+            } else {
+                Platform::Minimal
+            },
             cmdline: s.cmdline.clone(),
             reps,
             settle: Duration::from_millis(30),
@@ -229,7 +238,10 @@ pub fn ioctls(reps: u32) -> Value {
             reps: 0,
             settle: Duration::from_millis(100),
         };
-        per.push((name, floor::ioctl_costs(&cfg, reps).map_err(|e| error_chain(&e))));
+        per.push((
+            name,
+            floor::ioctl_costs(&cfg, reps).map_err(|e| error_chain(&e)),
+        ));
     }
     let empty = Vec::new();
     let rows_of = |i: usize| -> &Vec<IoctlCost> { per[i].1.as_ref().unwrap_or(&empty) };

@@ -168,7 +168,10 @@ fn draw_marker<DB: DrawingBackend>(
     match shape % 4 {
         0 => area.draw(&Circle::new(at, 5, c.filled())),
         1 => area.draw(&TriangleMarker::new(at, 7, c.filled())),
-        2 => area.draw(&Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], c.filled())),
+        2 => area.draw(&Rectangle::new(
+            [(x - 5, y - 5), (x + 5, y + 5)],
+            c.filled(),
+        )),
         _ => area.draw(&Cross::new(at, 6, c.stroke_width(3))),
     }
 }

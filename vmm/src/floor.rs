@@ -91,7 +91,11 @@ fn create(cfg: &Config, image: bool, mem: Option<crate::memory::GuestMem>) -> Re
         VmConfig {
             mem_size: cfg.mem_size,
             vcpus: cfg.vcpus,
-            cmdline: if image { cfg.cmdline.clone() } else { String::new() },
+            cmdline: if image {
+                cfg.cmdline.clone()
+            } else {
+                String::new()
+            },
             backing: Backing::Anon,
             image: image.then(Image::embedded),
             serial: Box::new(std::io::sink()),
@@ -302,7 +306,8 @@ fn vcpu_costs(fd: &VcpuFd, caps: &Caps, reps: u32) -> Vec<IoctlCost> {
     let mut note = String::new();
     let mut cpuid = None;
     let get = time(reps, &mut note, || {
-        fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map(|c| cpuid = Some(c))
+        fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map(|c| cpuid = Some(c))
     });
     let set = cpuid.map(|c: CpuId| {
         note.push_str(&format!("{} entries", c.as_slice().len()));

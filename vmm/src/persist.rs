@@ -612,7 +612,12 @@ pub(crate) fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>,
     Ok(words)
 }
 
-pub(crate) fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], size: usize) -> Result<(), PersistError> {
+pub(crate) fn set_xsave(
+    fd: &VcpuFd,
+    index: u8,
+    words: &[u32],
+    size: usize,
+) -> Result<(), PersistError> {
     let legacy = std::mem::size_of::<kvm_xsave>();
     let max = size.max(legacy);
     if words.len() * 4 > max {
