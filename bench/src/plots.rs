@@ -235,10 +235,18 @@ fn cdf_png(path: &Path, title: &str, series: &[Series], markers: bool) -> PlotRe
     let zeros = all.clone().any(|v| v == 0);
     let mut lo = all.clone().filter(|&v| v > 0).min().unwrap_or(1_000) as f64 / 1e3 / 1.15;
     if zeros {
-        lo = lo.min(1000.0 / 1.3);
+        // Room for the "< 1 ms" edge left of every measured value.
+        lo = lo.min(1000.0 / 1.15) / 1.6;
     }
     let hi = (all.max().unwrap_or(1) as f64 / 1e3 * 1.15).max(lo * 1.5);
-    let cols = if series.len() > 4 { 3 } else { 2 };
+    // As many legend columns as the longest name allows.
+    let longest = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(10)
+        + 32;
+    let cols = (1060 / (longest * 8 + 50)).clamp(1, 3);
     let legend_h = if text {
         legend_height(series.len() + usize::from(zeros), cols)
     } else {
@@ -255,19 +263,31 @@ fn cdf_png(path: &Path, title: &str, series: &[Series], markers: bool) -> PlotRe
             .x_label_area_size(48)
             .y_label_area_size(62);
     }
-    let tick_points = ticks(lo, hi);
+    let mut tick_points = ticks(lo, hi);
+    if zeros {
+        // The left edge is where QEMU's "0 ms" (< 1 ms) sits: label it so, alone.
+        tick_points.retain(|&v| v > lo * 1.5);
+        tick_points.insert(0, lo);
+    }
     let mut chart = b
         .build_cartesian_2d(
             (lo..hi).log_scale().with_key_points(tick_points),
             0f64..1.02,
         )
         .map_err(|x| e(&x))?;
+    let x_fmt = |v: &f64| {
+        if zeros && (*v - lo).abs() < 1e-9 {
+            "< 1 ms".to_string()
+        } else {
+            ms_label(*v)
+        }
+    };
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("blackout (log scale)")
             .y_desc("fraction of migrations ≤ x")
             .label_style((FONT, 15))
-            .x_label_formatter(&|v| ms_label(*v));
+            .x_label_formatter(&x_fmt);
     } else {
         mesh.x_labels(0).y_labels(0);
     }
@@ -487,7 +507,11 @@ pub fn all(out: &Path, results: &Value) -> Vec<PathBuf> {
                 });
                 series.push(Series {
                     name: format!("QEMU (downtime-limit {lim} ms) downtime"),
-                    ns: column(c, "downtime_ns"),
+                    // Whole ms: below 1 ms QEMU says 0 ("< 1 ms", drawn at the left edge).
+                    ns: column(c, "downtime_ns")
+                        .into_iter()
+                        .map(|v| if v < 1_000_000 { 0 } else { v })
+                        .collect(),
                     color,
                     dashed: true,
                 });

@@ -178,10 +178,11 @@ fn ms_str(ns: Option<u64>) -> String {
     }
 }
 
-/// QEMU's `downtime`: it reports whole milliseconds, so its 0 means "< 1 ms".
+/// QEMU's `downtime`: it reports whole milliseconds, so its 0 (recorded as 1 ns in the
+/// histogram) means "< 1 ms".
 fn qemu_ms_str(ns: Option<u64>) -> String {
     match ns {
-        Some(0) => "< 1 ms".into(),
+        Some(v) if v < 1_000_000 => "< 1 ms".into(),
         other => ms_str(other),
     }
 }
@@ -189,7 +190,7 @@ fn qemu_ms_str(ns: Option<u64>) -> String {
 /// QEMU/blip of a QEMU downtime: a 0 (< 1 ms) gives "< (1 ms / blip)×".
 fn qemu_ratio_str(q: Option<u64>, b: Option<u64>) -> String {
     match (q, b) {
-        (Some(0), Some(b)) if b > 0 => format!("< {:.1}×", 1e6 / b as f64),
+        (Some(q), Some(b)) if q < 1_000_000 && b > 0 => format!("< {:.1}×", 1e6 / b as f64),
         _ => ratio_str(ratio(q, b)),
     }
 }
