@@ -300,7 +300,8 @@ fn vcpu_costs(fd: &VcpuFd, caps: &Caps, reps: u32) -> Vec<IoctlCost> {
     let r = Row {
         piece: "cpuid",
         ioctls: "KVM_GET_CPUID2 / KVM_SET_CPUID2",
-        in_blackout: caps.cpuid.is_empty(),
+        // The GET runs before the pause (`Caps::cpuid`); the restore's SET is in the blackout.
+        in_blackout: true,
         fixed: Fixed::Yes,
     };
     let mut note = String::new();
@@ -310,7 +311,11 @@ fn vcpu_costs(fd: &VcpuFd, caps: &Caps, reps: u32) -> Vec<IoctlCost> {
             .map(|c| cpuid = Some(c))
     });
     let set = cpuid.map(|c: CpuId| {
-        note.push_str(&format!("{} entries", c.as_slice().len()));
+        note.push_str(&format!(
+            "{} entries; GET {} the pause",
+            c.as_slice().len(),
+            if caps.cpuid.is_empty() { "inside" } else { "before" }
+        ));
         time(reps, &mut note, || fd.set_cpuid2(&c))
     });
     out.push(r.cost(get, set.flatten(), note));
