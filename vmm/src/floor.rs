@@ -128,7 +128,8 @@ pub fn measure(cfg: &Config) -> Result<Vec<Sample>, FloorError> {
         let t2 = now_ns();
         let bytes = persist::encode(&state)?;
         let t3 = now_ns();
-        let arrived = now_ns();
+        // The state "arrives" as soon as it is encoded (no transfer in the floor).
+        let arrived = t3;
         let state = persist::decode(&bytes)?;
         let t4 = now_ns();
         dst.restore_state_with(&state, ClockPolicy::Advance { since_ns: arrived })?;
@@ -314,7 +315,11 @@ fn vcpu_costs(fd: &VcpuFd, caps: &Caps, reps: u32) -> Vec<IoctlCost> {
         note.push_str(&format!(
             "{} entries; GET {} the pause",
             c.as_slice().len(),
-            if caps.cpuid.is_empty() { "inside" } else { "before" }
+            if caps.cpuid.is_empty() {
+                "inside"
+            } else {
+                "before"
+            }
         ));
         time(reps, &mut note, || fd.set_cpuid2(&c))
     });
@@ -675,5 +680,57 @@ pub fn host_kvm() -> HostKvm {
         max_vcpus: kvm.get_max_vcpus(),
         dirty_ring_bytes: kvm.check_extension_int(kvm_ioctls::Cap::DirtyLogRing),
         state_pieces: pieces,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(platform: Platform, reps: u32) -> Config {
+        Config {
+            mem_size: 32 << 20,
+            vcpus: 1,
+            platform,
+            cmdline: "heartbeat period=1000".into(),
+            reps,
+            settle: Duration::from_millis(20),
+        }
+    }
+
+    #[test]
+    fn floor_pieces_add_up_and_the_guest_is_handed_on() {
+        let samples = measure(&cfg(Platform::Minimal, 3)).expect("floor");
+        assert_eq!(samples.len(), 3);
+        for s in &samples {
+            let sum =
+                s.pause_ns + s.save_ns + s.encode_ns + s.decode_ns + s.restore_ns + s.resume_ns;
+            assert_eq!(sum, s.total_ns, "{s:?}");
+            assert!(s.state_bytes > 0);
+        }
+    }
+
+    #[test]
+    fn floor_ioctl_table_has_every_piece() {
+        let rows = ioctl_costs(&cfg(Platform::Pc, 0), 3).expect("ioctl costs");
+        let names: Vec<&str> = rows.iter().map(|r| r.piece.as_str()).collect();
+        for want in [
+            "cpuid",
+            "regs",
+            "sregs",
+            "xsave",
+            "msrs",
+            "lapic",
+            "mp_state",
+            "clock",
+            "irqchip ioapic",
+            "pit",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        let regs = rows.iter().find(|r| r.piece == "regs").unwrap();
+        assert!(regs.get.is_some() && regs.set.is_some(), "{regs:?}");
+        let lapic = rows.iter().find(|r| r.piece == "lapic").unwrap();
+        assert!(lapic.get.is_some(), "pc platform has a LAPIC: {lapic:?}");
     }
 }
