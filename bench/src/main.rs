@@ -29,6 +29,7 @@
 
 mod beats;
 mod dirty;
+mod floor;
 mod migrate;
 mod plots;
 mod qemu;
@@ -48,12 +49,12 @@ use serde_json::{json, Value};
 
 use crate::report::{hist, summary, us};
 
-const SCENARIOS: [&str; 6] = ["boot", "pause", "migrate", "dirty", "qemu", "tls"];
+const SCENARIOS: [&str; 7] = ["boot", "pause", "floor", "migrate", "dirty", "qemu", "tls"];
 
 #[derive(Parser, Debug)]
 #[command(name = "blip-bench", about = "blip latency benchmarks")]
 struct Args {
-    /// Scenarios to run, comma-separated (boot, pause, migrate, dirty, qemu, tls); default all.
+    /// Scenarios to run, comma-separated (boot, pause, floor, migrate, dirty, qemu, tls); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Pause/resume cycles per vCPU count.
@@ -65,6 +66,13 @@ struct Args {
     /// vCPU counts for the pause scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     vcpus: Vec<u32>,
+    /// Hand-overs per shape of the blackout floor (the floor runs for every migrate cell's
+    /// shape with `floor` and with `migrate`).
+    #[arg(long, default_value_t = 50)]
+    floor_reps: u32,
+    /// Calls per ioctl in the floor scenario's ioctl cost table.
+    #[arg(long, default_value_t = 200)]
+    ioctl_reps: u32,
     /// Migrations per cell of the migrate matrix.
     #[arg(long, default_value_t = 100)]
     migrations: u32,
@@ -137,13 +145,30 @@ impl Args {
     }
 }
 
-/// The `blip` binary next to this one (`$BLIP_BIN` overrides).
-fn blip_bin() -> PathBuf {
+/// The `blip` binary: `$BLIP_BIN`, else the one next to this executable, else
+/// `$CARGO_TARGET_DIR` or `target/` (release, then debug). `None` when none exists.
+fn find_blip() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("BLIP_BIN") {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.with_file_name("blip")
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.push(exe.with_file_name("blip"));
+    }
+    let dirs = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("target")]);
+    for d in dirs {
+        candidates.push(d.join("release/blip"));
+        candidates.push(d.join("debug/blip"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// The `blip` binary ([`find_blip`]) for the scenarios that spawn it.
+fn blip_bin() -> PathBuf {
+    find_blip().unwrap_or_else(|| PathBuf::from("blip"))
 }
 
 fn boot(n: u32) -> Value {
@@ -384,7 +409,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
     let blip: Vec<Value> = cells
         .into_iter()
         .enumerate()
-        .map(|(i, c)| migrate::cell(&s, c, 100 + i))
+        .map(|(i, c)| migrate::cell(&s, c, 100 + i, None))
         .collect();
     let mut c = migrate::Cell::new(
         64,
@@ -510,10 +535,10 @@ fn main() {
     let reproduce = reproduce.trim_end().to_string();
     println!("blip-bench: reproduce with `{reproduce}`");
     let bin = blip_bin();
-    if !bin.exists() {
+    let spawns_blip = ["boot", "migrate", "qemu", "tls"].iter().any(|s| want(s));
+    if spawns_blip && !bin.is_file() {
         eprintln!(
-            "blip-bench: error: {} not found: build it with `cargo build --release -p blip-vmm` (or set BLIP_BIN)",
-            bin.display()
+            "blip-bench: error: no blip binary next to blip-bench or in target/{{release,debug}}: run `cargo build --release -p blip-vmm` (or set BLIP_BIN)"
         );
         std::process::exit(2);
     }
@@ -529,6 +554,30 @@ fn main() {
     if want("pause") {
         let rows: Vec<Value> = a.vcpus.iter().map(|&v| pause(v, cycles)).collect();
         results.insert("pause".into(), rows.into());
+    }
+    // The floor of every migrate cell's shape, measured before the migrations so each cell
+    // reports blackout / floor.
+    let floors = if want("floor") || want("migrate") {
+        let reps = if a.quick { 10 } else { a.floor_reps.max(1) };
+        let f = floor::run(&floor::shapes(&cells), reps);
+        results.insert(
+            "floor".into(),
+            json!({
+                "reps": reps,
+                "what": "pause -> save_state_with -> encode -> decode -> restore_state_with into a prepared VM -> resume, one process, no network, no pages (blip_vmm::floor)",
+                "shapes": f.iter().map(floor::Floor::json).collect::<Vec<_>>(),
+            }),
+        );
+        f
+    } else {
+        Vec::new()
+    };
+    if want("floor") {
+        let reps = if a.quick { 20 } else { a.ioctl_reps.max(1) };
+        let t = floor::ioctls(reps);
+        if let Some(Value::Object(m)) = results.get_mut("floor") {
+            m.insert("ioctls".into(), t);
+        }
     }
     if want("migrate") {
         let scratch = std::env::temp_dir().join(format!("blip-bench-{}", std::process::id()));
@@ -570,10 +619,15 @@ fn main() {
         }
         migrate::header(s.label_width);
         let rows: Vec<Value> = cells
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, c)| migrate::cell(&s, c, i))
+            .map(|(i, &c)| migrate::cell(&s, c, i, floor::of(&floors, &c)))
             .collect();
+        // Where the blackout goes beyond the floor, phase by phase.
+        floor::excess_header(s.label_width);
+        for (c, row) in cells.iter().zip(&rows) {
+            floor::excess_row(s.label_width, c, &c.label(), row, floor::of(&floors, c));
+        }
         results.insert(
             "migrate".into(),
             json!({

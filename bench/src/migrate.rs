@@ -197,7 +197,7 @@ impl Cell {
     }
 
     /// The workload and what sets the cell apart (the table's load column).
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         format!("{}{}", self.load(), self.extras())
     }
 
@@ -542,6 +542,7 @@ fn off_by(r: f64) -> f64 {
 fn ratio_cell(r: Option<f64>) -> String {
     match r {
         Some(r) if r > 0.0 && r < 0.01 => format!("{r:.1e}"),
+        Some(r) if r.is_finite() && r >= 100.0 => format!("{r:.0}"),
         Some(r) if r.is_finite() => format!("{r:.2}"),
         Some(_) => "inf".into(),
         None => "n/a".into(),
@@ -747,6 +748,7 @@ fn columns(label_width: usize) -> Vec<(&'static str, Vec<(&'static str, usize)>)
             "VMM blackout (us)",
             vec![("bo p50", 8), ("bo p99", 8), ("bo max", 8)],
         ),
+        ("bo / floor", vec![("p50", 5), ("p99", 5)]),
         ("guest gap (us)", vec![("gst p50", 8), ("gst p99", 8)]),
         (
             "phase p50 (us)",
@@ -767,7 +769,7 @@ fn columns(label_width: usize) -> Vec<(&'static str, Vec<(&'static str, usize)>)
             "predicted / VMM bo",
             vec![("pred/actual p50", 15), ("worst", 6)],
         ),
-        ("", vec![("target met", 10)]),
+        ("", vec![("target met", 11)]),
     ]
 }
 
@@ -841,7 +843,7 @@ impl Progress {
 }
 
 /// Runs one cell; returns its JSON (never panics on a failed migration or check).
-pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
+pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Floor>) -> Value {
     let s = &Settings {
         max_blackout_ns: c.target_us * 1000,
         ..s.clone()
@@ -1029,23 +1031,25 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     let gst = if c.serial { &h.guest_serial } else { &h.guest };
     let check_short = if verdict == "ok" { "ok" } else { "FAILED" };
     println!(
-        "migrate | {:>4}M {:>4} {:>lw$} | {:>8.1} {:>8.1} {:>8.1} | {:>8} {:>8} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} {:>8.1} {:>6.1} {:>6.1} | {:>8.1} | {:>6} | {:>4} | {:>15} {:>6} | {:>10} | memory check {check_short}{}",
+        "migrate | {:>4}M {:>4} {:>lw$} | {:>8} {:>8} {:>8} | {:>5} {:>5} | {:>8} {:>8} | {:>6} {:>6} {:>7} {:>6} {:>8} {:>6} {:>6} | {:>8} | {:>6} | {:>4} | {:>15} {:>6} | {:>11} | memory check {check_short}{}",
         c.mem_mib,
         c.vcpus,
         c.label(),
-        us(p50(&h.blackout)),
-        us(p99(&h.blackout)),
-        us(h.blackout.max()),
+        fit(us(p50(&h.blackout)), 8),
+        fit(us(p99(&h.blackout)), 8),
+        fit(us(h.blackout.max()), 8),
+        floor_ratio(p50(&h.blackout), floor.map(|f| f.p50())),
+        floor_ratio(p99(&h.blackout), floor.map(|f| f.p99())),
         opt_us(gst, 0.5),
         opt_us(gst, 0.99),
-        us(p50(&h.pause)),
-        us(p50(&h.final_harvest)),
-        us(p50(&h.final_pages)),
-        us(p50(&h.state_save)),
-        us(p50(&h.transfer_restore)),
-        us(p50(&h.resume)),
-        us(p50(&h.other)),
-        p50(&h.total) as f64 / 1e6,
+        fit(us(p50(&h.pause)), 6),
+        fit(us(p50(&h.final_harvest)), 6),
+        fit(us(p50(&h.final_pages)), 7),
+        fit(us(p50(&h.state_save)), 6),
+        fit(us(p50(&h.transfer_restore)), 8),
+        fit(us(p50(&h.resume)), 6),
+        fit(us(p50(&h.other)), 6),
+        fit(p50(&h.total) as f64 / 1e6, 8),
         p50(&h.rounds),
         h.blackout.len(),
         ratio_cell(pred.quantile(0.5)),
@@ -1084,6 +1088,11 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
         "wall_s": wall.as_secs_f64(),
         "hlog": hlog_written.ok().map(|_| hlog.display().to_string()),
         "histograms": h.json(),
+        "floor_ns": floor.map(|f| json!({"p50": f.p50(), "p99": f.p99()})),
+        "blackout_over_floor": floor.map(|f| json!({
+            "p50": ratio(p50(&h.blackout), f.p50()),
+            "p99": ratio(p99(&h.blackout), f.p99()),
+        })),
         "prediction_ratio": pred.json(),
         "migrations_target_met": pred.met,
         "migrations_target_missed": pred.with_target - pred.met,
@@ -1092,11 +1101,36 @@ pub fn cell(s: &Settings, c: Cell, index: usize) -> Value {
     })
 }
 
+/// `a / b`, `None` when either is 0 (nothing measured).
+pub fn ratio(a: u64, b: u64) -> Option<f64> {
+    (a > 0 && b > 0).then(|| a as f64 / b as f64)
+}
+
+/// Blackout ÷ floor for the table ("-" without a floor).
+pub fn floor_ratio(blackout: u64, floor: Option<u64>) -> String {
+    match floor.and_then(|f| ratio(blackout, f)) {
+        Some(r) if r >= 100.0 => format!("{r:.0}"),
+        Some(r) if r >= 10.0 => format!("{r:.1}"),
+        Some(r) => format!("{r:.2}"),
+        None => "-".into(),
+    }
+}
+
 fn opt_us(h: &Histogram<u64>, q: f64) -> String {
     if h.is_empty() {
         "n/a".into()
     } else {
-        format!("{:.1}", us(h.value_at_quantile(q)))
+        fit(us(h.value_at_quantile(q)), 8)
+    }
+}
+
+/// `v` with one decimal, or none when that would not fit `width` (columns stay aligned).
+pub fn fit(v: f64, width: usize) -> String {
+    let s = format!("{v:.1}");
+    if s.len() <= width {
+        s
+    } else {
+        format!("{v:.0}")
     }
 }
 

@@ -428,11 +428,11 @@ pub fn cell(s: &Settings) -> Value {
     }
     let mib = |h: &Histogram<u64>| p50(h) as f64 / (1 << 20) as f64;
     println!(
-        "qemu    | {:>4}M {:>4} ms | {:>8.1} {:>8.1} | {:>8} {:>8} | {:>8.1} | {:>9.1} | {:>6} | {:>4}{}",
+        "qemu    | {:>4}M {:>4} ms | {:>8} {:>8} | {:>8} {:>8} | {:>8.1} | {:>9.1} | {:>6} | {:>4}{}",
         s.mem_mib,
         s.downtime_limit_ms,
-        us(p50(&downtime)),
-        us(p99(&downtime)),
+        downtime_us(p50(&downtime), downtime.is_empty()),
+        downtime_us(p99(&downtime), downtime.is_empty()),
         opt_us(&guest, 0.5),
         opt_us(&guest, 0.99),
         p50(&total) as f64 / 1e6,
@@ -504,4 +504,16 @@ pub fn guest_image(bin: &Path, to: &Path) -> Result<(), String> {
         return Err(format!("{} is not an ELF file", to.display()));
     }
     Ok(())
+}
+
+/// A QEMU downtime in µs for the table: QEMU reports whole milliseconds, so below 1 ms it
+/// said 0, shown as "< 1000".
+fn downtime_us(ns: u64, empty: bool) -> String {
+    if empty {
+        "n/a".into()
+    } else if ns < 1_000_000 {
+        "< 1000".into()
+    } else {
+        format!("{:.1}", us(ns))
+    }
 }

@@ -125,16 +125,20 @@ fn once(
     );
     let err = rx.0.stderr.take().ok_or("no receiver stderr")?;
     let mut url = None;
+    let mut last = String::new();
     let mut lines = BufReader::new(err).lines();
     for l in lines.by_ref().map_while(Result::ok) {
         if let Some((_, u)) = l.split_once("waiting for an incoming migration on ") {
             url = Some(u.trim().to_string());
             break;
         }
+        last = l;
     }
     // Keep draining its stderr (a closed pipe would fail its later writes).
     std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    let url = url.ok_or("the receiver never said where it listens")?;
+    let url = url.ok_or(format!(
+        "the receiver never said where it listens (its last line: {last:?})"
+    ))?;
     // The source's API is up and its guest has touched its working set.
     let start = Instant::now();
     while blip_vmm::api::call(&api, &blip_vmm::api::Request::Status, &mut |_| {}).is_err() {

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod dirty;
 pub mod exit;
 pub mod fault;
+pub mod floor;
 pub mod generate;
 pub mod hash;
 pub mod loader;

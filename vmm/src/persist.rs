@@ -607,7 +607,7 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, caps: &Caps) -> Result<VcpuState, Persi
     })
 }
 
-fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, PersistError> {
+pub(crate) fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, PersistError> {
     let legacy = std::mem::size_of::<kvm_xsave>();
     if size <= legacy {
         let x = fd.get_xsave().map_err(kvm("read XSAVE state", index))?;
@@ -627,7 +627,12 @@ fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, PersistErr
     Ok(words)
 }
 
-fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], size: usize) -> Result<(), PersistError> {
+pub(crate) fn set_xsave(
+    fd: &VcpuFd,
+    index: u8,
+    words: &[u32],
+    size: usize,
+) -> Result<(), PersistError> {
     let legacy = std::mem::size_of::<kvm_xsave>();
     let max = size.max(legacy);
     if words.len() * 4 > max {
