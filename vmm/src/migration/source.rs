@@ -376,6 +376,7 @@ impl Precopy<'_> {
             let (t, m) = g.vm.tracker_mut();
             t.start(m)?;
             report.tracking_start_ns = now_ns() - t0;
+            report.t_tracking_start_ns = t0;
         }
         g.tracking = true;
         let mut rates = Rates::default();
@@ -593,15 +594,17 @@ fn beat_gaps(g: &Rollback, report: &mut Report, h: &Handover, t_start: u64) {
     let Some(last) = h.last_src_beat else {
         return;
     };
-    let gap =
-        g.vm.devices()
-            .heartbeats
-            .lock()
-            .ok()
-            .and_then(|hb| hb.largest_gap(t_start, last.t_ns));
-    if let Some((gap, at)) = gap {
+    let Ok(hb) = g.vm.devices().heartbeats.lock() else {
+        return;
+    };
+    if let Some((gap, at)) = hb.largest_gap(t_start, last.t_ns) {
         report.guest_gap_before_pause_ns = Some(gap);
         report.guest_gap_before_pause_at_ns = Some(at.saturating_sub(t_start));
+    }
+    let t = report.t_tracking_start_ns;
+    if t > 0 {
+        let end = (t + 10_000_000).min(last.t_ns);
+        report.guest_gap_at_tracking_start_ns = hb.largest_gap(t, end).map(|(gap, _)| gap);
     }
 }
 
