@@ -121,12 +121,11 @@ pub fn gaps(src: &[Instant], dst: &[Instant], start: Instant) -> Option<Gaps> {
     })
 }
 
-/// Where a migration's instants lie on CLOCK_MONOTONIC (ns): asked for, pause requested,
-/// destination resumed (from the source's report), and the report received.
+/// Where a migration's instants lie on CLOCK_MONOTONIC (ns): asked for, destination resumed
+/// (from the source's report), and the report received.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
     pub start_ns: u64,
-    pub pause_ns: u64,
     pub resume_ns: u64,
     pub end_ns: u64,
 }
@@ -279,7 +278,6 @@ mod tests {
         .to_vec();
         let w = Window {
             start_ns: us(500),
-            pause_ns: us(2950),
             resume_ns: us(3500),
             end_ns: us(4500),
         };

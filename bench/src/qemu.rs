@@ -331,9 +331,9 @@ fn migrate_once(s: &Settings, src: &mut Qemu, dst: &Qemu, port: u16) -> Result<S
     })
 }
 
-/// The guest gaps split as for blip (`beats::Split`). QEMU reports no pause or resume instant:
-/// the last source beat and the first destination beat stand for them, so (a) is the handover
-/// gap, and (c) counts from the first destination beat.
+/// The guest gaps split as for blip (`beats::Split`). QEMU reports no resume instant: the
+/// first destination beat stands for it, so (a) is the handover gap (last source beat to first
+/// destination beat), and (c) counts from the first destination beat.
 fn gap_split(src: &Beats, dst: &Beats, asked: Instant, completed: u64) -> Option<beats::Split> {
     std::thread::sleep(Duration::from_nanos(beats::AFTER_RESUME_NS + 2_000_000));
     let start_ns = *beats::mono_ns(&[asked]).first()?;
@@ -341,11 +341,9 @@ fn gap_split(src: &Beats, dst: &Beats, asked: Instant, completed: u64) -> Option
         beats::mono_ns(&src.snapshot()),
         beats::mono_ns(&dst.snapshot()),
     );
-    let last_src = *s.iter().rfind(|&&t| t <= completed)?;
     let first_dst = *d.iter().find(|&&t| t >= start_ns)?;
     let w = beats::Window {
         start_ns,
-        pause_ns: last_src,
         resume_ns: first_dst,
         end_ns: completed.max(first_dst),
     };
