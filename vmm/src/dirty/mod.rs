@@ -42,8 +42,10 @@ pub const MAX_RING_ENTRIES: u32 = 65536;
 pub const MIN_RING_ENTRIES: u32 = 256;
 /// Default ring size.
 pub const DEFAULT_RING_ENTRIES: u32 = 4096;
-/// When dirty logging is switched on unless told (chosen by measurement: ARCHITECTURE.md,
-/// "Tracking start and stop").
+/// When dirty logging is switched on unless told. `Boot` takes the slot update off a
+/// migration's start, but a guest migrated with it did not finish its final memory check in
+/// the tests here: `Migration` until that is understood (ARCHITECTURE.md, "Tracking start and
+/// stop").
 pub const DEFAULT_LOG_FROM: LogFrom = LogFrom::Migration;
 
 /// Which KVM mechanism finds dirty pages.
