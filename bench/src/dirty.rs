@@ -89,6 +89,7 @@ fn measure(ws_mib: u64, mode: Mode, window: Duration) -> Result<Value, String> {
         DirtyConfig {
             mode,
             ring_entries: DEFAULT_RING_ENTRIES,
+            ..Default::default()
         },
     )
     .map_err(|e| format!("create VM: {e}"))?;

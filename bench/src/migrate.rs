@@ -144,12 +144,13 @@ impl Cell {
 
     pub fn cmdline(&self) -> String {
         let load = match self.load {
-            Load::Idle => "heartbeat period=1000".to_string(),
+            Load::Idle => format!("heartbeat period={}", beats::PERIOD_US),
             Load::Dirty { rate, .. } => {
                 let rate = rate_word(rate, "");
                 format!(
-                    "dirty ws={} rate={rate} heartbeat period=1000",
-                    self.ws_mib()
+                    "dirty ws={} rate={rate} heartbeat period={}",
+                    self.ws_mib(),
+                    beats::PERIOD_US
                 )
             }
         };
@@ -850,6 +851,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
     };
     let n = s.migrations;
     let mut h = Hists::new();
+    let mut split_h = beats::SplitHists::new();
     let mut pred = Prediction::default();
     let mut errors: Vec<String> = Vec::new();
     let mut samples: Vec<Value> = Vec::new();
@@ -910,6 +912,9 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
                         h.guest_handover.saturating_record(g.handover_ns);
                     } else if c.serial {
                         errors.push(format!("hop {hop}: no heartbeat on the destination's COM1"));
+                    }
+                    if let Some(sp) = gap_split(&r, &src, &rx) {
+                        split_h.record(&sp);
                     }
                     ch_vmm.saturating_record(r.blackout_ns);
                     if let Some(g) = r.guest_blackout_ns {
@@ -1062,6 +1067,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
         },
         lw = s.label_width,
     );
+    println!("{}", split_h.line(&c.name(), beats::PERIOD_US));
     if verdict != "ok" {
         eprintln!("blip-bench: migrate {}: memory check {verdict}", c.name());
     }
@@ -1093,6 +1099,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
             "p50": ratio(p50(&h.blackout), f.p50()),
             "p99": ratio(p99(&h.blackout), f.p99()),
         })),
+        "guest_gaps": split_h.json(beats::PERIOD_US),
         "prediction_ratio": pred.json(),
         "migrations_target_met": pred.met,
         "migrations_target_missed": pred.with_target - pred.met,
@@ -1113,6 +1120,41 @@ pub fn floor_ratio(blackout: u64, floor: Option<u64>) -> String {
         Some(r) if r >= 10.0 => format!("{r:.1}"),
         Some(r) => format!("{r:.2}"),
         None => "-".into(),
+    }
+}
+
+/// One migration's guest-observed gaps split around its blackout (`beats::Split`): serial
+/// cells from both COM1 timelines, port cells from the report and the destination's beats.
+/// Waits until the destination has beaten through its first 10 ms after resume.
+fn gap_split(r: &Report, src: &Proc, rx: &Proc) -> Option<beats::Split> {
+    if r.t_resume_ns == 0 {
+        return None;
+    }
+    let w = beats::Window {
+        start_ns: r.t_start_ns,
+        resume_ns: r.t_resume_ns,
+        end_ns: r.t_start_ns + r.total_ns,
+    };
+    let until = r.t_resume_ns + beats::AFTER_RESUME_NS + 2_000_000;
+    let now = blip_vmm::devices::now_ns();
+    if until > now {
+        std::thread::sleep(Duration::from_nanos(until - now));
+    }
+    match (&src.beats, &rx.beats) {
+        (Some(sb), Some(db)) => beats::split(
+            &beats::mono_ns(&sb.snapshot()),
+            &beats::mono_ns(&db.snapshot()),
+            &w,
+        ),
+        _ => {
+            let dst = beats::port_beats(&rx.api, r.t_resume_ns).ok()?;
+            beats::split_port(
+                r.guest_blackout_ns?,
+                r.guest_gap_before_pause_ns.unwrap_or(0),
+                &dst,
+                &w,
+            )
+        }
     }
 }
 
@@ -1187,19 +1229,16 @@ mod tests {
             }
         );
         let c = Cell::new(64, 2, l);
-        assert_eq!(c.cmdline(), "dirty ws=4 rate=2000 heartbeat period=1000");
+        assert_eq!(c.cmdline(), "dirty ws=4 rate=2000 heartbeat period=100");
         let full = Cell::new(64, 1, "dirty:16:full".parse().unwrap());
-        assert_eq!(
-            full.cmdline(),
-            "dirty ws=16 rate=full heartbeat period=1000"
-        );
+        assert_eq!(full.cmdline(), "dirty ws=16 rate=full heartbeat period=100");
         assert_eq!(full.name(), "64M 1vcpu dirty 16M@full");
         assert_eq!(c.name(), "64M 2vcpu dirty 4M@2000pps");
         // `all` is all of memory above 8 MiB (the guest's image, stacks and page tables).
         let mut c = Cell::new(1024, 1, "dirty:all:max".parse().unwrap());
         c.bitmap = true;
         c.target_us = 300;
-        assert_eq!(c.cmdline(), "dirty ws=1016 rate=max heartbeat period=1000");
+        assert_eq!(c.cmdline(), "dirty ws=1016 rate=max heartbeat period=100");
         assert_eq!(
             c.file_stem(),
             "migrate-1024M-1vcpu-dirty-1016M-max-bitmap-target-300us"

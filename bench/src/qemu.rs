@@ -270,6 +270,7 @@ fn free_port() -> Result<u16, String> {
 struct Sample {
     downtime_ns: u64,
     guest: Option<beats::Gaps>,
+    split: Option<beats::Split>,
     total_ns: u64,
     setup_ns: u64,
     transferred: u64,
@@ -314,17 +315,39 @@ fn migrate_once(s: &Settings, src: &mut Qemu, dst: &Qemu, port: u16) -> Result<S
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    let completed = blip_vmm::devices::now_ns();
     dst.beats.wait_beat_after(asked, Duration::from_secs(5));
     let guest = beats::gaps(&src.beats.snapshot(), &dst.beats.snapshot(), asked);
+    let split = gap_split(&src.beats, &dst.beats, asked, completed);
     let ms = |k: &str| r[k].as_u64().unwrap_or(0) * 1_000_000;
     Ok(Sample {
         downtime_ns: ms("downtime"),
         guest,
+        split,
         total_ns: ms("total-time"),
         setup_ns: ms("setup-time"),
         transferred: r["ram"]["transferred"].as_u64().unwrap_or(0),
         forced,
     })
+}
+
+/// The guest gaps split as for blip (`beats::Split`). QEMU reports no resume instant: the
+/// first destination beat stands for it, so (a) is the handover gap (last source beat to first
+/// destination beat), and (c) counts from the first destination beat.
+fn gap_split(src: &Beats, dst: &Beats, asked: Instant, completed: u64) -> Option<beats::Split> {
+    std::thread::sleep(Duration::from_nanos(beats::AFTER_RESUME_NS + 2_000_000));
+    let start_ns = *beats::mono_ns(&[asked]).first()?;
+    let (s, d) = (
+        beats::mono_ns(&src.snapshot()),
+        beats::mono_ns(&dst.snapshot()),
+    );
+    let first_dst = *d.iter().find(|&&t| t >= start_ns)?;
+    let w = beats::Window {
+        start_ns,
+        resume_ns: first_dst,
+        end_ns: completed.max(first_dst),
+    };
+    beats::split(&s, &d, &w)
 }
 
 /// The row header of QEMU cells (printed by the caller before the first cell).
@@ -359,6 +382,7 @@ pub fn cell(s: &Settings) -> Value {
     let (mut downtime, mut guest, mut total, mut setup, mut sent) =
         (hist(), hist(), hist(), hist(), hist());
     let mut handover = hist();
+    let mut split_h = beats::SplitHists::new();
     let mut samples = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let (mut failed, mut forced) = (0u32, 0u32);
@@ -388,6 +412,9 @@ pub fn cell(s: &Settings) -> Value {
                         handover.saturating_record(g.handover_ns);
                     } else {
                         errors.push(format!("hop {hop}: no heartbeat on the destination's COM1"));
+                    }
+                    if let Some(sp) = &m.split {
+                        split_h.record(sp);
                     }
                     total.saturating_record(m.total_ns.max(1));
                     setup.saturating_record(m.setup_ns.max(1));
@@ -445,6 +472,7 @@ pub fn cell(s: &Settings) -> Value {
             String::new()
         }
     );
+    println!("{}", split_h.line(&label, beats::PERIOD_US));
     for e in errors.iter().take(5) {
         eprintln!("blip-bench: {label}: {e}");
     }
@@ -471,6 +499,7 @@ pub fn cell(s: &Settings) -> Value {
             "setup_ns": summary(&setup),
             "bytes_sent": summary(&sent),
         },
+        "guest_gaps": split_h.json(beats::PERIOD_US),
         "downtime_resolution_ns": 1_000_000,
         "samples_columns": ["downtime_ns", "guest_serial_blackout_ns", "total_ns", "bytes_sent", "forced", "guest_serial_handover_ns", "guest_serial_max_gap_at_ns"],
         "samples": samples,

@@ -9,6 +9,7 @@
 //! | `{"cmd":"cancel"}` | one `{"event":"ok","message":"..."}` (a running migration stops in pre-copy) or an error |
 //! | `{"cmd":"migrate","options":{...}}` | `{"event":"progress",...}` lines ([`Progress`]), then `{"event":"done","report":{...}}` ([`Report`]) or `{"event":"error","message":"..."}` |
 //! | `{"cmd":"snapshot","path":"/abs/file","stop":false}` | one `{"event":"done","snapshot":{...}}` ([`Saved`]) or an error (see [`crate::snapshot`]) |
+//! | `{"cmd":"heartbeats","since_ns":0}` | one `{"event":"heartbeats","t_ns":[...]}`: when the guest's kept heartbeats arrived (CLOCK_MONOTONIC ns) |
 //! | `{"cmd":"console","input":"check\n"}` | one `{"event":"ok"}` once the bytes sit in COM1's receive FIFO (at most [`MAX_CONSOLE_INPUT`]), or an error (FIFO full: try again) |
 //!
 //! Any request may be answered by `{"event":"error","message":"..."}`, always its last line.
@@ -58,6 +59,12 @@ pub enum Request {
     Console {
         input: String,
     },
+    /// The timestamps (CLOCK_MONOTONIC ns, as blip stamped them) of the guest's heartbeats at
+    /// or after `since_ns` that this VMM still keeps: guest-observed gaps at full resolution.
+    Heartbeats {
+        #[serde(default)]
+        since_ns: u64,
+    },
 }
 
 /// The most bytes one `console` request carries: the UART's receive FIFO (a guest drains it
@@ -79,6 +86,8 @@ pub enum Reply {
     Progress(Progress),
     /// The final reply of a migration or a snapshot.
     Done(Done),
+    /// The answer to `heartbeats`.
+    Heartbeats { t_ns: Vec<u64> },
     /// The request failed.
     Error { message: String },
 }
@@ -561,7 +570,8 @@ impl Patience {
             | Request::Check
             | Request::Cancel
             | Request::Resolve { .. }
-            | Request::Console { .. } => Patience::Whole(Duration::from_secs(5)),
+            | Request::Console { .. }
+            | Request::Heartbeats { .. } => Patience::Whole(Duration::from_secs(5)),
             // Pausing the guest and writing (and syncing) all of its memory.
             Request::Snapshot { .. } => Patience::Whole(Duration::from_secs(300)),
             // Progress comes every 50 ms in pre-copy; the silent stretches (connecting,

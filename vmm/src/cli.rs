@@ -145,6 +145,10 @@ pub struct DirtyArgs {
     /// Entries per vCPU dirty ring (power of two, 256 to 65536).
     #[arg(long, default_value_t = crate::dirty::DEFAULT_RING_ENTRIES)]
     pub dirty_ring_entries: u32,
+    /// When KVM's dirty logging is switched on: at each migration's start, or from boot (no
+    /// memory-slot update when a migration starts or ends).
+    #[arg(long, value_enum, default_value_t = crate::dirty::DEFAULT_LOG_FROM)]
+    pub dirty_log_from: crate::dirty::LogFrom,
 }
 
 impl DirtyArgs {
@@ -153,6 +157,7 @@ impl DirtyArgs {
         crate::vm::DirtyConfig {
             mode: self.dirty_tracking,
             ring_entries: self.dirty_ring_entries,
+            log_from: self.dirty_log_from,
         }
     }
 }

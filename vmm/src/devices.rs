@@ -36,8 +36,9 @@ pub const HEARTBEAT_LO: u16 = 0xf8;
 pub const HEARTBEAT_HI: u16 = 0xfc;
 /// Receive FIFO size of vm-superio's 16550A (its constant is private).
 const UART_FIFO: usize = 0x40;
-/// How many heartbeats the ring keeps.
-pub const HEARTBEAT_RING: usize = 4096;
+/// How many heartbeats the ring keeps: 6.5 s of beats every 100 µs, so the ring still holds
+/// the start of a long migration when its gaps are computed (1 MiB at most).
+pub const HEARTBEAT_RING: usize = 65536;
 
 /// Current CLOCK_MONOTONIC time in nanoseconds (the clock every blip timestamp uses).
 pub fn now_ns() -> u64 {
@@ -126,6 +127,42 @@ impl Heartbeats {
     pub fn beats(&self) -> Vec<Beat> {
         self.ring.iter().copied().collect()
     }
+
+    /// Timestamps of the beats at or after `since_ns`, oldest first.
+    pub fn times_since(&self, since_ns: u64) -> Vec<u64> {
+        self.ring
+            .iter()
+            .filter(|b| b.t_ns >= since_ns)
+            .map(|b| b.t_ns)
+            .collect()
+    }
+
+    /// The largest gap between consecutive beats whose later beat lies in `from_ns..=to_ns`
+    /// (the gap into the window's first beat counts), and when it began. None with fewer than
+    /// two beats to compare.
+    pub fn largest_gap(&self, from_ns: u64, to_ns: u64) -> Option<(u64, u64)> {
+        largest_gap(self.ring.iter().map(|b| b.t_ns), from_ns, to_ns)
+    }
+}
+
+/// [`Heartbeats::largest_gap`] over timestamps in order: (gap, its start).
+pub fn largest_gap(
+    times: impl IntoIterator<Item = u64>,
+    from_ns: u64,
+    to_ns: u64,
+) -> Option<(u64, u64)> {
+    let mut prev: Option<u64> = None;
+    let mut best: Option<(u64, u64)> = None;
+    for t in times {
+        if let Some(p) = prev {
+            // Two vCPUs' beats may be recorded a little out of order: no negative gaps.
+            if (from_ns..=to_ns).contains(&t) && best.is_none_or(|(g, _)| t.saturating_sub(p) > g) {
+                best = Some((t.saturating_sub(p), p));
+            }
+        }
+        prev = Some(t);
+    }
+    best
 }
 
 /// COM1's registers and receive FIFO (a serde mirror of vm-superio's `SerialState`, which has
@@ -453,6 +490,24 @@ mod tests {
         assert!(err.to_string().contains("try again"));
         d.console_input(b"y").unwrap();
         assert_eq!(d.save_state().serial.in_buffer.len(), UART_FIFO);
+    }
+
+    #[test]
+    fn largest_gap_counts_the_gap_into_the_window() {
+        let t = [100, 200, 900, 1000, 1100, 3000];
+        assert_eq!(largest_gap(t, 850, 1100), Some((700, 200)));
+        assert_eq!(largest_gap(t, 950, 1100), Some((100, 900)));
+        assert_eq!(largest_gap(t, 0, 100), None);
+        assert_eq!(largest_gap(t, 0, u64::MAX), Some((1900, 1100)));
+        let mut h = Heartbeats::default();
+        for (i, t) in t.iter().enumerate() {
+            h.record(Beat {
+                counter: i as u64,
+                t_ns: *t,
+            });
+        }
+        assert_eq!(h.times_since(1000), [1000, 1100, 3000]);
+        assert_eq!(h.largest_gap(150, 1000), Some((700, 200)));
     }
 
     #[test]

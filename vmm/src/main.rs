@@ -350,6 +350,15 @@ fn serve_vm(
                         last_heartbeat: last.map(|b| b.counter),
                     }));
                 }
+                Request::Heartbeats { since_ns } => {
+                    let t_ns = vm
+                        .devices()
+                        .heartbeats
+                        .lock()
+                        .map(|h| h.times_since(since_ns))
+                        .unwrap_or_default();
+                    let _ = req.reply.send(Reply::Heartbeats { t_ns });
+                }
                 Request::Check => {
                     let r = vm.send_guest_command(1);
                     let _ = req.reply.send(match r {

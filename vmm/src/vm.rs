@@ -107,6 +107,8 @@ pub struct VmConfig {
 pub struct DirtyConfig {
     pub mode: dirty::Mode,
     pub ring_entries: u32,
+    /// When KVM's dirty logging is switched on (at each migration, or from boot).
+    pub log_from: dirty::LogFrom,
 }
 
 impl Default for DirtyConfig {
@@ -114,6 +116,7 @@ impl Default for DirtyConfig {
         DirtyConfig {
             mode: dirty::Mode::Ring,
             ring_entries: dirty::DEFAULT_RING_ENTRIES,
+            log_from: dirty::DEFAULT_LOG_FROM,
         }
     }
 }
@@ -273,7 +276,7 @@ impl Vm {
             }
         }
 
-        let tracker = Tracker::new(fd.clone(), active, &fds, &mem)?;
+        let tracker = Tracker::new(fd.clone(), active, &fds, &mem, dirty_cfg.log_from)?;
         vcpu::install_kick_handler().map_err(VmError::Thread)?;
         let devices = Arc::new(Devices::with_irq(
             cfg.serial,

@@ -2,13 +2,14 @@
 //! seeded pseudo-random set of pages from every vCPU and publishes how far it got; between two
 //! pauses the test recomputes exactly which pages were written and requires every one of them
 //! to be reported in that round (zero misses), for both trackers and ring sizes from the
-//! smallest to the largest, including a ring too small for the burst.
+//! smallest to the largest, including a ring too small for the burst, and with logging on from
+//! boot across several tracking sessions.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use blip_vmm::dirty::{Mode, DEFAULT_RING_ENTRIES, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
+use blip_vmm::dirty::{LogFrom, Mode, DEFAULT_RING_ENTRIES, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
 use blip_vmm::loader::{Image, INFO_PAGE};
 use blip_vmm::memory::Backing;
 use blip_vmm::vm::{DirtyConfig, Vm, VmConfig};
@@ -68,6 +69,29 @@ fn check_rounds(
     rounds: u32,
     starve_collector: bool,
 ) -> (u64, u64, u64) {
+    check_sessions(
+        mode,
+        ring_entries,
+        vcpus,
+        rounds,
+        starve_collector,
+        LogFrom::Migration,
+        1,
+    )
+}
+
+/// [`check_rounds`] with logging switched on `from`, over `sessions` start..stop sessions of
+/// `rounds` rounds each; between sessions the guest runs untracked for a while (from boot:
+/// its rings fill and its vCPUs drain them with nobody harvesting).
+fn check_sessions(
+    mode: Mode,
+    ring_entries: u32,
+    vcpus: u32,
+    rounds: u32,
+    starve_collector: bool,
+    from: LogFrom,
+    sessions: u32,
+) -> (u64, u64, u64) {
     let mut vm = Vm::create_with(
         VmConfig {
             mem_size: 32 << 20,
@@ -78,7 +102,11 @@ fn check_rounds(
             serial: Box::new(std::io::sink()),
             platform: Default::default(),
         },
-        DirtyConfig { mode, ring_entries },
+        DirtyConfig {
+            mode,
+            ring_entries,
+            log_from: from,
+        },
     )
     .expect("create VM");
     let n = u64::from(vcpus);
@@ -88,6 +116,32 @@ fn check_rounds(
         assert!(Instant::now() < deadline, "guest never started writing");
         std::thread::sleep(Duration::from_millis(5));
     }
+    let mut checked = 0;
+    for i in 0..sessions {
+        // Untracked running: with logging from boot, the rings fill meanwhile.
+        if i > 0 {
+            vm.resume_all().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        checked += session(&mut vm, mode, ring_entries, n, rounds, starve_collector);
+    }
+    let shared = vm.tracker().shared().clone();
+    (
+        checked,
+        shared.full_exits.load(Ordering::Relaxed),
+        shared.anomalies.load(Ordering::Relaxed),
+    )
+}
+
+/// One tracking session: start (the guest paused), `rounds` checked rounds, stop.
+fn session(
+    vm: &mut Vm,
+    mode: Mode,
+    ring_entries: u32,
+    n: u64,
+    rounds: u32,
+    starve_collector: bool,
+) -> u64 {
     vm.pause_all().unwrap();
     {
         let (t, mem) = vm.tracker_mut();
@@ -99,7 +153,7 @@ fn check_rounds(
             .collector_paused
             .store(true, Ordering::Relaxed);
     }
-    let mut prev = counters(&vm, n);
+    let mut prev = counters(vm, n);
     let mut checked = 0;
     let mut last_reported = BTreeSet::new();
     for round in 0..rounds {
@@ -111,7 +165,7 @@ fn check_rounds(
             .iter()
             .flat_map(|r| r.first..r.first + r.pages)
             .collect();
-        let cur = counters(&vm, n);
+        let cur = counters(vm, n);
         let want = written(n, &prev, &cur);
         // Write prev+1 of a vCPU may already have landed before the last pause (the page is
         // written before its counter): it then belongs to the previous round (or, in round 0,
@@ -145,17 +199,15 @@ fn check_rounds(
         prev = cur;
         last_reported = reported;
     }
-    let shared = vm.tracker().shared().clone();
-    let stats = (
-        checked,
-        shared.full_exits.load(Ordering::Relaxed),
-        shared.anomalies.load(Ordering::Relaxed),
-    );
+    vm.tracker()
+        .shared()
+        .collector_paused
+        .store(false, Ordering::Relaxed);
     {
         let (t, mem) = vm.tracker_mut();
         t.stop(mem).unwrap();
     }
-    stats
+    checked
 }
 
 #[test]
@@ -188,6 +240,22 @@ fn ring_too_small_for_the_burst_still_misses_nothing() {
 }
 
 #[test]
+fn logging_from_boot_misses_nothing_across_sessions() {
+    // Logging on from boot: each start hands the ring entries back instead of write-protecting
+    // everything. The smallest ring fills while nobody tracks; three sessions in a row.
+    for entries in [MIN_RING_ENTRIES, DEFAULT_RING_ENTRIES] {
+        let (checked, _, _) = check_sessions(Mode::Ring, entries, 2, 3, false, LogFrom::Boot, 3);
+        assert!(checked > 0, "ring {entries}: the guest wrote nothing");
+    }
+    let (checked, _, _) = check_sessions(Mode::Bitmap, 0, 2, 3, false, LogFrom::Boot, 3);
+    assert!(checked > 0, "bitmap: the guest wrote nothing");
+    // And with the collector starved during tracking (ring-full exits while tracking too).
+    let (checked, _, _) =
+        check_sessions(Mode::Ring, MIN_RING_ENTRIES, 2, 3, true, LogFrom::Boot, 2);
+    assert!(checked > 0);
+}
+
+#[test]
 fn vmm_writes_appear_in_the_dirty_set() {
     for mode in [Mode::Ring, Mode::Bitmap] {
         let mut vm = Vm::create_with(
@@ -203,6 +271,7 @@ fn vmm_writes_appear_in_the_dirty_set() {
             DirtyConfig {
                 mode,
                 ring_entries: DEFAULT_RING_ENTRIES,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -241,6 +310,7 @@ fn bad_ring_size_is_refused() {
         DirtyConfig {
             mode: Mode::Ring,
             ring_entries: 1000,
+            ..Default::default()
         },
     );
     let e = r.err().expect("must fail").to_string();

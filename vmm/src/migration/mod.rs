@@ -343,6 +343,31 @@ pub struct Report {
     /// Says what was lost.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// CLOCK_MONOTONIC (ns) on the source when the migration was asked for, when the pause was
+    /// requested and (same host only, else 0) when the destination's first vCPU ran again: they
+    /// place guest heartbeats inside or outside the blackout.
+    #[serde(default)]
+    pub t_start_ns: u64,
+    #[serde(default)]
+    pub t_pause_ns: u64,
+    #[serde(default)]
+    pub t_resume_ns: u64,
+    /// How long switching dirty tracking on took on the migration thread, when it began
+    /// (CLOCK_MONOTONIC ns), and the largest heartbeat gap the guest saw in the 10 ms from then
+    /// (the stall of tracking start: write-protection, then a fault per first write).
+    #[serde(default)]
+    pub tracking_start_ns: u64,
+    #[serde(default)]
+    pub t_tracking_start_ns: u64,
+    #[serde(default)]
+    pub guest_gap_at_tracking_start_ns: Option<u64>,
+    /// Largest gap between the source guest's port heartbeats from the migration's start up to
+    /// the last beat before the pause (the stall the guest sees outside the blackout, source
+    /// side), and where it began (ns after `t_start_ns`). None when the guest does not beat.
+    #[serde(default)]
+    pub guest_gap_before_pause_ns: Option<u64>,
+    #[serde(default)]
+    pub guest_gap_before_pause_at_ns: Option<u64>,
 }
 
 /// A fingerprint of the CPU a guest sees from this host: vendor, family/model/stepping and a

@@ -259,6 +259,7 @@ fn run(
     )?;
     commit(g, &mut report, &h, session.same_host, ctl.rtt_ns())?;
     report.total_ns = now_ns() - t_start;
+    beat_gaps(g, &mut report, &h, t_start);
     progress(&Progress {
         phase: "done".into(),
         round: report.round_count.saturating_sub(1),
@@ -386,8 +387,11 @@ impl Precopy<'_> {
     ) -> Result<(), MigrationError> {
         // Track from now on: round 0 sends everything non-zero, later rounds what changed.
         {
+            let t0 = now_ns();
             let (t, m) = g.vm.tracker_mut();
             t.start(m)?;
+            report.tracking_start_ns = now_ns() - t0;
+            report.t_tracking_start_ns = t0;
         }
         g.tracking = true;
         let mut rates = Rates::default();
@@ -606,6 +610,28 @@ fn stop_and_copy(
     })
 }
 
+/// Report timestamps and the source side's largest heartbeat gap from the migration's start to
+/// the last beat before the pause (after the handover: nothing of it runs in the blackout).
+fn beat_gaps(g: &Rollback, report: &mut Report, h: &Handover, t_start: u64) {
+    report.t_start_ns = t_start;
+    report.t_pause_ns = h.t_pause;
+    let Some(last) = h.last_src_beat else {
+        return;
+    };
+    let Ok(hb) = g.vm.devices().heartbeats.lock() else {
+        return;
+    };
+    if let Some((gap, at)) = hb.largest_gap(t_start, last.t_ns) {
+        report.guest_gap_before_pause_ns = Some(gap);
+        report.guest_gap_before_pause_at_ns = Some(at.saturating_sub(t_start));
+    }
+    let t = report.t_tracking_start_ns;
+    if t > 0 {
+        let end = (t + 10_000_000).min(last.t_ns);
+        report.guest_gap_at_tracking_start_ns = hb.largest_gap(t, end).map(|(gap, _)| gap);
+    }
+}
+
 /// The point of no return: Commit, then the destination's Resumed and first heartbeat.
 ///
 /// After Commit the source never resumes the guest by itself. If the destination does not
@@ -641,6 +667,7 @@ fn commit(
     let mut ph = h.phases.clone();
     if same_host {
         report.blackout_ns = t_dst.saturating_sub(h.t_pause);
+        report.t_resume_ns = t_dst;
         ph.resume = t_dst.saturating_sub(t_commit);
         report.blackout_method = "shared-clock".into();
     } else {
