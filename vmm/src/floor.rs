@@ -27,8 +27,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_irqchip, kvm_msr_entry, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_irqchip, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
@@ -268,16 +268,7 @@ impl Row {
 fn msr_list(indices: &[u32]) -> Vec<Msrs> {
     indices
         .chunks(KVM_MAX_MSR_ENTRIES)
-        .filter_map(|c| {
-            let e: Vec<kvm_msr_entry> = c
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            Msrs::from_entries(&e).ok()
-        })
+        .filter_map(|c| Msrs::from_entries(&persist::msr_entries(c)).ok())
         .collect()
 }
 
@@ -406,17 +397,7 @@ fn vcpu_costs(fd: &VcpuFd, caps: &Caps, reps: u32) -> Vec<IoctlCost> {
     });
     let writes: Vec<Msrs> = v
         .chunks(KVM_MAX_MSR_ENTRIES)
-        .filter_map(|c| {
-            let e: Vec<kvm_msr_entry> = c
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            Msrs::from_entries(&e).ok()
-        })
+        .filter_map(|c| Msrs::from_entries(&persist::msr_writes(c)).ok())
         .collect();
     let set = time(reps, &mut note, || {
         writes.iter().try_for_each(|m| fd.set_msrs(m).map(|_| ()))

@@ -483,11 +483,24 @@ fn msrs_of(vcpu: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, PersistError> {
     })
 }
 
-fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
+/// Entries that ask KVM to read `indices`.
+pub(crate) fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
     indices
         .iter()
         .map(|&index| kvm_msr_entry {
             index,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Entries that ask KVM to write `(index, value)` pairs.
+pub(crate) fn msr_writes(pairs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
+    pairs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
             ..Default::default()
         })
         .collect()
@@ -1105,14 +1118,7 @@ pub fn apply_early_vcpu(
     let mut rest = &e.msrs[..];
     while !rest.is_empty() {
         let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
+        let entries = msr_writes(chunk);
         let n = fd
             .set_msrs(&msrs_of(i, &entries)?)
             .map_err(kvm("set MSRs (early)", i))?
@@ -2102,16 +2108,13 @@ mod tests {
                 };
                 let st = save_vcpu(fd, 0, &c).unwrap();
                 let cpuid = CpuId::from_entries(&st.cpuid).unwrap();
-                let entries: Vec<kvm_msr_entry> = st
+                let early: Vec<(u32, u64)> = st
                     .msrs
                     .iter()
+                    .copied()
                     .filter(|(m, _)| !BLACKOUT_ONLY_MSRS.contains(m))
-                    .map(|&(index, data)| kvm_msr_entry {
-                        index,
-                        data,
-                        ..Default::default()
-                    })
                     .collect();
+                let entries = msr_writes(&early);
                 let early_msrs = msrs_of(0, &entries).unwrap();
                 let all = msrs_of(0, &msr_entries(&c.msr_indices)).unwrap();
                 let mut rows: Vec<(String, f64, f64)> = Vec::new();
