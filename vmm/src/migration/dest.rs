@@ -184,12 +184,12 @@ fn accept_source(
         };
         let allowed_peer = allowed(&cfg.allow, peer.ip());
         if !allowed_peer {
-            tracing::warn!("blip: {}", MigrationError::NotAllowed(peer.ip()));
+            REFUSALS.warn(&format!("blip: {}", MigrationError::NotAllowed(peer.ip())));
         }
         if hearing.load(std::sync::atomic::Ordering::Acquire) >= MAX_HANDSHAKES {
-            tracing::warn!(
+            REFUSALS.warn(&format!(
                 "blip: refused a connection from {peer}: {MAX_HANDSHAKES} connections are already in their handshake"
-            );
+            ));
             continue;
         }
         hearing.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -219,21 +219,28 @@ fn accept_source(
                     Ok(won) => {
                         let _ = tx.send(won);
                     }
-                    Err(e) => tracing::warn!(
+                    Err(e) => REFUSALS.warn(&format!(
                         "blip: refused a connection from {peer}: {}",
                         crate::cli::error_chain(&e)
-                    ),
+                    )),
                 }
                 mine.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             hearing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            tracing::warn!("blip: refused a connection from {peer}: cannot start a thread ({e})");
+            REFUSALS.warn(&format!(
+                "blip: refused a connection from {peer}: cannot start a thread ({e})"
+            ));
         }
     };
     listener.set_nonblocking(false)?;
     Ok(won)
 }
+
+/// Refusal lines a stranger can cause at will: at most 10 a second of each kind reach the log,
+/// the next one says how many were left out (`logging::Quota`).
+static REFUSALS: crate::logging::Quota =
+    crate::logging::Quota::new(10, std::time::Duration::from_secs(1));
 
 /// Tells a peer outside --allow so (Refuse "not allowed"), then reads what it sent until it
 /// closes (bounded in bytes and time), so the close is orderly and the Refuse arrives.
