@@ -144,10 +144,13 @@ fn drain_across_three_namespaces_with_strays_metrics_and_sigterm() {
                     &c_url,
                     "--verify",
                     "--json",
-                    // Each migration runs pre-copy for up to 2 s (a dirtying guest rarely
-                    // predicts under 1 ms here), long enough to be seen migrating.
+                    // A target no migration meets: each runs its whole 2 s of pre-copy,
+                    // long enough to be seen migrating (with the default 1 ms a quiet machine
+                    // can converge before anyone looks).
                     "--max-precopy-time",
                     "2s",
+                    "--max-blackout",
+                    "1us",
                     "--key",
                     key.to_str().unwrap(),
                 ])

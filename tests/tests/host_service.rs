@@ -48,10 +48,11 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
                 &b_url,
                 "--parallel",
                 "1",
-                // Each migration runs pre-copy for up to 3 s (a dirtying guest rarely predicts
-                // under 1 ms here), long enough to be seen migrating.
+                // A target no migration meets: each runs its whole 3 s of pre-copy, long
+                // enough to be seen migrating (a 1 ms target can converge on a quiet machine
+                // before anyone looks).
                 "--max-blackout",
-                "1ms",
+                "1us",
                 "--max-precopy-time",
                 "3s",
                 "--json",
@@ -243,7 +244,9 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     run_guest(&a, &run_a, "one");
     run_guest(&a, &run_a, "two");
     // Both at once to a host that takes one at a time: one moves, the other is refused busy
-    // (the first stays incoming through its 3 s pre-copy) and keeps running here.
+    // and keeps running here. A target no migration can meet keeps the first incoming (and
+    // visible as migrating on A) for its whole 3 s pre-copy: with the default 1 ms target a
+    // quiet machine converged in a round or two, and the drain ended before anyone looked.
     let drain = {
         let (b_url, key, run_a) = (b_url.clone(), key.clone(), run_a.clone());
         std::thread::spawn(move || {
@@ -255,6 +258,8 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
                 "2",
                 "--max-precopy-time",
                 "3s",
+                "--max-blackout",
+                "1us",
                 "--key",
                 key.to_str().unwrap(),
                 "--json",
@@ -311,6 +316,11 @@ fn a_host_that_refuses_sends_the_guest_to_the_next() {
     let (a, _) = host_service(&dir, "svc-a", &run_a, &key, "17441-17442");
     let (mut d, d_url) = host_service(&dir, "svc-d", &run_d, &key, "17440-17440");
     let (b, b_url) = host_service(&dir, "svc-b", &run_b, &key, "17443-17449");
+    // The drain asks the host with the most free vCPUs first, then the most free memory. D and
+    // B share this machine, so their free memory differs only by what changed between the two
+    // answers, and B came first whenever memory was freed in between: a guest on B leaves it a
+    // vCPU fewer, so D is asked first every time.
+    run_guest(&b, &run_b, "resident");
     run_guest(&a, &run_a, "solo");
     let o = blip(&[
         "drain",
@@ -336,7 +346,9 @@ fn a_host_that_refuses_sends_the_guest_to_the_next() {
         "{rows}"
     );
     d.wait_stderr("refused to prepare 'solo'");
-    assert_eq!(guest_names(&b, &run_b), ["solo"]);
+    let mut on_b = guest_names(&b, &run_b);
+    on_b.sort();
+    assert_eq!(on_b, ["resident", "solo"]);
     drop(blocker);
 }
 
