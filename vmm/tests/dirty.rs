@@ -82,7 +82,7 @@ fn check_rounds(
 
 /// [`check_rounds`] with logging switched on `from`, over `sessions` start..stop sessions of
 /// `rounds` rounds each; between sessions the guest runs untracked for a while (from boot:
-/// its rings fill and its vCPUs drain them with nobody harvesting).
+/// the collector drains its rings between migrations too).
 fn check_sessions(
     mode: Mode,
     ring_entries: u32,
@@ -118,7 +118,7 @@ fn check_sessions(
     }
     let mut checked = 0;
     for i in 0..sessions {
-        // Untracked running: with logging from boot, the rings fill meanwhile.
+        // Untracked running: with logging from boot, the collector keeps the rings drained.
         if i > 0 {
             vm.resume_all().unwrap();
         }

@@ -144,6 +144,80 @@ impl Ring {
         n
     }
 
+    /// Waits until no harvest of this ring is under way: a harvest marks each page before it
+    /// hands the entry back, so after this every entry behind a mark already seen is handed
+    /// back and the next `KVM_RESET_DIRTY_RINGS` re-protects its page.
+    pub fn fence(&self) {
+        while self
+            .busy
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// Entries the ring holds.
+    pub fn capacity(&self) -> u32 {
+        self.entries
+    }
+
+    /// Recovers a ring KVM wrote past its end. Call it only from the ring's own vCPU thread
+    /// after a ring-full exit that `harvest` found nothing for: KVM pushes to a ring only from
+    /// its vCPU, so the ring is still while that thread is out of KVM_RUN.
+    ///
+    /// KVM looks for a full ring only when it enters the guest. Here (nested PVM) a burst
+    /// between two entries pushed more entries than the ring holds: the newest overwrote the
+    /// oldest unharvested ones and KVM's write index moved past ours. Our index then sits on
+    /// entries KVM has already reset (flags 0), while KVM's reset index waits for exactly those
+    /// to be handed back: neither side moves again and the vCPU takes ring-full exits forever
+    /// (a guest wedged for good; found with logging on from boot, where only full exits drain
+    /// the rings). This hands the skipped entries back too (RESET on an empty entry: KVM
+    /// re-protects the page it names, which costs at most one extra fault) and harvests the
+    /// published run after them. Returns (entries skipped, entries harvested), (0, 0) when
+    /// nothing is published anywhere (a normal empty full exit). Skipped entries mean that
+    /// writes were overwritten: the caller must answer "everything dirty".
+    pub fn recover_overrun(&self, mut f: impl FnMut(u32, u64)) -> (u32, u32) {
+        while self
+            .busy
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        let start = self.next.load(Ordering::Relaxed);
+        let published = |v: u32| v & KVM_DIRTY_GFN_F_DIRTY != 0 && v & KVM_DIRTY_GFN_F_RESET == 0;
+        let Some(skipped) = (0..self.entries)
+            .find(|&i| published(self.flags(start.wrapping_add(i)).load(Ordering::Acquire)))
+        else {
+            self.busy.store(false, Ordering::Release);
+            return (0, 0);
+        };
+        for i in 0..skipped {
+            self.flags(start.wrapping_add(i))
+                .fetch_or(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+        }
+        let mut next = start.wrapping_add(skipped);
+        let mut n = 0;
+        while skipped + n < self.entries {
+            let flags = self.flags(next);
+            let v = flags.load(Ordering::Acquire);
+            if !published(v) {
+                break;
+            }
+            let (slot, offset) = self.entry(next);
+            f(slot, offset);
+            flags.store(v | KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+            next = next.wrapping_add(1);
+            n += 1;
+        }
+        self.next.store(next, Ordering::Relaxed);
+        self.harvested.fetch_add(u64::from(n), Ordering::Relaxed);
+        self.busy.store(false, Ordering::Release);
+        (skipped, n)
+    }
+
     /// Recovers from a desynchronised ring (a ring-full exit with nothing at our index): hands
     /// back every published entry wherever it sits, reporting each, and moves the fetch index
     /// past the last one. The caller must treat the round as "everything dirty".
