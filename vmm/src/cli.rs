@@ -146,10 +146,9 @@ pub struct DirtyArgs {
     #[arg(long, default_value_t = crate::dirty::DEFAULT_RING_ENTRIES)]
     pub dirty_ring_entries: u32,
     /// When KVM's dirty logging is switched on: at each migration's start, or from boot (no
-    /// memory-slot update when a migration starts or ends). Experimental and hidden from
-    /// `--help`: a guest migrated with `boot` once did not finish its final memory check (issue
-    /// 18's note); it is here to be measured, not used.
-    #[arg(long, value_enum, default_value_t = crate::dirty::DEFAULT_LOG_FROM, hide = true)]
+    /// memory-slot update when a migration starts or ends; a collector thread then drains the
+    /// rings all the time and guest memory is mapped in 4 KiB pages)
+    #[arg(long, value_enum, default_value_t = crate::dirty::DEFAULT_LOG_FROM)]
     pub dirty_log_from: crate::dirty::LogFrom,
 }
 

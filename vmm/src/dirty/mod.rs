@@ -48,9 +48,9 @@ pub const MIN_RING_ENTRIES: u32 = 256;
 /// Default ring size.
 pub const DEFAULT_RING_ENTRIES: u32 = 4096;
 /// When dirty logging is switched on unless told. `Boot` takes the slot update off a
-/// migration's start, but a guest migrated with it did not finish its final memory check in
-/// the tests here: `Migration` until that is understood (ARCHITECTURE.md, "Tracking start and
-/// stop").
+/// migration's start, at the price of a collector that runs for the guest's whole life and no
+/// huge pages; the guest's gap at a migration's start was not distinguishable between the two
+/// on our machines (ARCHITECTURE.md, "Tracking start and stop"), so `Migration` stays.
 pub const DEFAULT_LOG_FROM: LogFrom = LogFrom::Migration;
 
 /// Which KVM mechanism finds dirty pages.
