@@ -223,25 +223,39 @@ fn logging_from_boot_migrates_three_hops_and_the_memory_checks_out() {
     cur.wait_api();
     let mut last = first_heartbeat(&cur);
     for i in 1..=3 {
-        let (mut next, url) =
-            receiver_with(&dir, &format!("h{i}"), &["--dirty-log-from", "boot"], &[]);
-        let r = report(&migrate(
-            &cur,
-            &url,
+        let (next, hb, r) = hop(
+            &mut cur,
+            &format!("h{i}"),
+            &["--dirty-log-from", "boot"],
             &["--verify", "--max-precopy-time", "5s"],
-        ));
-        assert_eq!(r["verified"], true, "hop {i}: {r}");
-        assert_eq!(cur.wait(), Some(0), "hop {i}: {}", cur.stderr());
-        next.wait_api();
-        let hb = first_heartbeat(&next);
-        assert!(
-            hb >= last,
-            "hop {i}: heartbeat went back from {last} to {hb}"
+            last,
         );
-        last = hb;
-        cur = next;
+        assert_eq!(r["verified"], true, "hop {i}: {r}");
+        (cur, last) = (next, hb);
     }
     assert_alive_then_check(&mut cur);
+}
+
+/// Migrates `cur` to a new receiver `name` (started with `receiver_extra`) and checks the hop:
+/// the source exits 0, the destination answers and its heartbeat counter has not gone back
+/// from `last`. Returns the destination, its counter and the report.
+fn hop(
+    cur: &mut Bg,
+    name: &str,
+    receiver_extra: &[&str],
+    migrate_extra: &[&str],
+    last: u64,
+) -> (Bg, u64, serde_json::Value) {
+    let (mut next, url) = receiver_with(&cur.dir, name, receiver_extra, &[]);
+    let r = report(&migrate(cur, &url, migrate_extra));
+    assert_eq!(cur.wait(), Some(0), "to {name}: {}", cur.stderr());
+    next.wait_api();
+    let hb = first_heartbeat(&next);
+    assert!(
+        hb >= last,
+        "to {name}: heartbeat went back from {last} to {hb}"
+    );
+    (next, hb, r)
 }
 
 #[test]
@@ -250,18 +264,15 @@ fn ten_migrations_in_a_row() {
     let mut cur = source(&dir, "h0");
     let mut last = 0;
     for i in 1..=10 {
-        let (mut next, url) = receiver(&dir, &format!("h{i}"), &[]);
-        let r = report(&migrate(&cur, &url, &["--max-blackout", "5ms"]));
-        assert!(r["blackout_ns"].as_u64().unwrap() > 0);
-        assert_eq!(cur.wait(), Some(0), "hop {i}: {}", cur.stderr());
-        next.wait_api();
-        let hb = next.last_heartbeat();
-        assert!(
-            hb >= last,
-            "hop {i}: heartbeat went back from {last} to {hb}"
+        let (next, hb, r) = hop(
+            &mut cur,
+            &format!("h{i}"),
+            &[],
+            &["--max-blackout", "5ms"],
+            last,
         );
-        last = hb;
-        cur = next;
+        assert!(r["blackout_ns"].as_u64().unwrap() > 0);
+        (cur, last) = (next, hb);
     }
     assert_alive_then_check(&mut cur);
 }

@@ -37,6 +37,11 @@ pub enum KvmDirtyError {
     Clear(#[source] std::io::Error),
 }
 
+/// Published by KVM and not yet handed back.
+fn published(flags: u32) -> bool {
+    flags & KVM_DIRTY_GFN_F_DIRTY != 0 && flags & KVM_DIRTY_GFN_F_RESET == 0
+}
+
 /// One vCPU's dirty ring, mapped from its vCPU fd.
 pub struct Ring {
     base: *mut kvm_dirty_gfn,
@@ -93,6 +98,22 @@ impl Ring {
         })
     }
 
+    /// Takes the ring for one harvester, spinning while another holds it (never for long);
+    /// `unlock` gives it back.
+    fn lock(&self) {
+        while self
+            .busy
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn unlock(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
     fn flags(&self, i: u32) -> &AtomicU32 {
         let e = (i & (self.entries - 1)) as usize;
         // SAFETY: `e < entries`, so the entry lies inside the live mapping; `flags` is the first,
@@ -117,19 +138,22 @@ impl Ring {
     /// back to KVM. Returns how many were harvested. Spins while another harvester holds the
     /// ring (it is never held for long).
     pub fn harvest(&self, mut f: impl FnMut(u32, u64)) -> u32 {
-        while self
-            .busy
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::hint::spin_loop();
-        }
-        let mut next = self.next.load(Ordering::Relaxed);
+        self.lock();
+        let n = self.take_published(self.next.load(Ordering::Relaxed), self.entries, &mut f);
+        self.unlock();
+        n
+    }
+
+    /// With the ring held: hands back the published entries from index `from` on, at most
+    /// `max`, calling `f(slot, offset)` for each before its hand-back; moves the fetch index
+    /// past them and returns how many there were.
+    fn take_published(&self, from: u32, max: u32, f: &mut impl FnMut(u32, u64)) -> u32 {
+        let mut next = from;
         let mut n = 0;
-        while n < self.entries {
+        while n < max {
             let flags = self.flags(next);
             let v = flags.load(Ordering::Acquire);
-            if v & KVM_DIRTY_GFN_F_DIRTY == 0 || v & KVM_DIRTY_GFN_F_RESET != 0 {
+            if !published(v) {
                 break;
             }
             let (slot, offset) = self.entry(next);
@@ -140,7 +164,6 @@ impl Ring {
         }
         self.next.store(next, Ordering::Relaxed);
         self.harvested.fetch_add(u64::from(n), Ordering::Relaxed);
-        self.busy.store(false, Ordering::Release);
         n
     }
 
@@ -148,14 +171,8 @@ impl Ring {
     /// hands the entry back, so after this every entry behind a mark already seen is handed
     /// back and the next `KVM_RESET_DIRTY_RINGS` re-protects its page.
     pub fn fence(&self) {
-        while self
-            .busy
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::hint::spin_loop();
-        }
-        self.busy.store(false, Ordering::Release);
+        self.lock();
+        self.unlock();
     }
 
     /// Entries the ring holds.
@@ -179,42 +196,20 @@ impl Ring {
     /// nothing is published anywhere (a normal empty full exit). Skipped entries mean that
     /// writes were overwritten: the caller must answer "everything dirty".
     pub fn recover_overrun(&self, mut f: impl FnMut(u32, u64)) -> (u32, u32) {
-        while self
-            .busy
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::hint::spin_loop();
-        }
+        self.lock();
         let start = self.next.load(Ordering::Relaxed);
-        let published = |v: u32| v & KVM_DIRTY_GFN_F_DIRTY != 0 && v & KVM_DIRTY_GFN_F_RESET == 0;
         let Some(skipped) = (0..self.entries)
             .find(|&i| published(self.flags(start.wrapping_add(i)).load(Ordering::Acquire)))
         else {
-            self.busy.store(false, Ordering::Release);
+            self.unlock();
             return (0, 0);
         };
         for i in 0..skipped {
             self.flags(start.wrapping_add(i))
                 .fetch_or(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
         }
-        let mut next = start.wrapping_add(skipped);
-        let mut n = 0;
-        while skipped + n < self.entries {
-            let flags = self.flags(next);
-            let v = flags.load(Ordering::Acquire);
-            if !published(v) {
-                break;
-            }
-            let (slot, offset) = self.entry(next);
-            f(slot, offset);
-            flags.store(v | KVM_DIRTY_GFN_F_RESET, Ordering::Release);
-            next = next.wrapping_add(1);
-            n += 1;
-        }
-        self.next.store(next, Ordering::Relaxed);
-        self.harvested.fetch_add(u64::from(n), Ordering::Relaxed);
-        self.busy.store(false, Ordering::Release);
+        let n = self.take_published(start.wrapping_add(skipped), self.entries - skipped, &mut f);
+        self.unlock();
         (skipped, n)
     }
 
@@ -222,19 +217,13 @@ impl Ring {
     /// back every published entry wherever it sits, reporting each, and moves the fetch index
     /// past the last one. The caller must treat the round as "everything dirty".
     pub fn resync(&self, mut f: impl FnMut(u32, u64)) -> u32 {
-        while self
-            .busy
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::hint::spin_loop();
-        }
+        self.lock();
         let mut n = 0;
         let mut after_last = None;
         for i in 0..self.entries {
             let flags = self.flags(i);
             let v = flags.load(Ordering::Acquire);
-            if v & KVM_DIRTY_GFN_F_DIRTY != 0 && v & KVM_DIRTY_GFN_F_RESET == 0 {
+            if published(v) {
                 let (slot, offset) = self.entry(i);
                 f(slot, offset);
                 flags.store(v | KVM_DIRTY_GFN_F_RESET, Ordering::Release);
@@ -256,7 +245,7 @@ impl Ring {
             self.next.store(next, Ordering::Relaxed);
         }
         self.harvested.fetch_add(u64::from(n), Ordering::Relaxed);
-        self.busy.store(false, Ordering::Release);
+        self.unlock();
         n
     }
 }
