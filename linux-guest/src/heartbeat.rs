@@ -37,6 +37,15 @@ pub fn parse(line: &str) -> Option<Beat> {
     })
 }
 
+/// The consoles of one guest that moved between hosts, as the one stream its serial port wrote:
+/// byte after byte, in order, with nothing put between them. A line the guest was writing when
+/// it paused starts in one host's log and ends in the next (`HB` on the source, ` 1243 mono=…`
+/// on the destination); a newline put between the logs cut that beat in two and it counted as
+/// lost (soft-RoCE `linux-migrate-tcp`, 2026-12-02).
+pub fn join_consoles(parts: &[Vec<u8>]) -> String {
+    String::from_utf8_lossy(&parts.concat()).into_owned()
+}
+
 /// The counter of a cut heartbeat line (`HB <n> ` followed by anything but a whole beat).
 fn fragment(line: &str) -> Option<u64> {
     let at = line.find("HB ")?;
@@ -183,6 +192,17 @@ mod tests {
         assert_eq!(a.max_gap_ns, 550_000_000);
         assert_eq!(a.max_gap_at, 10);
         assert!(a.counter_breaks.is_empty());
+    }
+
+    #[test]
+    fn a_beat_cut_by_the_move_joins_across_the_logs() {
+        let src = format!("{}\n{}\nHB", b(1, 100), b(2, 200)).into_bytes();
+        let dst = format!(" 3 mono=900000000 real=900000000\n{}\n", b(4, 1000)).into_bytes();
+        let a = analyze(&join_consoles(&[src, dst]));
+        assert_eq!(a.beats, 4);
+        assert_eq!((a.missing, a.garbled), (0, 0));
+        assert!(a.counter_breaks.is_empty());
+        assert_eq!(a.max_gap_ns, 700_000_000);
     }
 
     #[test]

@@ -69,13 +69,11 @@ fn run(mut args: impl Iterator<Item = String>) -> Result<bool, CliError> {
             if logs.is_empty() {
                 return Err(CliError::Usage);
             }
-            let mut text = String::new();
-            for p in logs {
-                let bytes = std::fs::read(&p).map_err(|e| CliError::Read(p, e))?;
-                text.push_str(&String::from_utf8_lossy(&bytes));
-                text.push('\n');
-            }
-            let a = heartbeat::analyze_from(&text, from);
+            let parts = logs
+                .into_iter()
+                .map(|p| std::fs::read(&p).map_err(|e| CliError::Read(p, e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let a = heartbeat::analyze_from(&heartbeat::join_consoles(&parts), from);
             let mut why = Vec::new();
             if a.beats < min_beats {
                 why.push(format!("fewer than {min_beats} beats"));
