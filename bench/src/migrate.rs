@@ -458,6 +458,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         guest_name: String::new(),
         transport: Default::default(),
         tls: None,
+        precopy_nice: 0,
     };
     match s.via {
         Via::Api => {

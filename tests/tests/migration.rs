@@ -258,6 +258,75 @@ fn hop(
     (next, hb, r)
 }
 
+/// (name, nice value) of every thread of process `pid`.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // pid (comm) state ppid ... : nice is the 19th field, the 17th after ") ".
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+            Some((comm.to_string(), nice))
+        })
+        .collect()
+}
+
+/// `--precopy-nice 19`: while pre-copy runs, the migration's threads (here the dirty
+/// collector, started by the migration) run at nice 19 and the vCPUs keep theirs; the guest
+/// then moves and checks out.
+#[test]
+fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
+    let dir = scratch("mig-nice");
+    let a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    first_heartbeat(&a);
+    let pid = a.child.id();
+    let (o, seen) = std::thread::scope(|s| {
+        // A target no migration meets keeps it in pre-copy for its whole 3 s.
+        let m = s.spawn(|| {
+            migrate(
+                &a,
+                &url,
+                &[
+                    "--precopy-nice",
+                    "19",
+                    "--max-blackout",
+                    "1us",
+                    "--max-precopy-time",
+                    "3s",
+                ],
+            )
+        });
+        let start = std::time::Instant::now();
+        let seen = loop {
+            let t = thread_nices(pid);
+            if t.iter().any(|(c, n)| c == "dirty-collector" && *n == 19) {
+                break t;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60) && !m.is_finished(),
+                "no migration thread at nice 19: {t:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        (m.join().unwrap(), seen)
+    });
+    let vcpus: Vec<_> = seen.iter().filter(|(c, _)| c.starts_with("vcpu")).collect();
+    assert!(
+        !vcpus.is_empty() && vcpus.iter().all(|(_, n)| *n == 0),
+        "{seen:?}"
+    );
+    report(&o);
+    let mut a = a;
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_alive_then_check(&mut b);
+}
+
 #[test]
 fn ten_migrations_in_a_row() {
     let dir = scratch("mig-ten");

@@ -363,6 +363,11 @@ pub struct MigrateArgs {
     /// When pre-copy runs out of time: stop and copy anyway, or abort.
     #[arg(long, value_enum, default_value = "go")]
     pub on_timeout: crate::migration::OnTimeout,
+    /// Nice value (0 to 19) of the migration's threads until the pause. Where the guest shares
+    /// its CPU with its own migration, a high value lets the guest run first: it sees no stall
+    /// in pre-copy, and pre-copy takes longer.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub precopy_nice: u8,
     /// Compare a digest of source memory at pause with the destination's before resume.
     #[arg(long)]
     pub verify: bool,

@@ -735,6 +735,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         guest_name: String::new(),
         transport: a.transport,
         tls,
+        precopy_nice: a.precopy_nice,
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;

@@ -128,6 +128,26 @@ pub struct Throttle {
     pthread: libc::pthread_t,
 }
 
+/// Sets the calling thread's nice value (threads it starts afterwards inherit it) and returns
+/// the one it had. A migration's threads take a higher one with `--precopy-nice`, so that the
+/// guest's vCPUs get a CPU they share with them first.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<i32> {
+    // SAFETY: gettid, getpriority and setpriority take plain integers and write no memory of
+    // ours; errno is thread-local.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if old == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(old)
+    }
+}
+
 /// Length of one throttle period.
 pub const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(2);
 

@@ -249,6 +249,10 @@ pub struct Options {
     /// Mutual TLS on the control connection and the data streams (`--tls-*`; TCP only).
     #[serde(default)]
     pub tls: Option<blip_transport::tls::Files>,
+    /// Nice value of the migration's threads until the pause (`--precopy-nice`; 0 = as the
+    /// guest's vCPUs).
+    #[serde(default)]
+    pub precopy_nice: u8,
 }
 
 /// One pre-copy round.
@@ -432,12 +436,14 @@ mod tests {
             guest_name: String::new(),
             transport: rdma::TransportChoice::Auto,
             tls: None,
+            precopy_nice: 19,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();
         assert_eq!(back.to, o.to);
         assert_eq!(back.on_timeout, OnTimeout::Go);
         assert_eq!(back.transport, rdma::TransportChoice::Auto);
+        assert_eq!(back.precopy_nice, 19);
         // Clients that predate --transport still parse: the URL decides.
         let old = j.replace(",\"transport\":\"auto\"", "");
         assert!(!old.contains("transport"), "{old}");

@@ -198,6 +198,9 @@ fn run(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
     let key = opts.key.as_deref().map(Key::load).transpose()?;
+    // Before any thread of the migration starts: the stream senders, the dirty collector and
+    // the throttle kicker inherit it. This thread takes its own back before the pause.
+    let nice = PrecopyNice::set(opts.precopy_nice);
     let session = Session::open_source(&mut g.control, key)?;
     crate::logging::set_migration(session.id);
     let cal = calibrate(g)?;
@@ -248,6 +251,7 @@ fn run(
         throttler: &throttler,
     };
     pre.run(g, &mut link, &mut ctl, &mut report, progress)?;
+    drop(nice);
     let h = stop_and_copy(
         g,
         &mut link,
@@ -697,6 +701,35 @@ fn in_doubt(report: &mut Report, phases: &Phases, lost: String) -> Result<(), Mi
     report.blackout_method = "unknown (no Resumed from the destination)".into();
     report.target_met = false;
     Ok(())
+}
+
+/// The migration thread's nice value for pre-copy (`--precopy-nice`); the old one comes back
+/// on drop.
+struct PrecopyNice(Option<i32>);
+
+impl PrecopyNice {
+    fn set(nice: u8) -> PrecopyNice {
+        if nice == 0 {
+            return PrecopyNice(None);
+        }
+        match crate::vcpu::set_thread_nice(i32::from(nice)) {
+            Ok(old) => PrecopyNice(Some(old)),
+            Err(e) => {
+                tracing::warn!("blip: --precopy-nice {nice} not applied: {e}");
+                PrecopyNice(None)
+            }
+        }
+    }
+}
+
+impl Drop for PrecopyNice {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            if let Err(e) = crate::vcpu::set_thread_nice(old) {
+                tracing::warn!("blip: the migration thread's nice value stays raised: {e}");
+            }
+        }
+    }
 }
 
 /// Kicks throttled vCPUs every throttle period while a migration runs; un-throttles every
