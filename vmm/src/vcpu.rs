@@ -148,6 +148,37 @@ pub fn set_thread_nice(nice: i32) -> std::io::Result<i32> {
     }
 }
 
+/// A thread's nice value raised for a while: the old one comes back on drop. Threads the
+/// holder starts meanwhile inherit the raised value.
+pub struct Nice(Option<i32>);
+
+impl Nice {
+    /// Raises the calling thread's nice value to `nice` (0: leaves it); `what` names the
+    /// setting in the warning when the kernel refuses.
+    pub fn set(nice: u8, what: &str) -> Nice {
+        if nice == 0 {
+            return Nice(None);
+        }
+        match set_thread_nice(i32::from(nice)) {
+            Ok(old) => Nice(Some(old)),
+            Err(e) => {
+                tracing::warn!("blip: {what} {nice} not applied: {e}");
+                Nice(None)
+            }
+        }
+    }
+}
+
+impl Drop for Nice {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            if let Err(e) = set_thread_nice(old) {
+                tracing::warn!("blip: a thread's nice value stays raised: {e}");
+            }
+        }
+    }
+}
+
 /// Length of one throttle period.
 pub const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(2);
 

@@ -709,10 +709,15 @@ impl Receiver<'_> {
         let t = vm.resume_all()?;
         self.inc.resumed_ns = t.first_ns;
         let _ = protocol::write_message(self.control, &Message::Resumed { t_ns: t.first_ns });
+        // The guest runs again: what is left here (tearing down the link, waiting for its
+        // first beat) yields the CPU to it. In the soft-RoCE hosts, where the vCPU shares one
+        // CPU with this thread, the Linux guest's first beat came up to 440 ms after resume.
+        let _yield_to_guest = crate::vcpu::Nice::set(19, "post-resume nice");
         // Now the rkeys die (after the blackout, not inside it).
         self.link = None;
         // Guests that beat through the heartbeat port do so within their period; others
-        // (no heartbeat, or `via=serial`) get a "none" after half a second.
+        // (no heartbeat, or `via=serial`) get a "none" after half a second. The beat's time
+        // is the device's, so a coarse look costs no precision.
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut beat = (0, 0);
         while Instant::now() < deadline {
@@ -723,7 +728,7 @@ impl Receiver<'_> {
                     break;
                 }
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_millis(1));
         }
         let _ = protocol::write_message(
             self.control,

@@ -200,7 +200,7 @@ fn run(
     let key = opts.key.as_deref().map(Key::load).transpose()?;
     // Before any thread of the migration starts: the stream senders, the dirty collector and
     // the throttle kicker inherit it. This thread takes its own back before the pause.
-    let nice = PrecopyNice::set(opts.precopy_nice);
+    let nice = crate::vcpu::Nice::set(opts.precopy_nice, "--precopy-nice");
     let session = Session::open_source(&mut g.control, key)?;
     crate::logging::set_migration(session.id);
     let cal = calibrate(g)?;
@@ -251,7 +251,6 @@ fn run(
         throttler: &throttler,
     };
     pre.run(g, &mut link, &mut ctl, &mut report, progress)?;
-    drop(nice);
     let h = stop_and_copy(
         g,
         &mut link,
@@ -260,6 +259,7 @@ fn run(
         &cal.caps,
         &cal.early,
         opts.verify,
+        nice,
     )?;
     commit(g, &mut report, &h, session.same_host, ctl.rtt_ns())?;
     report.total_ns = now_ns() - t_start;
@@ -535,6 +535,7 @@ struct Handover {
 
 /// The blackout, up to the destination's Ready: last live round (guest still running), pause,
 /// final harvest, final pages, state, and the destination's restore.
+#[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
     g: &mut Rollback,
     link: &mut SourceLink,
@@ -543,6 +544,7 @@ fn stop_and_copy(
     caps: &Caps,
     early: &EarlyState,
     verify: bool,
+    nice: crate::vcpu::Nice,
 ) -> Result<Handover, MigrationError> {
     let mem = g.vm.memory().clone();
     // Data streams are done: close them so the destination's stream readers finish.
@@ -560,6 +562,8 @@ fn stop_and_copy(
     let mut ph = Phases::default();
     let pause = g.vm.pause_all()?;
     g.paused = true;
+    // The guest stands still: nothing left to yield to (the last live round ran niced too).
+    drop(nice);
     let t_pause = pause.requested_ns;
     // Stop kicking (the throttle thread is joined after the blackout, when it drops).
     throttler.release();
@@ -701,35 +705,6 @@ fn in_doubt(report: &mut Report, phases: &Phases, lost: String) -> Result<(), Mi
     report.blackout_method = "unknown (no Resumed from the destination)".into();
     report.target_met = false;
     Ok(())
-}
-
-/// The migration thread's nice value for pre-copy (`--precopy-nice`); the old one comes back
-/// on drop.
-struct PrecopyNice(Option<i32>);
-
-impl PrecopyNice {
-    fn set(nice: u8) -> PrecopyNice {
-        if nice == 0 {
-            return PrecopyNice(None);
-        }
-        match crate::vcpu::set_thread_nice(i32::from(nice)) {
-            Ok(old) => PrecopyNice(Some(old)),
-            Err(e) => {
-                tracing::warn!("blip: --precopy-nice {nice} not applied: {e}");
-                PrecopyNice(None)
-            }
-        }
-    }
-}
-
-impl Drop for PrecopyNice {
-    fn drop(&mut self) {
-        if let Some(old) = self.0 {
-            if let Err(e) = crate::vcpu::set_thread_nice(old) {
-                tracing::warn!("blip: the migration thread's nice value stays raised: {e}");
-            }
-        }
-    }
 }
 
 /// Kicks throttled vCPUs every throttle period while a migration runs; un-throttles every
