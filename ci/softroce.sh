@@ -169,10 +169,19 @@ follow() {
         done < <(grep -a -E '^(SCENARIO |SOFTROCE POWEROFF)' "$RUN/console-$h.log" || true)
     done
 }
+# A host is finished once it has logged that its scenarios are done (after its last verdict
+# line, so every verdict line is whole). Once both are, nothing they do matters any more: stop
+# them then rather than on their own power-off, which waits up to 120 s for a peer that may
+# already be gone (a host that finished early powers off while the other is still working).
+finished() { grep -aq "^SR\[$1 [0-9.]*\] all scenarios done" "$RUN/console-$1.log" 2>/dev/null; }
 deadline=$(($(date +%s) + TIMEOUT))
 timed_out=0
 while alive; do
     follow
+    if finished a && finished b; then
+        sr_log "+$(elapsed "$T_BOOT")s both hosts have run their scenarios: stopping them"
+        break
+    fi
     if (($(date +%s) >= deadline)); then
         timed_out=1
         sr_log "timeout after $TIMEOUT s: stopping the hosts"
@@ -185,7 +194,7 @@ cleanup
 trap - EXIT
 sr_log "hosts finished after $(elapsed "$T_BOOT") s"
 for h in a b; do
-    if ! grep -q "^SOFTROCE POWEROFF host=$h" "$RUN/console-$h.log" 2>/dev/null; then
+    if ! finished "$h"; then
         sr_log "host $h did not finish; last lines of its console and of QEMU:"
         tail -n 15 "$RUN/console-$h.log" 2>/dev/null | sed "s/^/  console-$h: /" >&2 || true
         tail -n 5 "$RUN/qemu-$h.log" 2>/dev/null | sed "s/^/  qemu-$h: /" >&2 || true
