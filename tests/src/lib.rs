@@ -257,6 +257,62 @@ impl Bg {
             .unwrap_or(0)
     }
 
+    /// Waits until the guest's heartbeat counter is above `floor` and returns it (hang guard:
+    /// 60 s; a process that exits first fails the test with its stderr).
+    pub fn heartbeat_above(&mut self, floor: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let h = self.last_heartbeat();
+            if h > floor {
+                return h;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}): {}", self.name, self.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{}: heartbeats never passed {floor} (last {h}): {}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The guest still runs: waits for one heartbeat newer than the one it has now.
+    pub fn assert_beating(&mut self) {
+        let h0 = self.last_heartbeat();
+        self.heartbeat_above(h0);
+    }
+
+    /// Has the guest check its memory (`blip check`), then expects the process to exit 0 with
+    /// `check: ok` on its stdout (the embedded guest powers off after its check).
+    pub fn check_and_exit(&mut self) {
+        let o = blip(&["check", "--api", self.api.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "check request: {}", stderr(&o));
+        assert_eq!(
+            self.wait(),
+            Some(0),
+            "{} exit; stderr: {}",
+            self.name,
+            self.stderr()
+        );
+        assert!(
+            self.stdout().contains("check: ok"),
+            "{} memory check: {}",
+            self.name,
+            self.stdout()
+        );
+    }
+
+    /// Alive, then intact: one new heartbeat, then the memory check and exit 0.
+    pub fn assert_alive_then_check(&mut self) {
+        self.assert_beating();
+        self.check_and_exit();
+    }
+
     /// Waits for the process to end (hang guard: 120 s) and returns its exit code.
     pub fn wait(&mut self) -> Option<i32> {
         let start = Instant::now();

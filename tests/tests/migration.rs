@@ -71,35 +71,6 @@ fn migrate(src: &Bg, to: &str, extra: &[&str]) -> std::process::Output {
     blip(&args).output().expect("blip migrate")
 }
 
-/// Asserts the guest in `b` is alive and advancing, then has it check its memory and exit 0.
-fn assert_alive_then_check(b: &mut Bg) {
-    let h0 = b.last_heartbeat();
-    let start = std::time::Instant::now();
-    while b.last_heartbeat() <= h0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats stopped on {}",
-            b.name
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "check request: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert_eq!(b.wait(), Some(0), "{} exit; stderr: {}", b.name, b.stderr());
-    assert!(
-        b.stdout().contains("check: ok"),
-        "{} memory check: {}",
-        b.name,
-        b.stdout()
-    );
-}
-
 /// The report of a migration that moved the guest: exit 0, or 5 when the blackout target was
 /// missed (a loaded machine may miss any target; the report must then say so).
 fn report(o: &std::process::Output) -> serde_json::Value {
@@ -130,15 +101,8 @@ fn migrates_a_dirtying_guest_on_localhost_with_verify() {
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
     // The heartbeat counter continues from where it was (no reset).
-    let start = std::time::Instant::now();
-    while b.last_heartbeat() <= before {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no heartbeats after migration"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_alive_then_check(&mut b);
+    b.heartbeat_above(before);
+    b.assert_alive_then_check();
 }
 
 /// The PC platform (LAPIC, irqchip, PIT, kvmclock) on 2 vCPUs: the early state (CPUID, TSC
@@ -173,15 +137,7 @@ fn migrates_a_pc_platform_guest_with_its_early_state() {
     b.wait_api();
     // Alive: heartbeats go on. Intact: the guest's memory pattern checks out (on the PC
     // platform the guest keeps running after the check: its HLT stays in KVM).
-    let h0 = b.last_heartbeat();
-    let start = std::time::Instant::now();
-    while b.last_heartbeat() <= h0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats stopped"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    b.assert_beating();
     let o = blip(&["check", "--api", b.api.to_str().unwrap()])
         .output()
         .unwrap();
@@ -233,7 +189,7 @@ fn logging_from_boot_migrates_three_hops_and_the_memory_checks_out() {
         assert_eq!(r["verified"], true, "hop {i}: {r}");
         (cur, last) = (next, hb);
     }
-    assert_alive_then_check(&mut cur);
+    cur.assert_alive_then_check();
 }
 
 /// Migrates `cur` to a new receiver `name` (started with `receiver_extra`) and checks the hop:
@@ -324,7 +280,7 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
     let mut a = a;
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -343,7 +299,7 @@ fn ten_migrations_in_a_row() {
         assert!(r["blackout_ns"].as_u64().unwrap() > 0);
         (cur, last) = (next, hb);
     }
-    assert_alive_then_check(&mut cur);
+    cur.assert_alive_then_check();
 }
 
 #[test]
@@ -370,7 +326,7 @@ fn report_counts_rounds_and_the_exit_status_follows_the_target() {
     );
     assert_eq!(a.wait(), Some(0), "the source hands over: {}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -396,7 +352,7 @@ fn migrates_between_network_namespaces_over_veth() {
     assert_eq!(r["verified"], true);
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 /// Runs a migration to a destination that fails at `fault`, and checks the source survives.
@@ -427,7 +383,7 @@ fn source_survives_destination_fault(fault: &str, extra: &[&str]) {
         "{}",
         a.stderr()
     );
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -476,7 +432,7 @@ fn source_survives_bad_peer(url: &str, needle: &str) {
     assert!(!o.status.success());
     assert!(err.contains(needle), "expected {needle:?} in {err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -633,7 +589,7 @@ fn destination_survives_garbage_and_never_runs_a_partial_guest() {
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     drop(idle);
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -667,7 +623,7 @@ fn a_flood_of_idle_connections_is_capped_and_a_real_source_then_gets_through() {
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -691,7 +647,7 @@ fn a_source_that_leaves_after_accept_is_seen_at_once_not_at_the_stream_deadline(
         "{line}"
     );
     assert!(stdout_is_empty(&b));
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 fn stdout_is_empty(b: &Bg) -> bool {
@@ -818,7 +774,7 @@ fn wrong_key_missing_key_and_insecure_mismatch_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -848,7 +804,7 @@ fn allow_list_turns_away_other_peers() {
         b.alive(),
         "the destination keeps waiting for an allowed peer"
     );
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -873,7 +829,7 @@ fn a_stalled_destination_times_out_and_the_source_keeps_its_guest() {
     assert!(!err.contains("temporarily unavailable"), "{err}");
     assert!(a.alive());
     let _ = b.child.kill();
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -990,7 +946,7 @@ fn link_down_between_namespaces_mid_precopy() {
         !b.stdout().contains("check"),
         "the destination never ran the guest"
     );
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -1044,7 +1000,7 @@ fn destination_never_writes_outside_guest_memory() {
             b.stderr()
         );
         assert!(b.stdout().trim().is_empty(), "no guest ran");
-        assert_alive_then_check(&mut a);
+        a.assert_alive_then_check();
     }
 }
 
@@ -1090,7 +1046,7 @@ fn rdma_without_a_device_is_a_clear_error_and_auto_picks_tcp() {
         a.stderr()
     );
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 /// `blip receive --mem` prepares (makes and pre-faults) guest memory before any peer connects;
@@ -1119,7 +1075,7 @@ fn receive_with_premade_memory_takes_that_size_only() {
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -1180,7 +1136,7 @@ fn a_page_altered_in_a_live_round_never_lands() {
     );
     assert!(!b.stdout().contains("check:"), "destination ran a guest");
     assert!(a.alive(), "source died: {}", a.stderr());
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -1233,7 +1189,7 @@ fn a_lost_commit_leaves_the_guest_in_doubt_on_both_sides_until_resolved() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(a.status().expect("status")["state"], "running");
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]

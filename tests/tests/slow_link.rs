@@ -46,26 +46,6 @@ fn migrate(src: &Bg, to: &str, extra: &[&str]) -> std::process::Output {
         .expect("blip migrate")
 }
 
-/// Waits for a new heartbeat of `b`'s guest, has it check its memory and exit 0.
-fn assert_alive_then_check(b: &mut Bg) {
-    let h0 = b.last_heartbeat();
-    let start = Instant::now();
-    while b.last_heartbeat() <= h0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats stopped on {}",
-            b.name
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(b.wait(), Some(0), "{} stderr: {}", b.name, b.stderr());
-    assert!(b.stdout().contains("check: ok"), "{}", b.stdout());
-}
-
 #[test]
 fn a_first_round_longer_than_the_peer_timeout_migrates_while_bytes_move() {
     let dir = scratch("slow-link");
@@ -93,7 +73,7 @@ fn a_first_round_longer_than_the_peer_timeout_migrates_while_bytes_move() {
     );
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }
 
 #[test]
@@ -130,7 +110,7 @@ fn a_data_stream_that_stops_fails_within_about_the_peer_timeout() {
     assert_ne!(b.wait(), Some(0), "destination: {}", b.stderr());
     assert!(!b.stdout().contains("check:"), "destination ran a guest");
     assert!(a.alive(), "source died: {}", a.stderr());
-    assert_alive_then_check(&mut a);
+    a.assert_alive_then_check();
 }
 
 #[test]
@@ -159,5 +139,5 @@ fn an_empty_pages_frame_on_the_control_stream_is_a_keepalive() {
     );
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    assert_alive_then_check(&mut b);
+    b.assert_alive_then_check();
 }

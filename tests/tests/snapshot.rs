@@ -12,42 +12,6 @@ use blip_tests::{blip, scratch, stderr, stdout, Bg};
 
 use blip_tests::dirtying_source as source;
 
-/// Waits until the guest's heartbeat counter is above `floor`; returns it.
-fn heartbeat_above(b: &mut Bg, floor: u64) -> u64 {
-    let start = Instant::now();
-    loop {
-        let h = b.last_heartbeat();
-        if h > floor {
-            return h;
-        }
-        if let Ok(Some(st)) = b.child.try_wait() {
-            panic!("{} exited ({st}): {}", b.name, b.stderr());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{}: heartbeats never passed {floor} (last {h}): {}",
-            b.name,
-            b.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Has the guest check its memory and exit; asserts exit 0 and "check: ok".
-fn check_and_exit(b: &mut Bg) {
-    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "check request: {}", stderr(&o));
-    assert_eq!(b.wait(), Some(0), "{} exit; stderr: {}", b.name, b.stderr());
-    assert!(
-        b.stdout().contains("check: ok"),
-        "{} memory check: {}",
-        b.name,
-        b.stdout()
-    );
-}
-
 fn snapshot(src: &Bg, file: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "snapshot",
@@ -100,7 +64,7 @@ fn assert_refused(dir: &Path, file: &Path, why: &str) {
 fn snapshot_restore_continues_the_guest_and_the_original_keeps_running() {
     let dir = scratch("snap-live");
     let mut src = source(&dir, "src");
-    heartbeat_above(&mut src, 20);
+    src.heartbeat_above(20);
     let before = src.last_heartbeat();
     let file = dir.join("guest.snap");
     let o = snapshot(&src, &file, &[]);
@@ -113,26 +77,26 @@ fn snapshot_restore_continues_the_guest_and_the_original_keeps_running() {
 
     // The original keeps running.
     let after = src.last_heartbeat();
-    heartbeat_above(&mut src, after);
+    src.heartbeat_above(after);
 
     // The restored guest continues from the snapshot's counter, not from zero.
     let mut r = restore(&dir, "restored", &file);
     assert!(r.stderr().contains("guest restored from"), "{}", r.stderr());
-    let first = heartbeat_above(&mut r, 0);
+    let first = r.heartbeat_above(0);
     assert!(
         first > before,
         "restored guest's heartbeat {first} is not above the snapshot's {before}"
     );
-    heartbeat_above(&mut r, first);
-    check_and_exit(&mut r);
-    check_and_exit(&mut src);
+    r.heartbeat_above(first);
+    r.check_and_exit();
+    src.check_and_exit();
 }
 
 #[test]
 fn snapshot_stop_exits_and_damaged_files_are_refused() {
     let dir = scratch("snap-stop");
     let mut src = source(&dir, "src");
-    heartbeat_above(&mut src, 20);
+    src.heartbeat_above(20);
     let file = dir.join("guest.snap");
     let o = snapshot(&src, &file, &["--stop"]);
     assert!(o.status.success(), "snapshot --stop: {}", stderr(&o));
@@ -207,8 +171,8 @@ fn snapshot_stop_exits_and_damaged_files_are_refused() {
 
     // The intact file still restores, continuing above the source's last heartbeat.
     let mut r = restore(&dir, "restored", &file);
-    heartbeat_above(&mut r, last);
-    check_and_exit(&mut r);
+    r.heartbeat_above(last);
+    r.check_and_exit();
 }
 
 /// A tmpfs of 1 MiB, unmounted on drop.
@@ -224,7 +188,7 @@ impl Drop for SmallFs {
 fn snapshot_that_cannot_be_written_leaves_the_guest_running() {
     let dir = scratch("snap-fail");
     let mut src = source(&dir, "src");
-    heartbeat_above(&mut src, 5);
+    src.heartbeat_above(5);
     let fifo = dir.join("fifo");
     let made = std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -261,7 +225,7 @@ fn snapshot_that_cannot_be_written_leaves_the_guest_running() {
             target.display()
         );
         let h = src.last_heartbeat();
-        heartbeat_above(&mut src, h);
+        src.heartbeat_above(h);
     }
     if mounted {
         let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
@@ -272,7 +236,7 @@ fn snapshot_that_cannot_be_written_leaves_the_guest_running() {
         std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()),
         "the FIFO was replaced"
     );
-    check_and_exit(&mut src);
+    src.check_and_exit();
 }
 
 fn mode(p: &Path) -> u32 {
@@ -316,7 +280,7 @@ fn snapshot_and_registry_files_are_private_under_umask_000_and_orphans_go() {
         api,
     };
     src.wait_api();
-    heartbeat_above(&mut src, 0);
+    src.heartbeat_above(0);
     let entry = run.join("private.json");
     let start = Instant::now();
     while !entry.exists() {
@@ -343,7 +307,7 @@ fn snapshot_and_registry_files_are_private_under_umask_000_and_orphans_go() {
     assert_eq!(mode(&file), 0o600, "snapshot file");
     assert!(!orphan.exists(), "the dead writer's tmp file is left");
     assert!(live.exists(), "a live writer's tmp file was removed");
-    check_and_exit(&mut src);
+    src.check_and_exit();
     assert!(!entry.exists(), "the entry outlived its blip");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -354,11 +318,11 @@ fn snapshot_and_registry_files_are_private_under_umask_000_and_orphans_go() {
 fn snapshot_reserved_header_bytes_are_checked() {
     let dir = scratch("snap-reserved");
     let mut src = source(&dir, "src");
-    heartbeat_above(&mut src, 0);
+    src.heartbeat_above(0);
     let file = dir.join("guest.snap");
     let o = snapshot(&src, &file, &[]);
     assert!(o.status.success(), "snapshot: {}", stderr(&o));
-    check_and_exit(&mut src);
+    src.check_and_exit();
     let good = std::fs::read(&file).unwrap();
     assert_eq!(good[28..32], [0; 4]);
     for at in 28..32 {

@@ -42,38 +42,13 @@ fn text(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
 }
 
-/// The guest in `b` still runs: its heartbeats advance.
-fn assert_beating(b: &Bg) {
-    let h0 = b.last_heartbeat();
-    let start = std::time::Instant::now();
-    while b.last_heartbeat() <= h0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "heartbeats stopped on {}: {}",
-            b.name,
-            b.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Has the guest check its memory, then expects exit 0 and "check: ok".
-fn check_and_exit(b: &mut Bg) {
-    let o = blip(&["check", "--api", b.api.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "check: {}", text(&o));
-    assert_eq!(b.wait(), Some(0), "{}: {}", b.name, b.stderr());
-    assert!(b.stdout().contains("check: ok"), "{}", b.stdout());
-}
-
 /// A failed migration's stderr is one line (the error) and the source's guest runs on.
-fn refused_cleanly(o: &std::process::Output, src: &Bg, needle: &str) {
+fn refused_cleanly(o: &std::process::Output, src: &mut Bg, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "migrate succeeded: {}", text(o));
     assert!(err.contains(needle), "migrate said: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert_beating(src);
+    src.assert_beating();
 }
 
 #[test]
@@ -95,12 +70,8 @@ fn a_tls_migration_moves_a_dirtying_guest_with_verify() {
     assert!(r["pages_sent"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
-    let start = std::time::Instant::now();
-    while b.last_heartbeat() <= before {
-        assert!(start.elapsed() < Duration::from_secs(30), "no heartbeats");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    check_and_exit(&mut b);
+    b.heartbeat_above(before);
+    b.check_and_exit();
 }
 
 #[test]
@@ -113,7 +84,7 @@ fn a_peer_of_another_ca_is_refused_and_the_source_keeps_its_guest() {
     let mut a = dirtying_source(&dir, "a");
     let (mut r, url) = receiver(&dir, "r", k, &s(&rogue[0]));
     let o = migrate(&a, &url, k, &s(&good[0]));
-    refused_cleanly(&o, &a, "not signed by the CA in --tls-ca");
+    refused_cleanly(&o, &mut a, "not signed by the CA in --tls-ca");
     // The receiver turned the source away and waits on.
     let line = r.wait_stderr("refused a connection from");
     assert!(
@@ -121,7 +92,7 @@ fn a_peer_of_another_ca_is_refused_and_the_source_keeps_its_guest() {
         "{line}"
     );
     assert!(r.alive(), "{}", r.stderr());
-    check_and_exit(&mut a);
+    a.check_and_exit();
 }
 
 #[test]
@@ -134,7 +105,7 @@ fn tls_and_plain_ends_refuse_each_other_in_one_line_each() {
     // A TLS source, a plain receiver.
     let (mut plain, url) = receiver(&dir, "plain", k, &[]);
     let o = migrate(&a, &url, k, &s(&certs[0]));
-    refused_cleanly(&o, &a, "closed the connection during the handshake");
+    refused_cleanly(&o, &mut a, "closed the connection during the handshake");
     let line = plain.wait_stderr("refused a connection from");
     assert!(
         line.contains("speaks TLS but this end has no --tls-cert"),
@@ -143,13 +114,13 @@ fn tls_and_plain_ends_refuse_each_other_in_one_line_each() {
     // A plain source, a TLS receiver.
     let (mut tls, url) = receiver(&dir, "tls", k, &s(&certs[1]));
     let o = migrate(&a, &url, k, &[]);
-    refused_cleanly(&o, &a, "this receiver requires TLS");
+    refused_cleanly(&o, &mut a, "this receiver requires TLS");
     let line = tls.wait_stderr("refused a connection from");
     assert!(line.contains("does not speak TLS"), "{line}");
     // TLS with an rdma:// URL is refused before anything connects.
     let o = migrate(&a, "rdma://127.0.0.1:1", k, &s(&certs[0]));
-    refused_cleanly(&o, &a, "RDMA pages cannot travel inside TLS");
-    check_and_exit(&mut a);
+    refused_cleanly(&o, &mut a, "RDMA pages cannot travel inside TLS");
+    a.check_and_exit();
 }
 
 #[test]
@@ -164,9 +135,9 @@ fn a_tls_source_outside_allow_hears_why_it_was_refused() {
     let (mut r, url) = receiver(&dir, "b", k, &extra);
     let o = migrate(&a, &url, k, &s(&certs[0]));
     // The receiver's plain Refuse reaches the operator, not "does not speak TLS".
-    refused_cleanly(&o, &a, "--allow does not include the source's address");
+    refused_cleanly(&o, &mut a, "--allow does not include the source's address");
     assert!(r.alive(), "{}", r.stderr());
-    check_and_exit(&mut a);
+    a.check_and_exit();
 }
 
 #[test]
