@@ -195,6 +195,28 @@ all_on node1 $guests || fail "not all of $guests run on node1"
 t_start=$(ms_between "$t0" "$(now)")
 cl_log "g1..g4 started on node1 (g4 made by pcs), fo on node3 in $t_start ms (pcs resource create: $t_pcs ms)"
 declare -A hb
+# carried_on NODE WHAT GUEST...: each guest's heartbeat counter, now read on NODE, is at least
+# what it was before it moved (hb[GUEST]), which a restart from scratch could not give: the
+# move was live. Records the new counters.
+carried_on() {
+	local node=$1 what=$2 g h
+	shift 2
+	for g in "$@"; do
+		h=$(heartbeats "$g" "$node")
+		[ -n "${hb[$g]}" ] && [ -n "$h" ] && [ "$h" -ge "${hb[$g]}" ] ||
+			fail "$g's heartbeat counter did not carry on across $what ('${hb[$g]}' -> '$h' on node$node): not a live migration"
+		hb[$g]=$h
+	done
+}
+# live_moves NODE FROM PATTERN N: prints the blackout lines of node NODE's Pacemaker log since
+# line FROM for guests matching PATTERN; fails unless there are exactly N.
+live_moves() {
+	local lines
+	lines=$(blackouts "$(pcmk_log "$1")" "$2" "$3")
+	[ "$(echo "$lines" | grep -c .)" = "$4" ] ||
+		fail "node$1's log has $(echo "$lines" | grep -c .) live migrations, not $4: $lines"
+	echo "$lines"
+}
 for g in $guests; do hb[$g]=$(heartbeats "$g" 1); done
 
 # Standby = live drain of four guests (pcs). Their one destination is node2 (node3 is
@@ -210,15 +232,9 @@ wait_for 150 "g1..g4 on node2" all_on node2 $guests || fail "standby did not mov
 t_standby_moved=$(ms_between "$t0" "$(now)")
 settle || fail "standby did not settle"
 t_standby=$(ms_between "$t0" "$(now)")
-for g in $guests; do
-	h=$(heartbeats "$g" 2)
-	[ -n "${hb[$g]}" ] && [ -n "$h" ] && [ "$h" -ge "${hb[$g]}" ] ||
-		fail "$g's heartbeat counter did not carry on (node1: '${hb[$g]}', node2: '$h'): not a live migration"
-	hb[$g]=$h
-done
-standby_lines=$(blackouts "$(pcmk_log 1)" "$from" "g[1-4]")
-[ "$(echo "$standby_lines" | grep -c .)" = 4 ] ||
-	fail "node1's log has $(echo "$standby_lines" | grep -c .) live migrations, not 4: $standby_lines"
+# shellcheck disable=SC2086
+carried_on 2 "node1's standby" $guests
+standby_lines=$(live_moves 1 "$from" "g[1-4]" 4)
 cl_log "pcs node standby node1: g1..g4 -> node2 live in $t_standby ms (pcs returned after $t_standby_cmd ms, all four on node2 after $t_standby_moved ms, then settled)"
 echo "$standby_lines" >&2
 
@@ -258,15 +274,8 @@ wait_for 180 "node2's RebootProgram to reboot" test -s "$CLUSTER_DIR/n2/reboot-r
 t_drained=$(ms_between "$t0" "$(cat "$CLUSTER_DIR/n2/reboot-requested")")
 state_at_reboot=$(slurm_state 2)
 all_on node1 g2 g3 g4 || fail "node2 asked to reboot with guests not on node1"
-for g in g2 g3 g4; do
-	h=$(heartbeats "$g" 1)
-	[ -n "$h" ] && [ "$h" -ge "${hb[$g]}" ] ||
-		fail "$g's heartbeat counter did not carry on across node2's drain ('${hb[$g]}' -> '$h')"
-	hb[$g]=$h
-done
-reboot_lines=$(blackouts "$(pcmk_log 2)" "$from" "g[2-4]")
-[ "$(echo "$reboot_lines" | grep -c .)" = 3 ] ||
-	fail "node2's log has $(echo "$reboot_lines" | grep -c .) live migrations, not 3: $reboot_lines"
+carried_on 1 "node2's drain" g2 g3 g4
+reboot_lines=$(live_moves 2 "$from" "g[2-4]" 3)
 cl_log "scontrol reboot node2: g2..g4 moved live to node1 and the RebootProgram rebooted after $t_drained ms (Slurm: $state_at_reboot)"
 echo "$reboot_lines" >&2
 t1=$(now)
