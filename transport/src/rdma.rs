@@ -1019,6 +1019,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Posts what [`Writer::write`] queued now rather than when a batch is full (a paced
+    /// sender's piece goes out when its turn comes, not with the next fifteen).
+    pub fn post_now(&mut self) -> Result<()> {
+        self.post(false)
+    }
+
     /// Queues a mark: a zero-length RDMA WRITE WITH IMMEDIATE `imm`. The peer's queue pair
     /// sees it (a receive completion carrying `imm`) only after every write queued before it
     /// has been placed in its memory: RC delivers in order. That is how a round boundary, or

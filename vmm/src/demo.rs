@@ -195,6 +195,7 @@ pub fn demo(a: &DemoArgs, stop: &AtomicBool) -> Result<i32, Failure> {
             transport: Default::default(),
             tls: None,
             precopy_nice: 0,
+            max_bandwidth: 0,
         };
         let r = run_migration(&cur.api, options, &mut |_| {})?;
         if a.verify && r.verified != Some(true) {

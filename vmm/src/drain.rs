@@ -272,6 +272,7 @@ fn move_guest(
             transport: o.transport,
             tls: o.tls.clone(),
             precopy_nice: 0,
+            max_bandwidth: 0,
         };
         // Published for the host service at most every 250 ms: this callback must keep up
         // with the progress lines, or the source stops writing them.

@@ -736,6 +736,7 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
         transport: a.transport,
         tls,
         precopy_nice: a.precopy_nice,
+        max_bandwidth: a.max_bandwidth,
     };
     // Refuse a bad URL here, before bothering the running blip.
     let _: blip_transport::tcp::Endpoint = to.parse()?;

@@ -36,6 +36,7 @@ use crossbeam_channel::{Receiver, Sender};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::dest::{allowed, Cidr};
+use super::pace::{Pacer, CHUNK};
 use super::session::Session;
 use super::{peer_timeout, MigrationError, PAGES_PER_FRAME};
 use crate::dirty::{split_runs, Run};
@@ -203,21 +204,29 @@ pub fn read_frame_patient(
 }
 
 /// A data stream that counts what it writes as progress (each partial write counts, so a
-/// 1 MiB frame crawling over a slow link is progress all along).
+/// 1 MiB frame crawling over a slow link is progress all along). With a pacer, each write
+/// carries at most [`CHUNK`] bytes and waits for its turn first.
 struct Counted {
     s: Conn,
     progress: Progress,
+    pace: Option<Arc<Pacer>>,
 }
 
 impl Write for Counted {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.s.write(buf)?;
+        let n = match &self.pace {
+            Some(p) => Paced { w: &mut self.s, p }.write(buf)?,
+            None => self.s.write(buf)?,
+        };
         self.progress.bump(n as u64);
         Ok(n)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        let n = self.s.write_vectored(bufs)?;
+        let n = match &self.pace {
+            Some(p) => Paced { w: &mut self.s, p }.write_vectored(bufs)?,
+            None => self.s.write_vectored(bufs)?,
+        };
         self.progress.bump(n as u64);
         Ok(n)
     }
@@ -253,6 +262,33 @@ impl Counted {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+}
+
+/// A writer whose every write carries at most [`CHUNK`] bytes, each after its turn on the
+/// pacer (`--max-bandwidth`).
+struct Paced<'a, W: Write> {
+    w: &'a mut W,
+    p: &'a Pacer,
+}
+
+impl<W: Write> Write for Paced<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let b = &buf[..buf.len().min(CHUNK)];
+        self.p.take(b.len());
+        self.w.write(b)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        // One piece at a time: the first non-empty buffer (a frame's header, then its data).
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(b) => self.write(b),
+            None => Ok(0),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
     }
 }
 
@@ -321,6 +357,8 @@ pub enum SourceLink {
         last_round: Option<u32>,
         /// Bytes moved on any stream (the barrier's wait lasts while they move).
         progress: Progress,
+        /// `--max-bandwidth`: the data streams' pacer, which the last live round shares.
+        pace: Option<Arc<Pacer>>,
     },
     /// Data streams are RDMA queue pairs; the controller has one more for the last live
     /// round and the final pages.
@@ -329,6 +367,8 @@ pub enum SourceLink {
         controller: Box<Writer>,
         /// Completions of every queue pair, the controller's too.
         progress: Progress,
+        /// `--max-bandwidth`: the data streams' pacer, which the last live round shares.
+        pace: Option<Arc<Pacer>>,
     },
 }
 
@@ -341,6 +381,7 @@ impl SourceLink {
         streams: u32,
         session: &Session,
         tls: Option<&Tls>,
+        pace: Option<Arc<Pacer>>,
     ) -> Result<SourceLink, MigrationError> {
         let mut conns = Vec::new();
         let progress = Progress::default();
@@ -357,14 +398,16 @@ impl SourceLink {
             conns.push(Sink::Tcp(Counted {
                 s: c,
                 progress: progress.clone(),
+                pace: pace.clone(),
             }));
         }
         Ok(SourceLink::Tcp {
-            senders: Some(Senders::start(mem, conns, progress.clone(), false)),
+            senders: Some(Senders::start(mem, conns, progress.clone(), false, None)),
             batch: vec![0u8; (FINAL_BATCH_PAGES * PAGE_SIZE) as usize],
             table: Vec::with_capacity(FINAL_BATCH_PAGES as usize),
             last_round: None,
             progress,
+            pace,
         })
     }
 
@@ -373,6 +416,7 @@ impl SourceLink {
         mem: &GuestMem,
         control: &mut Conn,
         streams: u32,
+        pace: Option<Arc<Pacer>>,
     ) -> Result<SourceLink, MigrationError> {
         let mut writers =
             super::rdma::connect_source(control, mem, super::rdma::queue_pairs(streams))?;
@@ -386,9 +430,16 @@ impl SourceLink {
             .map(|w| Sink::Rdma(Box::new(w)))
             .collect();
         Ok(SourceLink::Rdma {
-            senders: Some(Senders::start(mem, conns, progress.clone(), true)),
+            senders: Some(Senders::start(
+                mem,
+                conns,
+                progress.clone(),
+                true,
+                pace.clone(),
+            )),
             controller,
             progress,
+            pace,
         })
     }
 
@@ -471,10 +522,13 @@ impl SourceLink {
         let mut pages = 0;
         for r in split_runs(runs, PAGES_PER_FRAME) {
             match self {
-                SourceLink::Tcp { batch, .. } => send_checked(control, mem, &r, batch)?,
-                SourceLink::Rdma { controller, .. } => {
-                    controller.write(r.gpa(), r.pages * PAGE_SIZE)?
-                }
+                SourceLink::Tcp { batch, pace, .. } => match pace {
+                    Some(p) => send_checked(&mut Paced { w: control, p }, mem, &r, batch)?,
+                    None => send_checked(control, mem, &r, batch)?,
+                },
+                SourceLink::Rdma {
+                    controller, pace, ..
+                } => rdma_write(controller, r.gpa(), r.pages * PAGE_SIZE, pace.as_deref())?,
             }
             pages += r.pages;
         }
@@ -618,7 +672,14 @@ fn control_lost(control: &mut Conn) -> Option<MigrationError> {
 }
 
 impl Senders {
-    fn start(mem: &GuestMem, conns: Vec<Sink>, progress: Progress, keepalive: bool) -> Senders {
+    /// `pace` paces RDMA writes (TCP streams carry their pacer in [`Counted`]).
+    fn start(
+        mem: &GuestMem,
+        conns: Vec<Sink>,
+        progress: Progress,
+        keepalive: bool,
+        pace: Option<Arc<Pacer>>,
+    ) -> Senders {
         let (rtx, rrx) = crossbeam_channel::unbounded();
         let abort = Arc::new(AtomicBool::new(false));
         let streams = conns
@@ -631,9 +692,10 @@ impl Senders {
                 }
                 let (jtx, jrx) = crossbeam_channel::unbounded();
                 let (mem, rtx, progress) = (mem.clone(), rtx.clone(), progress.clone());
+                let pace = pace.clone();
                 let thread = std::thread::Builder::new()
                     .name(format!("mig-send{i}"))
-                    .spawn(move || sender(conn, mem, jrx, rtx, progress))
+                    .spawn(move || sender(conn, mem, jrx, rtx, progress, pace))
                     .ok();
                 Stream { jobs: jtx, thread }
             })
@@ -713,6 +775,7 @@ fn sender(
     jobs: Receiver<Job>,
     results: Sender<StreamResult>,
     progress: Progress,
+    pace: Option<Arc<Pacer>>,
 ) {
     let mut buf = vec![0u8; (PAGES_PER_FRAME * PAGE_SIZE) as usize];
     let (mut pages, mut bytes) = (0u64, 0u64);
@@ -730,7 +793,7 @@ fn sender(
         if failed.is_some() {
             continue;
         }
-        match sink.run(&job, &mem, &mut buf, &progress) {
+        match sink.run(&job, &mem, &mut buf, &progress, pace.as_deref()) {
             Ok((p, b)) => {
                 pages += p;
                 bytes += b;
@@ -748,16 +811,19 @@ impl Sink {
         mem: &GuestMem,
         buf: &mut [u8],
         progress: &Progress,
+        pace: Option<&Pacer>,
     ) -> Result<(u64, u64), MigrationError> {
         match job {
-            Job::Scan { first, pages } => self.send_nonzero(mem, buf, *first, *pages, progress),
+            Job::Scan { first, pages } => {
+                self.send_nonzero(mem, buf, *first, *pages, progress, pace)
+            }
             Job::Live(runs) => {
                 let mut pages = 0;
                 for r in runs {
                     match self {
                         Sink::Tcp(conn) => send_checked(conn, mem, r, buf)?,
                         Sink::Rdma(w) => {
-                            w.write(r.gpa(), r.pages * PAGE_SIZE)?;
+                            rdma_write(w, r.gpa(), r.pages * PAGE_SIZE, pace)?;
                             progress.bump(r.pages * PAGE_SIZE);
                         }
                     }
@@ -780,6 +846,7 @@ impl Sink {
         first: u64,
         n: u64,
         progress: &Progress,
+        pace: Option<&Pacer>,
     ) -> Result<(u64, u64), MigrationError> {
         let page = PAGE_SIZE as usize;
         let len = n as usize * page;
@@ -791,7 +858,7 @@ impl Sink {
             match self {
                 Sink::Tcp(conn) => protocol::write_pages(conn, gpa, &[IoSlice::new(data)])?,
                 Sink::Rdma(w) => {
-                    w.write(gpa, data.len() as u64)?;
+                    rdma_write(w, gpa, data.len() as u64, pace)?;
                     progress.bump(data.len() as u64);
                 }
             }
@@ -816,6 +883,29 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// One RDMA WRITE of `len` bytes at `gpa` (from the same address in the registered guest
+/// memory), or, paced, one per [`CHUNK`], each posted when its turn comes.
+fn rdma_write(
+    w: &mut Writer,
+    gpa: u64,
+    len: u64,
+    pace: Option<&Pacer>,
+) -> Result<(), MigrationError> {
+    let Some(p) = pace else {
+        w.write(gpa, len)?;
+        return Ok(());
+    };
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(CHUNK as u64);
+        p.take(n as usize);
+        w.write(gpa + off, n)?;
+        w.post_now()?;
+        off += n;
+    }
+    Ok(())
 }
 
 /// Sends one run (at most `buf`'s size) as a Pages frame whose CRC covers the data: the pages

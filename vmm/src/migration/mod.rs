@@ -25,6 +25,7 @@
 pub mod controller;
 pub mod dest;
 pub mod link;
+pub mod pace;
 pub mod rdma;
 pub mod session;
 pub mod source;
@@ -253,6 +254,10 @@ pub struct Options {
     /// guest's vCPUs).
     #[serde(default)]
     pub precopy_nice: u8,
+    /// Pre-copy bandwidth limit of the data streams together, bytes per second
+    /// (`--max-bandwidth`; 0 = none). The blackout's pages are not limited.
+    #[serde(default)]
+    pub max_bandwidth: u64,
 }
 
 /// One pre-copy round.
@@ -437,6 +442,7 @@ mod tests {
             transport: rdma::TransportChoice::Auto,
             tls: None,
             precopy_nice: 19,
+            max_bandwidth: 4 << 20,
         };
         let j = serde_json::to_string(&o).unwrap();
         let back: Options = serde_json::from_str(&j).unwrap();
@@ -444,6 +450,7 @@ mod tests {
         assert_eq!(back.on_timeout, OnTimeout::Go);
         assert_eq!(back.transport, rdma::TransportChoice::Auto);
         assert_eq!(back.precopy_nice, 19);
+        assert_eq!(back.max_bandwidth, 4 << 20);
         // Clients that predate --transport still parse: the URL decides.
         let old = j.replace(",\"transport\":\"auto\"", "");
         assert!(!old.contains("transport"), "{old}");

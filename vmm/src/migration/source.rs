@@ -218,10 +218,25 @@ fn run(
         ));
     }
     let mem = g.vm.memory().clone();
+    let pace = super::pace::Pacer::new(opts.max_bandwidth).map(std::sync::Arc::new);
+    if let Some(p) = &pace {
+        tracing::info!(
+            "pre-copy limited to {}/s over all data streams (the blackout's pages are not)",
+            crate::cli::human_size(p.rate())
+        );
+    }
     let mut link = if rdma {
-        SourceLink::rdma(&mem, &mut g.control, streams)?
+        SourceLink::rdma(&mem, &mut g.control, streams, pace)?
     } else {
-        SourceLink::tcp(&mem, endpoint.address(), &opts.to, streams, &session, tls)?
+        SourceLink::tcp(
+            &mem,
+            endpoint.address(),
+            &opts.to,
+            streams,
+            &session,
+            tls,
+            pace,
+        )?
     };
     let mut report = Report {
         id: crate::logging::migration_id(session.id),
