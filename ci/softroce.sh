@@ -66,6 +66,8 @@ esac
 # guest's TSC clocksource was marked unstable, its clock fell 19.6 s behind the host's across
 # the two moves and pre-copy heartbeat gaps grew to 8.6 s, against 6.6 s with 1.
 HOST_CPUS=${BLIP_SOFTROCE_CPUS:-1}
+# The Linux guest's migrations' --max-bandwidth (BLIP_SOFTROCE_LINUX_BW; 0 = none).
+LINUX_BW=${BLIP_SOFTROCE_LINUX_BW:-0}
 
 T_START=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -138,7 +140,7 @@ boot_host() { # host mac netdev-option
         -nodefaults -no-reboot -display none -monitor none \
         -serial "file:$RUN/console-$1.log" \
         -kernel "$KERNEL" -initrd "$INITRD" \
-        -append "console=ttyS0 panic=-1 loglevel=4 blip.host=$1 blip.scenarios=$SCENARIOS" \
+        -append "console=ttyS0 panic=-1 loglevel=4 blip.host=$1 blip.scenarios=$SCENARIOS blip.linux_bw=$LINUX_BW" \
         -netdev "socket,id=n0,$3" -device "virtio-net-pci,netdev=n0,mac=$2,romfile=" \
         >"$RUN/qemu-$1.log" 2>&1 &
     PIDS+=($!)

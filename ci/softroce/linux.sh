@@ -369,7 +369,8 @@ _linux_migrate() {
                 linux_anchor before-back "$bs"
                 t1=$(now_cs)
                 timeout 900 blip migrate --api "/tmp/l$P-b.sock" --to "$P://$PEER:$ba" --verify \
-                    --max-blackout "$MIG_TARGET" --precopy-nice 19 --json >"/tmp/l$P-back.json" 2>&1
+                    --max-blackout "$MIG_TARGET" --precopy-nice 19 --max-bandwidth "$LINUX_BW" \
+                    --json >"/tmp/l$P-back.json" 2>&1
                 brc=$?
                 log "migrate back: rc=$brc in $(ms_since "$t1") ms (uptime_cs $t1 to $(now_cs))"
                 show migrate-back "/tmp/l$P-back.json"
@@ -435,7 +436,7 @@ _linux_migrate() {
     log "sample before the migration (uptime_cs n mono_ns): $s1"
     t1=$(now_cs)
     timeout 900 blip migrate --api "/tmp/l$P-a.sock" --to "$P://$PEER:$ab" --verify --json \
-        --max-blackout "$MIG_TARGET" --precopy-nice 19 >"/tmp/l$P-ab.json" 2>&1
+        --max-blackout "$MIG_TARGET" --precopy-nice 19 --max-bandwidth "$LINUX_BW" >"/tmp/l$P-ab.json" 2>&1
     mrc=$?
     mms=$(ms_since "$t1")
     log "migrate: rc=$mrc in $mms ms (uptime_cs $t1 to $(now_cs))"
