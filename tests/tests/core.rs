@@ -320,3 +320,36 @@ fn bad_names_and_stream_counts_are_one_line_errors() {
         assert!(stderr(&o).contains("1..=16"), "{}", stderr(&o));
     }
 }
+
+/// `--max-bandwidth` on every command that migrates: a rate that is not one, or one below
+/// 64 KiB/s, is one line and exit 2 before anything is contacted.
+#[test]
+fn bad_bandwidths_are_one_line_errors() {
+    let to = "tcp://127.0.0.1:9";
+    let api = "/nonexistent/blip.sock";
+    for (bw, says) in [
+        ("fast", "not a bandwidth"),
+        ("1K", "64 KiB/s"),
+        ("-4M", "not a bandwidth"),
+    ] {
+        let flag = format!("--max-bandwidth={bw}");
+        for cmd in [
+            &["migrate", "--api", api, "--to", to, flag.as_str()][..],
+            &["drain", "--to", to, flag.as_str()],
+            &[
+                "host",
+                "--api",
+                api,
+                "migrate",
+                "g",
+                "--to",
+                to,
+                flag.as_str(),
+            ],
+            &["host", "--api", api, "drain", "--to", to, flag.as_str()],
+        ] {
+            let o = run_blip(cmd);
+            one_line_error(&o, says);
+        }
+    }
+}

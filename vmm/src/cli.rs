@@ -323,6 +323,10 @@ pub struct DrainPlan {
     /// How pages travel (see blip migrate --transport).
     #[arg(long, value_enum, default_value = "url")]
     pub transport: crate::migration::rdma::TransportChoice,
+    /// Pre-copy bandwidth limit per migration, bytes per second (see blip migrate
+    /// --max-bandwidth); 0 = none.
+    #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
+    pub max_bandwidth: u64,
     /// Compare memory digests at each migration (see blip migrate --verify).
     #[arg(long)]
     pub verify: bool,
@@ -912,6 +916,9 @@ pub enum HostCmd {
         /// How pages travel (see blip migrate --transport).
         #[arg(long, value_enum, default_value = "url")]
         transport: crate::migration::rdma::TransportChoice,
+        /// Pre-copy bandwidth limit, bytes per second (see blip migrate --max-bandwidth).
+        #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
+        max_bandwidth: u64,
         #[arg(long)]
         verify: bool,
         #[arg(long)]

@@ -61,6 +61,8 @@ pub struct DrainOptions {
     pub verify: bool,
     pub streams: u32,
     pub transport: blip_vmm::migration::rdma::TransportChoice,
+    /// Pre-copy bandwidth limit per migration, bytes per second (0 = none).
+    pub max_bandwidth: u64,
     /// Shared key file (`None` = --insecure).
     pub key: Option<std::path::PathBuf>,
     /// Mutual TLS (`--tls-*`, or the host service's settings).
@@ -272,7 +274,7 @@ fn move_guest(
             transport: o.transport,
             tls: o.tls.clone(),
             precopy_nice: 0,
-            max_bandwidth: 0,
+            max_bandwidth: o.max_bandwidth,
         };
         // Published for the host service at most every 250 ms: this callback must keep up
         // with the progress lines, or the source stops writing them.
@@ -529,6 +531,7 @@ pub fn drain(args: &DrainArgs, stop: &AtomicBool) -> Result<i32, Failure> {
         verify: a.verify,
         streams: a.streams,
         transport: a.transport,
+        max_bandwidth: a.max_bandwidth,
         key,
         tls,
     };

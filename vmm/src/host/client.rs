@@ -265,13 +265,14 @@ pub fn run(
             max_precopy_time,
             streams,
             transport,
+            max_bandwidth,
             verify,
             json,
         } => {
             let body = json!({
                 "to": [to], "verify": verify, "max_blackout_ns": max_blackout,
                 "max_precopy_ms": max_precopy_time / 1_000_000, "streams": streams,
-                "transport": transport,
+                "transport": transport, "max_bandwidth": max_bandwidth,
             });
             let v = call(
                 &sock,
@@ -288,13 +289,14 @@ pub fn run(
             max_precopy_time,
             streams,
             transport,
+            max_bandwidth,
             verify,
             json,
         }) => {
             let body = json!({
                 "to": to, "parallel": parallel, "verify": verify, "max_blackout_ns": max_blackout,
                 "max_precopy_ms": max_precopy_time / 1_000_000, "streams": streams,
-                "transport": transport,
+                "transport": transport, "max_bandwidth": max_bandwidth,
             });
             let v = call(&sock, "POST", "/drain", Some(&body))?;
             follow(&sock, job_id(&v)?, None, *json, stop)

@@ -613,6 +613,10 @@ fn start_job(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, drain: bool) -> Re
             Err(_) => return Response::error(400, format!("bad \"transport\" {t}")),
         },
     };
+    let max_bandwidth = body["max_bandwidth"].as_u64().unwrap_or(0);
+    if let Err(e) = blip_vmm::cli::parse_bandwidth(&max_bandwidth.to_string()) {
+        return Response::error(400, format!("bad \"max_bandwidth\": {e}"));
+    }
     let o = DrainOptions {
         to,
         parallel: body["parallel"].as_u64().unwrap_or(2).clamp(1, 16) as u32,
@@ -624,6 +628,7 @@ fn start_job(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, drain: bool) -> Re
             .unwrap_or(1)
             .clamp(1, u64::from(blip_vmm::cli::MAX_STREAMS)) as u32,
         transport,
+        max_bandwidth,
         key: h.key_path.clone(),
         tls: h.tls_files.clone(),
     };
