@@ -459,6 +459,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         transport: Default::default(),
         tls: None,
         precopy_nice: 0,
+        max_bandwidth: 0,
     };
     match s.via {
         Via::Api => {
