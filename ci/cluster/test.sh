@@ -286,7 +286,10 @@ blip_service_wait 2 || fail "no host service on node2 after its reboot"
 wait_for 120 "Slurm to resume node2" slurm_idle 2 || fail "node2 is '$(slurm_state 2)' in Slurm after its reboot"
 t_back=$(ms_between "$t1" "$(now)")
 t_maint=$(ms_between "$t0" "$(now)")
-on 1 crm_mon -1 --output-as=xml | grep -q '<node name="node2" .*online="true" standby="false"' ||
+# node1's view follows node3's (which cluster_boot waited on) a moment later, and node2's
+# own attrd may briefly bring back its old standby before the cluster drops it: wait.
+node2_serves() { on 1 crm_mon -1 --output-as=xml | grep -q '<node name="node2" .*online="true" standby="false"'; }
+wait_for 60 "node2 online and out of standby in node1's view" node2_serves ||
 	fail "node2 is not online (or still in standby) in Pacemaker after its reboot"
 cl_log "node2 back in $t_back ms: online in Pacemaker (standby ended with the reboot), IDLE in Slurm; whole maintenance $t_maint ms"
 
