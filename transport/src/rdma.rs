@@ -1020,9 +1020,11 @@ impl Writer {
     }
 
     /// Posts what [`Writer::write`] queued now rather than when a batch is full (a paced
-    /// sender's piece goes out when its turn comes, not with the next fifteen).
+    /// sender's piece goes out when its turn comes, not with the next fifteen), its last work
+    /// request signalled: nothing unsignalled may trail behind an empty queue, which
+    /// [`Writer::flush`] could then not signal (its writes would never be seen complete).
     pub fn post_now(&mut self) -> Result<()> {
-        self.post(false)
+        self.post(true)
     }
 
     /// Queues a mark: a zero-length RDMA WRITE WITH IMMEDIATE `imm`. The peer's queue pair
