@@ -564,6 +564,12 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     let b = parse_size(t).map_err(|_| {
         format!("'{s}' is not a bandwidth (expected bytes per second, e.g. 4M, 512K, 1G; 0 = none)")
     })?;
+    check_bandwidth(b)
+}
+
+/// A bandwidth limit in bytes per second is 0 (none) or at least 64 KiB/s (see
+/// [`parse_bandwidth`]; the host service checks its API's number with this too).
+pub fn check_bandwidth(b: u64) -> Result<u64, String> {
     if b != 0 && b < 64 << 10 {
         return Err(format!(
             "bandwidth {} per second is below the smallest limit, 64 KiB/s",

@@ -613,10 +613,11 @@ fn start_job(h: &Arc<Host>, guests: Vec<Entry>, body: &Value, drain: bool) -> Re
             Err(_) => return Response::error(400, format!("bad \"transport\" {t}")),
         },
     };
-    let max_bandwidth = body["max_bandwidth"].as_u64().unwrap_or(0);
-    if let Err(e) = blip_vmm::cli::parse_bandwidth(&max_bandwidth.to_string()) {
-        return Response::error(400, format!("bad \"max_bandwidth\": {e}"));
-    }
+    let max_bandwidth =
+        match blip_vmm::cli::check_bandwidth(body["max_bandwidth"].as_u64().unwrap_or(0)) {
+            Ok(b) => b,
+            Err(e) => return Response::error(400, format!("bad \"max_bandwidth\": {e}")),
+        };
     let o = DrainOptions {
         to,
         parallel: body["parallel"].as_u64().unwrap_or(2).clamp(1, 16) as u32,
