@@ -11,7 +11,7 @@
 # installed on this machine).
 
 SR_HOST_PKGS=(qemu-system-x86 busybox-static cpio kmod iproute2 rdma-core ibverbs-providers
-    ibverbs-utils libibverbs1 perftest)
+    ibverbs-utils libibverbs1 perftest socat)
 # Modules wanted in the guest; their dependencies are added from modules.dep.
 SR_MODULES=(virtio_pci virtio_net crc32_generic udp_tunnel ip6_udp_tunnel ib_core ib_uverbs
     rdma_rxe irqbypass ccp kvm kvm_amd)
