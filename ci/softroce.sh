@@ -66,8 +66,12 @@ esac
 # guest's TSC clocksource was marked unstable, its clock fell 19.6 s behind the host's across
 # the two moves and pre-copy heartbeat gaps grew to 8.6 s, against 6.6 s with 1.
 HOST_CPUS=${BLIP_SOFTROCE_CPUS:-1}
-# The Linux guest's migrations' --max-bandwidth (BLIP_SOFTROCE_LINUX_BW; 0 = none).
-LINUX_BW=${BLIP_SOFTROCE_LINUX_BW:-0}
+# The Linux guest's migrations' --max-bandwidth (BLIP_SOFTROCE_LINUX_BW; 0 = none). 6 MiB/s
+# by default: the emulated host has one CPU, and unpaced pre-copy's network work (TCP sending
+# as acknowledgements come, rxe) runs in softirqs that preempt the guest's vCPU, where no nice
+# value reaches; unpaced, 1 run in 5 showed `hrtimer: interrupt took 21 ms` in the guest. Paced
+# (4 and 6 MiB/s), every run passed (docs/ARCHITECTURE.md "Pre-copy bandwidth limit").
+LINUX_BW=${BLIP_SOFTROCE_LINUX_BW:-6M}
 # linux-boot's vCPU counts (BLIP_SOFTROCE_LINUX_BOOT_VCPUS, comma-separated; default 1). The
 # 2-vCPU boot is not in the default: in 4 of about 12 harness runs it froze host a (the one
 # that has just run the bench) whole, its console silent until the run's timeout, its own
