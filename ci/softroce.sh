@@ -200,7 +200,7 @@ monitor_dump() {
             printf 'info registers\n' | socat -t 1 - "UNIX-CONNECT:$sock" | grep -a -m1 '^RIP=' || true
             sleep 0.2
         done
-        printf 'info registers\nx/12i $pc\ninfo cpus\n' | socat -t 2 - "UNIX-CONNECT:$sock" || true
+        printf 'info registers\nx/12i $pc\ninfo lapic\ninfo cpus\n' | socat -t 2 - "UNIX-CONNECT:$sock" || true
     } >"$out" 2>&1
     sr_log "host $1 did not finish: its CPU (QEMU monitor) in $out"
     grep -a '^RIP=' "$out" | sed "s/^/  monitor-$1: /" >&2 || true

@@ -139,7 +139,10 @@ linux_clock() {
 # The guest's own view of a hop from console $1 to console $2: the largest CLOCK_MONOTONIC gap
 # (ms) between its heartbeats from the last one on $1 through $2 ("none" without beats). Not
 # just the first beat on $2: a beat timed before the pause and printed after it carries the
-# old clock, and the jump shows on the next one.
+# old clock, and the jump shows on the next one. In CI runs 37 and 38 of 2026-12-02 the TCP
+# a->b hop reported ~109 ms here while the gap list showed ~2.6 s at the beat numbered just
+# after the hop, which the source's file held: the seam lines logged after the scenario show
+# where each console ends and starts.
 linux_hop_gap() {
     n=$(linux_last_n "$1")
     g=$(blip-linux-guest hb-check --from "${n:-0}" "$1" "$2" | sed -n 's/.*max_gap_ms=\([0-9.]*\) .*/\1/p')
@@ -516,6 +519,10 @@ _linux_migrate() {
     # The gap the guest itself saw across each hop (its CLOCK_MONOTONIC, continued by the
     # migration's clock advance).
     gg="$(linux_hop_gap "$as" "/tmp/l$P-b.serial"),$(linux_hop_gap "/tmp/l$P-b.serial" "$a2")"
+    # Where each hop's consoles meet (raw bytes, "|" for newlines): the hop gap starts at the
+    # source's last whole beat, which twice held the beat after the hop (see linux_hop_gap).
+    for f in "$as" "/tmp/l$P-b.serial"; do log "linux hop seam: ${f##*/} ends '$(tail -c 160 "$f" | tr -d '\r' | tr '\n' '|')'"; done
+    for f in "/tmp/l$P-b.serial" "$a2"; do log "linux hop seam: ${f##*/} starts '$(grep -a -m 3 'HB [0-9]' "$f" | tr -d '\r' | tr '\n' '|')'"; done
     summary="there: $(report_summary "/tmp/l$P-ab.json") back_blackout_us=$((${bo2:-0} / 1000)) guest_blackout_ns=${g1:-none},${g2:-none} guest_seen_gap_ms=$gg allowed_gap_ms=$allow up_ms=$up_ms migrate_ms=$mms $clock end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
     if ! moved "$mrc" || [ "$back" != ok ]; then
         result "$name" FAIL "role=source migrate_rc=$mrc source_rc=$src back=$back $summary"
