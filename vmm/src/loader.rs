@@ -180,6 +180,8 @@ pub enum Kind {
 pub struct Image {
     bytes: Vec<u8>,
     initrd: Option<Vec<u8>>,
+    /// blip's own guest: it never sends INIT/SIPI, so its APs must start runnable.
+    embedded: bool,
 }
 
 /// A bzImage's setup header fields blip uses.
@@ -237,6 +239,7 @@ impl Image {
         Ok(Image {
             bytes: read_limited("kernel image", path, mem_size)?,
             initrd: None,
+            embedded: false,
         })
     }
 
@@ -258,7 +261,16 @@ impl Image {
         Image {
             bytes: EMBEDDED_GUEST.to_vec(),
             initrd: None,
+            embedded: true,
         }
+    }
+
+    /// Whether the guest starts its own APs with INIT/SIPI (a stock kernel does), so that on a
+    /// platform with an irqchip they wait for it. blip's own guest does not: its APs start
+    /// runnable at its entry on every platform (on `--platform pc` they used to wait for a
+    /// SIPI that never came, and its memory check, which waits for every vCPU, never ran).
+    pub fn starts_its_own_aps(&self) -> bool {
+        !self.embedded
     }
 
     /// What kind of image this is (an image that is neither is refused).
@@ -651,6 +663,7 @@ mod tests {
         Image {
             bytes: bytes.to_vec(),
             initrd: None,
+            embedded: false,
         }
     }
 

@@ -259,7 +259,7 @@ impl Vm {
             for (i, v) in fds.iter().enumerate() {
                 let index = i as u8;
                 let cpuid = cpu::cpuid_for(&supported, index, nvcpus, tsc_khz);
-                if cfg.platform.has_irqchip() && index > 0 {
+                if cfg.platform.has_irqchip() && index > 0 && image.starts_its_own_aps() {
                     // The AP waits in KVM's UNINITIALIZED state for the guest's INIT/SIPI.
                     cpu::setup_ap(v, &cpuid).map_err(|source| VmError::Cpu { index, source })?;
                     continue;
@@ -267,7 +267,8 @@ impl Vm {
                 cpu::setup_boot_vcpu(v, &cpuid, &boot)
                     .map_err(|source| VmError::Cpu { index, source })?;
                 if index > 0 {
-                    // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI.
+                    // APs start runnable at the PVH entry (see `cpu`), not waiting for a SIPI:
+                    // on Minimal, and blip's own guest on Pc (it sends no SIPI).
                     v.set_mp_state(kvm_bindings::kvm_mp_state {
                         mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
                     })
