@@ -191,7 +191,7 @@ follow() {
 # already be gone (a host that finished early powers off while the other is still working).
 finished() { grep -aq "^SR\[$1 [0-9.]*\] all scenarios done" "$RUN/console-$1.log" 2>/dev/null; }
 # monitor_dump H: where host H's emulated CPU is (QEMU's monitor: the registers, the
-# instructions at RIP, RIP sampled five times 0.2 s apart), for a host that did not finish.
+# instructions at RIP, its LAPIC, RIP sampled five times 0.2 s apart), for a host that did not finish.
 monitor_dump() {
     local sock=$RUN/monitor-$1.sock out=$RUN/monitor-$1.txt i
     [ -S "$sock" ] || return 0
