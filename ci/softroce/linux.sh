@@ -94,10 +94,22 @@ linux_why() {
     esac
 }
 
+# The whole heartbeat lines of file $1: lines that end in a newline (the last line of a
+# console whose guest paused while printing it lacks one: its rest, and perhaps a kernel
+# message glued to it, starts the next host's console) and end with the realtime number,
+# so each is a beat that `hb-check` parses. In CI run 42 of 2026-12-02 the RDMA b->a hop's
+# source console ended in `HB 665 mono=76261204449 real=1796` and the destination's began
+# `206375106116836[   78.669181] sched: RT throttling activated`: taking 665 as the last beat
+# made `hb-check --from 665` skip the hop and report the destination's largest gap (101 ms)
+# as the hop's (runs 37 and 38 read 109 ms the same way).
+linux_beats() {
+    [ -f "$1" ] || return 0
+    head -n "$(wc -l <"$1")" "$1" | tr -d '\r' | grep -aE 'HB [0-9]+ mono=[0-9]+ real=[0-9]+ *$'
+}
+
 # The counter of the last whole heartbeat in file $1 (empty when none).
 linux_last_n() {
-    grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$1" 2>/dev/null | tail -n 1 |
-        sed 's/.*HB \([0-9]*\) mono=.*/\1/'
+    linux_beats "$1" | tail -n 1 | sed 's/.*HB \([0-9]*\) mono=.*/\1/'
 }
 
 # Waits for `HB $2` (or later) in file $1, at most $3 s, while process $4 lives.
@@ -111,7 +123,7 @@ linux_sample() {
     last=$(linux_last_n "$1")
     n=0
     while [ "$n" -lt 200 ]; do
-        line=$(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$1" | tail -n 1)
+        line=$(linux_beats "$1" | tail -n 1)
         cur=$(echo "$line" | sed 's/.*HB \([0-9]*\) mono=.*/\1/')
         if [ -n "$cur" ] && [ "$cur" != "$last" ]; then
             echo "$(now_cs) $cur $(echo "$line" | sed 's/.*mono=\([0-9]*\) .*/\1/')"
@@ -139,10 +151,10 @@ linux_clock() {
 # The guest's own view of a hop from console $1 to console $2: the largest CLOCK_MONOTONIC gap
 # (ms) between its heartbeats from the last one on $1 through $2 ("none" without beats). Not
 # just the first beat on $2: a beat timed before the pause and printed after it carries the
-# old clock, and the jump shows on the next one. In CI runs 37 and 38 of 2026-12-02 the TCP
-# a->b hop reported ~109 ms here while the gap list showed ~2.6 s at the beat numbered just
-# after the hop, which the source's file held: the seam lines logged after the scenario show
-# where each console ends and starts.
+# old clock, and the jump shows on the next one. "The last one on $1" is its last whole line
+# (see linux_beats): a cut one is not a beat `hb-check` can place, and starting from its
+# number skipped the hop. The seam lines logged after the scenario show where each console
+# ends and starts.
 linux_hop_gap() {
     n=$(linux_last_n "$1")
     g=$(blip-linux-guest hb-check --from "${n:-0}" "$1" "$2" | sed -n 's/.*max_gap_ms=\([0-9.]*\) .*/\1/p')
@@ -168,7 +180,7 @@ linux_gaps() {
 # a beat's CLOCK_MONOTONIC against the host's uptime at that moment (within the 20 ms
 # polling of linux_sample), so the blip log's and the report's times line up with the beats.
 linux_anchor() {
-    echo "anchor $1 uptime_cs=$(now_cs) $(grep -a 'HB [0-9]* mono=[0-9]* real=[0-9]' "$2" | tail -n 1 | tr -d '\r')"
+    echo "anchor $1 uptime_cs=$(now_cs) $(linux_beats "$2" | tail -n 1)"
 }
 
 # Seconds into the UTC day of the first line of blip log $1 matching $2 (empty when none).
@@ -520,9 +532,9 @@ _linux_migrate() {
     # migration's clock advance).
     gg="$(linux_hop_gap "$as" "/tmp/l$P-b.serial"),$(linux_hop_gap "/tmp/l$P-b.serial" "$a2")"
     # Where each hop's consoles meet (raw bytes, "|" for newlines): the hop gap starts at the
-    # source's last whole beat, which twice held the beat after the hop (see linux_hop_gap).
+    # source's last whole beat (see linux_beats).
     for f in "$as" "/tmp/l$P-b.serial"; do log "linux hop seam: ${f##*/} ends '$(tail -c 160 "$f" | tr -d '\r' | tr '\n' '|')'"; done
-    for f in "/tmp/l$P-b.serial" "$a2"; do log "linux hop seam: ${f##*/} starts '$(grep -a -m 3 'HB [0-9]' "$f" | tr -d '\r' | tr '\n' '|')'"; done
+    for f in "/tmp/l$P-b.serial" "$a2"; do log "linux hop seam: ${f##*/} starts '$(head -c 160 "$f" | tr -d '\r' | tr '\n' '|')'"; done
     summary="there: $(report_summary "/tmp/l$P-ab.json") back_blackout_us=$((${bo2:-0} / 1000)) guest_blackout_ns=${g1:-none},${g2:-none} guest_seen_gap_ms=$gg allowed_gap_ms=$allow up_ms=$up_ms migrate_ms=$mms $clock end=$LINUX_END rc=$LINUX_END_RC $(echo "$hb" | tr ' ' '\n' | grep -E '^(beats|missing|max_gap_ms|at)=' | tr '\n' ' ')"
     if ! moved "$mrc" || [ "$back" != ok ]; then
         result "$name" FAIL "role=source migrate_rc=$mrc source_rc=$src back=$back $summary"
