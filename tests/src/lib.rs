@@ -32,15 +32,38 @@ pub fn blip_bin() -> PathBuf {
 
 /// The run directory (registry and migration slots) of every blip this test process starts,
 /// unless a test sets its own `BLIP_RUN_DIR`: the host-wide `/run/blip` would make two test
-/// runs on one machine (a developer's and CI's) take each other's migration slots.
+/// runs on one machine (a developer's and CI's) take each other's migration slots. A test
+/// process cannot remove it as it exits (statics are not dropped), so each one removes those
+/// its finished predecessors left (233 of them had piled up in /tmp here).
 pub fn default_run_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
+        remove_stale_run_dirs();
         let d = std::env::temp_dir().join(format!("blip-tests-run-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
     })
     .clone()
+}
+
+/// Removes `blip-tests-run-<pid>` directories whose process is gone.
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("blip-tests-run-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A `Command` for the blip binary with `args`.

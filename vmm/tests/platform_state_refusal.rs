@@ -14,9 +14,19 @@ use blip_vmm::persist::{PIECE_CLOCK, PLATFORM_PIECES};
 
 const WAITING: &str = "waiting for an incoming migration on ";
 
-/// `blip receive --insecure` on a free loopback port, `BLIP_FAULT` set; its address and a
-/// channel of its stderr lines.
-fn receiver(tag: &str) -> (Child, String, mpsc::Receiver<String>) {
+/// A run directory removed when the test is done with it (blip writes its migration slot there
+/// after the offer, so removing it earlier left one behind per run).
+struct RunDir(std::path::PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `blip receive --insecure` on a free loopback port, `BLIP_FAULT` set; its address, a channel
+/// of its stderr lines and its run directory (keep it until the receiver has exited).
+fn receiver(tag: &str) -> (Child, String, mpsc::Receiver<String>, RunDir) {
     let run = std::env::temp_dir().join(format!(
         "blip-platform-refusal-{tag}-{}",
         std::process::id()
@@ -48,9 +58,7 @@ fn receiver(tag: &str) -> (Child, String, mpsc::Receiver<String>) {
             break url.trim().trim_start_matches("tcp://").to_string();
         }
     };
-    // The run directory holds nothing the test reads: remove it now that blip made it.
-    let _ = std::fs::remove_dir_all(&run);
-    (child, addr, rx)
+    (child, addr, rx, RunDir(run))
 }
 
 fn offer(state_pieces: u64) -> Offer {
@@ -88,7 +96,7 @@ fn send_offer(addr: &str, o: Offer) -> Message {
 
 #[test]
 fn platform_state_offer_is_refused_where_no_irqchip_can_be_built() {
-    let (mut b, addr, errs) = receiver("pc");
+    let (mut b, addr, errs, _run) = receiver("pc");
     match send_offer(&addr, offer(PLATFORM_PIECES | PIECE_CLOCK)) {
         Message::Refuse { reason } => assert_eq!(
             reason,
@@ -110,7 +118,7 @@ fn platform_state_offer_is_refused_where_no_irqchip_can_be_built() {
 
 #[test]
 fn platform_state_minimal_offer_is_accepted_by_the_same_destination() {
-    let (mut b, addr, _errs) = receiver("minimal");
+    let (mut b, addr, _errs, _run) = receiver("minimal");
     let reply = send_offer(&addr, offer(PIECE_CLOCK));
     let _ = b.kill();
     let _ = b.wait();
