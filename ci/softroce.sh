@@ -66,18 +66,26 @@ esac
 # guest's TSC clocksource was marked unstable, its clock fell 19.6 s behind the host's across
 # the two moves and pre-copy heartbeat gaps grew to 8.6 s, against 6.6 s with 1.
 HOST_CPUS=${BLIP_SOFTROCE_CPUS:-1}
+# The emulated hosts' CPU model (BLIP_SOFTROCE_HOST_CPU). QEMU 7.2's TCG offers the host's
+# KVM (kvm_amd) SVM with nested paging but no pause filter, so kvm_amd sets its
+# pause_filter_count to 0 and a vCPU spinning on PAUSE (a 2-vCPU Linux guest's boot CPU
+# waiting for its sibling, interrupts off) never leaves guest mode: the sibling can run only
+# when a host timer preempts it, on the host's one CPU. The pause filter is forced on (TCG's
+# PAUSE honours the intercept; every PAUSE then exits and kvm_amd yields to the sibling).
+HOST_CPU=${BLIP_SOFTROCE_HOST_CPU:-max,+pause-filter,+pfthreshold,x-force-features=on}
 # The Linux guest's migrations' --max-bandwidth (BLIP_SOFTROCE_LINUX_BW; 0 = none). 6 MiB/s
 # by default: the emulated host has one CPU, and unpaced pre-copy's network work (TCP sending
 # as acknowledgements come, rxe) runs in softirqs that preempt the guest's vCPU, where no nice
 # value reaches; unpaced, 1 run in 5 showed `hrtimer: interrupt took 21 ms` in the guest. Paced
 # (4 and 6 MiB/s), every run passed (docs/ARCHITECTURE.md "Pre-copy bandwidth limit").
 LINUX_BW=${BLIP_SOFTROCE_LINUX_BW:-6M}
-# linux-boot's vCPU counts (BLIP_SOFTROCE_LINUX_BOOT_VCPUS, comma-separated; default 1). The
-# 2-vCPU boot is not in the default: in 4 of about 12 harness runs it froze host a (the one
-# that has just run the bench) whole, its console silent until the run's timeout, its own
-# watchdog never firing (CI of 2026-12-02: both attempts of one run). Until that is
-# understood (the QEMU monitor dump below is there to show where host a's CPU is), a 2-vCPU
-# boot is asked for explicitly: BLIP_SOFTROCE_LINUX_BOOT_VCPUS=1,2.
+# linux-boot's vCPU counts (BLIP_SOFTROCE_LINUX_BOOT_VCPUS, comma-separated; default 1).
+# With `-cpu max` (no pause filter, above) the 2-vCPU boot froze host a (the one that has
+# just run the bench) whole in 4 of about 12 harness runs, its console silent until the run's
+# timeout (CI of 2026-12-02: both attempts of one run); its kvm_amd read pause_filter_count 0.
+# With the pause filter forced on (3000) 11 of 12 2-vCPU boots took 17-18 s, but one stalled
+# for 213 s of guest time between writing its marker line and its reboot message (2026-12-02
+# 11:03, host b), so the 2-vCPU boot stays on request: BLIP_SOFTROCE_LINUX_BOOT_VCPUS=1,2.
 LINUX_BOOT_VCPUS=${BLIP_SOFTROCE_LINUX_BOOT_VCPUS:-1}
 case "$LINUX_BOOT_VCPUS" in
     ''|*[!0-9,]*) echo "ci/softroce.sh: BLIP_SOFTROCE_LINUX_BOOT_VCPUS must be a comma-separated list of vCPU counts (got \"$LINUX_BOOT_VCPUS\")" >&2; exit 2 ;;
@@ -150,7 +158,7 @@ cleanup() {
 trap cleanup EXIT
 
 boot_host() { # host mac netdev-option
-    qemu-system-x86_64 -name "softroce-$1" -accel tcg -cpu max -smp "$HOST_CPUS" -m "$GUEST_MEM" \
+    qemu-system-x86_64 -name "softroce-$1" -accel tcg -cpu "$HOST_CPU" -smp "$HOST_CPUS" -m "$GUEST_MEM" \
         -nodefaults -no-reboot -display none -monitor "unix:$RUN/monitor-$1.sock,server=on,wait=off" \
         -serial "file:$RUN/console-$1.log" \
         -kernel "$KERNEL" -initrd "$INITRD" \
@@ -161,7 +169,7 @@ boot_host() { # host mac netdev-option
 }
 T_BOOT=$(date +%s.%N)
 sr_log "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-sr_log "booting hosts a and b ($HOST_CPUS emulated CPU(s) each; wire 127.0.0.1:$port, logs in $RUN)"
+sr_log "booting hosts a and b ($HOST_CPUS emulated CPU(s) each, -cpu $HOST_CPU; wire 127.0.0.1:$port, logs in $RUN)"
 boot_host a 52:54:00:5b:00:01 "listen=127.0.0.1:$port"
 sleep 1
 boot_host b 52:54:00:5b:00:02 "connect=127.0.0.1:$port"

@@ -257,7 +257,7 @@ scenario_linux_boot() {
         c=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-60)
         case "$c" in *blip*|*qemu*|*ib_*|*perftest*) echo "${p#/proc/}:$c;" ;; esac
     done | tr '\n' ' ')
-    log "linux-boot: load $(cut -d' ' -f1-3 /proc/loadavg), MemAvailable $(awk '/MemAvailable/ { print $2 }' /proc/meminfo) kB, left running: ${left:-nothing}"
+    log "linux-boot: load $(cut -d' ' -f1-3 /proc/loadavg), MemAvailable $(awk '/MemAvailable/ { print $2 }' /proc/meminfo) kB, kvm_amd pause_filter_count $(cat /sys/module/kvm_amd/parameters/pause_filter_count 2>/dev/null || echo unknown), left running: ${left:-nothing}"
     for n in $LINUX_BOOT_VCPUS; do
         out=/tmp/linux-boot-$n
         linux_boot_once "$n" "$out"
