@@ -108,6 +108,10 @@ struct Args {
     /// How migrations are started: the control socket directly, or the `blip migrate` CLI.
     #[arg(long, value_enum, default_value = "api")]
     via: migrate::Via,
+    /// `--precopy-nice` of the migrate matrix's migrations (0 to 19): the nice value of the
+    /// source's migration threads until the pause, so the guest's vCPUs win the CPUs they share.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    precopy_nice: u8,
     /// Working sets (MiB) of the dirty scenario.
     #[arg(long, value_delimiter = ',', default_value = "4,32")]
     dirty_ws: Vec<u64>,
@@ -382,6 +386,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
         max_blackout_ns: target_us * 1000,
         max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
         via: a.via,
+        precopy_nice: a.precopy_nice,
         label_width: 0,
     };
     let cells: Vec<migrate::Cell> = mems
@@ -590,6 +595,7 @@ fn main() {
             max_blackout_ns: target_us * 1000,
             max_precopy_ms: if a.quick { 3_000 } else { 30_000 },
             via: a.via,
+            precopy_nice: a.precopy_nice,
             label_width: migrate::label_width(&cells),
         };
         for note in &skipped {

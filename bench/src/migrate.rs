@@ -255,6 +255,8 @@ pub struct Settings {
     /// holds pre-copy open this long, so `--quick` keeps it short.
     pub max_precopy_ms: u64,
     pub via: Via,
+    /// `--precopy-nice` of every migration.
+    pub precopy_nice: u8,
     /// Width of the table's load column ([`label_width`] of the cells to come).
     pub label_width: usize,
 }
@@ -458,7 +460,7 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
         guest_name: String::new(),
         transport: Default::default(),
         tls: None,
-        precopy_nice: 0,
+        precopy_nice: s.precopy_nice,
         max_bandwidth: 0,
     };
     match s.via {
@@ -500,6 +502,8 @@ fn migrate_once(s: &Settings, src: &Proc, url: &str) -> Result<Report, String> {
                 .arg(format!("{}ns", s.max_blackout_ns))
                 .arg("--max-precopy-time")
                 .arg(format!("{}ms", s.max_precopy_ms))
+                .arg("--precopy-nice")
+                .arg(s.precopy_nice.to_string())
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| format!("cannot run blip migrate: {e}"))?;
