@@ -14,8 +14,8 @@
 # guest to B naming only B's service; the guest checks its memory on B), bench (blip-bench on A: the same cells over tcp:// and over
 # rdma:// through A's own rxe0, side by side). Default: all but fault-tcp and the Linux
 # scenarios other than linux-boot. Linux guest (Debian's own kernel, the hosts'
-# /boot/vmlinuz-*, under blip): linux-boot (a tiny busybox initramfs on 1 vCPU, or the counts in
-# BLIP_SOFTROCE_LINUX_BOOT_VCPUS; in the default set), linux-boot-workload
+# /boot/vmlinuz-*, under blip): linux-boot (a tiny busybox initramfs on 1 and 2 vCPUs, or the
+# counts in BLIP_SOFTROCE_LINUX_BOOT_VCPUS; in the default set), linux-boot-workload
 # (ci/softroce/linux.sh: the workload initramfs: marker, heartbeats; a: 1 vCPU, b: 2),
 # linux-migrate-rdma / linux-migrate-tcp (the running kernel a -> b -> a with --verify:
 # heartbeat gaps, clock, memory checks, clean console), linux-snapshot (snapshot, restore).
@@ -66,27 +66,29 @@ esac
 # guest's TSC clocksource was marked unstable, its clock fell 19.6 s behind the host's across
 # the two moves and pre-copy heartbeat gaps grew to 8.6 s, against 6.6 s with 1.
 HOST_CPUS=${BLIP_SOFTROCE_CPUS:-1}
-# The emulated hosts' CPU model (BLIP_SOFTROCE_HOST_CPU). QEMU 7.2's TCG offers the host's
-# KVM (kvm_amd) SVM with nested paging but no pause filter, so kvm_amd sets its
-# pause_filter_count to 0 and a vCPU spinning on PAUSE (a 2-vCPU Linux guest's boot CPU
-# waiting for its sibling, interrupts off) never leaves guest mode: the sibling can run only
-# when a host timer preempts it, on the host's one CPU. The pause filter is forced on (TCG's
-# PAUSE honours the intercept; every PAUSE then exits and kvm_amd yields to the sibling).
-HOST_CPU=${BLIP_SOFTROCE_HOST_CPU:-max,+pause-filter,+pfthreshold,x-force-features=on}
+# The emulated hosts' CPU model (BLIP_SOFTROCE_HOST_CPU): QEMU 7.2's TCG `max` with a pause
+# filter and without vGIF. Each change ends one way a host running a 2-vCPU Linux guest under
+# blip stopped for minutes (2-vCPU boots that took 2 to 4+ minutes instead of 18 s, or froze
+# host a past the run's timeout in CI of 2026-12-02), seen from outside through QEMU's monitor:
+# - no pause filter (TCG offers none, so kvm_amd reads pause_filter_count 0 and never
+#   intercepts PAUSE): the host's one CPU stayed busy running the guest's vCPUs, its own
+#   userspace starved (`-cpu max,-vgif`: 1 of 20 boots stalled 189 s). Forced on, TCG's PAUSE
+#   honours the intercept, kvm_amd reads 3000 and a spinning vCPU yields to its sibling;
+# - vGIF (offered by `max`, used by kvm_amd): the host halted its own CPU for good, in HLT with
+#   interrupts on and its LAPIC timer's vector pending in IRR, not taken; an NMI did not wake
+#   it (with the pause filter and vGIF: 4 of 34 boots stalled, for 128 s, 228 s and over 4 min
+#   on both hosts of one run, still halted when stopped).
+# With both changes 40 of 40 2-vCPU boots took 17-21 s (2026-12-02 11:31 and 11:35).
+HOST_CPU=${BLIP_SOFTROCE_HOST_CPU:-max,+pause-filter,+pfthreshold,-vgif,x-force-features=on}
 # The Linux guest's migrations' --max-bandwidth (BLIP_SOFTROCE_LINUX_BW; 0 = none). 6 MiB/s
 # by default: the emulated host has one CPU, and unpaced pre-copy's network work (TCP sending
 # as acknowledgements come, rxe) runs in softirqs that preempt the guest's vCPU, where no nice
 # value reaches; unpaced, 1 run in 5 showed `hrtimer: interrupt took 21 ms` in the guest. Paced
 # (4 and 6 MiB/s), every run passed (docs/ARCHITECTURE.md "Pre-copy bandwidth limit").
 LINUX_BW=${BLIP_SOFTROCE_LINUX_BW:-6M}
-# linux-boot's vCPU counts (BLIP_SOFTROCE_LINUX_BOOT_VCPUS, comma-separated; default 1).
-# With `-cpu max` (no pause filter, above) the 2-vCPU boot froze host a (the one that has
-# just run the bench) whole in 4 of about 12 harness runs, its console silent until the run's
-# timeout (CI of 2026-12-02: both attempts of one run); its kvm_amd read pause_filter_count 0.
-# With the pause filter forced on (3000) 11 of 12 2-vCPU boots took 17-18 s, but one stalled
-# for 213 s of guest time between writing its marker line and its reboot message (2026-12-02
-# 11:03, host b), so the 2-vCPU boot stays on request: BLIP_SOFTROCE_LINUX_BOOT_VCPUS=1,2.
-LINUX_BOOT_VCPUS=${BLIP_SOFTROCE_LINUX_BOOT_VCPUS:-1}
+# linux-boot's vCPU counts (BLIP_SOFTROCE_LINUX_BOOT_VCPUS, comma-separated; default 1,2).
+# The 2-vCPU boot was on request only while the hosts' CPU model above made it stall.
+LINUX_BOOT_VCPUS=${BLIP_SOFTROCE_LINUX_BOOT_VCPUS:-1,2}
 case "$LINUX_BOOT_VCPUS" in
     ''|*[!0-9,]*) echo "ci/softroce.sh: BLIP_SOFTROCE_LINUX_BOOT_VCPUS must be a comma-separated list of vCPU counts (got \"$LINUX_BOOT_VCPUS\")" >&2; exit 2 ;;
 esac

@@ -191,7 +191,7 @@ scenario_kvm() {
 # blip runs the hosts' own Debian kernel (a bzImage) on its Pc platform with the tiny
 # initramfs ci/softroce.sh built (/init prints "BLIP-LINUX-UP nproc=N uptime=S" and reboots:
 # reboot=k pulses the i8042 reset line, blip exits 0). Once per vCPU count in LINUX_BOOT_VCPUS
-# (blip.linux_boot_vcpus; 1 unless ci/softroce.sh was asked for more). PASS =
+# (blip.linux_boot_vcpus; 1 and 2 unless ci/softroce.sh was asked for others). PASS =
 # the marker with the right nproc on blip's serial output, and exit code 0.
 # Reported: marker_ms (wall, from `blip run` to the marker line, polled every 0.1 s) and the
 # guest's own uptime at the marker.
@@ -257,7 +257,7 @@ scenario_linux_boot() {
         c=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-60)
         case "$c" in *blip*|*qemu*|*ib_*|*perftest*) echo "${p#/proc/}:$c;" ;; esac
     done | tr '\n' ' ')
-    log "linux-boot: load $(cut -d' ' -f1-3 /proc/loadavg), MemAvailable $(awk '/MemAvailable/ { print $2 }' /proc/meminfo) kB, kvm_amd pause_filter_count $(cat /sys/module/kvm_amd/parameters/pause_filter_count 2>/dev/null || echo unknown), left running: ${left:-nothing}"
+    log "linux-boot: load $(cut -d' ' -f1-3 /proc/loadavg), MemAvailable $(awk '/MemAvailable/ { print $2 }' /proc/meminfo) kB, kvm_amd pause_filter_count $(cat /sys/module/kvm_amd/parameters/pause_filter_count 2>/dev/null || echo unknown) vgif $(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null || echo unknown), left running: ${left:-nothing}"
     for n in $LINUX_BOOT_VCPUS; do
         out=/tmp/linux-boot-$n
         linux_boot_once "$n" "$out"
