@@ -8,8 +8,9 @@
 //! floor nobody can say whether 0.6 ms is close to what the machine allows or far from it.
 //!
 //! What: [`measure`] runs, in one process and with no network, exactly the blackout's state
-//! path of a migration: [`Vm::pause_all`] on a running source, [`Vm::save_state_with`] with
-//! capabilities probed before (as the source's calibration does), [`persist::encode`], then
+//! path of a migration: [`Vm::pause_and_begin_save`] on a running source (each vCPU saves its
+//! state as it stops) and [`Vm::finish_save`], with capabilities probed before (as the
+//! source's calibration does), [`persist::encode`], then
 //! [`persist::decode`] and [`Vm::restore_state_with`] (the destination's clock policy) into a
 //! second VM prepared beforehand (blank, same platform, as the destination builds it before
 //! Accept), then [`Vm::resume_all`] on it. The destination VM maps the source's guest memory
@@ -72,7 +73,8 @@ pub struct Sample {
     pub total_ns: u64,
     /// Pause asked → every vCPU paused (and this thread knows it).
     pub pause_ns: u64,
-    /// [`Vm::save_state_with`] (every vCPU thread saves its own).
+    /// [`Vm::finish_save`]: what remains of the vCPUs' save (each vCPU thread saves its own,
+    /// starting as it stops) after the pause, and the VM-wide pieces.
     pub save_ns: u64,
     /// [`persist::encode`].
     pub encode_ns: u64,
@@ -121,10 +123,11 @@ pub fn measure(cfg: &Config) -> Result<Vec<Sample>, FloorError> {
         let mut dst = create(cfg, false, Some(src.memory().clone()))?;
 
         // ---- The blackout starts here. ----
-        let p = src.pause_all()?;
+        // As the migration does it: each vCPU starts its save as it stops.
+        let (p, saving) = src.pause_and_begin_save(&caps)?;
         let t_pause = p.requested_ns;
         let t1 = now_ns();
-        let state = src.save_state_with(&caps)?;
+        let state = src.finish_save(saving)?;
         let t2 = now_ns();
         let bytes = persist::encode(&state)?;
         let t3 = now_ns();

@@ -1216,6 +1216,25 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
     decode_payload(&ENVELOPE.read(r)?)
 }
 
+/// A state save under way on the vCPU threads ([`Vm::pause_and_begin_save`]).
+#[must_use = "complete the save with Vm::finish_save"]
+pub struct SaveInFlight {
+    rx: mpsc::Receiver<(u8, Result<VcpuState, PersistError>)>,
+    caps: Arc<Caps>,
+}
+
+/// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
+fn save_on_vcpu(
+    i: u8,
+    tx: &mpsc::SyncSender<(u8, Result<VcpuState, PersistError>)>,
+    caps: &Arc<Caps>,
+) -> crate::vcpu::VcpuFn {
+    let (tx, c) = (tx.clone(), caps.clone());
+    Box::new(move |fd| {
+        let _ = tx.send((i, save_vcpu(fd, i, &c)));
+    })
+}
+
 impl Vm {
     /// What this VM can save: KVM's optional pieces and the MSRs that are restorable on this
     /// host ([`restorable_msrs`]) and readable on vCPU 0. Call once per VM before the blackout;
@@ -1281,19 +1300,68 @@ impl Vm {
         let n = self.vcpu_count();
         // Every vCPU thread saves its own state at the same time.
         let (tx, rx) = mpsc::sync_channel(n);
-        self.with_each_vcpu(|i| {
-            let (tx, c) = (tx.clone(), caps.clone());
-            Box::new(move |fd| {
-                let _ = tx.send((i, save_vcpu(fd, i, &c)));
-            })
-        })
-        .map_err(PersistError::Vm)?;
+        self.with_each_vcpu(|i| save_on_vcpu(i, &tx, &caps))
+            .map_err(PersistError::Vm)?;
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
         while let Ok((i, st)) = rx.try_recv() {
             slots[i as usize] = Some(st?);
         }
+        self.assemble_state(slots, &caps)
+    }
+
+    /// Pauses every vCPU and starts the save on their threads in the same step (the save is
+    /// queued behind the pause: no second command, no second wake-up), then returns while they
+    /// save, so this thread can work meanwhile (the migration sends the final pages: no vCPU
+    /// save reads guest memory, and none writes any). [`Vm::finish_save`] collects the vCPUs'
+    /// states and adds the VM-wide pieces.
+    pub fn pause_and_begin_save(
+        &mut self,
+        caps: &Caps,
+    ) -> Result<(crate::vm::Transition, SaveInFlight), PersistError> {
+        let caps = Arc::new(caps.clone());
+        let (tx, rx) = mpsc::sync_channel(self.vcpu_count());
+        let pause = self
+            .pause_all_then(&|i| save_on_vcpu(i, &tx, &caps))
+            .map_err(PersistError::Vm)?;
+        Ok((pause, SaveInFlight { rx, caps }))
+    }
+
+    /// Completes [`Vm::pause_and_begin_save`]: waits for every vCPU's state (spinning a little
+    /// first, as the answers are due within microseconds) and adds the VM-wide pieces.
+    pub fn finish_save(&mut self, saving: SaveInFlight) -> Result<VmState, PersistError> {
+        let SaveInFlight { rx, caps } = saving;
+        let n = self.vcpu_count();
+        let mut slots: Vec<Option<VcpuState>> = vec![None; n];
+        let deadline = std::time::Instant::now() + crate::vm::SPIN_BEFORE_BLOCKING;
+        let mut got = 0;
+        while got < n {
+            let answer = match rx.try_recv() {
+                Ok(a) => a,
+                Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                // Every sender is gone only when a vCPU thread dropped its closure unrun (it
+                // exited): what is missing has no answer coming.
+                Err(_) => match rx.recv() {
+                    Ok(a) => a,
+                    Err(_) => break,
+                },
+            };
+            slots[answer.0 as usize] = Some(answer.1?);
+            got += 1;
+        }
+        self.assemble_state(slots, &caps)
+    }
+
+    /// The VM's state from its vCPUs' and the VM-wide pieces (irqchip, PIT, clock, devices).
+    fn assemble_state(
+        &mut self,
+        slots: Vec<Option<VcpuState>>,
+        caps: &Caps,
+    ) -> Result<VmState, PersistError> {
         let mut pieces = 0;
-        let mut vcpus = Vec::with_capacity(n);
+        let mut vcpus = Vec::with_capacity(slots.len());
         for (i, st) in slots.into_iter().enumerate() {
             let st = st.ok_or(PersistError::NoReply(i as u8))?;
             pieces |= st.pieces;

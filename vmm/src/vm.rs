@@ -26,7 +26,7 @@ use crate::platform::{self, Platform, PlatformError};
 use crate::vcpu::{self, Command, Event, Outcome, VcpuHandle};
 
 /// How long the controller busy-polls for vCPU answers before blocking.
-const SPIN_BEFORE_BLOCKING: Duration = Duration::from_millis(2);
+pub(crate) const SPIN_BEFORE_BLOCKING: Duration = Duration::from_millis(2);
 
 /// How often the Pc platform probes its vCPUs for a final halt.
 const HALT_PROBE_PERIOD: Duration = Duration::from_millis(100);
@@ -392,7 +392,9 @@ impl Vm {
 
     /// Starts (or restarts) every live vCPU and waits until all are back in the guest.
     pub fn resume_all(&mut self) -> Result<Transition, VmError> {
-        self.transition(Command::Resume, |e| matches!(e, Event::Resumed { .. }))
+        self.transition(Command::Resume, None, |e| {
+            matches!(e, Event::Resumed { .. })
+        })
     }
 
     /// The next vCPU event, busy-polled for a short while before blocking: pause, resume and
@@ -419,12 +421,27 @@ impl Vm {
 
     /// Stops every live vCPU and waits until all are Paused.
     pub fn pause_all(&mut self) -> Result<Transition, VmError> {
-        self.transition(Command::Pause, |e| matches!(e, Event::Paused { .. }))
+        self.transition(Command::Pause, None, |e| matches!(e, Event::Paused { .. }))
+    }
+
+    /// [`Vm::pause_all`], with a closure queued on each vCPU thread right behind its Pause: the
+    /// thread runs it as soon as it stops, with no second command and wake-up (the migration's
+    /// state save starts this way while its own thread sends the final pages). The closures'
+    /// `Done` events are not waited for here: the caller learns of their end its own way (a
+    /// channel), and later transitions skip the events.
+    pub fn pause_all_then(
+        &mut self,
+        then: &dyn Fn(u8) -> vcpu::VcpuFn,
+    ) -> Result<Transition, VmError> {
+        self.transition(Command::Pause, Some(then), |e| {
+            matches!(e, Event::Paused { .. })
+        })
     }
 
     fn transition(
         &mut self,
         cmd: Command,
+        then: Option<&dyn Fn(u8) -> vcpu::VcpuFn>,
         is_ack: impl Fn(&Event) -> bool,
     ) -> Result<Transition, VmError> {
         let live = self.live();
@@ -435,7 +452,14 @@ impl Vm {
                 Command::Resume => Command::Resume,
                 _ => unreachable!("only pause and resume are transitions"),
             };
-            self.vcpus[i as usize].send(c);
+            let v = &self.vcpus[i as usize];
+            // Both commands queued before the one kick: the thread finds the closure waiting
+            // when it stops.
+            v.queue(c);
+            if let Some(make) = then {
+                v.queue(Command::With(make(i)));
+            }
+            v.kick();
         }
         let mut t = Transition {
             requested_ns,

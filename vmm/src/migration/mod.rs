@@ -290,7 +290,8 @@ pub struct Phases {
     pub final_harvest: u64,
     /// Final dirty pages sent.
     pub final_pages: u64,
-    /// vCPU and device state saved and encoded.
+    /// vCPU and device state saved and encoded. The vCPUs start saving right after the pause,
+    /// alongside the final harvest and pages; this is what remained after the pages.
     pub state_save: u64,
     /// State sent until the destination said Ready (transfer, decode, restore).
     pub transfer_restore: u64,

@@ -258,7 +258,7 @@ fn run(
     // The early state goes before the first round: the destination sets it on its prepared
     // vCPUs while the pages move, and the blackout carries only the rest.
     g.write(&Message::EarlyState(persist::encode_early(&cal.early)?))?;
-    let mut ctl = Controller::new(limits, cal.fixed_ns);
+    let mut ctl = Controller::new(limits, cal.fixed_ns).overlapping(cal.save_ns);
     let throttler = Throttler::start(g.vm.throttles());
     let pre = Precopy {
         t_start,
@@ -303,6 +303,8 @@ struct Calibration {
     caps: Caps,
     /// Pause + state save + transfer and restore (about two saves) + resume.
     fixed_ns: u64,
+    /// The state save's share of `fixed_ns`: it runs while the final pages go out.
+    save_ns: u64,
     /// Encoded size of the blackout's state (the whole state minus the early one).
     state_len: u64,
     /// The state sent before the pause, taken in the first calibration pause.
@@ -338,7 +340,8 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     tracing::debug!("calibration pauses {pauses:?} saves {saves:?} resumes {resumes:?} ns");
     // Save, then the state's transfer, decode and restore on the destination: measured in the
     // bench's phase tables at about twice the save (encode and decode, restore ioctls).
-    let calibrated = median(&mut pauses) + 3 * median(&mut saves) + median(&mut resumes);
+    let save = median(&mut saves);
+    let calibrated = median(&mut pauses) + 3 * save + median(&mut resumes);
     // The same ioctls inside the blackout run slower than in these quiet samples (the vCPUs
     // just left a busy guest, the sender and collector threads just ran): in one-host runs
     // here the blackout's pause, save, restore and resume took 1.3-2.2x their calibrated
@@ -347,6 +350,7 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     Ok(Calibration {
         caps,
         fixed_ns,
+        save_ns: save * COLD_FACTOR_PERCENT / 100,
         state_len,
         early: early.unwrap_or_default(),
     })
@@ -575,7 +579,9 @@ fn stop_and_copy(
 
     // ---- Stop and copy: the blackout starts here. ----
     let mut ph = Phases::default();
-    let pause = g.vm.pause_all()?;
+    // The vCPU threads save their state as soon as they stop, while this thread harvests and
+    // sends the final pages: the save costs the blackout only what outlasts the pages.
+    let (pause, saving) = g.vm.pause_and_begin_save(caps)?;
     g.paused = true;
     // The guest stands still: nothing left to yield to (the last live round ran niced too).
     drop(nice);
@@ -597,8 +603,9 @@ fn stop_and_copy(
         ph.verify = now_ns() - t;
         d
     });
+    // From here: what of the vCPUs' save outlasted the pages, then the VM-wide pieces.
     let t = now_ns();
-    let mut state = g.vm.save_state_with(caps)?;
+    let mut state = g.vm.finish_save(saving)?;
     // What the early state carried with the same value stays out; whatever the guest changed
     // since (an MSR, its XCRs) travels again and wins on the destination.
     let changed = state.strip_early(early);
