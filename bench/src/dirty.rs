@@ -248,15 +248,21 @@ pub fn loopback_tcp_bandwidth(total: usize, tries: u32) -> Result<f64, String> {
 }
 
 /// The final-pages path as the source runs it ([`blip_vmm::migration::link::send_batches`]:
-/// copy out of guest memory, one CRC, one vectored write) into a loopback TCP connection whose
-/// reader decodes frames as the destination does (`read_message`, the batch copied into
-/// memory). Timed from the call to the moment the reader has the whole batch: bytes per second.
+/// copy out of guest memory, a CRC and a vectored write per frame of `frame_pages` pages)
+/// into a loopback TCP connection whose reader decodes frames as the destination does
+/// (`read_message`, each frame's pages copied into pre-faulted memory). Timed from the call to
+/// the moment the reader has the last page: bytes per second.
 ///
 /// `backlog` pages of a last live round (Pages frames of up to 256 pages) are written first.
 /// With `barrier` the timing starts only after the reader consumed them (what the last live
 /// round's RoundEnd/RoundAck barrier does since issue 18); without it, as before, the final
 /// batch queues behind them in the socket buffers and its time includes theirs.
-pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, String> {
+pub fn final_pages_path(
+    pages: u64,
+    backlog: u64,
+    barrier: bool,
+    frame_pages: u64,
+) -> Result<f64, String> {
     use blip_transport::protocol::{read_message, write_pages, Message};
     use blip_vmm::dirty::Run;
     use std::io::IoSlice;
@@ -284,6 +290,8 @@ pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, 
         s.set_nodelay(true).map_err(|x| e(&x))?;
         let mut sink = vec![0u8; (256 * page) as usize];
         let mut seen = 0u64;
+        let mut landing = vec![1u8; (pages * page) as usize];
+        let (mut landed, mut batch_pages) = (0usize, 0u64);
         loop {
             let f = read_message(&mut s).map_err(|x| e(&x))?;
             match f.msg {
@@ -297,12 +305,18 @@ pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, 
                         let _ = tx.send(("backlog", Instant::now()));
                     }
                 }
-                Message::PageBatch { data, .. } => {
-                    let mut dst = vec![0u8; data.len()];
-                    dst.copy_from_slice(&data);
-                    std::hint::black_box(&dst);
-                    let _ = tx.send(("batch", Instant::now()));
-                    return Ok(());
+                // As the destination does: each frame's pages copied into (pre-faulted)
+                // guest memory; the path ends when the last of them is in.
+                Message::PageBatch { data, runs } => {
+                    let n = data.len().min(landing.len() - landed);
+                    landing[landed..landed + n].copy_from_slice(&data[..n]);
+                    landed += n;
+                    batch_pages += runs.iter().map(|r| u64::from(r.1)).sum::<u64>();
+                    if batch_pages >= pages {
+                        std::hint::black_box(&landing);
+                        let _ = tx.send(("batch", Instant::now()));
+                        return Ok(());
+                    }
                 }
                 other => return Err(format!("unexpected {:?}", other.kind())),
             }
@@ -326,8 +340,15 @@ pub fn final_pages_path(pages: u64, backlog: u64, barrier: bool) -> Result<f64, 
     let mut batch = vec![0u8; (2048 * page) as usize];
     let mut table = Vec::with_capacity(2048);
     let t0 = Instant::now();
-    blip_vmm::migration::link::send_batches(&mut s, &mem, &runs, &mut batch, &mut table)
-        .map_err(|x| e(&x))?;
+    blip_vmm::migration::link::send_batches_framed(
+        &mut s,
+        &mem,
+        &runs,
+        &mut batch,
+        &mut table,
+        (frame_pages * page) as usize,
+    )
+    .map_err(|x| e(&x))?;
     let done = loop {
         if let ("batch", t) = rx.recv().map_err(|x| e(&x))? {
             break t;

