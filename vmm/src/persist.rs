@@ -1219,21 +1219,22 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
 /// A state save under way on the vCPU threads ([`Vm::pause_and_begin_save`]).
 #[must_use = "complete the save with Vm::finish_save"]
 pub struct SaveInFlight {
-    rx: mpsc::Receiver<(u8, Result<VcpuState, PersistError>)>,
+    rx: mpsc::Receiver<VcpuSaved>,
     caps: Arc<Caps>,
 }
 
 /// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
-fn save_on_vcpu(
-    i: u8,
-    tx: &mpsc::SyncSender<(u8, Result<VcpuState, PersistError>)>,
-    caps: &Arc<Caps>,
-) -> crate::vcpu::VcpuFn {
+fn save_on_vcpu(i: u8, tx: &mpsc::SyncSender<VcpuSaved>, caps: &Arc<Caps>) -> crate::vcpu::VcpuFn {
     let (tx, c) = (tx.clone(), caps.clone());
     Box::new(move |fd| {
-        let _ = tx.send((i, save_vcpu(fd, i, &c)));
+        let t = crate::devices::now_ns();
+        let st = save_vcpu(fd, i, &c);
+        let _ = tx.send((i, st, crate::devices::now_ns() - t));
     })
 }
+
+/// One vCPU's saved state (or why not), and how long its thread took to save it (ns).
+type VcpuSaved = (u8, Result<VcpuState, PersistError>, u64);
 
 impl Vm {
     /// What this VM can save: KVM's optional pieces and the MSRs that are restorable on this
@@ -1303,7 +1304,7 @@ impl Vm {
         self.with_each_vcpu(|i| save_on_vcpu(i, &tx, &caps))
             .map_err(PersistError::Vm)?;
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
-        while let Ok((i, st)) = rx.try_recv() {
+        while let Ok((i, st, _)) = rx.try_recv() {
             slots[i as usize] = Some(st?);
         }
         self.assemble_state(slots, &caps)
@@ -1329,7 +1330,17 @@ impl Vm {
     /// Completes [`Vm::pause_and_begin_save`]: waits for every vCPU's state (spinning a little
     /// first, as the answers are due within microseconds) and adds the VM-wide pieces.
     pub fn finish_save(&mut self, saving: SaveInFlight) -> Result<VmState, PersistError> {
+        self.finish_save_timed(saving).map(|(state, _)| state)
+    }
+
+    /// [`Vm::finish_save`], also returning the longest time one vCPU thread spent saving (ns):
+    /// the calibration's measure of the save itself, most of which the pause's wait hides.
+    pub fn finish_save_timed(
+        &mut self,
+        saving: SaveInFlight,
+    ) -> Result<(VmState, u64), PersistError> {
         let SaveInFlight { rx, caps } = saving;
+        let mut longest = 0;
         let n = self.vcpu_count();
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
         let deadline = std::time::Instant::now() + crate::vm::SPIN_BEFORE_BLOCKING;
@@ -1349,9 +1360,10 @@ impl Vm {
                 },
             };
             slots[answer.0 as usize] = Some(answer.1?);
+            longest = longest.max(answer.2);
             got += 1;
         }
-        self.assemble_state(slots, &caps)
+        Ok((self.assemble_state(slots, &caps)?, longest))
     }
 
     /// The VM's state from its vCPUs' and the VM-wide pieces (irqchip, PIT, clock, devices).

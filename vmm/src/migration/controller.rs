@@ -18,11 +18,8 @@
 //! ```text
 //! last_round  = dirty · page / bandwidth + rtt
 //! final_pages = min(dirty, dirty_rate · last_round)
-//! predicted   = fixed + 2 · rtt + max(0, final_pages · page / bandwidth − overlap)
+//! predicted   = fixed + 2 · rtt + final_pages · page / bandwidth
 //! ```
-//!
-//! `overlap` is the vCPUs' state save: it runs on the vCPU threads while the final pages go
-//! out, so pages the save outlasts cost the blackout nothing ([`Controller::overlapping`]).
 //!
 //! This assumes the last live round is *over* at the pause. Over TCP it was not: the round
 //! went out on the control stream without an ack, its tail still sat in the socket buffers at
@@ -180,8 +177,6 @@ pub struct Controller {
     limits: Limits,
     /// Pause + state save + restore + resume, measured before the offer.
     fixed_ns: u64,
-    /// The part of `fixed_ns` that runs alongside the final pages (the vCPUs' save).
-    overlap_ns: u64,
     /// Shortest control round trip seen.
     rtt_ns: Option<u64>,
     /// Smoothed link bandwidth, bytes per second.
@@ -202,7 +197,6 @@ impl Controller {
         Controller {
             limits,
             fixed_ns,
-            overlap_ns: 0,
             rtt_ns: None,
             bandwidth: None,
             predicted_ns: fixed_ns,
@@ -228,12 +222,6 @@ impl Controller {
         &self.limits
     }
 
-    /// `overlap_ns` of the fixed costs run alongside the final pages (capped at `fixed_ns`).
-    pub fn overlapping(mut self, overlap_ns: u64) -> Controller {
-        self.overlap_ns = overlap_ns.min(self.fixed_ns);
-        self
-    }
-
     /// The shortest control round trip seen (0 before the first round).
     pub fn rtt_ns(&self) -> u64 {
         self.rtt_ns.unwrap_or(0)
@@ -257,8 +245,8 @@ impl Controller {
         let rtt_s = self.rtt_ns.unwrap_or(0) as f64 / 1e9;
         let last_round_s = dirty as f64 * page / bw + rtt_s;
         let final_pages = (rate.max(0.0) * last_round_s).min(dirty as f64);
-        let pages_ns = (final_pages * page / bw * 1e9) as u64;
-        self.fixed_ns + 2 * self.rtt_ns.unwrap_or(0) + pages_ns.saturating_sub(self.overlap_ns)
+        let pages_ns = final_pages * page / bw * 1e9;
+        self.fixed_ns + 2 * self.rtt_ns.unwrap_or(0) + pages_ns as u64
     }
 
     /// Takes one round's statistics and decides what comes next.
@@ -361,27 +349,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn pages_shorter_than_the_save_cost_nothing() {
-        let plain = Controller::new(limits(MS, OnTimeout::Go), 300_000);
-        let hidden = plain.clone().overlapping(200_000);
-        // Nothing dirty: the overlap changes nothing.
-        assert_eq!(plain.predict(0, 0.0), hidden.predict(0, 0.0));
-        // Bandwidth 100 MB/s (the default), rtt 0: 1000 dirty pages at 20 k pages/s leave
-        // 820 final pages, 33.6 ms, of which the save hides 0.2 ms.
-        let (p, h) = (
-            plain.predict(1000, 20_000.0),
-            hidden.predict(1000, 20_000.0),
-        );
-        assert_eq!(p - h, 200_000, "{p} {h}");
-        // 4 final pages (0.16 ms at 100 MB/s) hide behind the save entirely.
-        let few = hidden.predict(4, 1e9);
-        assert_eq!(few, 300_000, "{few}");
-        // The overlap never exceeds the fixed costs it is part of.
-        let capped = plain.clone().overlapping(u64::MAX);
-        assert_eq!(capped.predict(0, 0.0), 300_000);
     }
 
     #[test]

@@ -258,7 +258,7 @@ fn run(
     // The early state goes before the first round: the destination sets it on its prepared
     // vCPUs while the pages move, and the blackout carries only the rest.
     g.write(&Message::EarlyState(persist::encode_early(&cal.early)?))?;
-    let mut ctl = Controller::new(limits, cal.fixed_ns).overlapping(cal.save_ns);
+    let mut ctl = Controller::new(limits, cal.fixed_ns);
     let throttler = Throttler::start(g.vm.throttles());
     let pre = Precopy {
         t_start,
@@ -303,8 +303,6 @@ struct Calibration {
     caps: Caps,
     /// Pause + state save + transfer and restore (about two saves) + resume.
     fixed_ns: u64,
-    /// The state save's share of `fixed_ns`: it runs while the final pages go out.
-    save_ns: u64,
     /// Encoded size of the blackout's state (the whole state minus the early one).
     state_len: u64,
     /// The state sent before the pause, taken in the first calibration pause.
@@ -319,6 +317,7 @@ struct Calibration {
 fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let caps = g.vm.persist_caps()?;
     let (mut saves, mut pauses, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut vcpu_saves = Vec::new();
     let mut state_len = 0;
     let mut early = None;
     for _ in 0..3 {
@@ -326,7 +325,8 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
         let (p, saving) = g.vm.pause_and_begin_save(&caps)?;
         g.paused = true;
         let t0 = now_ns();
-        let mut state = g.vm.finish_save(saving)?;
+        let (mut state, vcpu_save) = g.vm.finish_save_timed(saving)?;
+        vcpu_saves.push(vcpu_save);
         // The early state comes from the first pause (no extra stop for the guest); the
         // later ones time the blackout's save as it will be: whole save, strip, encode.
         let early = early.get_or_insert_with(|| EarlyState::of(&state));
@@ -338,11 +338,15 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
         pauses.push(p.last_ns - p.requested_ns);
         resumes.push(r.first_ns.saturating_sub(r.requested_ns));
     }
-    tracing::debug!("calibration pauses {pauses:?} saves {saves:?} resumes {resumes:?} ns");
-    // Save, then the state's transfer, decode and restore on the destination: measured in the
-    // bench's phase tables at about twice the save (encode and decode, restore ioctls).
+    tracing::debug!(
+        "calibration pauses {pauses:?} saves {saves:?} (vCPU {vcpu_saves:?}) resumes {resumes:?} ns"
+    );
+    // What of the save outlasts the pause (`save`: the vCPUs start saving as they stop), then
+    // the state's transfer, decode and restore on the destination: measured in the bench's
+    // phase tables at about twice the vCPUs' whole save (decode, restore ioctls).
     let save = median(&mut saves);
-    let calibrated = median(&mut pauses) + 3 * save + median(&mut resumes);
+    let vcpu_save = median(&mut vcpu_saves);
+    let calibrated = median(&mut pauses) + save + 2 * vcpu_save + median(&mut resumes);
     // The same ioctls inside the blackout run slower than in these quiet samples (the vCPUs
     // just left a busy guest, the sender and collector threads just ran): in one-host runs
     // here the blackout's pause, save, restore and resume took 1.3-2.2x their calibrated
@@ -351,7 +355,6 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     Ok(Calibration {
         caps,
         fixed_ns,
-        save_ns: save * COLD_FACTOR_PERCENT / 100,
         state_len,
         early: early.unwrap_or_default(),
     })
