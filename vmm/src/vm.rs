@@ -428,7 +428,9 @@ impl Vm {
     /// thread runs it as soon as it stops, with no second command and wake-up (the migration's
     /// state save starts this way while its own thread sends the final pages). The closures'
     /// `Done` events are not waited for here: the caller learns of their end its own way (a
-    /// channel), and later transitions skip the events.
+    /// channel). The next transition consumes them: a vCPU thread sends its `Done` before it
+    /// reads its next command, so the `Done` precedes that vCPU's next `Paused` or `Resumed`,
+    /// and no [`Vm::with_vcpu`] or [`Vm::with_each_vcpu`] can mistake it for its own.
     pub fn pause_all_then(
         &mut self,
         then: &dyn Fn(u8) -> vcpu::VcpuFn,
