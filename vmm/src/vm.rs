@@ -429,8 +429,10 @@ impl Vm {
     /// state save starts this way while its own thread sends the final pages). The closures'
     /// `Done` events are not waited for here: the caller learns of their end its own way (a
     /// channel). The next transition consumes them: a vCPU thread sends its `Done` before it
-    /// reads its next command, so the `Done` precedes that vCPU's next `Paused` or `Resumed`,
-    /// and no [`Vm::with_vcpu`] or [`Vm::with_each_vcpu`] can mistake it for its own.
+    /// reads its next command, so the `Done` precedes that vCPU's next `Paused` or `Resumed`.
+    /// Callers therefore resume, pause or drop the VM before any [`Vm::with_vcpu`] or
+    /// [`Vm::with_each_vcpu`] (the migration, its calibration and the floor all do), which
+    /// would otherwise take the stale `Done` for its own.
     pub fn pause_all_then(
         &mut self,
         then: &dyn Fn(u8) -> vcpu::VcpuFn,
