@@ -1219,12 +1219,16 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
 /// A state save under way on the vCPU threads ([`Vm::pause_and_begin_save`]).
 #[must_use = "complete the save with Vm::finish_save"]
 pub struct SaveInFlight {
-    rx: mpsc::Receiver<VcpuSaved>,
+    rx: crossbeam_channel::Receiver<VcpuSaved>,
     caps: Arc<Caps>,
 }
 
 /// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
-fn save_on_vcpu(i: u8, tx: &mpsc::SyncSender<VcpuSaved>, caps: &Arc<Caps>) -> crate::vcpu::VcpuFn {
+fn save_on_vcpu(
+    i: u8,
+    tx: &crossbeam_channel::Sender<VcpuSaved>,
+    caps: &Arc<Caps>,
+) -> crate::vcpu::VcpuFn {
     let (tx, c) = (tx.clone(), caps.clone());
     Box::new(move |fd| {
         let t = crate::devices::now_ns();
@@ -1300,7 +1304,7 @@ impl Vm {
         let caps = Arc::new(caps.clone());
         let n = self.vcpu_count();
         // Every vCPU thread saves its own state at the same time.
-        let (tx, rx) = mpsc::sync_channel(n);
+        let (tx, rx) = crossbeam_channel::bounded(n);
         self.with_each_vcpu(|i| save_on_vcpu(i, &tx, &caps))
             .map_err(PersistError::Vm)?;
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
@@ -1320,7 +1324,7 @@ impl Vm {
         caps: &Caps,
     ) -> Result<(crate::vm::Transition, SaveInFlight), PersistError> {
         let caps = Arc::new(caps.clone());
-        let (tx, rx) = mpsc::sync_channel(self.vcpu_count());
+        let (tx, rx) = crossbeam_channel::bounded(self.vcpu_count());
         let pause = self
             .pause_all_then(&|i| save_on_vcpu(i, &tx, &caps))
             .map_err(PersistError::Vm)?;
@@ -1343,21 +1347,12 @@ impl Vm {
         let mut longest = 0;
         let n = self.vcpu_count();
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
-        let deadline = std::time::Instant::now() + crate::vm::SPIN_BEFORE_BLOCKING;
         let mut got = 0;
         while got < n {
-            let answer = match rx.try_recv() {
-                Ok(a) => a,
-                Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
-                    std::thread::yield_now();
-                    continue;
-                }
-                // Every sender is gone only when a vCPU thread dropped its closure unrun (it
-                // exited): what is missing has no answer coming.
-                Err(_) => match rx.recv() {
-                    Ok(a) => a,
-                    Err(_) => break,
-                },
+            // Every sender is gone only when a vCPU thread dropped its closure unrun (it
+            // exited): what is missing has no answer coming.
+            let Ok(answer) = crate::vm::recv_spinning(&rx) else {
+                break;
             };
             slots[answer.0 as usize] = Some(answer.1?);
             longest = longest.max(answer.2);

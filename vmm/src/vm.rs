@@ -26,7 +26,29 @@ use crate::platform::{self, Platform, PlatformError};
 use crate::vcpu::{self, Command, Event, Outcome, VcpuHandle};
 
 /// How long the controller busy-polls for vCPU answers before blocking.
-pub(crate) const SPIN_BEFORE_BLOCKING: Duration = Duration::from_millis(2);
+const SPIN_BEFORE_BLOCKING: Duration = Duration::from_millis(2);
+
+/// The next message on `rx`, busy-polled for a short while before blocking: pause, resume and
+/// state save sit on the blackout path, where a thread wake-up (tens to hundreds of µs on a
+/// loaded host) costs more than spinning a core for the few µs the answer takes.
+pub(crate) fn recv_spinning<T>(rx: &Receiver<T>) -> Result<T, crossbeam_channel::RecvError> {
+    let deadline = std::time::Instant::now() + SPIN_BEFORE_BLOCKING;
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Ok(v),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Err(crossbeam_channel::RecvError)
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return rx.recv();
+        }
+        // Yield rather than spin: with as many vCPU threads as cores, a pure spin would keep
+        // the very vCPU we wait for off its core.
+        std::thread::yield_now();
+    }
+}
 
 /// How often the Pc platform probes its vCPUs for a final halt.
 const HALT_PROBE_PERIOD: Duration = Duration::from_millis(100);
@@ -397,26 +419,9 @@ impl Vm {
         })
     }
 
-    /// The next vCPU event, busy-polled for a short while before blocking: pause, resume and
-    /// state save sit on the blackout path, where a thread wake-up (tens to hundreds of µs on
-    /// a loaded host) costs more than spinning a core for the few µs the answer takes.
+    /// The next vCPU event, busy-polled ([`recv_spinning`]).
     fn next_event_spinning(&self) -> Result<Event, crossbeam_channel::RecvError> {
-        let deadline = std::time::Instant::now() + SPIN_BEFORE_BLOCKING;
-        loop {
-            match self.events.try_recv() {
-                Ok(ev) => return Ok(ev),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    return Err(crossbeam_channel::RecvError)
-                }
-                Err(crossbeam_channel::TryRecvError::Empty) => {}
-            }
-            if std::time::Instant::now() > deadline {
-                return self.events.recv();
-            }
-            // Yield rather than spin: with as many vCPU threads as cores, a pure spin would
-            // keep the very vCPU we wait for off its core.
-            std::thread::yield_now();
-        }
+        recv_spinning(&self.events)
     }
 
     /// Stops every live vCPU and waits until all are Paused.
