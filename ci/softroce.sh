@@ -111,7 +111,9 @@ if [ -z "$BLIP" ]; then
     BLIP=$ROOT/target/release/blip
     if [ "$BUILD" = 1 ]; then
         t=$(date +%s.%N)
-        cargo build --release --locked -p blip-vmm --bin blip -p blip-bench -p blip-linux-guest
+        # A fresh machine lacks the build's own packages (libibverbs-dev for rdma-sys).
+        ci/setup.sh
+        cargo build --release --locked -p blip-vmm -p blip-bench -p blip-linux-guest --bins
         sr_log "blip built ($(elapsed "$t") s)"
     fi
 fi

@@ -356,6 +356,13 @@ start_source() {
 # "key=value" summary of a `blip migrate --json` report: transport, blackout, pages, best
 # pre-copy round throughput in MiB/s (rounds of at least 256 KiB), and its ratio to the
 # ib_write_bw figure of the `rdma` scenario when there is one.
+# The error a failed `blip migrate` printed into its report file $1 (its last error line, cut
+# to 240 characters), so the FAIL line itself says why; "none" when it printed none.
+mig_why() {
+    w=$(grep -aE 'error|failed' "$1" 2>/dev/null | tail -n 1 | tr -d '\r' | cut -c1-240)
+    echo "${w:-none}"
+}
+
 report_summary() {
     tr -d ' \n' <"$1" | tr '{' '\n' | awk -v ib="$(cat /tmp/ib_bw 2>/dev/null)" '
         /"transport":/ { match($0, /"transport":"[a-z]+"/); tr = substr($0, RSTART + 13, RLENGTH - 14) }
