@@ -1220,7 +1220,17 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
 #[must_use = "complete the save with Vm::finish_save"]
 pub struct SaveInFlight {
     rx: crossbeam_channel::Receiver<VcpuSaved>,
-    caps: Arc<Caps>,
+    wide: VmWide,
+}
+
+/// The VM-wide part of a save ([`Vm::save_vm_wide`]).
+struct VmWide {
+    pieces: u64,
+    irqchip: Option<IrqchipState>,
+    pit: Option<kvm_pit_state2>,
+    clock: Option<kvm_bindings::kvm_clock_data>,
+    saved_at_ns: u64,
+    devices: crate::devices::DevicesState,
 }
 
 /// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
@@ -1311,7 +1321,8 @@ impl Vm {
         while let Ok((i, st, _)) = rx.try_recv() {
             slots[i as usize] = Some(st?);
         }
-        self.assemble_state(slots, &caps)
+        let wide = self.save_vm_wide(&caps)?;
+        self.assemble_state(slots, wide)
     }
 
     /// Pauses every vCPU and starts the save on their threads in the same step (the save is
@@ -1328,7 +1339,9 @@ impl Vm {
         let pause = self
             .pause_all_then(&|i| save_on_vcpu(i, &tx, &caps))
             .map_err(PersistError::Vm)?;
-        Ok((pause, SaveInFlight { rx, caps }))
+        // While the vCPU threads save: the VM-wide pieces, at the same instant as theirs.
+        let wide = self.save_vm_wide(&caps)?;
+        Ok((pause, SaveInFlight { rx, wide }))
     }
 
     /// Completes [`Vm::pause_and_begin_save`]: waits for every vCPU's state (spinning a little
@@ -1343,7 +1356,7 @@ impl Vm {
         &mut self,
         saving: SaveInFlight,
     ) -> Result<(VmState, u64), PersistError> {
-        let SaveInFlight { rx, caps } = saving;
+        let SaveInFlight { rx, wide } = saving;
         let mut longest = 0;
         let n = self.vcpu_count();
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
@@ -1358,22 +1371,15 @@ impl Vm {
             longest = longest.max(answer.2);
             got += 1;
         }
-        Ok((self.assemble_state(slots, &caps)?, longest))
+        Ok((self.assemble_state(slots, wide)?, longest))
     }
 
-    /// The VM's state from its vCPUs' and the VM-wide pieces (irqchip, PIT, clock, devices).
-    fn assemble_state(
-        &mut self,
-        slots: Vec<Option<VcpuState>>,
-        caps: &Caps,
-    ) -> Result<VmState, PersistError> {
+    /// The VM-wide pieces (irqchip, PIT, KVM clock, devices), read now. Taken in the same
+    /// breath as the vCPUs' saves: the in-kernel PIT and IOAPIC keep delivering to LAPICs and
+    /// the KVM clock keeps running while the vCPUs stand still, so pieces read much later
+    /// than the LAPICs and TSCs would not describe the same instant.
+    fn save_vm_wide(&mut self, caps: &Caps) -> Result<VmWide, PersistError> {
         let mut pieces = 0;
-        let mut vcpus = Vec::with_capacity(slots.len());
-        for (i, st) in slots.into_iter().enumerate() {
-            let st = st.ok_or(PersistError::NoReply(i as u8))?;
-            pieces |= st.pieces;
-            vcpus.push(st);
-        }
         // The irqchip and PIT only where this VM has them (the PC platform).
         let irqchip = if caps.pieces & PIECE_IRQCHIP != 0 {
             pieces |= PIECE_IRQCHIP;
@@ -1395,31 +1401,55 @@ impl Vm {
         };
         let clock = if caps.pieces & PIECE_CLOCK != 0 {
             pieces |= PIECE_CLOCK;
-            let c = self
-                .fd()
-                .get_clock()
-                .map_err(|source| PersistError::VmKvm {
-                    what: "read the KVM clock",
-                    source,
-                })?;
-            Some(ClockState {
-                clock: self.guest_clock(&vcpus, c.clock, c.flags),
-                flags: c.flags,
-                realtime: c.realtime,
-                host_tsc: c.host_tsc,
-            })
+            Some(
+                self.fd()
+                    .get_clock()
+                    .map_err(|source| PersistError::VmKvm {
+                        what: "read the KVM clock",
+                        source,
+                    })?,
+            )
         } else {
             None
         };
+        Ok(VmWide {
+            pieces,
+            irqchip,
+            pit,
+            clock,
+            saved_at_ns,
+            devices: self.devices().save_state(),
+        })
+    }
+
+    /// The VM's state from its vCPUs' and the VM-wide pieces.
+    fn assemble_state(
+        &mut self,
+        slots: Vec<Option<VcpuState>>,
+        wide: VmWide,
+    ) -> Result<VmState, PersistError> {
+        let mut pieces = wide.pieces;
+        let mut vcpus = Vec::with_capacity(slots.len());
+        for (i, st) in slots.into_iter().enumerate() {
+            let st = st.ok_or(PersistError::NoReply(i as u8))?;
+            pieces |= st.pieces;
+            vcpus.push(st);
+        }
+        let clock = wide.clock.map(|c| ClockState {
+            clock: self.guest_clock(&vcpus, c.clock, c.flags),
+            flags: c.flags,
+            realtime: c.realtime,
+            host_tsc: c.host_tsc,
+        });
         Ok(VmState {
             mem_size: self.mem_size(),
             pieces,
             vcpus,
             clock,
-            irqchip,
-            pit,
-            saved_at_ns,
-            devices: self.devices().save_state(),
+            irqchip: wide.irqchip,
+            pit: wide.pit,
+            saved_at_ns: wide.saved_at_ns,
+            devices: wide.devices,
         })
     }
 

@@ -494,14 +494,21 @@ impl SourceLink {
         Ok(())
     }
 
+    /// Bytes the data streams moved so far (what `waiting` in [`SourceLink::finish_round`]
+    /// counts from).
+    pub fn bytes_moved(&self) -> u64 {
+        self.senders().map_or(0, |s| s.progress.get())
+    }
+
     /// Ends round `round` on every stream and sums what they sent (pages, bytes), watching the
-    /// control connection meanwhile.
+    /// control connection meanwhile; `waiting` hears of the bytes moved while it waits.
     pub fn finish_round(
         &mut self,
         round: u32,
         control: &mut Conn,
+        waiting: &mut dyn FnMut(u64),
     ) -> Result<(u64, u64), MigrationError> {
-        let r = self.senders()?.finish_round(round, control)?;
+        let r = self.senders()?.finish_round(round, control, waiting)?;
         if let SourceLink::Tcp { last_round, .. } = self {
             *last_round = Some(round);
         }
@@ -590,10 +597,19 @@ impl SourceLink {
                     controller.write(r.gpa(), r.pages * PAGE_SIZE)?;
                     pages += r.pages;
                 }
-                controller.mark(FINAL_MARK)?;
                 Ok(pages)
             }
         }
+    }
+
+    /// After the last [`SourceLink::final_pages`]: RDMA writes the final mark, which the
+    /// destination waits for before it says Ready. TCP: nothing (the State message follows
+    /// the last frame).
+    pub fn end_final(&mut self) -> Result<(), MigrationError> {
+        if let SourceLink::Rdma { controller, .. } = self {
+            controller.mark(FINAL_MARK)?;
+        }
+        Ok(())
     }
 
     /// RDMA: reaps the final writes while the destination restores, returning as soon as it
@@ -718,8 +734,15 @@ impl Senders {
     /// the control connection: a destination that dies or aborts mid-round fails the round at
     /// once, not after the peer timeout (over RDMA nothing else would tell: writes to a vanished
     /// queue pair just stop completing). It gives up only when no stream moved a byte for the
-    /// peer timeout; over RDMA it keeps the destination's wait alive meanwhile.
-    fn finish_round(&self, round: u32, control: &mut Conn) -> Result<(u64, u64), MigrationError> {
+    /// peer timeout; over RDMA it keeps the destination's wait alive meanwhile. `waiting` gets
+    /// the bytes moved so far every 50 ms of the wait (a round can last minutes on a slow link,
+    /// and the user's `blip migrate` wants to hear of it).
+    fn finish_round(
+        &self,
+        round: u32,
+        control: &mut Conn,
+        waiting: &mut dyn FnMut(u64),
+    ) -> Result<(u64, u64), MigrationError> {
         for s in &self.streams {
             s.send(Job::End(round));
         }
@@ -745,6 +768,7 @@ impl Senders {
                     if self.keepalive {
                         keepalive.send(control)?;
                     }
+                    waiting(self.progress.get());
                 }
             }
         }

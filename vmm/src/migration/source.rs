@@ -428,7 +428,28 @@ impl Precopy<'_> {
             if self.running.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            let (mut rr, stats) = self.round(g, link, round, &mut rates)?;
+            // A long round (round 0 over a slow link: minutes) reports its bytes each second,
+            // so `blip migrate` and the API's clients see it move.
+            let mut last_tick = now_ns();
+            let (sent, t_start, first) = (report.pages_sent, self.t_start, link.bytes_moved());
+            let mut waiting = |moved: u64| {
+                let now = now_ns();
+                if now - last_tick < 1_000_000_000 {
+                    return;
+                }
+                last_tick = now;
+                progress(&Progress {
+                    phase: "precopy".into(),
+                    round,
+                    pages_sent: sent + moved.saturating_sub(first) / PAGE_SIZE,
+                    remaining_dirty: 0,
+                    dirty_rate: 0.0,
+                    throughput: 0.0,
+                    predicted_blackout_ns: 0,
+                    elapsed_ns: now - t_start,
+                });
+            };
+            let (mut rr, stats) = self.round(g, link, round, &mut rates, &mut waiting)?;
             let decision = ctl.after_round(&stats);
             rr.predicted_blackout_ns = ctl.predicted_ns();
             if decision == Decision::Throttle {
@@ -482,6 +503,7 @@ impl Precopy<'_> {
         link: &mut SourceLink,
         round: u32,
         rates: &mut Rates,
+        waiting: &mut dyn FnMut(u64),
     ) -> Result<(RoundReport, RoundStats), MigrationError> {
         let mem = g.vm.memory().clone();
         let t_round = now_ns();
@@ -490,7 +512,7 @@ impl Precopy<'_> {
         } else {
             link.send_runs(&g.vm.tracker().take_runs(&mem)?)?;
         }
-        let (pages, bytes) = link.finish_round(round, &mut g.control)?;
+        let (pages, bytes) = link.finish_round(round, &mut g.control, waiting)?;
         let t_end = now_ns();
         g.write(&Message::RoundEnd { round, pages })?;
         match g.read()? {
@@ -601,13 +623,7 @@ fn stop_and_copy(
     let t = now_ns();
     report.final_pages = link.final_pages(&mem, &runs, &mut g.control)?;
     ph.final_pages = now_ns() - t;
-    let src_digest = verify.then(|| {
-        let t = now_ns();
-        let d = digest(&mem);
-        ph.verify = now_ns() - t;
-        d
-    });
-    // From here: what of the vCPUs' save outlasted the pages, then the VM-wide pieces.
+    // From here: what of the vCPUs' save outlasted the pages.
     let t = now_ns();
     let mut state = g.vm.finish_save(saving)?;
     // What the early state carried with the same value stays out; whatever the guest changed
@@ -615,6 +631,23 @@ fn stop_and_copy(
     let changed = state.strip_early(early);
     let bytes = persist::encode(&state)?;
     ph.state_save = now_ns() - t;
+    // KVM itself writes guest memory when a vCPU thread is preempted inside a vCPU ioctl (the
+    // steal-time record's "preempted" flag, logged in that vCPU's dirty ring): the saves just
+    // ran beside the harvest, so such a page can be newer than what went. Whatever the rings
+    // took since goes now (none, or the steal-time page, nearly always), before the mark.
+    let t = now_ns();
+    let late = g.vm.tracker().take_runs(&mem)?;
+    ph.final_harvest += now_ns() - t;
+    let t = now_ns();
+    report.final_pages += link.final_pages(&mem, &late, &mut g.control)?;
+    link.end_final()?;
+    ph.final_pages += now_ns() - t;
+    let src_digest = verify.then(|| {
+        let t = now_ns();
+        let d = digest(&mem);
+        ph.verify = now_ns() - t;
+        d
+    });
     if changed != persist::EarlyDelta::default() {
         tracing::debug!("early state changed before the pause, re-sent: {changed:?}");
     }
