@@ -1231,6 +1231,8 @@ struct VmWide {
     clock: Option<kvm_bindings::kvm_clock_data>,
     saved_at_ns: u64,
     devices: crate::devices::DevicesState,
+    /// CLOCK_MONOTONIC when these pieces were read (the vCPUs stopped just before).
+    read_ns: u64,
 }
 
 /// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
@@ -1419,6 +1421,7 @@ impl Vm {
             clock,
             saved_at_ns,
             devices: self.devices().save_state(),
+            read_ns: crate::devices::now_ns(),
         })
     }
 
@@ -1435,12 +1438,31 @@ impl Vm {
             pieces |= st.pieces;
             vcpus.push(st);
         }
+        // Guest time kept running here from the pause to now (the final pages went meanwhile):
+        // the saved TSCs and KVM clock say so, as if read now. A restore then moves them on by
+        // only what passes after the save ([`ClockPolicy::Advance`]), and the guest sees no
+        // stall but the state's transit.
+        let ran_ns = crate::devices::now_ns().saturating_sub(wide.read_ns);
+        // (The KVM clock first: where KVM's is not stable it is the guest's own reading at
+        // vCPU 0's saved TSC, before that TSC moves on.)
         let clock = wide.clock.map(|c| ClockState {
-            clock: self.guest_clock(&vcpus, c.clock, c.flags),
+            clock: self
+                .guest_clock(&vcpus, c.clock, c.flags)
+                .wrapping_add(ran_ns),
             flags: c.flags,
             realtime: c.realtime,
             host_tsc: c.host_tsc,
         });
+        for v in &mut vcpus {
+            if let Some(khz) = v.tsc_khz {
+                let step = platform_state::tsc_ticks(ran_ns, khz);
+                for (m, val) in &mut v.msrs {
+                    if *m == MSR_IA32_TSC {
+                        *val = val.wrapping_add(step);
+                    }
+                }
+            }
+        }
         Ok(VmState {
             mem_size: self.mem_size(),
             pieces,
@@ -1448,7 +1470,11 @@ impl Vm {
             clock,
             irqchip: wide.irqchip,
             pit: wide.pit,
-            saved_at_ns: wide.saved_at_ns,
+            saved_at_ns: if wide.saved_at_ns == 0 {
+                0
+            } else {
+                wide.saved_at_ns + ran_ns
+            },
             devices: wide.devices,
         })
     }
@@ -1951,6 +1977,42 @@ mod tests {
             last_src.counter,
             first_dst.counter
         );
+    }
+
+    /// The blackout's save reads the vCPUs and the VM-wide pieces as the vCPUs stop, then the
+    /// final pages go: the state it returns must tell the guest's time as of its end, or the
+    /// guest would lose the time the pages took on every migration.
+    #[test]
+    fn persist_save_counts_the_time_the_pages_took() {
+        let mut vm = boot(1, Duration::from_millis(50));
+        let caps = vm.persist_caps().unwrap();
+        let (_, saving) = vm.pause_and_begin_save(&caps).unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // the final pages
+        let st = vm.finish_save(saving).unwrap();
+        // A transition takes the closures' stale Done events before the reference save.
+        vm.pause_all().unwrap();
+        let now = vm.save_state_with(&caps).unwrap();
+        let tsc = |s: &VmState| {
+            s.vcpus[0]
+                .msrs
+                .iter()
+                .find(|&&(m, _)| m == MSR_IA32_TSC)
+                .map(|&(_, v)| v)
+                .expect("the TSC is saved")
+        };
+        let khz = u64::from(st.vcpus[0].tsc_khz.expect("KVM reports the TSC frequency"));
+        let behind_ms = tsc(&now).wrapping_sub(tsc(&st)) as i64 as f64 / khz as f64;
+        assert!(
+            (0.0..250.0).contains(&behind_ms),
+            "the saved TSC is {behind_ms:.1} ms behind a reading taken after the save"
+        );
+        if let (Some(a), Some(b)) = (&st.clock, &now.clock) {
+            let behind_ms = b.clock.wrapping_sub(a.clock) as i64 as f64 / 1e6;
+            assert!(
+                (0.0..250.0).contains(&behind_ms),
+                "the saved KVM clock is {behind_ms:.1} ms behind a reading taken after the save"
+            );
+        }
     }
 
     #[test]
