@@ -1018,6 +1018,32 @@ impl EarlyState {
 }
 
 impl VmState {
+    /// Moves the saved guest time (each vCPU's TSC, the KVM clock, the save's timestamp) on by
+    /// `ns`: the guest's clocks kept running on this host for that long after they were read
+    /// (the final pages, a digest), and the state must say so, or a restore, which adds only
+    /// the time after the state left ([`ClockPolicy::Advance`]), would lose it.
+    pub fn advance_guest_time(&mut self, ns: u64) {
+        if ns == 0 {
+            return;
+        }
+        if let Some(c) = &mut self.clock {
+            c.clock = c.clock.wrapping_add(ns);
+        }
+        for v in &mut self.vcpus {
+            if let Some(khz) = v.tsc_khz {
+                let step = platform_state::tsc_ticks(ns, khz);
+                for (m, val) in &mut v.msrs {
+                    if *m == MSR_IA32_TSC {
+                        *val = val.wrapping_add(step);
+                    }
+                }
+            }
+        }
+        if self.saved_at_ns != 0 {
+            self.saved_at_ns += ns;
+        }
+    }
+
     /// Removes from this (full, just saved) state what `early` already carried with the same
     /// value; the rest, including every piece that changed since, stays. Returns what changed.
     pub fn strip_early(&mut self, early: &EarlyState) -> EarlyDelta {
@@ -1443,40 +1469,24 @@ impl Vm {
         // only what passes after the save ([`ClockPolicy::Advance`]), and the guest sees no
         // stall but the state's transit.
         let ran_ns = crate::devices::now_ns().saturating_sub(wide.read_ns);
-        // (The KVM clock first: where KVM's is not stable it is the guest's own reading at
-        // vCPU 0's saved TSC, before that TSC moves on.)
         let clock = wide.clock.map(|c| ClockState {
-            clock: self
-                .guest_clock(&vcpus, c.clock, c.flags)
-                .wrapping_add(ran_ns),
+            clock: self.guest_clock(&vcpus, c.clock, c.flags),
             flags: c.flags,
             realtime: c.realtime,
             host_tsc: c.host_tsc,
         });
-        for v in &mut vcpus {
-            if let Some(khz) = v.tsc_khz {
-                let step = platform_state::tsc_ticks(ran_ns, khz);
-                for (m, val) in &mut v.msrs {
-                    if *m == MSR_IA32_TSC {
-                        *val = val.wrapping_add(step);
-                    }
-                }
-            }
-        }
-        Ok(VmState {
+        let mut st = VmState {
             mem_size: self.mem_size(),
             pieces,
             vcpus,
             clock,
             irqchip: wide.irqchip,
             pit: wide.pit,
-            saved_at_ns: if wide.saved_at_ns == 0 {
-                0
-            } else {
-                wide.saved_at_ns + ran_ns
-            },
+            saved_at_ns: wide.saved_at_ns,
             devices: wide.devices,
-        })
+        };
+        st.advance_guest_time(ran_ns);
+        Ok(st)
     }
 
     /// The KVM clock value to save: KVM's own (`kvm`) when its master clock is stable, else the

@@ -626,11 +626,8 @@ fn stop_and_copy(
     // From here: what of the vCPUs' save outlasted the pages.
     let t = now_ns();
     let mut state = g.vm.finish_save(saving)?;
-    // What the early state carried with the same value stays out; whatever the guest changed
-    // since (an MSR, its XCRs) travels again and wins on the destination.
-    let changed = state.strip_early(early);
-    let bytes = persist::encode(&state)?;
-    ph.state_save = now_ns() - t;
+    let t_saved = now_ns();
+    ph.state_save = t_saved - t;
     // KVM itself writes guest memory when a vCPU thread is preempted inside a vCPU ioctl (the
     // steal-time record's "preempted" flag, logged in that vCPU's dirty ring): the saves just
     // ran beside the harvest, so such a page can be newer than what went. Whatever the rings
@@ -648,6 +645,14 @@ fn stop_and_copy(
         ph.verify = now_ns() - t;
         d
     });
+    let t = now_ns();
+    // Guest time ran on here while the late pages and the digest went.
+    state.advance_guest_time(t - t_saved);
+    // What the early state carried with the same value stays out; whatever the guest changed
+    // since (an MSR, its XCRs) travels again and wins on the destination.
+    let changed = state.strip_early(early);
+    let bytes = persist::encode(&state)?;
+    ph.state_save += now_ns() - t;
     if changed != persist::EarlyDelta::default() {
         tracing::debug!("early state changed before the pause, re-sent: {changed:?}");
     }
