@@ -82,6 +82,25 @@ impl Trigger for SerialIrq {
     }
 }
 
+/// Offset of the UART's interrupt-enable register.
+const UART_IER: u8 = 1;
+
+/// Would writing `ier` to the UART in state `st` enable an interrupt whose condition is already
+/// flagged in IIR? A real 16550's interrupt line is (pending AND enabled), so such a write raises
+/// it; vm-superio raises one only when the IIR bit goes from clear to set. The difference bites
+/// after a lost edge: a migration whose LAPIC was saved before the irqfd's edge for the last THR
+/// write landed leaves IIR saying "THR empty" with Linux's 8250 driver done transmitting (it
+/// cleared IER's THR bit); when it sets that bit again for its next line, no edge comes, it
+/// never reads IIR, and the console stays silent for good.
+fn ier_edge_missed(st: &SerialState, ier: u8) -> bool {
+    if st.line_control & 0x80 != 0 {
+        return false; // DLAB: offset 1 is the divisor latch's high byte
+    }
+    let newly = ier & !st.interrupt_enable;
+    let iir = st.interrupt_identification;
+    (newly & 0x02 != 0 && iir & 0x02 != 0) || (newly & 0x01 != 0 && iir & 0x04 != 0)
+}
+
 /// What a port write asks of the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortEffect {
@@ -330,8 +349,13 @@ impl Devices {
         match port {
             COM1..=0x3ff => {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let (offset, byte) = ((port - COM1) as u8, data.first().copied().unwrap_or(0));
+                let missed = offset == UART_IER && ier_edge_missed(&serial.state(), byte);
                 // The sink failing (a closed pipe) must not stop the guest.
-                let _ = serial.write((port - COM1) as u8, data.first().copied().unwrap_or(0));
+                let _ = serial.write(offset, byte);
+                if missed {
+                    let _ = serial.interrupt_evt().trigger();
+                }
                 if port == COM1 {
                     let _ = serial.writer_mut().flush();
                 }
@@ -460,6 +484,46 @@ mod tests {
                 d.port_read(COM1 + r, &mut b);
             }
         }
+    }
+
+    #[test]
+    fn enabling_a_pending_uart_interrupt_raises_it() {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
+        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        // Linux's 8250 driver: THR-empty on, a byte out (IIR says "THR empty"), THR-empty off.
+        d.port_write(0, COM1 + 1, &[0x02]);
+        d.port_write(0, COM1, b"x");
+        d.port_write(0, COM1 + 1, &[0x00]);
+        // Whatever those raised is taken here.
+        let _ = evt.read();
+        // The edge for that byte was lost (a migration saved the LAPIC before it landed):
+        // IIR still flags THR empty. The next line turns THR-empty on again: IRQ 4 must rise.
+        d.port_write(0, COM1 + 1, &[0x02]);
+        assert_eq!(
+            evt.read().unwrap(),
+            1,
+            "re-enabling a pending THR-empty raised IRQ 4"
+        );
+        // Enabling nothing new, or with the divisor latch selected, raises nothing.
+        d.port_write(0, COM1 + 1, &[0x02]);
+        assert!(evt.read().is_err());
+        d.port_write(0, COM1 + 1, &[0x00]);
+        d.port_write(0, COM1 + 3, &[0x80]); // LCR.DLAB
+        d.port_write(0, COM1 + 1, &[0x02]);
+        assert!(evt.read().is_err(), "a divisor write is not an IER write");
+        d.port_write(0, COM1 + 3, &[0x03]);
+        // Data received while its interrupt was off: enabling it raises IRQ 4.
+        let mut iir = [0u8];
+        d.port_read(COM1 + 2, &mut iir); // the guest takes the pending THR-empty
+        d.port_write(0, COM1 + 1, &[0x00]);
+        d.console_input(b"a").unwrap();
+        let _ = evt.read();
+        d.port_write(0, COM1 + 1, &[0x01]);
+        assert!(
+            evt.read().unwrap() >= 1,
+            "data waiting: enabling RX interrupts raised IRQ 4"
+        );
     }
 
     #[test]
