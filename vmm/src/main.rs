@@ -762,13 +762,14 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
             host::write_live(n, &to, p);
         }
         if !a.json {
+            // Nothing is predicted until round 0 ends (a long round reports its pages meanwhile).
+            let predicted = match p.predicted_blackout_ns {
+                0 => "-".to_string(),
+                ns => format!("{:.1}", ns as f64 / 1e3),
+            };
             let line = format!(
-                "round {:>3} | sent {:>8} pages | dirty {:>7} | rate {:>9.0} pages/s | predicted blackout {:>9.1} us",
-                p.round,
-                p.pages_sent,
-                p.remaining_dirty,
-                p.dirty_rate,
-                p.predicted_blackout_ns as f64 / 1e3
+                "round {:>3} | sent {:>8} pages | dirty {:>7} | rate {:>9.0} pages/s | predicted blackout {:>9} us",
+                p.round, p.pages_sent, p.remaining_dirty, p.dirty_rate, predicted
             );
             if tty {
                 // Clear to the end of the line: a shorter line must not keep the tail of the

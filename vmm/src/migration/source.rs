@@ -424,6 +424,8 @@ impl Precopy<'_> {
         let mut rates = Rates::default();
         rates.update(&g.vm.tracker().per_vcpu_harvested(), now_ns());
         let mut last_progress = 0u64;
+        // What the last round end said, repeated by the reports from inside a round.
+        let mut known = (0u64, 0.0f64, 0.0f64, 0u64);
         for round in 0.. {
             if self.running.cancelled() {
                 return Err(MigrationError::Cancelled);
@@ -442,10 +444,10 @@ impl Precopy<'_> {
                     phase: "precopy".into(),
                     round,
                     pages_sent: sent + moved.saturating_sub(first) / PAGE_SIZE,
-                    remaining_dirty: 0,
-                    dirty_rate: 0.0,
-                    throughput: 0.0,
-                    predicted_blackout_ns: 0,
+                    remaining_dirty: known.0,
+                    dirty_rate: known.1,
+                    throughput: known.2,
+                    predicted_blackout_ns: known.3,
                     elapsed_ns: now - t_start,
                 });
             };
@@ -456,6 +458,12 @@ impl Precopy<'_> {
                 self.throttler.tighten(&rr.vcpu_dirty_rates);
             }
             rr.throttle_percent = self.throttler.percents();
+            known = (
+                rr.dirty_after,
+                rr.dirty_rate,
+                rr.throughput,
+                rr.predicted_blackout_ns,
+            );
             let now = now_ns();
             if now - last_progress >= 50_000_000 || round == 0 {
                 last_progress = now;
