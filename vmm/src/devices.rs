@@ -463,11 +463,19 @@ mod tests {
         assert_eq!(d.port_write(0, I8042_COMMAND, &[I8042_RESET]), None);
     }
 
-    #[test]
-    fn reset_line_and_serial_irq_on_pc() {
+    /// Pc-platform devices (1 vCPU, reset line) and the eventfd behind COM1's IRQ 4.
+    fn pc_devices() -> (Devices, vmm_sys_util::eventfd::EventFd) {
         let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
-        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        (
+            Devices::with_irq(Box::new(std::io::sink()), 1, irq, true),
+            evt,
+        )
+    }
+
+    #[test]
+    fn reset_line_and_serial_irq_on_pc() {
+        let (d, evt) = pc_devices();
         assert_eq!(
             d.port_write(0, I8042_COMMAND, &[I8042_RESET]),
             Some(PortEffect::Reset)
@@ -488,9 +496,7 @@ mod tests {
 
     #[test]
     fn enabling_a_pending_uart_interrupt_raises_it() {
-        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
-        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        let (d, evt) = pc_devices();
         // Linux's 8250 driver: THR-empty on, a byte out (IIR says "THR empty"), THR-empty off.
         d.port_write(0, COM1 + 1, &[0x02]);
         d.port_write(0, COM1, b"x");
@@ -528,9 +534,7 @@ mod tests {
 
     #[test]
     fn console_input_reaches_the_guest_with_its_interrupt() {
-        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = SerialIrq::EventFd(evt.try_clone().unwrap());
-        let d = Devices::with_irq(Box::new(std::io::sink()), 1, irq, true);
+        let (d, evt) = pc_devices();
         // The guest enables the data-received interrupt (IER bit 0), as Linux's 8250 driver.
         d.port_write(0, COM1 + 1, &[0x01]);
         d.console_input(b"check\n").unwrap();
