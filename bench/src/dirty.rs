@@ -250,7 +250,7 @@ pub fn loopback_tcp_bandwidth(total: usize, tries: u32) -> Result<f64, String> {
 /// The final-pages path as the source runs it ([`blip_vmm::migration::link::send_batches`]:
 /// copy out of guest memory, a CRC and a vectored write per frame of `frame_pages` pages)
 /// into a loopback TCP connection whose reader decodes frames as the destination does
-/// (`read_message`, each frame's pages copied into pre-faulted memory). Timed from the call to
+/// (`read_message`, each frame's pages read from the socket into pre-faulted memory). Timed from the call to
 /// the moment the reader has the last page: bytes per second.
 ///
 /// `backlog` pages of a last live round (Pages frames of up to 256 pages) are written first.
@@ -305,11 +305,17 @@ pub fn final_pages_path(
                         let _ = tx.send(("backlog", Instant::now()));
                     }
                 }
-                // As the destination does: each frame's pages copied into (pre-faulted)
-                // guest memory; the path ends when the last of them is in.
-                Message::PageBatch { data, runs } => {
-                    let n = data.len().min(landing.len() - landed);
-                    landing[landed..landed + n].copy_from_slice(&data[..n]);
+                // As the destination does: each frame's pages read straight into
+                // (pre-faulted) guest memory; the path ends when the last of them is in.
+                Message::PageBatch { runs } => {
+                    let receipt = f.pages.ok_or("no receipt")?;
+                    let n = receipt.data_len.min(landing.len() - landed);
+                    if n != receipt.data_len {
+                        return Err("more pages than were sent".into());
+                    }
+                    receipt
+                        .read_into(&mut s, &mut landing[landed..landed + n])
+                        .map_err(|x| e(&x))?;
                     landed += n;
                     batch_pages += runs.iter().map(|r| u64::from(r.1)).sum::<u64>();
                     if batch_pages >= pages {
@@ -337,8 +343,8 @@ pub fn final_pages_path(
     if barrier && backlog > 0 {
         rx.recv().map_err(|x| e(&x))?;
     }
-    let mut batch = vec![0u8; (2048 * page) as usize];
-    let mut table = Vec::with_capacity(2048);
+    let mut batch = blip_vmm::migration::link::prefaulted((256 * page) as usize);
+    let mut table = Vec::with_capacity(256);
     let t0 = Instant::now();
     blip_vmm::migration::link::send_batches_framed(
         &mut s,

@@ -1,6 +1,6 @@
 //! Arbitrary bytes as a migration stream: `read_message` until the first error, with each Pages
-//! frame's data read and CRC-checked through `PagesReceipt::read_into` when it is at most
-//! 64 KiB. Must never panic, and a lying length must never cost an allocation out of proportion
+//! and PageBatch frame's data read and CRC-checked through `PagesReceipt::read_into` when it
+//! is at most 64 KiB. Must never panic, and a lying length must never cost an allocation out of proportion
 //! to the bytes that actually arrived (the decoder grows its buffer as data arrives).
 #![no_main]
 
@@ -40,8 +40,13 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         match (&frame.msg, frame.pages) {
-            (Message::Pages { count, .. }, Some(receipt)) => {
-                assert_eq!(receipt.data_len, *count as usize * PAGE_SIZE);
+            (m @ (Message::Pages { .. } | Message::PageBatch { .. }), Some(receipt)) => {
+                let pages: usize = match m {
+                    Message::Pages { count, .. } => *count as usize,
+                    Message::PageBatch { runs } => runs.iter().map(|r| r.1 as usize).sum(),
+                    _ => unreachable!(),
+                };
+                assert_eq!(receipt.data_len, pages * PAGE_SIZE);
                 if receipt.data_len > MAX_READ_INTO {
                     return;
                 }
@@ -67,7 +72,9 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
-            (Message::Pages { .. }, None) => panic!("Pages frame without a receipt"),
+            (m @ (Message::Pages { .. } | Message::PageBatch { .. }), None) => {
+                panic!("{} frame without a receipt", m.kind())
+            }
             (other, Some(_)) => panic!("{} frame with a pages receipt", other.kind()),
             (_, None) => {}
         }

@@ -1021,11 +1021,7 @@ fn destination_never_writes_outside_guest_memory() {
             let page = [0xEEu8; 4096];
             if batch {
                 relay(&mut s, &mut d); // EarlyState (the destination takes nothing before it)
-                let bad = Message::PageBatch {
-                    runs: vec![(1 << 40, 1)],
-                    data: page.to_vec(),
-                };
-                let _ = protocol::write_message(&mut d, &bad);
+                let _ = protocol::write_page_batch(&mut d, &[(1 << 40, 1)], &page);
             } else {
                 let _ = protocol::write_pages(&mut ds, 1 << 40, &[std::io::IoSlice::new(&page)]);
             }

@@ -56,7 +56,8 @@
 //! [`PagesReceipt::data_len`] bytes straight into guest memory, folding them into the CRC with
 //! [`crc32c_append`] starting from [`PagesReceipt::partial_crc`], and calls
 //! [`PagesReceipt::verify`]. [`PagesReceipt::read_into`] does all of that for a plain byte
-//! slice.
+//! slice. [`Message::PageBatch`] (many runs in one frame, [`write_page_batch`]) is read the
+//! same way: [`read_message`] reads its run table and leaves the pages behind a receipt.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
@@ -926,12 +927,12 @@ pub enum Message {
     /// Source → destination: resume the guest; the source will not.
     Commit,
     /// Many page runs in one frame (the final round: one write, one read, CRC over all of it).
-    /// `runs` are (gpa, pages); `data` is their pages back to back.
+    /// Like [`Message::Pages`], the page data (the runs' pages back to back) is not part of
+    /// the message: [`write_page_batch`] sends it, and [`read_message`] leaves it in the
+    /// stream behind a [`PagesReceipt`], so the receiver reads it straight into guest memory.
     PageBatch {
         /// (guest physical address, page count) of each run, in data order.
         runs: Vec<(u64, u32)>,
-        /// The pages, concatenated.
-        data: Vec<u8>,
     },
     /// Destination → source: the first guest heartbeat after resume (`counter` 0 = none came).
     Heartbeat {
@@ -1007,18 +1008,23 @@ impl Message {
 pub struct Frame {
     /// The decoded message.
     pub msg: Message,
-    /// `Some` exactly when `msg` is [`Message::Pages`]: the caller must then read
-    /// `data_len` bytes of page data from the same stream before the next message.
+    /// `Some` exactly when `msg` is [`Message::Pages`] or [`Message::PageBatch`]: the caller
+    /// must then read `data_len` bytes of page data from the same stream before the next
+    /// message.
     pub pages: Option<PagesReceipt>,
 }
 
-/// The page data of a [`Message::Pages`] still to be read, and how to check it.
+/// The page data of a [`Message::Pages`] or [`Message::PageBatch`] still to be read, and how
+/// to check it.
 #[must_use = "the page data is still in the stream and must be read and verified"]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagesReceipt {
+    /// The message the data belongs to (named by a CRC error).
+    pub kind: MessageKind,
     /// CRC from the header (over the fixed part and the page data).
     pub expected_crc: u32,
-    /// CRC32C over the 16 fixed bytes: fold the page data into this with [`crc32c_append`].
+    /// CRC32C over the payload before the page data (Pages: the 16 fixed bytes; PageBatch:
+    /// the run table): fold the page data into this with [`crc32c_append`].
     pub partial_crc: u32,
     /// Bytes of page data that follow in the stream (`count * 4096`).
     pub data_len: usize,
@@ -1031,7 +1037,7 @@ impl PagesReceipt {
             Ok(())
         } else {
             Err(ProtocolError::Crc {
-                kind: MessageKind::Pages,
+                kind: self.kind,
                 expected: self.expected_crc,
                 actual: crc,
             })
@@ -1110,14 +1116,6 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
         Message::Accept | Message::Commit => {}
         Message::Ready { mem_hash } => e.u64(*mem_hash),
         Message::Auth { mac } => e.raw(mac),
-        Message::PageBatch { runs, data } => {
-            e.u32(u32::try_from(runs.len()).map_err(|_| ProtocolError::TooLarge(u32::MAX))?);
-            for (gpa, pages) in runs {
-                e.u64(*gpa);
-                e.u32(*pages);
-            }
-            e.raw(data);
-        }
         Message::Heartbeat { counter, t_ns } => {
             e.u64(*counter);
             e.u64(*t_ns);
@@ -1131,6 +1129,12 @@ pub fn write_message(w: &mut dyn Write, msg: &Message) -> Result<()> {
             return Err(ProtocolError::Malformed {
                 kind: MessageKind::Pages,
                 what: "page runs must be sent with write_pages",
+            })
+        }
+        Message::PageBatch { .. } => {
+            return Err(ProtocolError::Malformed {
+                kind: MessageKind::PageBatch,
+                what: "page batches must be sent with write_page_batch",
             })
         }
         Message::RoundEnd { round, pages } => {
@@ -1323,11 +1327,16 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         return Ok(Frame {
             msg: Message::Pages { gpa, count },
             pages: Some(PagesReceipt {
+                kind,
                 expected_crc: h.crc,
                 partial_crc,
                 data_len,
             }),
         });
+    }
+
+    if kind == MessageKind::PageBatch {
+        return read_page_batch_head(r, len, h.crc);
     }
 
     let payload = read_payload(r, len)?;
@@ -1423,7 +1432,6 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
             session: d.u64()?,
             index: d.u32()?,
         },
-        MessageKind::Pages => unreachable!("handled above"),
         MessageKind::RoundEnd => Message::RoundEnd {
             round: d.u32()?,
             pages: d.u64()?,
@@ -1433,33 +1441,7 @@ pub fn read_message(r: &mut dyn Read) -> Result<Frame> {
         MessageKind::EarlyState => Message::EarlyState(d.bytes()?.to_vec()),
         MessageKind::Ready => Message::Ready { mem_hash: d.u64()? },
         MessageKind::Auth => Message::Auth { mac: d.array()? },
-        MessageKind::PageBatch => {
-            let n = d.u32()? as usize;
-            // Each run takes 12 bytes: a count larger than the payload is a lie.
-            if n.saturating_mul(12) > d.buf.len() {
-                return Err(ProtocolError::Malformed {
-                    kind,
-                    what: "more runs than the payload holds",
-                });
-            }
-            let mut runs = Vec::with_capacity(n);
-            let mut total = 0usize;
-            for _ in 0..n {
-                let gpa = d.u64()?;
-                let pages = d.u32()?;
-                total = total.saturating_add(pages as usize * PAGE_SIZE);
-                runs.push((gpa, pages));
-            }
-            if total != d.buf.len() {
-                return Err(ProtocolError::Malformed {
-                    kind,
-                    what: "page data does not match the runs",
-                });
-            }
-            let data = d.buf.to_vec();
-            d.buf = &[];
-            Message::PageBatch { runs, data }
-        }
+        MessageKind::Pages | MessageKind::PageBatch => unreachable!("handled above"),
         MessageKind::Heartbeat => Message::Heartbeat {
             counter: d.u64()?,
             t_ns: d.u64()?,
@@ -1535,6 +1517,57 @@ fn read_payload(r: &mut dyn Read, len: usize) -> Result<Vec<u8>> {
         return Err(eof("stream ended inside a message payload"));
     }
     Ok(buf)
+}
+
+/// The run table of a [`Message::PageBatch`] whose payload is `len` bytes: its count, then 12
+/// bytes a run. The page data stays in the stream behind the receipt, as for Pages: the
+/// destination used to read each final frame into a buffer grown in steps, copy it out of
+/// that, then into guest memory, paying a page fault for every page of two fresh buffers
+/// inside the blackout.
+fn read_page_batch_head(r: &mut dyn Read, len: usize, expected_crc: u32) -> Result<Frame> {
+    let kind = MessageKind::PageBatch;
+    let mut nb = [0u8; 4];
+    if len < nb.len() || read_full(r, &mut nb)? != nb.len() {
+        return Err(eof("stream ended inside a PageBatch run table"));
+    }
+    let n = u32::from_le_bytes(nb) as usize;
+    // Each run takes 12 bytes: a count larger than the payload is a lie.
+    let table_len = n.saturating_mul(12);
+    if table_len > len - nb.len() {
+        return Err(ProtocolError::Malformed {
+            kind,
+            what: "more runs than the payload holds",
+        });
+    }
+    let table = read_growing(r, table_len)?;
+    if table.len() != table_len {
+        return Err(eof("stream ended inside a PageBatch run table"));
+    }
+    let mut d = Dec { kind, buf: &table };
+    let mut runs = Vec::with_capacity(n);
+    let mut total = 0usize;
+    for _ in 0..n {
+        let gpa = d.u64()?;
+        let pages = d.u32()?;
+        total = total.saturating_add((pages as usize).saturating_mul(PAGE_SIZE));
+        runs.push((gpa, pages));
+    }
+    let data_len = len - nb.len() - table_len;
+    if total != data_len {
+        return Err(ProtocolError::Malformed {
+            kind,
+            what: "page data does not match the runs",
+        });
+    }
+    Ok(Frame {
+        msg: Message::PageBatch { runs },
+        pages: Some(PagesReceipt {
+            kind,
+            expected_crc,
+            partial_crc: crc32c_append(crc32c::crc32c(&nb), &table),
+            data_len,
+        }),
+    })
 }
 
 /// Reads up to `len` bytes (fewer if the input ends first; already checked against a cap).
@@ -1706,10 +1739,6 @@ mod tests {
                 counter: 3,
                 t_ns: 9,
             },
-            Message::PageBatch {
-                runs: vec![(0x1000, 1), (0x8000, 2)],
-                data: vec![0x5a; 3 * 4096],
-            },
             Message::Auth { mac: [9; 32] },
             Message::RdmaConnect(RdmaConnect {
                 gid: [0xfe; 16],
@@ -1822,7 +1851,9 @@ mod tests {
             assert!(matches!(read_message(&mut r), Err(ProtocolError::Closed)));
             kinds.insert(m.kind());
         }
-        kinds.insert(MessageKind::Pages); // covered by the pages tests
+        // Covered by the pages and page batch tests (their data goes beside the message).
+        kinds.insert(MessageKind::Pages);
+        kinds.insert(MessageKind::PageBatch);
         assert_eq!(kinds.len(), MessageKind::ALL.len());
         for k in MessageKind::ALL {
             assert_eq!(MessageKind::from_u16(k as u16), Some(k));
@@ -2038,22 +2069,62 @@ mod tests {
     }
 
     #[test]
-    fn page_batch_writer_matches_the_encoder() {
+    fn page_batch_data_stays_in_the_stream_behind_its_receipt() {
         let runs = vec![(0x2000u64, 2u32), (0x10_0000, 1)];
         let data: Vec<u8> = (0..3 * 4096).map(|i| i as u8).collect();
         let mut a = Vec::new();
         write_page_batch(&mut a, &runs, &data).unwrap();
-        let mut b = Vec::new();
-        write_message(
-            &mut b,
-            &Message::PageBatch {
-                runs: runs.clone(),
-                data: data.clone(),
-            },
-        )
-        .unwrap();
-        assert_eq!(a, b);
+        write_message(&mut a, &Message::Commit).unwrap();
+        let mut r = a.as_slice();
+        let f = read_message(&mut r).unwrap();
+        assert_eq!(f.msg, Message::PageBatch { runs: runs.clone() });
+        let receipt = f.pages.unwrap();
+        assert_eq!(receipt.data_len, data.len());
+        let mut got = vec![0u8; receipt.data_len];
+        receipt.read_into(&mut r, &mut got).unwrap();
+        assert_eq!(got, data);
+        assert_eq!(read_message(&mut r).unwrap().msg, Message::Commit);
+
+        // One flipped data byte fails the receipt's check, naming the PageBatch.
+        let at = a.len() - HEADER_LEN - 1;
+        a[at - 4096] ^= 1;
+        let mut r = a.as_slice();
+        let receipt = read_message(&mut r).unwrap().pages.unwrap();
+        assert!(matches!(
+            receipt.read_into(&mut r, &mut got),
+            Err(ProtocolError::Crc {
+                kind: MessageKind::PageBatch,
+                ..
+            })
+        ));
+
         assert!(write_page_batch(&mut a, &runs, &data[..4096]).is_err());
+        assert!(write_message(&mut a, &Message::PageBatch { runs }).is_err());
+    }
+
+    #[test]
+    fn page_batch_tables_that_lie_are_refused() {
+        // Two runs of one page claimed, one page of data sent.
+        let mut table = 2u32.to_le_bytes().to_vec();
+        for gpa in [0u64, 0x1000] {
+            table.extend_from_slice(&gpa.to_le_bytes());
+            table.extend_from_slice(&1u32.to_le_bytes());
+        }
+        table.extend_from_slice(&[0u8; 4096]);
+        let v = framed(MessageKind::PageBatch, &table);
+        assert!(matches!(
+            read_message(&mut v.as_slice()),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        // More runs than the payload could hold.
+        let v = framed(MessageKind::PageBatch, &u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_message(&mut v.as_slice()),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        // A payload too short for the count.
+        let v = framed(MessageKind::PageBatch, &[1, 0]);
+        assert!(read_message(&mut v.as_slice()).is_err());
     }
 
     #[test]

@@ -317,26 +317,39 @@ pub fn read_stream(
     };
     let mut pages = 0u64;
     let mut state: Option<VmState> = None;
+    let mut scratch = vec![0u8; 1 << 20];
     loop {
         let at = r.n;
         let frame = protocol::read_message(&mut r).map_err(|e| rd(e, at))?;
         match frame.msg {
-            Message::PageBatch { runs, data } => {
-                let mut off = 0usize;
-                for (gpa, count) in runs {
-                    let len = memory::check_run(mem, gpa, u64::from(count))
-                        .map_err(|e| SnapshotError::Corrupt(format!("frame at byte {at}: {e}")))?
-                        as usize;
-                    if off + len > data.len() {
-                        return Err(SnapshotError::Corrupt(format!(
-                            "frame at byte {at}: page data shorter than its runs"
-                        )));
-                    }
-                    mem.write_slice(&data[off..off + len], GuestAddress(gpa))
-                        .map_err(SnapshotError::Memory)?;
-                    off += len;
+            Message::PageBatch { runs } => {
+                let receipt = frame.pages.ok_or_else(|| {
+                    SnapshotError::Corrupt(format!("frame at byte {at}: no page data"))
+                })?;
+                let mut lens = Vec::with_capacity(runs.len());
+                for &(gpa, count) in &runs {
+                    lens.push(
+                        memory::check_run(mem, gpa, u64::from(count)).map_err(|e| {
+                            SnapshotError::Corrupt(format!("frame at byte {at}: {e}"))
+                        })?,
+                    );
                     pages += u64::from(count);
                 }
+                // The frame's pages go through `scratch` into guest memory, CRC on the way.
+                let mut crc = receipt.partial_crc;
+                for (&(gpa, _), &len) in runs.iter().zip(&lens) {
+                    let mut off = 0u64;
+                    while off < len {
+                        let n = ((len - off) as usize).min(scratch.len());
+                        r.read_exact(&mut scratch[..n])
+                            .map_err(|e| rd(ProtocolError::Io(e), at))?;
+                        crc = protocol::crc32c_append(crc, &scratch[..n]);
+                        mem.write_slice(&scratch[..n], GuestAddress(gpa + off))
+                            .map_err(SnapshotError::Memory)?;
+                        off += n as u64;
+                    }
+                }
+                receipt.verify(crc).map_err(|e| rd(e, at))?;
             }
             Message::State(bytes) => {
                 if state.is_some() {

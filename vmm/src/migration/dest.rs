@@ -16,9 +16,8 @@ use blip_transport::protocol::{self, Message, TRANSPORT_RDMA, TRANSPORT_TCP};
 use blip_transport::tcp::{self, Endpoint};
 use blip_transport::tls::{Conn, Tls, TlsError};
 use std::net::IpAddr;
-use vm_memory::{Bytes, GuestAddress};
 
-use super::link::{check_run, read_frame_patient, recv_pages, DestLink, Gate, Progress};
+use super::link::{read_frame_patient, recv_pages, DestLink, Gate, Progress};
 use super::session::Session;
 use super::source::VERIFY_FLAG;
 use super::stage::{step, Stage};
@@ -421,7 +420,7 @@ fn receive_on(
         link: Some(link),
         mem,
         verify: offer.state_pieces & VERIFY_FLAG != 0,
-        scratch: vec![0u8; 1 << 20],
+        scratch: super::link::prefaulted(1 << 20),
         progress,
         inc: Incoming {
             guest_name: offer.guest_name.clone(),
@@ -586,15 +585,27 @@ impl Receiver<'_> {
                     recv_pages(
                         self.control,
                         &self.mem,
-                        gpa,
-                        count,
+                        &[(gpa, count)],
                         &receipt,
                         &mut self.scratch,
                         &self.progress,
                     )?;
                     self.inc.pages += u64::from(count);
                 }
-                Message::PageBatch { runs, data } => self.write_batch(&runs, &data)?,
+                Message::PageBatch { runs } => {
+                    let receipt = f.pages.ok_or(MigrationError::Internal(
+                        "a PageBatch frame without its receipt",
+                    ))?;
+                    recv_pages(
+                        self.control,
+                        &self.mem,
+                        &runs,
+                        &receipt,
+                        &mut self.scratch,
+                        &self.progress,
+                    )?;
+                    self.inc.pages += runs.iter().map(|r| u64::from(r.1)).sum::<u64>();
+                }
                 Message::EarlyState(bytes) => self.apply_early(vm, &bytes)?,
                 Message::State(bytes) => self.restore(vm, &bytes)?,
                 Message::Commit => self.resume(vm)?,
@@ -625,21 +636,6 @@ impl Receiver<'_> {
         self.inc.pages += pages;
         self.inc.rounds = round + 1;
         protocol::write_message(self.control, &Message::RoundAck { round })?;
-        Ok(())
-    }
-
-    /// Final pages (guest paused on the source), checked by the frame's CRC.
-    fn write_batch(&mut self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), MigrationError> {
-        let mut off = 0usize;
-        for &(gpa, count) in runs {
-            let len = check_run(&self.mem, gpa, u64::from(count))? as usize;
-            let chunk = data
-                .get(off..off + len)
-                .ok_or(MigrationError::OutOfBounds { gpa, count })?;
-            self.mem.write_slice(chunk, GuestAddress(gpa))?;
-            off += len;
-            self.inc.pages += u64::from(count);
-        }
         Ok(())
     }
 

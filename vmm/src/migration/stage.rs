@@ -78,10 +78,7 @@ mod tests {
         Message::RoundEnd { round: 0, pages: 1 }
     }
     fn batch() -> Message {
-        Message::PageBatch {
-            runs: vec![(0, 1)],
-            data: vec![0; 4096],
-        }
+        Message::PageBatch { runs: vec![(0, 1)] }
     }
     fn state() -> Message {
         Message::State(vec![1, 2, 3])
