@@ -569,7 +569,7 @@ fn main() {
             "floor".into(),
             json!({
                 "reps": reps,
-                "what": "pause_and_begin_save (each vCPU saves as it stops) -> finish_save -> encode -> decode -> restore_state_with into a prepared VM -> resume, one process, no network, no pages (blip_vmm::floor)",
+                "what": "pause_all -> save_state_with -> strip_early + encode -> decode + merge_early -> restore_state_after into a prepared VM given the early state before -> resume, one process, no network, no pages (blip_vmm::floor)",
                 "shapes": f.iter().map(floor::Floor::json).collect::<Vec<_>>(),
             }),
         );

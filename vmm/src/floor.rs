@@ -8,12 +8,13 @@
 //! floor nobody can say whether 0.6 ms is close to what the machine allows or far from it.
 //!
 //! What: [`measure`] runs, in one process and with no network, exactly the blackout's state
-//! path of a migration: [`Vm::pause_and_begin_save`] on a running source (each vCPU saves its
-//! state as it stops) and [`Vm::finish_save`], with capabilities probed before (as the
-//! source's calibration does), [`persist::encode`], then
-//! [`persist::decode`] and [`Vm::restore_state_with`] (the destination's clock policy) into a
-//! second VM prepared beforehand (blank, same platform, as the destination builds it before
-//! Accept), then [`Vm::resume_all`] on it. The destination VM maps the source's guest memory
+//! path of a migration: [`Vm::pause_all`] on a running source, then [`Vm::save_state_with`]
+//! with capabilities probed before (as the source's calibration does), the early state
+//! stripped ([`persist::VmState::strip_early`]) and [`persist::encode`], then [`persist::decode`],
+//! [`persist::VmState::merge_early`] and [`Vm::restore_state_after`] (the destination's clock policy)
+//! into a second VM prepared beforehand (blank, same platform, the early state applied with
+//! [`Vm::apply_early`], as the destination does before the first round), then
+//! [`Vm::resume_all`] on it. The destination VM maps the source's guest memory
 //! (both KVM VMs register the same host mapping), which stands for "every page has arrived":
 //! nothing is copied, so the floor holds no page traffic. Each repetition hands the guest on
 //! (the destination becomes the next source), as a chain of migrations does. The functions are
@@ -37,7 +38,7 @@ use serde::Serialize;
 use crate::devices::now_ns;
 use crate::loader::Image;
 use crate::memory::Backing;
-use crate::persist::{self, Caps, ClockPolicy, PersistError};
+use crate::persist::{self, Caps, ClockPolicy, EarlyState, PersistError};
 use crate::platform::Platform;
 use crate::vm::{DirtyConfig, Vm, VmConfig, VmError};
 
@@ -73,14 +74,14 @@ pub struct Sample {
     pub total_ns: u64,
     /// Pause asked → every vCPU paused (and this thread knows it).
     pub pause_ns: u64,
-    /// [`Vm::finish_save`]: what remains of the vCPUs' save (each vCPU thread saves its own,
-    /// starting as it stops) after the pause, and the VM-wide pieces.
+    /// [`Vm::save_state_with`]: every vCPU's pieces (each vCPU thread saves its own) and the
+    /// VM-wide ones.
     pub save_ns: u64,
-    /// [`persist::encode`].
+    /// [`persist::VmState::strip_early`] and [`persist::encode`].
     pub encode_ns: u64,
-    /// [`persist::decode`].
+    /// [`persist::decode`] and [`persist::VmState::merge_early`].
     pub decode_ns: u64,
-    /// [`Vm::restore_state_with`].
+    /// [`Vm::restore_state_after`].
     pub restore_ns: u64,
     /// Resume asked (after the restore) → first destination vCPU running.
     pub resume_ns: u64,
@@ -115,27 +116,43 @@ pub fn measure(cfg: &Config) -> Result<Vec<Sample>, FloorError> {
     let mut src = create(cfg, true, None)?;
     src.resume_all()?;
     std::thread::sleep(cfg.settle);
+    // The early state, from a pause before any hand-over as the calibration takes it (the
+    // pieces in it do not change while the guest runs; whatever did travels in the blackout).
+    let early = {
+        let caps = src.persist_caps()?;
+        src.pause_all()?;
+        let state = src.save_state_with(&caps)?;
+        src.resume_all()?;
+        std::thread::sleep(cfg.settle);
+        EarlyState::of(&state)
+    };
     let mut out = Vec::with_capacity(cfg.reps as usize);
     for _ in 0..cfg.reps {
         // Before the pause, as a migration does it: the capabilities (with CPUID) and the
-        // destination VM.
+        // destination VM with the early state on its vCPUs.
         let caps = src.persist_caps()?;
         let mut dst = create(cfg, false, Some(src.memory().clone()))?;
+        let (_, applied) = dst.apply_early(&early)?;
 
         // ---- The blackout starts here. ----
-        // As the migration does it: each vCPU starts its save as it stops.
-        let (p, saving) = src.pause_and_begin_save(&caps)?;
+        let p = src.pause_all()?;
         let t_pause = p.requested_ns;
         let t1 = now_ns();
-        let state = src.finish_save(saving)?;
+        let mut state = src.save_state_with(&caps)?;
         let t2 = now_ns();
+        state.strip_early(&early);
         let bytes = persist::encode(&state)?;
         let t3 = now_ns();
         // The state "arrives" as soon as it is encoded (no transfer in the floor).
         let arrived = t3;
-        let state = persist::decode(&bytes)?;
+        let mut state = persist::decode(&bytes)?;
+        state.merge_early(&early)?;
         let t4 = now_ns();
-        dst.restore_state_with(&state, ClockPolicy::Advance { since_ns: arrived })?;
+        dst.restore_state_after(
+            &state,
+            ClockPolicy::Advance { since_ns: arrived },
+            Some(&applied),
+        )?;
         let t5 = now_ns();
         let r = dst.resume_all()?;
         // ---- The guest runs on the destination. ----

@@ -1242,13 +1242,6 @@ pub fn decode_from(r: &mut dyn Read) -> Result<VmState, PersistError> {
     decode_payload(&ENVELOPE.read(r)?)
 }
 
-/// A state save under way on the vCPU threads ([`Vm::pause_and_begin_save`]).
-#[must_use = "complete the save with Vm::finish_save"]
-pub struct SaveInFlight {
-    rx: crossbeam_channel::Receiver<VcpuSaved>,
-    wide: VmWide,
-}
-
 /// The VM-wide part of a save ([`Vm::save_vm_wide`]).
 struct VmWide {
     pieces: u64,
@@ -1257,8 +1250,6 @@ struct VmWide {
     clock: Option<kvm_bindings::kvm_clock_data>,
     saved_at_ns: u64,
     devices: crate::devices::DevicesState,
-    /// CLOCK_MONOTONIC when these pieces were read (the vCPUs stopped just before).
-    read_ns: u64,
 }
 
 /// The closure that saves vCPU `i` on its own thread and sends the result to `tx`.
@@ -1339,6 +1330,12 @@ impl Vm {
 
     /// Saves the state of a paused VM with capabilities probed earlier.
     pub fn save_state_with(&mut self, caps: &Caps) -> Result<VmState, PersistError> {
+        self.save_state_timed(caps).map(|(state, _)| state)
+    }
+
+    /// [`Vm::save_state_with`], also returning the longest time one vCPU thread spent saving
+    /// (ns): the calibration's measure of the per-vCPU ioctls alone.
+    pub fn save_state_timed(&mut self, caps: &Caps) -> Result<(VmState, u64), PersistError> {
         let caps = Arc::new(caps.clone());
         let n = self.vcpu_count();
         // Every vCPU thread saves its own state at the same time.
@@ -1346,59 +1343,12 @@ impl Vm {
         self.with_each_vcpu(|i| save_on_vcpu(i, &tx, &caps))
             .map_err(PersistError::Vm)?;
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
-        while let Ok((i, st, _)) = rx.try_recv() {
-            slots[i as usize] = Some(st?);
-        }
-        let wide = self.save_vm_wide(&caps)?;
-        self.assemble_state(slots, wide)
-    }
-
-    /// Pauses every vCPU and starts the save on their threads in the same step (the save is
-    /// queued behind the pause: no second command, no second wake-up), then returns while they
-    /// save, so this thread can work meanwhile (the migration sends the final pages: no vCPU
-    /// save reads guest memory, and none writes any). [`Vm::finish_save`] collects the vCPUs'
-    /// states and adds the VM-wide pieces.
-    pub fn pause_and_begin_save(
-        &mut self,
-        caps: &Caps,
-    ) -> Result<(crate::vm::Transition, SaveInFlight), PersistError> {
-        let caps = Arc::new(caps.clone());
-        let (tx, rx) = crossbeam_channel::bounded(self.vcpu_count());
-        let pause = self
-            .pause_all_then(&|i| save_on_vcpu(i, &tx, &caps))
-            .map_err(PersistError::Vm)?;
-        // While the vCPU threads save: the VM-wide pieces, at the same instant as theirs.
-        let wide = self.save_vm_wide(&caps)?;
-        Ok((pause, SaveInFlight { rx, wide }))
-    }
-
-    /// Completes [`Vm::pause_and_begin_save`]: waits for every vCPU's state (spinning a little
-    /// first, as the answers are due within microseconds) and adds the VM-wide pieces.
-    pub fn finish_save(&mut self, saving: SaveInFlight) -> Result<VmState, PersistError> {
-        self.finish_save_timed(saving).map(|(state, _)| state)
-    }
-
-    /// [`Vm::finish_save`], also returning the longest time one vCPU thread spent saving (ns):
-    /// the calibration's measure of the save itself, most of which the pause's wait hides.
-    pub fn finish_save_timed(
-        &mut self,
-        saving: SaveInFlight,
-    ) -> Result<(VmState, u64), PersistError> {
-        let SaveInFlight { rx, wide } = saving;
         let mut longest = 0;
-        let n = self.vcpu_count();
-        let mut slots: Vec<Option<VcpuState>> = vec![None; n];
-        let mut got = 0;
-        while got < n {
-            // Every sender is gone only when a vCPU thread dropped its closure unrun (it
-            // exited): what is missing has no answer coming.
-            let Ok(answer) = crate::vm::recv_spinning(&rx) else {
-                break;
-            };
-            slots[answer.0 as usize] = Some(answer.1?);
-            longest = longest.max(answer.2);
-            got += 1;
+        while let Ok((i, st, took)) = rx.try_recv() {
+            slots[i as usize] = Some(st?);
+            longest = longest.max(took);
         }
+        let wide = self.save_vm_wide(&caps)?;
         Ok((self.assemble_state(slots, wide)?, longest))
     }
 
@@ -1447,7 +1397,6 @@ impl Vm {
             clock,
             saved_at_ns,
             devices: self.devices().save_state(),
-            read_ns: crate::devices::now_ns(),
         })
     }
 
@@ -1464,18 +1413,13 @@ impl Vm {
             pieces |= st.pieces;
             vcpus.push(st);
         }
-        // Guest time kept running here from the pause to now (the final pages went meanwhile):
-        // the saved TSCs and KVM clock say so, as if read now. A restore then moves them on by
-        // only what passes after the save ([`ClockPolicy::Advance`]), and the guest sees no
-        // stall but the state's transit.
-        let ran_ns = crate::devices::now_ns().saturating_sub(wide.read_ns);
         let clock = wide.clock.map(|c| ClockState {
             clock: self.guest_clock(&vcpus, c.clock, c.flags),
             flags: c.flags,
             realtime: c.realtime,
             host_tsc: c.host_tsc,
         });
-        let mut st = VmState {
+        let st = VmState {
             mem_size: self.mem_size(),
             pieces,
             vcpus,
@@ -1485,7 +1429,6 @@ impl Vm {
             saved_at_ns: wide.saved_at_ns,
             devices: wide.devices,
         };
-        st.advance_guest_time(ran_ns);
         Ok(st)
     }
 
@@ -1989,17 +1932,19 @@ mod tests {
         );
     }
 
-    /// The blackout's save reads the vCPUs and the VM-wide pieces as the vCPUs stop, then the
-    /// final pages go: the state it returns must tell the guest's time as of its end, or the
-    /// guest would lose the time the pages took on every migration.
+    /// The blackout saves the state, then the late pages (and `--verify`'s digest) go before it
+    /// leaves: [`VmState::advance_guest_time`] must step the saved guest time on by that, or
+    /// the guest would lose it on every migration.
     #[test]
     fn persist_save_counts_the_time_the_pages_took() {
         let mut vm = boot(1, Duration::from_millis(50));
         let caps = vm.persist_caps().unwrap();
-        let (_, saving) = vm.pause_and_begin_save(&caps).unwrap();
-        std::thread::sleep(Duration::from_millis(500)); // the final pages
-        let st = vm.finish_save(saving).unwrap();
-        // A transition takes the closures' stale Done events before the reference save.
+        vm.pause_all().unwrap();
+        let mut st = vm.save_state_with(&caps).unwrap();
+        let t_saved = crate::devices::now_ns();
+        std::thread::sleep(Duration::from_millis(500)); // the late pages, the digest
+        st.advance_guest_time(crate::devices::now_ns() - t_saved);
+        vm.resume_all().unwrap();
         vm.pause_all().unwrap();
         let now = vm.save_state_with(&caps).unwrap();
         let tsc = |s: &VmState| {

@@ -202,12 +202,6 @@ impl VcpuHandle {
         }
     }
 
-    /// Queues a command without kicking: the caller kicks once after queueing several.
-    pub fn queue(&self, cmd: Command) {
-        // A closed channel means the thread already exited; nothing to do.
-        let _ = self.commands.send(cmd);
-    }
-
     /// Forces the thread out of KVM_RUN so it reads its commands.
     pub fn kick(&self) {
         if let Some(t) = &self.thread {

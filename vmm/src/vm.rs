@@ -414,9 +414,7 @@ impl Vm {
 
     /// Starts (or restarts) every live vCPU and waits until all are back in the guest.
     pub fn resume_all(&mut self) -> Result<Transition, VmError> {
-        self.transition(Command::Resume, None, |e| {
-            matches!(e, Event::Resumed { .. })
-        })
+        self.transition(Command::Resume, |e| matches!(e, Event::Resumed { .. }))
     }
 
     /// The next vCPU event, busy-polled ([`recv_spinning`]).
@@ -426,31 +424,12 @@ impl Vm {
 
     /// Stops every live vCPU and waits until all are Paused.
     pub fn pause_all(&mut self) -> Result<Transition, VmError> {
-        self.transition(Command::Pause, None, |e| matches!(e, Event::Paused { .. }))
-    }
-
-    /// [`Vm::pause_all`], with a closure queued on each vCPU thread right behind its Pause: the
-    /// thread runs it as soon as it stops, with no second command and wake-up (the migration's
-    /// state save starts this way while its own thread sends the final pages). The closures'
-    /// `Done` events are not waited for here: the caller learns of their end its own way (a
-    /// channel). The next transition consumes them: a vCPU thread sends its `Done` before it
-    /// reads its next command, so the `Done` precedes that vCPU's next `Paused` or `Resumed`.
-    /// Callers therefore resume, pause or drop the VM before any [`Vm::with_vcpu`] or
-    /// [`Vm::with_each_vcpu`] (the migration, its calibration and the floor all do), which
-    /// would otherwise take the stale `Done` for its own.
-    pub fn pause_all_then(
-        &mut self,
-        then: &dyn Fn(u8) -> vcpu::VcpuFn,
-    ) -> Result<Transition, VmError> {
-        self.transition(Command::Pause, Some(then), |e| {
-            matches!(e, Event::Paused { .. })
-        })
+        self.transition(Command::Pause, |e| matches!(e, Event::Paused { .. }))
     }
 
     fn transition(
         &mut self,
         cmd: Command,
-        then: Option<&dyn Fn(u8) -> vcpu::VcpuFn>,
         is_ack: impl Fn(&Event) -> bool,
     ) -> Result<Transition, VmError> {
         let live = self.live();
@@ -461,14 +440,7 @@ impl Vm {
                 Command::Resume => Command::Resume,
                 _ => unreachable!("only pause and resume are transitions"),
             };
-            let v = &self.vcpus[i as usize];
-            // Both commands queued before the one kick: the thread finds the closure waiting
-            // when it stops.
-            v.queue(c);
-            if let Some(make) = then {
-                v.queue(Command::With(make(i)));
-            }
-            v.kick();
+            self.vcpus[i as usize].send(c);
         }
         let mut t = Transition {
             requested_ns,

@@ -321,11 +321,11 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let mut state_len = 0;
     let mut early = None;
     for _ in 0..3 {
-        // The blackout's own path: each vCPU's save queued behind its pause.
-        let (p, saving) = g.vm.pause_and_begin_save(&caps)?;
+        // The blackout's own path: pause every vCPU, then save.
+        let p = g.vm.pause_all()?;
         g.paused = true;
         let t0 = now_ns();
-        let (mut state, vcpu_save) = g.vm.finish_save_timed(saving)?;
+        let (mut state, vcpu_save) = g.vm.save_state_timed(&caps)?;
         vcpu_saves.push(vcpu_save);
         // The early state comes from the first pause (no extra stop for the guest); the
         // later ones time the blackout's save as it will be: whole save, strip, encode.
@@ -341,9 +341,9 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     tracing::debug!(
         "calibration pauses {pauses:?} saves {saves:?} (vCPU {vcpu_saves:?}) resumes {resumes:?} ns"
     );
-    // What of the save outlasts the pause (`save`: the vCPUs start saving as they stop), then
-    // the state's transfer, decode and restore on the destination: measured in the bench's
-    // phase tables at about twice the vCPUs' whole save (decode, restore ioctls).
+    // The save (with its strip and encode), then the state's transfer, decode and restore on
+    // the destination: measured in the bench's phase tables at about twice the vCPUs' whole
+    // save (decode, restore ioctls).
     let save = median(&mut saves);
     let vcpu_save = median(&mut vcpu_saves);
     let calibrated = median(&mut pauses) + save + 2 * vcpu_save + median(&mut resumes);
@@ -613,10 +613,9 @@ fn stop_and_copy(
 
     // ---- Stop and copy: the blackout starts here. ----
     let mut ph = Phases::default();
-    // The state is saved after the final pages, as before `7319611`: with each vCPU saving the
-    // moment it stopped (`Vm::pause_and_begin_save`, kept for the calibration and the floor)
-    // a Linux guest came back from a soft-RoCE hop silent (twice, 2026-12-02, cause not found:
-    // see the README), which never happened in the CI runs before it.
+    // The state is saved after the final pages: with each vCPU saving the moment it stopped
+    // (`7319611`, withdrawn in `5e6043d`) a Linux guest came back from a soft-RoCE hop silent
+    // (twice, 2026-12-02, cause not found: see the README), which never happened without it.
     let pause = g.vm.pause_all()?;
     g.paused = true;
     // The guest stands still: nothing left to yield to (the last live round ran niced too).
