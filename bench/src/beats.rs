@@ -121,11 +121,13 @@ pub fn gaps(src: &[Instant], dst: &[Instant], start: Instant) -> Option<Gaps> {
     })
 }
 
-/// Where a migration's instants lie on CLOCK_MONOTONIC (ns): asked for, destination resumed
-/// (from the source's report), and the report received.
+/// Where a migration's instants lie on CLOCK_MONOTONIC (ns): asked for, source paused (0 when
+/// the VMM does not say), destination resumed (from the source's report), and the report
+/// received.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
     pub start_ns: u64,
+    pub pause_ns: u64,
     pub resume_ns: u64,
     pub end_ns: u64,
 }
@@ -144,6 +146,12 @@ pub struct Split {
     pub outside_ns: u64,
     /// (c) The largest gap between destination beats in the first 10 ms after resume.
     pub after_resume_ns: u64,
+    /// (a) in parts, where the pause is known: the last source beat → the pause request
+    /// (the guest's own beat spacing; none of it is blackout) ...
+    pub beat_to_pause_ns: Option<u64>,
+    /// ... and the destination's resume → its first beat (the guest running again, faulting
+    /// in its mappings, up to its next beat).
+    pub resume_to_beat_ns: u64,
 }
 
 /// The largest gap between consecutive `times` (sorted) whose later beat lies in `lo..=hi`.
@@ -168,6 +176,8 @@ pub fn split(src: &[u64], dst: &[u64], w: &Window) -> Option<Split> {
         inside_ns: first_dst.saturating_sub(last_src),
         outside_ns: largest_gap_in(src, w.start_ns, last_src).max(dst_after),
         after_resume_ns: largest_gap_in(dst, first_dst + 1, w.resume_ns + AFTER_RESUME_NS),
+        beat_to_pause_ns: (w.pause_ns > 0).then(|| w.pause_ns.saturating_sub(last_src)),
+        resume_to_beat_ns: first_dst - w.resume_ns,
     })
 }
 
@@ -177,10 +187,13 @@ pub fn split(src: &[u64], dst: &[u64], w: &Window) -> Option<Split> {
 pub fn split_port(inside_ns: u64, before_pause_ns: u64, dst: &[u64], w: &Window) -> Option<Split> {
     let first_dst = *dst.iter().find(|&&t| t >= w.resume_ns)?;
     let dst_after = largest_gap_in(dst, first_dst + 1, w.end_ns.max(first_dst));
+    let last_src = first_dst.saturating_sub(inside_ns);
     Some(Split {
         inside_ns,
         outside_ns: before_pause_ns.max(dst_after),
         after_resume_ns: largest_gap_in(dst, first_dst + 1, w.resume_ns + AFTER_RESUME_NS),
+        beat_to_pause_ns: (w.pause_ns > 0).then(|| w.pause_ns.saturating_sub(last_src)),
+        resume_to_beat_ns: first_dst - w.resume_ns,
     })
 }
 
@@ -213,6 +226,8 @@ pub struct SplitHists {
     pub inside: hdrhistogram::Histogram<u64>,
     pub outside: hdrhistogram::Histogram<u64>,
     pub after_resume: hdrhistogram::Histogram<u64>,
+    pub beat_to_pause: hdrhistogram::Histogram<u64>,
+    pub resume_to_beat: hdrhistogram::Histogram<u64>,
 }
 
 impl SplitHists {
@@ -221,6 +236,8 @@ impl SplitHists {
             inside: crate::report::hist(),
             outside: crate::report::hist(),
             after_resume: crate::report::hist(),
+            beat_to_pause: crate::report::hist(),
+            resume_to_beat: crate::report::hist(),
         }
     }
 
@@ -228,6 +245,10 @@ impl SplitHists {
         self.inside.saturating_record(s.inside_ns);
         self.outside.saturating_record(s.outside_ns);
         self.after_resume.saturating_record(s.after_resume_ns);
+        if let Some(b) = s.beat_to_pause_ns {
+            self.beat_to_pause.saturating_record(b);
+        }
+        self.resume_to_beat.saturating_record(s.resume_to_beat_ns);
     }
 
     pub fn json(&self, period_us: u64) -> serde_json::Value {
@@ -237,6 +258,8 @@ impl SplitHists {
             "inside_blackout_ns": summary(&self.inside),
             "outside_blackout_ns": summary(&self.outside),
             "first_10ms_after_resume_ns": summary(&self.after_resume),
+            "inside_last_beat_to_pause_ns": summary(&self.beat_to_pause),
+            "inside_resume_to_first_beat_ns": summary(&self.resume_to_beat),
         })
     }
 
@@ -252,8 +275,17 @@ impl SplitHists {
                 crate::report::us(h.max())
             )
         };
+        let parts = if self.beat_to_pause.is_empty() {
+            format!("resume to first beat {}", pm(&self.resume_to_beat))
+        } else {
+            format!(
+                "last beat to pause {}, resume to first beat {}",
+                pm(&self.beat_to_pause),
+                pm(&self.resume_to_beat)
+            )
+        };
         format!(
-            "  gaps  | {what} beat {period_us} us, p50/max us: inside blackout {} | outside {} | first 10 ms after resume {}",
+            "  gaps  | {what} beat {period_us} us, p50/max us: inside blackout {} ({parts}) | outside {} | first 10 ms after resume {}",
             pm(&self.inside),
             pm(&self.outside),
             pm(&self.after_resume)
@@ -278,6 +310,7 @@ mod tests {
         .to_vec();
         let w = Window {
             start_ns: us(500),
+            pause_ns: us(3000),
             resume_ns: us(3500),
             end_ns: us(4500),
         };
@@ -287,9 +320,13 @@ mod tests {
             Split {
                 inside_ns: us(3520 - 2900),
                 outside_ns: us(400),
-                after_resume_ns: us(300)
+                after_resume_ns: us(300),
+                beat_to_pause_ns: Some(us(100)),
+                resume_to_beat_ns: us(20),
             }
         );
+        let unknown = Window { pause_ns: 0, ..w };
+        assert_eq!(split(&src, &dst, &unknown).unwrap().beat_to_pause_ns, None);
         // The 10 ms window ends at 13500: the 15500 us gap to 20000 is outside it.
         assert_eq!(split(&src, &[], &w), None);
         let p = split_port(us(620), us(400), &dst, &w).unwrap();

@@ -1138,6 +1138,7 @@ fn gap_split(r: &Report, src: &Proc, rx: &Proc) -> Option<beats::Split> {
     }
     let w = beats::Window {
         start_ns: r.t_start_ns,
+        pause_ns: r.t_pause_ns,
         resume_ns: r.t_resume_ns,
         end_ns: r.t_start_ns + r.total_ns,
     };

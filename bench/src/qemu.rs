@@ -342,8 +342,10 @@ fn gap_split(src: &Beats, dst: &Beats, asked: Instant, completed: u64) -> Option
         beats::mono_ns(&dst.snapshot()),
     );
     let first_dst = *d.iter().find(|&&t| t >= start_ns)?;
+    // No pause instant either: (a) is not split for QEMU.
     let w = beats::Window {
         start_ns,
+        pause_ns: 0,
         resume_ns: first_dst,
         end_ns: completed.max(first_dst),
     };
