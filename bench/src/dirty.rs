@@ -250,8 +250,8 @@ pub fn loopback_tcp_bandwidth(total: usize, tries: u32) -> Result<f64, String> {
 /// The final-pages path as the source runs it ([`blip_vmm::migration::link::send_batches`]:
 /// copy out of guest memory, a CRC and a vectored write per frame of `frame_pages` pages)
 /// into a loopback TCP connection whose reader decodes frames as the destination does
-/// (`read_message`, each frame's pages read from the socket into pre-faulted memory). Timed from the call to
-/// the moment the reader has the last page: bytes per second.
+/// (`read_message`, each frame's pages read from the socket into pre-faulted memory). Timed
+/// from the call to the moment the reader has the last page: bytes per second.
 ///
 /// `backlog` pages of a last live round (Pages frames of up to 256 pages) are written first.
 /// With `barrier` the timing starts only after the reader consumed them (what the last live

@@ -10,11 +10,11 @@
 //! What: [`measure`] runs, in one process and with no network, exactly the blackout's state
 //! path of a migration: [`Vm::pause_all`] on a running source, then [`Vm::save_state_with`]
 //! with capabilities probed before (as the source's calibration does), the early state
-//! stripped ([`persist::VmState::strip_early`]) and [`persist::encode`], then [`persist::decode`],
-//! [`persist::VmState::merge_early`] and [`Vm::restore_state_after`] (the destination's clock policy)
-//! into a second VM prepared beforehand (blank, same platform, the early state applied with
-//! [`Vm::apply_early`], as the destination does before the first round), then
-//! [`Vm::resume_all`] on it. The destination VM maps the source's guest memory
+//! stripped ([`persist::VmState::strip_early`]) and [`persist::encode`], then
+//! [`persist::decode`], [`persist::VmState::merge_early`] and [`Vm::restore_state_after`] (the
+//! destination's clock policy) into a second VM prepared beforehand (blank, same platform, the
+//! early state applied with [`Vm::apply_early`], as the destination does before the first
+//! round), then [`Vm::resume_all`] on it. The destination VM maps the source's guest memory
 //! (both KVM VMs register the same host mapping), which stands for "every page has arrived":
 //! nothing is copied, so the floor holds no page traffic. Each repetition hands the guest on
 //! (the destination becomes the next source), as a chain of migrations does. The functions are

@@ -580,8 +580,9 @@ impl SourceLink {
     }
 
     /// The final pages (guest paused). TCP: PageBatch frames of [`FINAL_FRAME_BYTES`] (the
-    /// last one shorter), on the control stream. RDMA: zero copy from guest memory, then the final mark on the same queue
-    /// pair; not waited for here (the state goes out while they fly). Returns pages sent.
+    /// last one shorter), on the control stream. RDMA: zero copy from guest memory, then the
+    /// final mark on the same queue pair; not waited for here (the state goes out while they
+    /// fly). Returns pages sent.
     pub fn final_pages(
         &mut self,
         mem: &GuestMem,
@@ -967,7 +968,7 @@ pub fn prefaulted(len: usize) -> Vec<u8> {
     v
 }
 
-/// Sends `runs` (guest paused) as PageBatch frames of about [`FINAL_FRAME_BYTES`] each: the
+/// Sends `runs` (guest paused) as PageBatch frames of [`FINAL_FRAME_BYTES`] each: the
 /// destination reads, checks and places one frame while this thread copies the next. Returns
 /// pages sent. Public for `blip-bench`, which times this path against raw loopback TCP.
 pub fn send_batches(
