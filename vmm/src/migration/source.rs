@@ -36,7 +36,7 @@ use crate::devices::now_ns;
 use crate::dirty::Rates;
 use crate::memory::{digest, PAGE_SIZE};
 use crate::persist::{self, Caps, EarlyState};
-use crate::vcpu::{Throttle, THROTTLE_PERIOD};
+use crate::vcpu::{Throttle, MAX_THROTTLE_PERCENT, THROTTLE_PERIOD};
 use crate::vm::Vm;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -798,11 +798,11 @@ impl Throttler {
                     for t in &h {
                         t.kick();
                     }
-                    // Nobody throttled: look again ten periods on, not every period (each
-                    // wake-up interrupts a vCPU on a shared CPU).
+                    // Nobody throttled: look again in 20 ms, not every period (each wake-up
+                    // interrupts a vCPU on a shared CPU).
                     let idle = h.iter().all(|t| t.percent.load(Ordering::Relaxed) == 0);
                     std::thread::sleep(if idle {
-                        10 * THROTTLE_PERIOD
+                        std::time::Duration::from_millis(20)
                     } else {
                         THROTTLE_PERIOD
                     });
@@ -824,7 +824,8 @@ impl Throttler {
             let heavy = per_vcpu.get(i).is_none_or(|r| *r >= 0.9 * mean);
             if heavy {
                 let p = t.percent.load(Ordering::Relaxed);
-                t.percent.store((p + 20).min(90), Ordering::Relaxed);
+                t.percent
+                    .store((p + 20).min(MAX_THROTTLE_PERCENT), Ordering::Relaxed);
             }
         }
     }
