@@ -156,6 +156,11 @@ impl Heartbeats {
             .collect()
     }
 
+    /// The first beat at or after `since_ns`.
+    pub fn first_since(&self, since_ns: u64) -> Option<Beat> {
+        self.ring.iter().find(|b| b.t_ns >= since_ns).copied()
+    }
+
     /// The largest gap between consecutive beats whose later beat lies in `from_ns..=to_ns`
     /// (the gap into the window's first beat counts), and when it began. None with fewer than
     /// two beats to compare.
@@ -575,6 +580,11 @@ mod tests {
             });
         }
         assert_eq!(h.times_since(1000), [1000, 1100, 3000]);
+        assert_eq!(
+            h.first_since(950).map(|b| (b.counter, b.t_ns)),
+            Some((3, 1000))
+        );
+        assert_eq!(h.first_since(3001), None);
         assert_eq!(h.largest_gap(150, 1000), Some((700, 200)));
     }
 

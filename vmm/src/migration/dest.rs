@@ -713,14 +713,21 @@ impl Receiver<'_> {
         self.link = None;
         // Guests that beat through the heartbeat port do so within their period; others
         // (no heartbeat, or `via=serial`) get a "none" after half a second. The beat's time
-        // is the device's, so a coarse look costs no precision.
+        // is the device's, so a coarse look costs no precision, provided the beat reported is
+        // the *first* since the resume: the latest one (what this sent until 2026-12-03) came
+        // up to a look (1 ms and more) later and made the guest's gap across the blackout
+        // look 1 ms longer than it was.
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut beat = (0, 0);
         while Instant::now() < deadline {
-            let hb = vm.devices().heartbeats.lock().map(|h| (h.total, h.last()));
-            if let Ok((total, Some(last))) = hb {
+            let hb = vm
+                .devices()
+                .heartbeats
+                .lock()
+                .map(|h| (h.total, h.first_since(t.requested_ns)));
+            if let Ok((total, Some(first))) = hb {
                 if total > beats_before {
-                    beat = (last.counter, last.t_ns);
+                    beat = (first.counter, first.t_ns);
                     break;
                 }
             }
