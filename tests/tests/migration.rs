@@ -369,6 +369,44 @@ fn report_counts_rounds_and_the_exit_status_follows_the_target() {
     b.assert_alive_then_check();
 }
 
+/// Fixed costs that alone miss the target are measured again while pre-copy waits (a
+/// calibration taken in a busy moment used to hold pre-copy to its limit), a bounded number of
+/// times: a target no host can meet ends at `--max-precopy-time` as before, and the guest moves.
+#[test]
+fn fixed_costs_that_alone_miss_the_target_are_measured_again_a_bounded_number_of_times() {
+    let dir = scratch("mig-remeasure");
+    let mut a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    let o = migrate(
+        &a,
+        &url,
+        &[
+            "--max-blackout",
+            "1ns",
+            // Long enough for round 0 of a debug build on a loaded host and a measurement
+            // after it; the cap (4) bounds the count whatever the time.
+            "--max-precopy-time",
+            "10s",
+            "--on-timeout",
+            "go",
+        ],
+    );
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
+    assert_eq!(o.status.code(), Some(5), "target missed: {r}");
+    let n = r["fixed_remeasured"].as_u64().unwrap();
+    assert!((1..=4).contains(&n), "measured again {n} times: {r}");
+    assert!(
+        r["stop_reason"]
+            .as_str()
+            .unwrap()
+            .contains("max-precopy-time reached"),
+        "{r}"
+    );
+    assert_eq!(a.wait(), Some(0), "the source hands over: {}", a.stderr());
+    b.wait_api();
+    b.assert_alive_then_check();
+}
+
 #[test]
 fn migrates_between_network_namespaces_over_veth() {
     let (_guard, na, nb, _va, _vb) = veth_pair("A", 77);

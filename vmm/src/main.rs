@@ -886,6 +886,12 @@ pub fn render_report(r: &Report) -> String {
         us(r.predicted_blackout_ns),
         r.stop_reason
     ));
+    if r.fixed_remeasured > 0 {
+        s.push_str(&format!(
+            "  fixed costs measured again {} time(s): alone they had kept the prediction above the target\n",
+            r.fixed_remeasured
+        ));
+    }
     if let Some(v) = target_verdict(r) {
         s.push_str(&format!(
             "  {v}

@@ -232,6 +232,25 @@ impl Controller {
         self.predicted_ns
     }
 
+    /// The blackout's fixed costs this controller predicts with (nanoseconds).
+    pub fn fixed_ns(&self) -> u64 {
+        self.fixed_ns
+    }
+
+    /// Do the fixed costs and the two round trips alone already miss the target? Then no
+    /// round can help, and only a new measurement of those costs can (one taken while the
+    /// host was briefly busy holds pre-copy to its time limit otherwise).
+    pub fn fixed_alone_misses(&self) -> bool {
+        self.predict(0, 0.0) > self.limits.target_ns
+    }
+
+    /// Takes a new measurement of the fixed costs: the lower of the two stands (a busy host
+    /// only ever makes the same ioctls slower, never faster). The next round's prediction
+    /// uses it.
+    pub fn remeasured_fixed(&mut self, fixed_ns: u64) {
+        self.fixed_ns = self.fixed_ns.min(fixed_ns);
+    }
+
     /// The link bandwidth in bytes per second (the default until measured).
     pub fn bandwidth(&self) -> f64 {
         self.bandwidth.unwrap_or(DEFAULT_BANDWIDTH)
@@ -477,6 +496,28 @@ mod tests {
         assert!(matches!(c.after_round(&r), Decision::Stop(_)));
         assert_eq!(c.hold_ns(), 0);
         assert_eq!(c.held_rounds(), 0);
+    }
+
+    #[test]
+    fn fixed_costs_measured_again_lower_let_pre_copy_stop() {
+        // Calibrated while the host was busy: 2.8 ms of fixed costs against a 1 ms target.
+        let mut c = Controller::new(limits(MS, OnTimeout::Go), 2_800_000);
+        let r = round(5, 10, 10, 2_000.0, 500 * MS);
+        assert!(matches!(
+            c.after_round(&r),
+            Decision::Continue | Decision::Throttle
+        ));
+        assert!(c.fixed_alone_misses());
+        // A higher measurement does not raise them; a lower one stands.
+        c.remeasured_fixed(3_000_000);
+        assert_eq!(c.fixed_ns(), 2_800_000);
+        c.remeasured_fixed(400_000);
+        assert_eq!(c.fixed_ns(), 400_000);
+        assert!(!c.fixed_alone_misses());
+        assert!(matches!(
+            c.after_round(&round(6, 10, 10, 2_000.0, 600 * MS)),
+            Decision::Stop(StopReason::WithinTarget { .. })
+        ));
     }
 
     #[test]

@@ -338,6 +338,10 @@ pub struct Report {
     pub state_bytes: u64,
     /// Why the pre-copy stopped.
     pub stop_reason: String,
+    /// How often pre-copy measured the blackout's fixed costs again because they alone kept
+    /// the prediction above the target (see `source::recalibrate`).
+    #[serde(default)]
+    pub fixed_remeasured: u32,
     /// The blackout target (`--max-blackout`), in nanoseconds.
     #[serde(default)]
     pub target_ns: u64,

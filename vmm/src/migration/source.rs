@@ -264,6 +264,8 @@ fn run(
         t_start,
         running,
         throttler: &throttler,
+        caps: &cal.caps,
+        early: &cal.early,
     };
     pre.run(g, &mut link, &mut ctl, &mut report, progress)?;
     let h = stop_and_copy(
@@ -309,23 +311,40 @@ struct Calibration {
     early: EarlyState,
 }
 
-/// Measures the fixed costs of a blackout: three short pause → state save → resume cycles,
-/// each as the blackout will do it (a save of a *running* vCPU waits for its next exit, which
-/// under a busy guest takes milliseconds and made the prediction 10–50× the blackout). Each
-/// cost is the median of its three samples, so one preempted sample does not hold pre-copy
-/// open to its time limit. The guest sees three gaps of about a blackout's fixed cost.
+/// Measures the fixed costs of a blackout ([`fixed_costs`]) and takes the early state and the
+/// persist capabilities on the way.
 fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let caps = g.vm.persist_caps()?;
+    let mut early = None;
+    let (fixed_ns, state_len) = fixed_costs(g, &caps, &mut early)?;
+    Ok(Calibration {
+        caps,
+        fixed_ns,
+        state_len,
+        early: early.unwrap_or_default(),
+    })
+}
+
+/// Three short pause → state save → resume cycles, each as the blackout will do it (a save of
+/// a *running* vCPU waits for its next exit, which under a busy guest takes milliseconds and
+/// made the prediction 10–50× the blackout). Each cost is the median of its three samples, so
+/// one preempted sample does not hold pre-copy open to its time limit. The guest sees three
+/// gaps of about a blackout's fixed cost. Returns the fixed costs and the encoded size of the
+/// blackout's state; `early` is taken from the first pause unless it is already there.
+fn fixed_costs(
+    g: &mut Rollback,
+    caps: &Caps,
+    early: &mut Option<EarlyState>,
+) -> Result<(u64, u64), MigrationError> {
     let (mut saves, mut pauses, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
     let mut vcpu_saves = Vec::new();
     let mut state_len = 0;
-    let mut early = None;
     for _ in 0..3 {
         // The blackout's own path: pause every vCPU, then save.
         let p = g.vm.pause_all()?;
         g.paused = true;
         let t0 = now_ns();
-        let (mut state, vcpu_save) = g.vm.save_state_timed(&caps)?;
+        let (mut state, vcpu_save) = g.vm.save_state_timed(caps)?;
         vcpu_saves.push(vcpu_save);
         // The early state comes from the first pause (no extra stop for the guest); the
         // later ones time the blackout's save as it will be: whole save, strip, encode.
@@ -351,14 +370,20 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     // just left a busy guest, the sender and collector threads just ran): in one-host runs
     // here the blackout's pause, save, restore and resume took 1.3-2.2x their calibrated
     // medians. Predicting with the middle of that keeps the prediction within 2x both ways.
-    let fixed_ns = calibrated * COLD_FACTOR_PERCENT / 100;
-    Ok(Calibration {
-        caps,
-        fixed_ns,
-        state_len,
-        early: early.unwrap_or_default(),
-    })
+    Ok((calibrated * COLD_FACTOR_PERCENT / 100, state_len))
 }
+
+/// The fixed costs are measured again (at most this often, at most [`MAX_REMEASURES`] times)
+/// while they alone keep the prediction above the target. A calibration taken while the host
+/// was busy for a moment (the bench's previous source tearing down, a receiver starting) read
+/// 3-5x the blackout's real fixed costs, and pre-copy then ran to its 30 s limit although the
+/// blackout, when it came, was 0.6-0.7 ms against a 1 ms target: 3 of 10 2-vCPU migrations in
+/// one bench run (2026-12-03).
+const REMEASURE_EVERY_NS: u64 = 500_000_000;
+
+/// See [`REMEASURE_EVERY_NS`]: a target the host truly cannot meet costs the guest at most this
+/// many more sets of three short pauses.
+const MAX_REMEASURES: u32 = 4;
 
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
@@ -400,6 +425,8 @@ struct Precopy<'a> {
     t_start: u64,
     running: &'a Running,
     throttler: &'a Throttler,
+    caps: &'a Caps,
+    early: &'a EarlyState,
 }
 
 impl Precopy<'_> {
@@ -424,6 +451,7 @@ impl Precopy<'_> {
         let mut rates = Rates::default();
         rates.update(&g.vm.tracker().per_vcpu_harvested(), now_ns());
         let mut last_progress = 0u64;
+        let mut last_measured = self.t_start;
         // What the last round end said, repeated by the reports from inside a round.
         let mut known = (0u64, 0.0f64, 0.0f64, 0u64);
         for round in 0.. {
@@ -481,7 +509,24 @@ impl Precopy<'_> {
             record(report, rr);
             match decision {
                 Decision::Continue | Decision::Throttle => {
-                    std::thread::sleep(Duration::from_nanos(ctl.hold_ns()))
+                    if ctl.fixed_alone_misses()
+                        && report.fixed_remeasured < MAX_REMEASURES
+                        && now_ns() - last_measured >= REMEASURE_EVERY_NS
+                    {
+                        let before = ctl.fixed_ns();
+                        let (fixed, _) = fixed_costs(g, self.caps, &mut Some(self.early.clone()))?;
+                        ctl.remeasured_fixed(fixed);
+                        report.fixed_remeasured += 1;
+                        last_measured = now_ns();
+                        tracing::info!(
+                            "the blackout's fixed costs alone missed the target: measured again, \
+                             {} us (was {} us)",
+                            fixed / 1000,
+                            before / 1000
+                        );
+                    } else {
+                        std::thread::sleep(Duration::from_nanos(ctl.hold_ns()))
+                    }
                 }
                 Decision::Stop(reason) => {
                     report.predicted_blackout_ns = ctl.predicted_ns();
