@@ -109,7 +109,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "api")]
     via: migrate::Via,
     /// `--precopy-nice` of the migrate matrix's migrations (0 to 19): the nice value of the
-    /// source's migration threads until the pause, so the guest's vCPUs win the CPUs they share.
+    /// source's migration threads until the pause and of the receivers' stream readers, so
+    /// the guest's vCPUs win the CPUs they share with both.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
     precopy_nice: u8,
     /// Working sets (MiB) of the dirty scenario.

@@ -408,6 +408,7 @@ fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), 
         Some(ip) => format!("rdma://{}", std::net::SocketAddr::new(ip, 0)),
         None => "tcp://127.0.0.1:0".to_string(),
     };
+    let nice = s.precopy_nice.to_string();
     let (p, lines) = Proc::spawn(
         &s.bin,
         &s.scratch,
@@ -420,6 +421,8 @@ fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), 
             key,
             "--dirty-tracking",
             c.tracker(),
+            "--precopy-nice",
+            &nice,
         ],
         c.serial,
     )?;

@@ -225,17 +225,29 @@ fn thread_nices(pid: u32) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// The nice value of a process's main thread.
+fn main_thread_nice(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
 /// `--precopy-nice 19`: while pre-copy runs, the migration's threads (here the dirty
-/// collector, started by the migration) run at nice 19 and the vCPUs keep theirs; the guest
-/// then moves and checks out.
+/// collector, started by the migration) run at nice 19 and the vCPUs keep theirs; on the
+/// destination (`blip receive --precopy-nice 19`) the stream readers run at 19 and the control
+/// thread, which carries the blackout, keeps its own. The guest then moves and checks out.
 #[test]
 fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
     let dir = scratch("mig-nice");
     let a = source(&dir, "a");
-    let (mut b, url) = receiver(&dir, "b", &[]);
+    let (mut b, url) = receiver_with(&dir, "b", &["--precopy-nice", "19"], &[]);
     first_heartbeat(&a);
-    let pid = a.child.id();
-    let (o, seen) = std::thread::scope(|s| {
+    let (pid, dest_pid) = (a.child.id(), b.child.id());
+    let (o, seen, dest_seen) = std::thread::scope(|s| {
         // A target no migration meets keeps it in pre-copy for its whole 3 s.
         let m = s.spawn(|| {
             migrate(
@@ -253,22 +265,32 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
         });
         let start = std::time::Instant::now();
         let seen = loop {
-            let t = thread_nices(pid);
-            if t.iter().any(|(c, n)| c == "dirty-collector" && *n == 19) {
-                break t;
+            let (t, d) = (thread_nices(pid), thread_nices(dest_pid));
+            if t.iter().any(|(c, n)| c == "dirty-collector" && *n == 19)
+                && d.iter().any(|(c, n)| c == "mig-recv0" && *n == 19)
+            {
+                // Pre-copy still runs (3 s of it): the destination's main thread reads the
+                // control stream, which carries the blackout, and keeps its own value.
+                break (t, d, main_thread_nice(dest_pid));
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60) && !m.is_finished(),
-                "no migration thread at nice 19: {t:?}"
+                "no migration thread at nice 19: source {t:?}, destination {d:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        (m.join().unwrap(), seen)
+        (m.join().unwrap(), seen.0, (seen.1, seen.2))
     });
     let vcpus: Vec<_> = seen.iter().filter(|(c, _)| c.starts_with("vcpu")).collect();
     assert!(
         !vcpus.is_empty() && vcpus.iter().all(|(_, n)| *n == 0),
         "{seen:?}"
+    );
+    assert_eq!(
+        dest_seen.1,
+        Some(0),
+        "destination threads: {:?}",
+        dest_seen.0
     );
     report(&o);
     let mut a = a;

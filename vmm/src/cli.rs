@@ -213,6 +213,12 @@ pub struct ReceiveArgs {
     /// Accept sources only from this network (repeatable; e.g. 10.0.0.0/8). Default: any.
     #[arg(long, value_name = "CIDR")]
     pub allow: Vec<crate::migration::dest::Cidr>,
+    /// Nice value (0 to 19) of the threads that read pre-copy's data streams. Where they share
+    /// CPUs with running guests (this host's others, or the source's own guest on a one-host
+    /// test), a high value lets those guests run first; pre-copy may take longer. The blackout
+    /// (final pages, state, restore) is never niced.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub precopy_nice: u8,
 }
 
 /// Where the default shared migration key lives.

@@ -529,6 +529,7 @@ fn receive(a: ReceiveArgs) -> Result<i32, Failure> {
         rdma,
         premade,
         stop: Some(&STOP),
+        precopy_nice: a.precopy_nice,
     };
     let migration_log = blip_vmm::logging::migration_span().entered();
     let (vm, inc) = match dest::receive(&listener, cfg) {

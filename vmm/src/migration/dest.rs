@@ -45,6 +45,8 @@ pub struct ReceiveConfig {
     pub stop: Option<&'static std::sync::atomic::AtomicBool>,
     /// Mutual TLS required on the control connection and the data streams (`--tls-*`).
     pub tls: Option<Tls>,
+    /// Nice value of the data streams' reader threads (`--precopy-nice`; 0 = as this one).
+    pub precopy_nice: u8,
 }
 
 /// Guest memory a destination prepared before any peer connected, and its RDMA registration
@@ -402,18 +404,25 @@ fn receive_on(
             tracing::info!("blip: receiving by RDMA WRITE on {}", c.port);
             DestLink::Rdma(c)
         }
-        None => DestLink::tcp(
-            listener,
-            &session,
-            offer.streams,
-            &mem,
-            Gate {
-                allow: &cfg.allow,
-                tls: cfg.tls.as_ref(),
-            },
-            control,
-            &progress,
-        )?,
+        None => {
+            // The stream readers start while this thread runs niced, and keep that value (a
+            // new thread inherits its creator's); this thread takes its own back at once.
+            let niced = crate::vcpu::Nice::set(cfg.precopy_nice, "--precopy-nice");
+            let link = DestLink::tcp(
+                listener,
+                &session,
+                offer.streams,
+                &mem,
+                Gate {
+                    allow: &cfg.allow,
+                    tls: cfg.tls.as_ref(),
+                },
+                control,
+                &progress,
+            )?;
+            drop(niced);
+            link
+        }
     };
     let mut r = Receiver {
         control,
