@@ -345,15 +345,18 @@ fn fixed_costs(
         g.paused = true;
         let t0 = now_ns();
         let (mut state, vcpu_save) = g.vm.save_state_timed(caps)?;
+        let saved = now_ns() - t0;
         vcpu_saves.push(vcpu_save);
-        // The early state comes from the first pause (no extra stop for the guest); the
-        // later ones time the blackout's save as it will be: whole save, strip, encode.
+        let r = g.vm.resume_all()?;
+        g.paused = false;
+        // The early state comes from the first pause (no extra stop for the guest); every
+        // sample times the blackout's save as it will be: whole save, strip, encode. The strip
+        // and encode work on the copy, so the guest runs again while they are timed.
+        let t1 = now_ns();
         let early = early.get_or_insert_with(|| EarlyState::of(&state));
         state.strip_early(early);
         state_len = persist::encode(&state)?.len() as u64;
-        saves.push(now_ns() - t0);
-        let r = g.vm.resume_all()?;
-        g.paused = false;
+        saves.push(saved + now_ns() - t1);
         pauses.push(p.last_ns - p.requested_ns);
         resumes.push(r.first_ns.saturating_sub(r.requested_ns));
     }
