@@ -266,16 +266,20 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
         let start = std::time::Instant::now();
         let seen = loop {
             let (t, d) = (thread_nices(pid), thread_nices(dest_pid));
+            // The destination's main thread is niced only while it starts the stream readers
+            // (they inherit it), then reads the control stream, which carries the blackout, at
+            // its own value for the rest of pre-copy (3 s of it).
+            let main = main_thread_nice(dest_pid);
             if t.iter().any(|(c, n)| c == "dirty-collector" && *n == 19)
                 && d.iter().any(|(c, n)| c == "mig-recv0" && *n == 19)
+                && main == Some(0)
             {
-                // Pre-copy still runs (3 s of it): the destination's main thread reads the
-                // control stream, which carries the blackout, and keeps its own value.
-                break (t, d, main_thread_nice(dest_pid));
+                break (t, d, main);
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60) && !m.is_finished(),
-                "no migration thread at nice 19: source {t:?}, destination {d:?}"
+                "no migration thread at nice 19 (and the destination's main thread at 0, \
+                 {main:?}): source {t:?}, destination {d:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
         };
