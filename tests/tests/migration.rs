@@ -208,6 +208,15 @@ fn hop(
     (next, hb, r)
 }
 
+/// (name, nice value) of one thread, from its `/proc/.../stat` file.
+fn task_nice(stat_path: &std::path::Path) -> Option<(String, i64)> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // pid (comm) state ppid ... : nice is the 19th field, the 17th after ") ".
+    let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+    let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+    Some((comm.to_string(), nice))
+}
+
 /// (name, nice value) of every thread of process `pid`.
 fn thread_nices(pid: u32) -> Vec<(String, i64)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -215,25 +224,13 @@ fn thread_nices(pid: u32) -> Vec<(String, i64)> {
     };
     tasks
         .flatten()
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            // pid (comm) state ppid ... : nice is the 19th field, the 17th after ") ".
-            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-            let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
-            Some((comm.to_string(), nice))
-        })
+        .filter_map(|t| task_nice(&t.path().join("stat")))
         .collect()
 }
 
 /// The nice value of a process's main thread.
 fn main_thread_nice(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?
-        .1
-        .split_whitespace()
-        .nth(16)?
-        .parse()
-        .ok()
+    task_nice(format!("/proc/{pid}/task/{pid}/stat").as_ref()).map(|(_, nice)| nice)
 }
 
 /// `--precopy-nice 19`: while pre-copy runs, the migration's threads (here the dirty

@@ -339,7 +339,7 @@ pub struct Report {
     /// Why the pre-copy stopped.
     pub stop_reason: String,
     /// How often pre-copy measured the blackout's fixed costs again because they alone kept
-    /// the prediction above the target (see `source::recalibrate`).
+    /// the prediction above the target (see `source::REMEASURE_EVERY_NS`).
     #[serde(default)]
     pub fixed_remeasured: u32,
     /// The blackout target (`--max-blackout`), in nanoseconds.

@@ -850,7 +850,7 @@ impl Throttler {
                     // interrupts a vCPU on a shared CPU).
                     let idle = h.iter().all(|t| t.percent.load(Ordering::Relaxed) == 0);
                     std::thread::sleep(if idle {
-                        std::time::Duration::from_millis(20)
+                        Duration::from_millis(20)
                     } else {
                         THROTTLE_PERIOD
                     });
