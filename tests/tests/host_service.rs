@@ -245,8 +245,9 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     run_guest(&a, &run_a, "two");
     // Both at once to a host that takes one at a time: one moves, the other is refused busy
     // and keeps running here. A target no migration can meet keeps the first incoming (and
-    // visible as migrating on A) for its whole 3 s pre-copy: with the default 1 ms target a
-    // quiet machine converged in a round or two, and the drain ended before anyone looked.
+    // visible as migrating on A) for its whole 15 s pre-copy: with the default 1 ms target a
+    // quiet machine converged in a round or two, and the drain ended before anyone looked; with
+    // 3 s, CI run 62 (2026-12-03, tests running in parallel) still looked only after the end.
     let drain = {
         let (b_url, key, run_a) = (b_url.clone(), key.clone(), run_a.clone());
         std::thread::spawn(move || {
@@ -257,7 +258,7 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
                 "--parallel",
                 "2",
                 "--max-precopy-time",
-                "3s",
+                "15s",
                 "--max-blackout",
                 "1us",
                 "--key",
