@@ -315,6 +315,9 @@ struct Calibration {
 /// persist capabilities on the way.
 fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     let caps = g.vm.persist_caps()?;
+    // Reading the capabilities takes each vCPU out of the guest for a moment too: right before
+    // the first cycle, the two made one gap of 0.4-0.6 ms.
+    std::thread::sleep(CALIBRATION_SPACING);
     let mut early = None;
     let (fixed_ns, state_len) = fixed_costs(g, &caps, &mut early)?;
     Ok(Calibration {
@@ -329,7 +332,7 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
 /// a *running* vCPU waits for its next exit, which under a busy guest takes milliseconds and
 /// made the prediction 10–50× the blackout). Each cost is the median of its three samples, so
 /// one preempted sample does not hold pre-copy open to its time limit. The guest sees three
-/// gaps of about a blackout's fixed cost. Returns the fixed costs and the encoded size of the
+/// gaps of about a blackout's fixed cost each, 1 ms apart. Returns the fixed costs and the encoded size of the
 /// blackout's state; `early` is taken from the first pause unless it is already there.
 fn fixed_costs(
     g: &mut Rollback,
@@ -339,7 +342,13 @@ fn fixed_costs(
     let (mut saves, mut pauses, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
     let mut vcpu_saves = Vec::new();
     let mut state_len = 0;
-    for _ in 0..3 {
+    for cycle in 0..3 {
+        if cycle > 0 {
+            // Let the guest run between two cycles: back to back, the three pauses merged into
+            // one gap of 0.5-1.1 ms for the guest (it did not get to run between them), where
+            // one cycle alone costs it 0.27-0.37 ms.
+            std::thread::sleep(CALIBRATION_SPACING);
+        }
         // The blackout's own path: pause every vCPU, then save.
         let p = g.vm.pause_all()?;
         g.paused = true;
@@ -375,6 +384,9 @@ fn fixed_costs(
     // medians. Predicting with the middle of that keeps the prediction within 2x both ways.
     Ok((calibrated * COLD_FACTOR_PERCENT / 100, state_len))
 }
+
+/// How long the guest runs between two calibration cycles.
+const CALIBRATION_SPACING: Duration = Duration::from_millis(1);
 
 /// The fixed costs are measured again (at most this often, at most [`MAX_REMEASURES`] times)
 /// while they alone keep the prediction above the target. A calibration taken while the host
