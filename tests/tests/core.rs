@@ -211,6 +211,22 @@ fn bad_inputs_give_one_line_errors() {
         "--vcpus 1000 is out of range",
     );
     one_line_error(&run_blip(&["run", "--frobnicate"]), "--frobnicate");
+    // CPU lists: a CPU this process may not use (none has 1000 here), a malformed list.
+    one_line_error(
+        &run_blip(&["run", "--pin-vcpus", "1000"]),
+        "--pin-vcpus: host CPU 1000 is not one this process may use",
+    );
+    one_line_error(
+        &run_blip(&[
+            "receive",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--pin-vmm",
+            "0,1000",
+        ]),
+        "--pin-vmm: host CPU 1000",
+    );
+    one_line_error(&run_blip(&["run", "--pin-vmm", "3-1"]), "runs backwards");
     one_line_error(
         &run_blip(&["run", "--serial", "/nonexistent/dir/out"]),
         "cannot create serial output",

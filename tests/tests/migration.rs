@@ -300,6 +300,77 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
     b.assert_alive_then_check();
 }
 
+/// (name, host CPUs it may run on) of every thread of process `pid`, kernel workers (KVM's
+/// `kvm-*` threads run in the process but are placed by the kernel) left out.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some((comm.trim().to_string(), cpus.trim().to_string()))
+        })
+        .filter(|(c, _)| !c.starts_with("kvm-"))
+        .collect()
+}
+
+/// Every vCPU thread on `vcpus`, every other thread on `vmm`.
+fn assert_pinned(what: &str, pid: u32, vcpus: &str, vmm: &str) {
+    let seen = thread_cpus(pid);
+    assert!(
+        seen.iter().any(|(c, _)| c.starts_with("vcpu")),
+        "{what}: {seen:?}"
+    );
+    for (comm, cpus) in &seen {
+        let want = if comm.starts_with("vcpu") { vcpus } else { vmm };
+        assert_eq!(cpus, want, "{what}: thread {comm} of {seen:?}");
+    }
+}
+
+/// `--pin-vcpus` and `--pin-vmm` on both ends: the source's vCPUs run on one host CPU and
+/// every other thread (the migration's, started later, too) on another; the destination pins
+/// with its own flags (here the other way round), not the source's. The guest then moves and
+/// checks out.
+#[test]
+fn pinned_vcpus_and_vmm_threads_stay_on_their_cpus_across_a_migration() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The first and the last CPU this test may use (the same one on a 1-CPU machine).
+    let first = allowed.split([',', '-']).next().unwrap().to_string();
+    let last = allowed.rsplit([',', '-']).next().unwrap().to_string();
+    let dir = scratch("mig-pin");
+    let mut args = blip_tests::DIRTY_RUN.to_vec();
+    args.extend_from_slice(&[
+        "--serial",
+        "stdout",
+        "--pin-vcpus",
+        &first,
+        "--pin-vmm",
+        &last,
+    ]);
+    let mut a = Bg::start(&dir, "a", &args, &[]);
+    a.wait_api();
+    let (mut b, url) = receiver_with(&dir, "b", &["--pin-vcpus", &last, "--pin-vmm", &first], &[]);
+    first_heartbeat(&a);
+    assert_pinned("source", a.child.id(), &first, &last);
+    report(&migrate(&a, &url, &[]));
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
+    assert_pinned("destination", b.child.id(), &last, &first);
+    b.assert_alive_then_check();
+}
+
 /// `--max-bandwidth` paces pre-copy over all data streams together: no round moves more than
 /// the rate allows over its duration (plus the pacer's one piece and 10 ms of credit), where an
 /// unpaced round 0 of this guest moves its megabytes in tens of milliseconds. The guest then

@@ -163,6 +163,30 @@ impl DirtyArgs {
     }
 }
 
+/// Which host CPUs this blip's threads run on (see `blip_vmm::affinity`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PinArgs {
+    /// Host CPUs for the vCPUs (cpulist, e.g. 2-3): vCPU i runs only on the (i mod n)-th CPU
+    /// of the list. Default: any CPU.
+    #[arg(long, value_name = "CPUS", value_parser = crate::affinity::cpu_list_arg)]
+    pub pin_vcpus: Option<crate::affinity::CpuList>,
+    /// Host CPUs for every other thread of this blip (migration, dirty-ring collector, control
+    /// API), e.g. 0-1. Keeping them off the vCPUs' CPUs spares the guest the stalls they cause
+    /// when they share a core. Default: any CPU.
+    #[arg(long, value_name = "CPUS", value_parser = crate::affinity::cpu_list_arg)]
+    pub pin_vmm: Option<crate::affinity::CpuList>,
+}
+
+impl PinArgs {
+    /// As [`crate::affinity::Pinning`] wants it.
+    pub fn pinning(&self) -> crate::affinity::Pinning {
+        crate::affinity::Pinning {
+            vcpus: self.pin_vcpus.clone().map(|c| c.0).unwrap_or_default(),
+            vmm: self.pin_vmm.clone().map(|c| c.0).unwrap_or_default(),
+        }
+    }
+}
+
 /// `blip run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -170,6 +194,8 @@ pub struct RunArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub dirty: DirtyArgs,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Serve the control API (status, check, migrate) on this Unix socket (default: the
     /// guest's socket in the run directory, /run/blip/<name>.sock).
     #[arg(long, value_name = "SOCKET")]
@@ -199,6 +225,8 @@ pub struct ReceiveArgs {
     pub serial: Serial,
     #[command(flatten)]
     pub dirty: DirtyArgs,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Serve the control API on this Unix socket once the guest runs here (default: the
     /// guest's socket in the run directory).
     #[arg(long, value_name = "SOCKET")]
@@ -445,6 +473,8 @@ pub struct RestoreArgs {
     pub mem_backing: Backing,
     #[command(flatten)]
     pub dirty: DirtyArgs,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Serve the control API on this Unix socket (default: the guest's socket in the run
     /// directory).
     #[arg(long, value_name = "SOCKET")]

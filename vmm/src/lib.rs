@@ -3,6 +3,7 @@
 //! memory, the PVH loader, the three devices, and (in later modules) dirty tracking and the
 //! migration engine. See `docs/ARCHITECTURE.md` for the big picture.
 
+pub mod affinity;
 pub mod api;
 pub mod cli;
 pub mod cpu;

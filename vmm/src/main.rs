@@ -68,6 +68,16 @@ fn main() -> ExitCode {
         // SAFETY: setting a signal's disposition to SIG_IGN touches no memory.
         unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     }
+    let pin = match &cli.command {
+        Cmd::Run(a) => a.pin.pinning(),
+        Cmd::Receive(a) => a.pin.pinning(),
+        Cmd::Restore(a) => a.pin.pinning(),
+        _ => Default::default(),
+    };
+    if let Err(e) = pin.apply() {
+        blip_vmm::logging::error_line(&Failure::from(e).0);
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Cmd::Run(args) => run(&args),
         Cmd::Receive(args) => receive(args),

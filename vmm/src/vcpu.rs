@@ -148,6 +148,54 @@ pub fn set_thread_nice(nice: i32) -> std::io::Result<i32> {
     }
 }
 
+/// Pins thread `tid` (0: the calling thread) to `cpus` (see [`crate::affinity`]). Threads it
+/// starts afterwards inherit the set.
+pub fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `c` is below CPU_SETSIZE, so the bit lies inside the set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: the kernel reads `size_of::<cpu_set_t>()` bytes from a set that lives on our
+    // stack for the whole call.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The host CPUs the calling thread may run on.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most `size_of::<cpu_set_t>()` bytes into a set that lives on
+    // our stack for the whole call.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every `c` is below CPU_SETSIZE, so the bit lies inside the set.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// The thread ids of this process, now.
+pub fn process_threads() -> std::io::Result<Vec<libc::pid_t>> {
+    let mut tids = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = e?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    Ok(tids)
+}
+
 /// A thread's nice value raised for a while: the old one comes back on drop. Threads the
 /// holder starts meanwhile inherit the raised value.
 pub struct Nice(Option<i32>);
@@ -258,6 +306,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            crate::affinity::pin_this_vcpu(index);
             let mut runner = Runner {
                 index,
                 vcpu,
