@@ -98,6 +98,11 @@ struct Args {
     /// need; its interrupt and clock state travels in the blackout).
     #[arg(long, value_delimiter = ',', default_value = "minimal,pc")]
     migrate_platform: Vec<String>,
+    /// Thread placement of the migrate matrix: off (the kernel places every thread), on (every
+    /// blip runs with --pin-vcpus on the first CPUs and --pin-vmm on the rest; cells with no CPU
+    /// left for the VMM are skipped), e.g. off,on to compare them in one run.
+    #[arg(long, value_delimiter = ',', default_value = "off")]
+    migrate_pin: Vec<String>,
     /// Dirty trackers of the migrate matrix (ring, bitmap).
     #[arg(long, value_delimiter = ',', default_value = "ring")]
     migrate_tracker: Vec<String>,
@@ -301,6 +306,19 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
             other => return Err(format!("--migrate-platform {other}: use minimal or pc")),
         }
     }
+    let mut pins = Vec::new();
+    for p in &a.migrate_pin {
+        match p.as_str() {
+            "off" => pins.push(false),
+            "on" => pins.push(true),
+            other => return Err(format!("--migrate-pin {other}: use off or on")),
+        }
+    }
+    let allowed = if pins.contains(&true) {
+        blip_vmm::vcpu::allowed_cpus().map_err(|e| format!("cannot read this host's CPUs: {e}"))?
+    } else {
+        Vec::new()
+    };
     let dirty = migrate::Load::Dirty {
         ws_mib: 16,
         rate: 0,
@@ -345,12 +363,28 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
                     for &target_us in &a.max_blackout_us {
                         for &rdma in &transports {
                             for &pc in &platforms {
-                                let mut c = migrate::Cell::new(mem_mib, vcpus, load);
-                                c.bitmap = bitmap;
-                                c.target_us = target_us;
-                                c.rdma = rdma;
-                                c.pc = pc;
-                                v.push(c);
+                                for &pin in &pins {
+                                    let mut c = migrate::Cell::new(mem_mib, vcpus, load);
+                                    c.bitmap = bitmap;
+                                    c.target_us = target_us;
+                                    c.rdma = rdma;
+                                    c.pc = pc;
+                                    if pin {
+                                        c.pin = true;
+                                        if migrate::Pin::split(&allowed, vcpus).is_none() {
+                                            let note = format!(
+                                                "pinned {vcpus}-vCPU cells skipped: this host \
+                                                 has {} CPUs, none left for the VMM's threads",
+                                                allowed.len()
+                                            );
+                                            if !skipped.contains(&note) {
+                                                skipped.push(note);
+                                            }
+                                            continue;
+                                        }
+                                    }
+                                    v.push(c);
+                                }
                             }
                         }
                     }
@@ -359,8 +393,8 @@ fn migrate_cells(a: &Args) -> Result<(Vec<migrate::Cell>, Vec<String>), String> 
         }
     }
     let same = |c: &migrate::Cell| {
-        (c.mem_mib, c.vcpus, c.load, c.bitmap, c.pc, c.rdma)
-            == (64, 1, full.load, false, false, None)
+        (c.mem_mib, c.vcpus, c.load, c.bitmap, c.pc, c.rdma, c.pin)
+            == (64, 1, full.load, false, false, None, false)
     };
     if !v.iter().any(same) {
         v.push(full);

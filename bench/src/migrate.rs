@@ -107,6 +107,45 @@ pub struct Cell {
     /// `--platform pc` (in-kernel irqchip, PIT, kvmclock state: what a stock kernel needs)
     /// instead of the irqchip-less fast path: the state a real guest adds to the blackout.
     pub pc: bool,
+    /// Every blip of the cell runs with `--pin-vcpus` and `--pin-vmm` ([`Pin::of`]: the vCPUs
+    /// alone on their host CPUs, every other thread on the rest); false: threads go where the
+    /// kernel puts them.
+    pub pin: bool,
+}
+
+/// The host CPUs of a pinned cell (cpulists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub vcpus: String,
+    pub vmm: String,
+}
+
+impl Pin {
+    /// `vcpus` vCPUs on the first of `allowed`, the VMM's threads on the rest; `None` when no
+    /// CPU would be left for them.
+    pub fn split(allowed: &[usize], vcpus: u32) -> Option<Pin> {
+        let v = vcpus as usize;
+        (allowed.len() > v).then(|| Pin {
+            vcpus: blip_vmm::affinity::format_cpu_list(&allowed[..v]),
+            vmm: blip_vmm::affinity::format_cpu_list(&allowed[v..]),
+        })
+    }
+
+    /// The placement of cell `c` on this host (`None` for an unpinned cell).
+    pub fn of(c: &Cell) -> Option<Pin> {
+        if !c.pin {
+            return None;
+        }
+        Pin::split(&blip_vmm::vcpu::allowed_cpus().unwrap_or_default(), c.vcpus)
+    }
+
+    /// blip's arguments for cell `c`.
+    fn args(c: &Cell) -> Vec<String> {
+        match Pin::of(c) {
+            Some(p) => vec!["--pin-vcpus".into(), p.vcpus, "--pin-vmm".into(), p.vmm],
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Cell {
@@ -121,6 +160,7 @@ impl Cell {
             rdma: None,
             serial: false,
             pc: false,
+            pin: false,
         }
     }
 
@@ -187,6 +227,9 @@ impl Cell {
         }
         if self.pc {
             x.push_str(" pc");
+        }
+        if self.pin {
+            x.push_str(" pinned");
         }
         if self.target_us != 1000 {
             x.push_str(&format!(" target={}us", self.target_us));
@@ -409,23 +452,20 @@ fn spawn_receiver(s: &Settings, name: &str, c: &Cell) -> Result<(Proc, String), 
         None => "tcp://127.0.0.1:0".to_string(),
     };
     let nice = s.precopy_nice.to_string();
-    let (p, lines) = Proc::spawn(
-        &s.bin,
-        &s.scratch,
-        name,
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--key",
-            key,
-            "--dirty-tracking",
-            c.tracker(),
-            "--precopy-nice",
-            &nice,
-        ],
-        c.serial,
-    )?;
+    let pin = Pin::args(c);
+    let mut args = vec![
+        "receive",
+        "--listen",
+        &listen,
+        "--key",
+        key,
+        "--dirty-tracking",
+        c.tracker(),
+        "--precopy-nice",
+        &nice,
+    ];
+    args.extend(pin.iter().map(String::as_str));
+    let (p, lines) = Proc::spawn(&s.bin, &s.scratch, name, &args, c.serial)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -871,25 +911,24 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
     let started = Instant::now();
     let result = (|| -> Result<(String, u32, u32), String> {
         let prefix = format!("c{index}");
-        let (mut src, _) = Proc::spawn(
-            &s.bin,
-            &s.scratch,
-            &format!("{prefix}-0"),
-            &[
-                "run",
-                "--vcpus",
-                &c.vcpus.to_string(),
-                "--mem",
-                &format!("{}M", c.mem_mib),
-                "--cmdline",
-                &c.cmdline(),
-                "--dirty-tracking",
-                c.tracker(),
-                "--platform",
-                c.platform(),
-            ],
-            c.serial,
-        )?;
+        let (vcpus, mem, cmdline) = (c.vcpus.to_string(), format!("{}M", c.mem_mib), c.cmdline());
+        let pin = Pin::args(&c);
+        let mut args = vec![
+            "run",
+            "--vcpus",
+            &vcpus,
+            "--mem",
+            &mem,
+            "--cmdline",
+            &cmdline,
+            "--dirty-tracking",
+            c.tracker(),
+            "--platform",
+            c.platform(),
+        ];
+        args.extend(pin.iter().map(String::as_str));
+        let (mut src, _) =
+            Proc::spawn(&s.bin, &s.scratch, &format!("{prefix}-0"), &args, c.serial)?;
         src.wait_api()?;
         // Let the guest boot and reach its steady state (dirtying, beating).
         std::thread::sleep(Duration::from_millis(300));
@@ -1090,6 +1129,7 @@ pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Fl
         "cmdline": c.cmdline(),
         "dirty_tracking": c.tracker(),
         "platform": c.platform(),
+        "pinned": Pin::of(&c).map(|p| json!({"vcpus": p.vcpus, "vmm": p.vmm})),
         "transport": if c.rdma.is_some() { "rdma" } else { "tcp" },
         "target_us": c.target_us,
         "guest_blackout_method": if c.serial { "COM1 '*' beats timestamped by blip-bench (host CLOCK_MONOTONIC)" } else { "heartbeat port, timestamped by blip" },
