@@ -768,6 +768,30 @@ pub fn tls_certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) -> Vec<Vec<Str
         .collect()
 }
 
+/// Gives each of `names` (guests of the host whose run directory is `run`) a blackout target
+/// their pre-copy meets, as soon as each one's migration runs: the tests hold migrations in
+/// pre-copy with a target none meets and an hour's limit, look at what they want to see, then
+/// let them finish. In any order (a drain picks its own); hang guard 120 s.
+pub fn release_migrations(run: &std::path::Path, names: &[&str]) {
+    let mut left: Vec<&str> = names.to_vec();
+    let start = std::time::Instant::now();
+    while !left.is_empty() {
+        left.retain(|n| {
+            !blip(&["migrate", "--guest", n, "--set-max-blackout", "50ms"])
+                .env("BLIP_RUN_DIR", run)
+                .output()
+                .unwrap()
+                .status
+                .success()
+        });
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "never seen migrating: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{complete_line, WAITING};

@@ -144,11 +144,12 @@ fn drain_across_three_namespaces_with_strays_metrics_and_sigterm() {
                     &c_url,
                     "--verify",
                     "--json",
-                    // A target no migration meets: each runs its whole 2 s of pre-copy,
-                    // long enough to be seen migrating (with the default 1 ms a quiet machine
-                    // can converge before anyone looks).
+                    // A target no migration meets holds each in pre-copy until the test has
+                    // seen one migrating and the strays finish a round, then gives them one
+                    // they meet (with the default 1 ms a quiet machine can converge before
+                    // anyone looks; a time limit would be a window to miss).
                     "--max-precopy-time",
-                    "2s",
+                    "60min",
                     "--max-blackout",
                     "1us",
                     "--key",
@@ -188,6 +189,15 @@ fn drain_across_three_namespaces_with_strays_metrics_and_sigterm() {
         to.contains(&net.addrs[1]) || to.contains(&net.addrs[2]),
         "{seen}"
     );
+    // The strays knock while the drain runs: at least one round of them before it may end.
+    while rounds.load(Ordering::Relaxed) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120) && !strays.is_finished(),
+            "no stray round finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    blip_tests::release_migrations(&run_a, &NAMES);
 
     let o = drain.join().unwrap();
     stop.store(true, Ordering::Relaxed);

@@ -8,7 +8,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use blip_tests::{blip, host_cmd, host_service, key_file, scratch, wait_file_line, Bg, KillGuests};
+use blip_tests::{
+    blip, host_cmd, host_service, key_file, release_migrations, scratch, wait_file_line, Bg,
+    KillGuests,
+};
 
 use blip_tests::host_guest_names as guest_names;
 use blip_tests::host_run_guest as run_guest;
@@ -48,13 +51,13 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
                 &b_url,
                 "--parallel",
                 "1",
-                // A target no migration meets: each runs its whole 3 s of pre-copy, long
-                // enough to be seen migrating (a 1 ms target can converge on a quiet machine
-                // before anyone looks).
+                // A target no migration meets holds each in pre-copy until the test gives it
+                // another (`release_migrations`), after it has seen what it looks for: no window to miss
+                // (a 1 ms target can converge on a quiet machine before anyone looks).
                 "--max-blackout",
                 "1us",
                 "--max-precopy-time",
-                "3s",
+                "60min",
                 "--json",
                 "--api",
                 api.to_str().unwrap(),
@@ -92,6 +95,7 @@ fn drain_by_host_moves_three_guests_while_strays_knock() {
     let reason = wrong_key_peer(&b_url, Duration::from_secs(30)).unwrap();
     assert!(reason.contains("authentication failed"), "{reason}");
     b.wait_stderr("authentication failed");
+    release_migrations(&run_a, &["web-1", "web-2", "web-3"]);
 
     let o = drain.join().unwrap();
     let rows = json(&o);
@@ -243,11 +247,11 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     );
     run_guest(&a, &run_a, "one");
     run_guest(&a, &run_a, "two");
-    // Both at once to a host that takes one at a time: one is taken, the other is refused busy
-    // and keeps running here. A target no migration meets keeps the first in pre-copy (visible
-    // as migrating on A) until the test cancels it, after both events were seen: no window to
-    // miss (this test used to wait for a time-limited pre-copy to show, and under parallel
-    // test load looked only after the drain had ended: CI run 62).
+    // Both at once to a host that takes one at a time: one moves, the other is refused busy
+    // and keeps running here. A target no migration meets holds the first in pre-copy (visible
+    // as migrating on A) until the test gives it another, after both events were seen: no
+    // window to miss (this test used to wait for a time-limited pre-copy to show, and under
+    // parallel test load looked only after the drain had ended: CI run 62).
     let drain = {
         let (b_url, key, run_a) = (b_url.clone(), key.clone(), run_a.clone());
         std::thread::spawn(move || {
@@ -289,34 +293,24 @@ fn max_incoming_refuses_beyond_the_limit_with_busy() {
     };
     // B took the first and refused the second.
     b.wait_stderr("refused to prepare");
-    let o = blip(&["migrate", "--guest", &moving, "--cancel"])
-        .env("BLIP_RUN_DIR", &run_a)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    release_migrations(&run_a, &[&moving]);
     let o = drain.join().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("2 guest(s) still running here"), "{err}");
+    assert!(err.contains("1 guest(s) still running here"), "{err}");
     let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows[&moving]["state"], "migrated", "{rows}");
     let states: Vec<String> = ["one", "two"]
         .iter()
         .map(|n| rows[n]["state"].as_str().unwrap().to_string())
         .collect();
-    assert!(
-        rows[&moving]["state"]
-            .as_str()
-            .unwrap()
-            .contains("cancelled"),
-        "{rows}"
-    );
     assert!(
         states
             .iter()
             .any(|s| s.contains("busy: 1 incoming migrations already (--max-incoming 1)")),
         "{rows}"
     );
-    assert_eq!(guest_names(&a, &run_a).len(), 2, "both guests stay");
+    assert_eq!(guest_names(&a, &run_a).len(), 1, "the refused guest stays");
 }
 
 #[test]
@@ -398,7 +392,7 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
         run_guest(&a, &run_a, n);
     }
     // A 1 us blackout target never converges against a guest dirtying at full speed: the
-    // migration stays in pre-copy (60 s) until cancelled.
+    // migration stays in pre-copy (up to an hour) until cancelled.
     let host_api = a.api.to_str().unwrap().to_string();
     let run_a_s = run_a.to_str().unwrap().to_string();
     let mover = {
@@ -414,6 +408,8 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
                 &url,
                 "--max-blackout",
                 "1us",
+                "--max-precopy-time",
+                "60min",
             ])
             .env("BLIP_RUN_DIR", &run)
             .output()
@@ -455,6 +451,8 @@ fn cancel_stops_a_guests_migration_and_a_drain_leaves_the_rest_unstarted() {
                 "1",
                 "--max-blackout",
                 "1us",
+                "--max-precopy-time",
+                "60min",
                 "--json",
             ])
             .env("BLIP_RUN_DIR", &run)
@@ -581,9 +579,9 @@ fn two_single_migrations_run_at_once_and_each_reports_its_own_guest() {
     for n in ["m-1", "m-2"] {
         run_guest(&a, &run_a, n);
     }
-    // A 1 us target never converges against a guest dirtying at full speed: each pre-copies
-    // for its 8 s limit and then moves anyway, so the two overlap.
-    let args = ["--max-blackout", "1us", "--max-precopy-time", "8s"];
+    // A 1 us target never converges against a guest dirtying at full speed: each stays in
+    // pre-copy until both were seen migrating at once and the test gives them a target they meet.
+    let args = ["--max-blackout", "1us", "--max-precopy-time", "60min"];
     let one = migrate_in_thread(
         &a,
         &run_a,
@@ -611,6 +609,7 @@ fn two_single_migrations_run_at_once_and_each_reports_its_own_guest() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    release_migrations(&run_a, &["m-1", "m-2"]);
     let (one, two) = (one.join().unwrap(), two.join().unwrap());
     // Each command reports its own guest only, with its own blackout.
     let rows = json(&one);
@@ -653,8 +652,14 @@ fn a_guest_already_migrating_gets_409_and_other_guests_do_not() {
     for n in ["d-1", "d-2"] {
         run_guest(&a, &run_a, n);
     }
-    // Stays in pre-copy (a 1 us target, 60 s limit) until cancelled.
-    let mover = migrate_in_thread(&a, &run_a, "d-1", &b_url, &["--max-blackout", "1us"]);
+    // Stays in pre-copy (a 1 us target, an hour's limit) until cancelled.
+    let mover = migrate_in_thread(
+        &a,
+        &run_a,
+        "d-1",
+        &b_url,
+        &["--max-blackout", "1us", "--max-precopy-time", "60min"],
+    );
     wait_migrating(&a, &run_a, "d-1");
     let o = host_cmd(&a, &run_a, &["migrate", "d-1", "--to", &b_url]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use blip_tests::netns::{ip as netns, veth_pair};
-use blip_tests::{blip, listen_url, scratch, stdout, Bg};
+use blip_tests::{blip, listen_url, scratch, stderr, stdout, Bg};
 use blip_transport::protocol::{self, Message, Offer, Role};
 
 use blip_tests::{dirtying_source as source, DIRTY_GUEST as GUEST};
@@ -245,7 +245,8 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
     first_heartbeat(&a);
     let (pid, dest_pid) = (a.child.id(), b.child.id());
     let (o, seen, dest_seen) = std::thread::scope(|s| {
-        // A target no migration meets keeps it in pre-copy for its whole 3 s.
+        // A target no migration meets holds it in pre-copy until the test has seen what it
+        // looks for and gives it one it meets.
         let m = s.spawn(|| {
             migrate(
                 &a,
@@ -256,7 +257,7 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
                     "--max-blackout",
                     "1us",
                     "--max-precopy-time",
-                    "3s",
+                    "60min",
                 ],
             )
         });
@@ -265,7 +266,7 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
             let (t, d) = (thread_nices(pid), thread_nices(dest_pid));
             // The destination's main thread is niced only while it starts the stream readers
             // (they inherit it), then reads the control stream, which carries the blackout, at
-            // its own value for the rest of pre-copy (3 s of it).
+            // its own value for the rest of pre-copy.
             let main = main_thread_nice(dest_pid);
             if t.iter().any(|(c, n)| c == "dirty-collector" && *n == 19)
                 && d.iter().any(|(c, n)| c == "mig-recv0" && *n == 19)
@@ -280,6 +281,7 @@ fn precopy_nice_lowers_the_migration_threads_and_not_the_vcpus() {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
+        set_max_blackout(&a, "50ms", &m);
         (m.join().unwrap(), seen.0, (seen.1, seen.2))
     });
     let vcpus: Vec<_> = seen.iter().filter(|(c, _)| c.starts_with("vcpu")).collect();
@@ -368,6 +370,79 @@ fn pinned_vcpus_and_vmm_threads_stay_on_their_cpus_across_a_migration() {
     assert_eq!(a.wait(), Some(0), "{}", a.stderr());
     b.wait_api();
     assert_pinned("destination", b.child.id(), &last, &first);
+    b.assert_alive_then_check();
+}
+
+/// Asks `src`'s running migration for a new blackout target until one runs to take it (hang
+/// guard 60 s; `mover` is the migration's thread, which must not have ended).
+fn set_max_blackout<T>(src: &Bg, target: &str, mover: &std::thread::ScopedJoinHandle<'_, T>) {
+    let start = std::time::Instant::now();
+    loop {
+        let o = blip(&[
+            "migrate",
+            "--api",
+            src.api.to_str().unwrap(),
+            "--set-max-blackout",
+            target,
+        ])
+        .output()
+        .unwrap();
+        let err = stderr(&o);
+        if o.status.success() {
+            assert!(
+                err.contains(&format!("blackout target set to {target}")),
+                "{err}"
+            );
+            return;
+        }
+        assert!(err.contains("no migration is running"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && !mover.is_finished(),
+            "the migration never took a new target: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `blip migrate --set-max-blackout`: a pre-copy that cannot converge (a 1 us target, an hour
+/// of pre-copy allowed) takes a new target while it runs, stops by it, and the guest moves and
+/// checks out; the report carries the target it ended with. Without a migration the request
+/// is refused with one line.
+#[test]
+fn a_running_migration_takes_a_new_blackout_target() {
+    let dir = scratch("mig-retarget");
+    let a = source(&dir, "a");
+    let (mut b, url) = receiver(&dir, "b", &[]);
+    first_heartbeat(&a);
+    let o = blip(&[
+        "migrate",
+        "--api",
+        a.api.to_str().unwrap(),
+        "--set-max-blackout",
+        "50ms",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).trim(), "blip: error: no migration is running");
+    let o = std::thread::scope(|s| {
+        let m = s.spawn(|| {
+            migrate(
+                &a,
+                &url,
+                &["--max-blackout", "1us", "--max-precopy-time", "60min"],
+            )
+        });
+        set_max_blackout(&a, "50ms", &m);
+        m.join().unwrap()
+    });
+    let r = report(&o);
+    assert_eq!(r["target_ns"], 50_000_000, "{r}");
+    let reason = r["stop_reason"].as_str().unwrap();
+    assert!(reason.contains("within target 50000.0 us"), "{r}");
+    let mut a = a;
+    assert_eq!(a.wait(), Some(0), "{}", a.stderr());
+    b.wait_api();
     b.assert_alive_then_check();
 }
 

@@ -31,6 +31,17 @@ use serde::{Deserialize, Serialize};
 use crate::migration::{Options, Report};
 use crate::snapshot::Saved;
 
+/// A blackout target as people write it (`50ms`, `300us`, `1500ns`).
+fn target_text(ns: u64) -> String {
+    if ns % 1_000_000 == 0 {
+        format!("{}ms", ns / 1_000_000)
+    } else if ns % 1000 == 0 {
+        format!("{}us", ns / 1000)
+    } else {
+        format!("{ns}ns")
+    }
+}
+
 /// A request on the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -43,6 +54,11 @@ pub enum Request {
     /// Stop the running migration (pre-copy only); answered by the socket thread itself,
     /// since the VM thread is busy migrating.
     Cancel,
+    /// Give the running migration a new blackout target (ns), applied from its next pre-copy
+    /// round; answered by the socket thread, as `Cancel`.
+    SetMaxBlackout {
+        ns: u64,
+    },
     /// Pause, write a snapshot to `path` (absolute), then resume the guest or (`stop`) exit.
     Snapshot {
         path: PathBuf,
@@ -445,6 +461,22 @@ fn handle(conn: UnixStream, requests: Sender<ApiRequest>) {
         let _ = send(&mut out, &reply);
         return;
     }
+    if let Request::SetMaxBlackout { ns } = request {
+        let reply = if ns == 0 {
+            Reply::error("a blackout target must be above 0")
+        } else if crate::migration::request_target(ns) {
+            Reply::Ok {
+                message: Some(format!(
+                    "blackout target set to {}; it applies from the next pre-copy round",
+                    target_text(ns)
+                )),
+            }
+        } else {
+            Reply::error("no migration is running")
+        };
+        let _ = send(&mut out, &reply);
+        return;
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     let queued = Instant::now();
     if requests
@@ -569,6 +601,7 @@ impl Patience {
             Request::Status
             | Request::Check
             | Request::Cancel
+            | Request::SetMaxBlackout { .. }
             | Request::Resolve { .. }
             | Request::Console { .. }
             | Request::Heartbeats { .. } => Patience::Whole(Duration::from_secs(5)),

@@ -379,7 +379,7 @@ pub struct MigrateArgs {
     #[arg(long, conflicts_with = "api", value_parser = GuestName)]
     pub guest: Option<String>,
     /// Destination: tcp://HOST:PORT or rdma://HOST:PORT (a `blip receive --listen`).
-    #[arg(long, value_name = "URL", required_unless_present = "cancel")]
+    #[arg(long, value_name = "URL", required_unless_present_any = ["cancel", "set_max_blackout"])]
     pub to: Option<String>,
     /// How pages travel: as the URL says, tcp, rdma (an error without an active RDMA port),
     /// or auto (RDMA if this host has an active RDMA port, else TCP; one log line says which).
@@ -388,6 +388,11 @@ pub struct MigrateArgs {
     /// Cancel the migration the source is running (it stops in pre-copy; the guest stays).
     #[arg(long)]
     pub cancel: bool,
+    /// Give the migration the source is running a new blackout target (e.g. 50ms), applied
+    /// from its next pre-copy round: a pre-copy that does not converge can accept a longer
+    /// blackout instead of being cancelled.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ns, conflicts_with_all = ["cancel", "to"])]
+    pub set_max_blackout: Option<u64>,
     /// Blackout target: pre-copy continues until the predicted blackout is below it.
     #[arg(long, default_value = "1ms", value_parser = parse_duration_ns)]
     pub max_blackout: u64,

@@ -417,7 +417,7 @@ fn serve_vm(
                         Err(e) => Reply::error(error_chain(&e)),
                     });
                 }
-                Request::Cancel => {
+                Request::Cancel | Request::SetMaxBlackout { .. } => {
                     let _ = req.reply.send(Reply::error("no migration is running"));
                 }
                 Request::Migrate { ref options } => {
@@ -701,13 +701,19 @@ fn source_socket(a: &MigrateArgs) -> Result<std::path::PathBuf, Failure> {
 
 /// Sends a cancel to the source blip at `api`.
 fn cancel(api: &std::path::Path) -> Result<i32, Failure> {
-    match api::call(api, &Request::Cancel, &mut |_| {})? {
+    answered(api, &Request::Cancel, "cancel")
+}
+
+/// Sends `request` to the source blip at `api` and prints its one-line answer (`what` names
+/// the request in an unexpected reply's error).
+fn answered(api: &std::path::Path, request: &Request, what: &str) -> Result<i32, Failure> {
+    match api::call(api, request, &mut |_| {})? {
         Reply::Ok { message } => {
-            eprintln!("blip: {}", message.as_deref().unwrap_or("cancel requested"));
+            eprintln!("blip: {}", message.as_deref().unwrap_or("done"));
             Ok(0)
         }
         Reply::Error { message } => Err(Failure(message)),
-        _ => Err(Failure("cancel failed: unexpected reply".into())),
+        _ => Err(Failure(format!("{what} failed: unexpected reply"))),
     }
 }
 
@@ -715,6 +721,13 @@ fn migrate(a: &MigrateArgs) -> Result<i32, Failure> {
     let api_path = source_socket(a)?;
     if a.cancel {
         return cancel(&api_path);
+    }
+    if let Some(ns) = a.set_max_blackout {
+        return answered(
+            &api_path,
+            &Request::SetMaxBlackout { ns },
+            "set the blackout target",
+        );
     }
     let to = a.to.clone().unwrap_or_default();
     let key = a.auth.resolve().map_err(Failure)?;

@@ -222,6 +222,11 @@ impl Controller {
         &self.limits
     }
 
+    /// A new blackout target, from the next decision on.
+    pub fn set_target(&mut self, target_ns: u64) {
+        self.limits.target_ns = target_ns;
+    }
+
     /// The shortest control round trip seen (0 before the first round).
     pub fn rtt_ns(&self) -> u64 {
         self.rtt_ns.unwrap_or(0)

@@ -31,7 +31,7 @@ pub mod session;
 pub mod source;
 pub mod stage;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blip_transport::protocol::{self, ProtocolError};
@@ -47,6 +47,20 @@ use crate::vm::VmError;
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
 static CANCEL: AtomicBool = AtomicBool::new(false);
+/// A blackout target set while the migration runs (ns; 0: none).
+static NEW_TARGET: AtomicU64 = AtomicU64::new(0);
+
+/// Gives the running outgoing migration of this process a new blackout target (ns, > 0): it
+/// applies from the next round boundary of pre-copy, as QEMU's downtime limit may be changed
+/// mid-migration (an operator who sees pre-copy not converge can accept a longer blackout
+/// instead of cancelling). Returns whether one runs.
+pub fn request_target(ns: u64) -> bool {
+    let running = RUNNING.load(Ordering::Acquire);
+    if running {
+        NEW_TARGET.store(ns.max(1), Ordering::Release);
+    }
+    running
+}
 
 /// Asks the running outgoing migration of this process to stop (it does at the next round
 /// boundary of pre-copy; once stop-and-copy began it completes). Returns whether one runs.
@@ -64,6 +78,7 @@ pub(crate) struct Running;
 impl Running {
     pub(crate) fn start() -> Running {
         CANCEL.store(false, Ordering::Release);
+        NEW_TARGET.store(0, Ordering::Release);
         RUNNING.store(true, Ordering::Release);
         Running
     }
@@ -71,12 +86,21 @@ impl Running {
     pub(crate) fn cancelled(&self) -> bool {
         CANCEL.load(Ordering::Acquire)
     }
+
+    /// A blackout target asked for since the last call ([`request_target`]).
+    pub(crate) fn new_target(&self) -> Option<u64> {
+        match NEW_TARGET.swap(0, Ordering::AcqRel) {
+            0 => None,
+            ns => Some(ns),
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         RUNNING.store(false, Ordering::Release);
         CANCEL.store(false, Ordering::Release);
+        NEW_TARGET.store(0, Ordering::Release);
     }
 }
 

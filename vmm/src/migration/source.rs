@@ -473,6 +473,15 @@ impl Precopy<'_> {
             if self.running.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
+            if let Some(t) = self.running.new_target() {
+                tracing::info!(
+                    "blip: blackout target changed to {} us (was {} us)",
+                    t / 1000,
+                    ctl.limits().target_ns / 1000
+                );
+                ctl.set_target(t);
+                report.target_ns = t;
+            }
             // A long round (round 0 over a slow link: minutes) reports its bytes each second,
             // so `blip migrate` and the API's clients see it move.
             let mut last_tick = now_ns();
