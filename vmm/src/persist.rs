@@ -46,6 +46,7 @@
 
 use std::io::Read;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use bincode::Options;
 use blip_transport::protocol::{Envelope, EnvelopeError};
@@ -1275,37 +1276,48 @@ impl Vm {
     /// it need not be paused (the vCPU reads run between two KVM_RUNs) (the probes make a throwaway VM and a few KVM calls per MSR that
     /// fails).
     pub fn persist_caps(&mut self) -> Result<Caps, PersistError> {
+        self.persist_caps_at_exit(Duration::ZERO)
+    }
+
+    /// [`Vm::persist_caps`], its vCPU reads taken at each vCPU's next exit from the guest
+    /// (kicked after `patience`, see [`Vm::with_each_vcpu_at_exit`]): a migration probes while
+    /// the guest runs, and a kick would stop it for the reads.
+    pub fn persist_caps_at_exit(&mut self, patience: Duration) -> Result<Caps, PersistError> {
         let mut caps = Caps::of_vm(self.fd());
         let candidates = restorable_msrs_for(caps.pieces & PIECE_IRQCHIP != 0)?;
         let (tx, rx) = mpsc::sync_channel(1);
-        self.with_vcpu(
+        self.with_vcpu_at_exit(
             0,
             Box::new(move |fd| {
                 let _ = tx.send(readable_msrs(fd, 0, &candidates));
             }),
+            patience,
         )
         .map_err(PersistError::Vm)?;
         caps.msr_indices = rx.try_recv().map_err(|_| PersistError::NoReply(0))??;
         let n = self.vcpu_count();
         let (tx, rx) = mpsc::sync_channel(n);
         let tsc = caps.pieces & PIECE_TSC_KHZ != 0;
-        self.with_each_vcpu(|i| {
-            let tx = tx.clone();
-            Box::new(move |fd| {
-                let c = fd
-                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                    .map(|c| c.as_slice().to_vec())
-                    .map_err(kvm("read CPUID", i));
-                let khz = if tsc {
-                    fd.get_tsc_khz()
-                        .map(Some)
-                        .map_err(kvm("read the TSC frequency", i))
-                } else {
-                    Ok(None)
-                };
-                let _ = tx.send((i, c, khz));
-            })
-        })
+        self.with_each_vcpu_at_exit(
+            |i| {
+                let tx = tx.clone();
+                Box::new(move |fd| {
+                    let c = fd
+                        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                        .map(|c| c.as_slice().to_vec())
+                        .map_err(kvm("read CPUID", i));
+                    let khz = if tsc {
+                        fd.get_tsc_khz()
+                            .map(Some)
+                            .map_err(kvm("read the TSC frequency", i))
+                    } else {
+                        Ok(None)
+                    };
+                    let _ = tx.send((i, c, khz));
+                })
+            },
+            patience,
+        )
         .map_err(PersistError::Vm)?;
         let mut cpuid = vec![Vec::new(); n];
         let mut khz = vec![0; n];
@@ -1336,11 +1348,36 @@ impl Vm {
     /// [`Vm::save_state_with`], also returning the longest time one vCPU thread spent saving
     /// (ns): the calibration's measure of the per-vCPU ioctls alone.
     pub fn save_state_timed(&mut self, caps: &Caps) -> Result<(VmState, u64), PersistError> {
+        self.save_state_via(caps, Duration::ZERO)
+            .map(|(state, longest, _)| (state, longest))
+    }
+
+    /// A save of a *running* VM for its costs, not its state: each vCPU saves itself at its next
+    /// exit from the guest (kicked after `patience`, see [`Vm::with_each_vcpu_at_exit`]), so a
+    /// guest that exits often is not stopped for it; the vCPUs are saved at different moments
+    /// and the state restores nothing. Returns it with the longest time one vCPU thread spent
+    /// saving and the time the VM-wide pieces took (ns). A migration's calibration times the
+    /// blackout's save this way, and takes the early state (pieces that do not change while
+    /// the guest runs) from it.
+    pub fn save_costs_at_exits(
+        &mut self,
+        caps: &Caps,
+        patience: Duration,
+    ) -> Result<(VmState, u64, u64), PersistError> {
+        self.save_state_via(caps, patience.max(Duration::from_nanos(1)))
+    }
+
+    /// Every vCPU saves at once (kicked after `patience`), then the VM-wide pieces.
+    fn save_state_via(
+        &mut self,
+        caps: &Caps,
+        patience: Duration,
+    ) -> Result<(VmState, u64, u64), PersistError> {
         let caps = Arc::new(caps.clone());
         let n = self.vcpu_count();
         // Every vCPU thread saves its own state at the same time.
         let (tx, rx) = crossbeam_channel::bounded(n);
-        self.with_each_vcpu(|i| save_on_vcpu(i, &tx, &caps))
+        self.with_each_vcpu_at_exit(|i| save_on_vcpu(i, &tx, &caps), patience)
             .map_err(PersistError::Vm)?;
         let mut slots: Vec<Option<VcpuState>> = vec![None; n];
         let mut longest = 0;
@@ -1348,8 +1385,10 @@ impl Vm {
             slots[i as usize] = Some(st?);
             longest = longest.max(took);
         }
+        let t = crate::devices::now_ns();
         let wide = self.save_vm_wide(&caps)?;
-        Ok((self.assemble_state(slots, wide)?, longest))
+        let wide_ns = crate::devices::now_ns() - t;
+        Ok((self.assemble_state(slots, wide)?, longest, wide_ns))
     }
 
     /// The VM-wide pieces (irqchip, PIT, KVM clock, devices), read now. Taken in the same

@@ -255,6 +255,12 @@ impl VcpuHandle {
         }
     }
 
+    /// Queues a command without a kick: a running vCPU takes it at its next exit from the
+    /// guest (a paused one at once).
+    pub fn queue(&self, cmd: Command) {
+        let _ = self.commands.send(cmd);
+    }
+
     /// Forces the thread out of KVM_RUN so it reads its commands.
     pub fn kick(&self) {
         if let Some(t) = &self.thread {

@@ -474,9 +474,40 @@ impl Vm {
 
     /// Runs `f` on vCPU `index`'s fd; the vCPU must be Paused.
     pub fn with_vcpu(&mut self, index: u8, f: vcpu::VcpuFn) -> Result<(), VmError> {
-        self.vcpus[index as usize].send(Command::With(f));
+        self.with_vcpu_at_exit(index, f, Duration::ZERO)
+    }
+
+    /// [`Vm::with_vcpu`] at the vCPU's next exit from the guest, kicked only after `patience`
+    /// (see [`Vm::with_each_vcpu_at_exit`]).
+    pub fn with_vcpu_at_exit(
+        &mut self,
+        index: u8,
+        f: vcpu::VcpuFn,
+        patience: Duration,
+    ) -> Result<(), VmError> {
+        let deadline = std::time::Instant::now() + patience;
+        let mut kicked = patience.is_zero();
+        if kicked {
+            self.vcpus[index as usize].send(Command::With(f));
+        } else {
+            self.vcpus[index as usize].queue(Command::With(f));
+        }
         loop {
-            let ev = self.events.recv().map_err(|_| VmError::VcpuGone(index))?;
+            let ev = if kicked {
+                self.events.recv().map_err(|_| VmError::VcpuGone(index))?
+            } else {
+                match self.events.recv_deadline(deadline) {
+                    Ok(ev) => ev,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        self.vcpus[index as usize].kick();
+                        kicked = true;
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        return Err(VmError::VcpuGone(index))
+                    }
+                }
+            };
             self.note(&ev);
             match ev {
                 Event::Done { vcpu } if vcpu == index => return Ok(()),
@@ -504,15 +535,48 @@ impl Vm {
     /// Runs a closure on every vCPU thread at once (all must be Paused) and waits for all of
     /// them: state save and restore of several vCPUs overlap instead of queueing.
     pub fn with_each_vcpu(&mut self, make: impl Fn(u8) -> vcpu::VcpuFn) -> Result<(), VmError> {
+        self.with_each_vcpu_at_exit(make, Duration::ZERO)
+    }
+
+    /// Runs a closure on every vCPU thread at its next exit from the guest, without stopping
+    /// it: a guest that leaves KVM often (heartbeats, I/O) sees only the closure's own time,
+    /// not a kick, a pause and a resume. Threads that have not taken it within `patience` are
+    /// kicked (at once for `Duration::ZERO`). Waits for all of them.
+    pub fn with_each_vcpu_at_exit(
+        &mut self,
+        make: impl Fn(u8) -> vcpu::VcpuFn,
+        patience: Duration,
+    ) -> Result<(), VmError> {
         let live = self.live();
         for &i in &live {
-            self.vcpus[i as usize].send(Command::With(make(i)));
+            if patience.is_zero() {
+                self.vcpus[i as usize].send(Command::With(make(i)));
+            } else {
+                self.vcpus[i as usize].queue(Command::With(make(i)));
+            }
         }
+        let deadline = std::time::Instant::now() + patience;
+        let mut kicked = patience.is_zero();
         let mut pending = live;
         while !pending.is_empty() {
-            let ev = self
-                .next_event_spinning()
-                .map_err(|_| VmError::VcpuGone(pending[0]))?;
+            let ev = if kicked {
+                self.next_event_spinning()
+                    .map_err(|_| VmError::VcpuGone(pending[0]))?
+            } else {
+                match self.events.recv_deadline(deadline) {
+                    Ok(ev) => ev,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        for &i in &pending {
+                            self.vcpus[i as usize].kick();
+                        }
+                        kicked = true;
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        return Err(VmError::VcpuGone(pending[0]))
+                    }
+                }
+            };
             self.note(&ev);
             match ev {
                 Event::Done { vcpu } => pending.retain(|v| *v != vcpu),

@@ -314,9 +314,8 @@ struct Calibration {
 /// Measures the fixed costs of a blackout ([`fixed_costs`]) and takes the early state and the
 /// persist capabilities on the way.
 fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
-    let caps = g.vm.persist_caps()?;
-    // Reading the capabilities takes each vCPU out of the guest for a moment too: right before
-    // the first cycle, the two made one gap of 0.4-0.6 ms.
+    // Read at the vCPUs' own exits, as the calibration's saves below.
+    let caps = g.vm.persist_caps_at_exit(AT_EXIT_PATIENCE)?;
     std::thread::sleep(CALIBRATION_SPACING);
     let mut early = None;
     let (fixed_ns, state_len) = fixed_costs(g, &caps, &mut early)?;
@@ -328,12 +327,18 @@ fn calibrate(g: &mut Rollback) -> Result<Calibration, MigrationError> {
     })
 }
 
-/// Three short pause → state save → resume cycles, each as the blackout will do it (a save of
-/// a *running* vCPU waits for its next exit, which under a busy guest takes milliseconds and
-/// made the prediction 10–50× the blackout). Each cost is the median of its three samples, so
-/// one preempted sample does not hold pre-copy open to its time limit. The guest sees three
-/// gaps of about a blackout's fixed cost each, 1 ms apart. Returns the fixed costs and the encoded size of the
-/// blackout's state; `early` is taken from the first pause unless it is already there.
+/// Three samples of each of the blackout's fixed costs, taken so the guest hardly sees them:
+/// a pause → resume cycle (with one command round trip to the stopped vCPUs, as the blackout's
+/// save makes) times the stop and the restart, and a save that each vCPU takes at its next
+/// exit from the guest ([`Vm::save_costs_at_exits`]) times the state ioctls. A pause, save and
+/// resume in one stop, as the blackout does it, was a 0.26-0.42 ms gap for a guest beating
+/// every 100 µs, three times per migration: more than that guest's gaps anywhere else
+/// outside the blackout with its vCPU pinned alone. The save of a *running* vCPU must not be
+/// timed from a kick (it waits for the vCPU's next exit, which under a busy guest takes
+/// milliseconds and made the prediction 10-50x the blackout): the vCPU's own ioctl time is
+/// the measure. Each cost is the median of its three samples, so one preempted sample does not
+/// hold pre-copy open to its time limit. Returns the fixed costs and the encoded size of the
+/// blackout's state; `early` is taken from the first save unless it is already there.
 fn fixed_costs(
     g: &mut Rollback,
     caps: &Caps,
@@ -344,30 +349,29 @@ fn fixed_costs(
     let mut state_len = 0;
     for cycle in 0..3 {
         if cycle > 0 {
-            // Let the guest run between two cycles: back to back, the three pauses merged into
-            // one gap of 0.5-1.1 ms for the guest (it did not get to run between them), where
-            // one cycle alone costs it 0.27-0.37 ms.
             std::thread::sleep(CALIBRATION_SPACING);
         }
-        // The blackout's own path: pause every vCPU, then save.
+        // The blackout's stop and restart: pause every vCPU, reach them once, resume.
         let p = g.vm.pause_all()?;
         g.paused = true;
         let t0 = now_ns();
-        let (mut state, vcpu_save) = g.vm.save_state_timed(caps)?;
-        let saved = now_ns() - t0;
-        vcpu_saves.push(vcpu_save);
+        g.vm.with_each_vcpu(|_| Box::new(|_| {}))?;
+        let handoff = now_ns() - t0;
         let r = g.vm.resume_all()?;
         g.paused = false;
-        // The early state comes from the first pause (no extra stop for the guest); every
-        // sample times the blackout's save as it will be: whole save, strip, encode. The strip
-        // and encode work on the copy, so the guest runs again while they are timed.
+        pauses.push(p.last_ns - p.requested_ns);
+        resumes.push(r.first_ns.saturating_sub(r.requested_ns));
+        // Let the guest run before the save, or the two would be one gap.
+        std::thread::sleep(CALIBRATION_SPACING);
+        let (mut state, vcpu_save, wide) = g.vm.save_costs_at_exits(caps, AT_EXIT_PATIENCE)?;
+        vcpu_saves.push(vcpu_save);
+        // The early state comes from the first save; every sample times the blackout's save
+        // as it will be: reach the vCPUs, their ioctls, the VM-wide pieces, strip, encode.
         let t1 = now_ns();
         let early = early.get_or_insert_with(|| EarlyState::of(&state));
         state.strip_early(early);
         state_len = persist::encode(&state)?.len() as u64;
-        saves.push(saved + now_ns() - t1);
-        pauses.push(p.last_ns - p.requested_ns);
-        resumes.push(r.first_ns.saturating_sub(r.requested_ns));
+        saves.push(handoff + vcpu_save + wide + now_ns() - t1);
     }
     tracing::debug!(
         "calibration pauses {pauses:?} saves {saves:?} (vCPU {vcpu_saves:?}) resumes {resumes:?} ns"
@@ -385,7 +389,12 @@ fn fixed_costs(
     Ok((calibrated * COLD_FACTOR_PERCENT / 100, state_len))
 }
 
-/// How long the guest runs between two calibration cycles.
+/// How long a calibration waits for a vCPU to leave the guest by itself before it kicks it
+/// (a guest that beats or does I/O leaves within microseconds; one halted inside KVM, or
+/// computing without exits, is kicked).
+const AT_EXIT_PATIENCE: Duration = Duration::from_millis(2);
+
+/// How long the guest runs between two of the calibration's stops.
 const CALIBRATION_SPACING: Duration = Duration::from_millis(1);
 
 /// The fixed costs are measured again (at most this often, at most [`MAX_REMEASURES`] times)
