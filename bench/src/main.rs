@@ -133,6 +133,13 @@ struct Args {
     /// QEMU `downtime-limit` values (ms; QEMU's minimum is 1, its default 300), one cell each.
     #[arg(long, value_delimiter = ',', default_value = "1,300")]
     qemu_downtime_ms: Vec<u64>,
+    /// Pin both VMMs in the qemu scenario: the guest's vCPU thread alone on the host's first
+    /// CPU, every other thread on the rest (blip: --pin-vcpus/--pin-vmm; QEMU: its "CPU n/KVM"
+    /// threads and the others, set by the bench once QEMU answers QMP), the bench with them.
+    /// The bench timestamps the serial beats, so on a 2-CPU host its readers share one CPU with
+    /// both VMMs' migration threads and every gap reads longer: use it with 3 CPUs or more.
+    #[arg(long)]
+    qemu_pin: bool,
     /// Pre-copy time after which QEMU's downtime limit is raised to 300 ms so it finishes
     /// (counted as forced), in seconds.
     #[arg(long, default_value_t = 20)]
@@ -437,6 +444,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
             );
             c.serial = true;
             c.target_us = target_us;
+            c.pin = a.qemu_pin;
             c
         })
         .collect();
@@ -464,6 +472,25 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
     let needs = "-M microvm (the pc machine hangs under this KVM), -accel kvm, -cpu qemu64, -smp 1 (blip's guest starts APs without INIT/SIPI), -device isa-debug-exit,iobase=0xf4,iosize=0x04, -nodefaults -no-reboot -display none, -serial stdio piped to blip-bench";
     let mut cells = Vec::new();
     let mut doc = serde_json::Map::new();
+    let pin = if a.qemu_pin {
+        let p = migrate::Pin::split(&blip_vmm::vcpu::allowed_cpus().unwrap_or_default(), 1);
+        match &p {
+            Some(p) => println!(
+                "qemu    | both VMMs pinned: the vCPU thread on CPU {}, every other thread on {}",
+                p.vcpus, p.vmm
+            ),
+            None => println!("qemu    | --qemu-pin: one CPU only, nothing pinned"),
+        }
+        doc.insert(
+            "pinned".into(),
+            p.as_ref()
+                .map(|p| serde_json::json!({"vcpus": p.vcpus, "vmm": p.vmm}))
+                .unwrap_or(Value::Null),
+        );
+        p
+    } else {
+        None
+    };
     match qemu::find() {
         None => {
             println!("qemu    | qemu-system-x86_64 not found: skipping the QEMU peer (apt-get install qemu-system-x86)");
@@ -496,6 +523,7 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
                                 cmdline: cmdline.clone(),
                                 migrations: n,
                                 downtime_limit_ms: lim.max(1),
+                                pin: pin.clone(),
                                 precopy_limit: Duration::from_secs(if a.quick {
                                     5
                                 } else {
@@ -512,8 +540,16 @@ fn qemu_scenario(a: &Args, bin: &std::path::Path) -> Value {
             }
         }
     }
-    let note =
-        format!("1 vCPU, `{cmdline}`, loopback TCP, {n} migrations per cell; QEMU needs {needs}");
+    let placement = match &pin {
+        Some(p) => format!(
+            "; both VMMs pinned (vCPU thread on CPU {}, every other thread on {})",
+            p.vcpus, p.vmm
+        ),
+        None => String::new(),
+    };
+    let note = format!(
+        "1 vCPU, `{cmdline}`, loopback TCP, {n} migrations per cell{placement}; QEMU needs {needs}"
+    );
     let cmp = report::comparison(&blip, &cells, &note);
     doc.insert("needs".into(), needs.into());
     doc.insert("cmdline".into(), cmdline.into());

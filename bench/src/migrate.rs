@@ -113,6 +113,34 @@ pub struct Cell {
     pub pin: bool,
 }
 
+/// The bench's own threads held on some CPUs for a while (every thread, those it starts
+/// meanwhile too); back on every allowed CPU when dropped.
+pub struct BenchPlacement(Vec<usize>);
+
+impl BenchPlacement {
+    pub fn on(cpus: &str) -> BenchPlacement {
+        let allowed = blip_vmm::vcpu::allowed_cpus().unwrap_or_default();
+        place_bench(&blip_vmm::affinity::parse_cpu_list(cpus).unwrap_or_default());
+        BenchPlacement(allowed)
+    }
+}
+
+impl Drop for BenchPlacement {
+    fn drop(&mut self) {
+        place_bench(&self.0);
+    }
+}
+
+fn place_bench(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    for tid in blip_vmm::vcpu::process_threads().unwrap_or_default() {
+        // A thread that ended meanwhile is no error.
+        let _ = blip_vmm::vcpu::set_thread_affinity(tid, cpus);
+    }
+}
+
 /// The host CPUs of a pinned cell (cpulists).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pin {
@@ -894,6 +922,9 @@ impl Progress {
 
 /// Runs one cell; returns its JSON (never panics on a failed migration or check).
 pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Floor>) -> Value {
+    // In a pinned cell the bench is one more "other thread" on this host: it runs with the
+    // VMMs' threads, off the vCPUs' CPUs (its serial-beat readers wake with every beat).
+    let _placed = Pin::of(&c).map(|p| BenchPlacement::on(&p.vmm));
     let s = &Settings {
         max_blackout_ns: c.target_us * 1000,
         ..s.clone()

@@ -88,6 +88,8 @@ pub struct Settings {
     /// After this much pre-copy the limit is raised to QEMU's default so the migration ends
     /// (blip's `--on-timeout go` equivalent); such migrations are counted as forced.
     pub precopy_limit: Duration,
+    /// Every QEMU's vCPU threads on `vcpus`, its other threads on `vmm` (as blip's pinned cells).
+    pub pin: Option<crate::migrate::Pin>,
 }
 
 impl Settings {
@@ -106,6 +108,9 @@ impl Settings {
             "unix:SOCK,server=on,wait=off".into(),
             "[-incoming tcp:127.0.0.1:PORT]".into(),
         ]);
+        if self.pin.is_some() {
+            v.extend(["-name".into(), "blip-bench,debug-threads=on".into()]);
+        }
         v.join(" ")
     }
 }
@@ -211,6 +216,10 @@ impl Qemu {
         if let Some(port) = incoming {
             cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
         }
+        if s.pin.is_some() {
+            // Thread names, so the vCPU thread can be told apart ([`pin_threads`]).
+            cmd.args(["-name", "blip-bench,debug-threads=on"]);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -240,6 +249,13 @@ impl Qemu {
                 return Err(format!("{e}: {tail}"));
             }
         };
+        if let Some(p) = &s.pin {
+            if let Err(e) = pin_threads(child.id(), p) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
         Ok(Qemu {
             child,
             qmp,
@@ -259,6 +275,31 @@ impl Qemu {
 }
 
 /// A free loopback TCP port (bound and released: a tiny race, fine on one host).
+/// Pins QEMU's threads as blip pins its own: the vCPU threads (`CPU n/KVM`, there once QMP
+/// answers) on `p.vcpus`, every other on `p.vmm`; threads QEMU starts later (its migration
+/// thread) inherit the main thread's.
+fn pin_threads(pid: u32, p: &crate::migrate::Pin) -> Result<(), String> {
+    use blip_vmm::affinity::parse_cpu_list;
+    let (vcpus, vmm) = (parse_cpu_list(&p.vcpus)?, parse_cpu_list(&p.vmm)?);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("cannot list QEMU's threads: {e}"))?;
+    let mut seen_vcpu = false;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let is_vcpu = comm.starts_with("CPU ") && comm.trim_end().ends_with("/KVM");
+        seen_vcpu |= is_vcpu;
+        blip_vmm::vcpu::set_thread_affinity(tid, if is_vcpu { &vcpus } else { &vmm })
+            .map_err(|e| format!("cannot pin QEMU thread {tid} ({}): {e}", comm.trim()))?;
+    }
+    if !seen_vcpu {
+        return Err("no QEMU vCPU thread (CPU n/KVM) to pin".into());
+    }
+    Ok(())
+}
+
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -375,6 +416,11 @@ pub fn header() {
 
 /// Runs one QEMU cell; returns its JSON (never panics on a failed migration).
 pub fn cell(s: &Settings) -> Value {
+    // Off the vCPU's CPU, as in blip's pinned cells.
+    let _placed = s
+        .pin
+        .as_ref()
+        .map(|p| crate::migrate::BenchPlacement::on(&p.vmm));
     let n = s.migrations;
     let label = format!(
         "qemu {}M downtime-limit {} ms",

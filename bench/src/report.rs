@@ -295,7 +295,7 @@ pub fn comparison(blip: &[Value], qemu: &[Value], qemu_note: &str) -> Value {
         }));
     }
     println!();
-    println!("QEMU reports downtime in whole milliseconds: its 0 ms is shown as < 1 ms (and plotted at the left edge, labelled so). Guest-observed = largest gap between COM1 '*' heartbeats (1 ms period) from the migrate request to the destination's first beat, timestamped on the host for both (pre-copy stalls count); handover = last source beat to first destination beat. Totals: blip's from the migrate request to the guest running on the destination (handshake, dry runs, pre-copy, blackout: `precopy_ns + last_live_ns + blackout_ns`; its report's `total_ns` also waits for the destination's heartbeat-port report, up to 1 s with via=serial), QEMU's `total-time`.");
+    println!("QEMU reports downtime in whole milliseconds: its 0 ms is shown as < 1 ms (and plotted at the left edge, labelled so). Guest-observed = largest gap between COM1 '*' heartbeats ({} µs period) from the migrate request to the destination's first beat, timestamped on the host for both (pre-copy stalls count); handover = last source beat to first destination beat. Totals: blip's from the migrate request to the guest running on the destination (handshake, dry runs, pre-copy, blackout: `precopy_ns + last_live_ns + blackout_ns`; its report's `total_ns` also waits for the destination's heartbeat-port report, up to 1 s with via=serial), QEMU's `total-time`.", crate::beats::PERIOD_US);
     rows.into()
 }
 
