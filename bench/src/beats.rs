@@ -24,6 +24,7 @@ impl Beats {
         let b = Beats::default();
         let v = b.0.clone();
         std::thread::spawn(move || {
+            crate::migrate::place_reader();
             let mut buf = [0u8; 256];
             loop {
                 match r.read(&mut buf) {

@@ -113,31 +113,40 @@ pub struct Cell {
     pub pin: bool,
 }
 
-/// The bench's own threads held on some CPUs for a while (every thread, those it starts
-/// meanwhile too); back on every allowed CPU when dropped.
-pub struct BenchPlacement(Vec<usize>);
+/// The CPUs the bench's reader threads (serial beats, child stderr) run on while a pinned cell
+/// runs; empty: anywhere. Only the readers: threads inherit their starter's CPUs, so a pinned
+/// main thread would start every blip and QEMU confined to them.
+static READER_CPUS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// The bench's reader threads held on some CPUs while this lives ([`place_reader`]).
+pub struct BenchPlacement;
 
 impl BenchPlacement {
     pub fn on(cpus: &str) -> BenchPlacement {
-        let allowed = blip_vmm::vcpu::allowed_cpus().unwrap_or_default();
-        place_bench(&blip_vmm::affinity::parse_cpu_list(cpus).unwrap_or_default());
-        BenchPlacement(allowed)
+        *READER_CPUS.lock().unwrap_or_else(|e| e.into_inner()) =
+            blip_vmm::affinity::parse_cpu_list(cpus).unwrap_or_default();
+        BenchPlacement
     }
 }
 
 impl Drop for BenchPlacement {
     fn drop(&mut self) {
-        place_bench(&self.0);
+        READER_CPUS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
-fn place_bench(cpus: &[usize]) {
-    if cpus.is_empty() {
-        return;
-    }
-    for tid in blip_vmm::vcpu::process_threads().unwrap_or_default() {
-        // A thread that ended meanwhile is no error.
-        let _ = blip_vmm::vcpu::set_thread_affinity(tid, cpus);
+/// Called first by each reader thread: in a pinned cell it runs with the VMMs' threads, off
+/// the vCPUs' CPUs (a serial-beat reader wakes with every beat).
+pub fn place_reader() {
+    let cpus = READER_CPUS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !cpus.is_empty() {
+        let _ = blip_vmm::vcpu::set_thread_affinity(0, &cpus);
     }
 }
 
@@ -379,6 +388,7 @@ impl Proc {
         if let Some(err) = child.stderr.take() {
             let log = log.clone();
             std::thread::spawn(move || {
+                place_reader();
                 for l in BufReader::new(err).lines().map_while(Result::ok) {
                     let _ = tx.send(l.clone());
                     let mut g = log.lock().unwrap_or_else(|e| e.into_inner());
@@ -922,8 +932,7 @@ impl Progress {
 
 /// Runs one cell; returns its JSON (never panics on a failed migration or check).
 pub fn cell(s: &Settings, c: Cell, index: usize, floor: Option<&crate::floor::Floor>) -> Value {
-    // In a pinned cell the bench is one more "other thread" on this host: it runs with the
-    // VMMs' threads, off the vCPUs' CPUs (its serial-beat readers wake with every beat).
+    // In a pinned cell the bench's readers are more "other threads" on this host.
     let _placed = Pin::of(&c).map(|p| BenchPlacement::on(&p.vmm));
     let s = &Settings {
         max_blackout_ns: c.target_us * 1000,

@@ -231,6 +231,7 @@ impl Qemu {
         if let Some(err) = child.stderr.take() {
             let log = log.clone();
             std::thread::spawn(move || {
+                crate::migrate::place_reader();
                 for l in BufReader::new(err).lines().map_while(Result::ok) {
                     let mut g = log.lock().unwrap_or_else(|e| e.into_inner());
                     if g.len() >= 20 {
