@@ -485,38 +485,12 @@ impl Vm {
         f: vcpu::VcpuFn,
         patience: Duration,
     ) -> Result<(), VmError> {
-        let deadline = std::time::Instant::now() + patience;
-        let mut kicked = patience.is_zero();
-        if kicked {
-            self.vcpus[index as usize].send(Command::With(f));
-        } else {
-            self.vcpus[index as usize].queue(Command::With(f));
-        }
-        loop {
-            let ev = if kicked {
-                self.events.recv().map_err(|_| VmError::VcpuGone(index))?
-            } else {
-                match self.events.recv_deadline(deadline) {
-                    Ok(ev) => ev,
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        self.vcpus[index as usize].kick();
-                        kicked = true;
-                        continue;
-                    }
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        return Err(VmError::VcpuGone(index))
-                    }
-                }
-            };
-            self.note(&ev);
-            match ev {
-                Event::Done { vcpu } if vcpu == index => return Ok(()),
-                Event::Exited { vcpu, .. } if vcpu == index => {
-                    return Err(VmError::VcpuGone(index))
-                }
-                _ => {}
-            }
-        }
+        let mut f = Some(f);
+        self.run_on_vcpus(
+            vec![index],
+            |_| f.take().unwrap_or_else(|| Box::new(|_| {})),
+            patience,
+        )
     }
 
     /// Waits up to `timeout` for vCPU news; returns the VM's fate once it is decided. The caller
@@ -544,24 +518,35 @@ impl Vm {
     /// kicked (at once for `Duration::ZERO`). Waits for all of them.
     pub fn with_each_vcpu_at_exit(
         &mut self,
-        make: impl Fn(u8) -> vcpu::VcpuFn,
+        make: impl FnMut(u8) -> vcpu::VcpuFn,
         patience: Duration,
     ) -> Result<(), VmError> {
         let live = self.live();
-        for &i in &live {
-            if patience.is_zero() {
+        self.run_on_vcpus(live, make, patience)
+    }
+
+    /// Queues `make(i)` on each vCPU of `targets` (kicked at once for `Duration::ZERO`, else
+    /// only those that have not taken it within `patience`) and waits until all ran it.
+    fn run_on_vcpus(
+        &mut self,
+        targets: Vec<u8>,
+        mut make: impl FnMut(u8) -> vcpu::VcpuFn,
+        patience: Duration,
+    ) -> Result<(), VmError> {
+        let mut kicked = patience.is_zero();
+        for &i in &targets {
+            if kicked {
                 self.vcpus[i as usize].send(Command::With(make(i)));
             } else {
                 self.vcpus[i as usize].queue(Command::With(make(i)));
             }
         }
         let deadline = std::time::Instant::now() + patience;
-        let mut kicked = patience.is_zero();
-        let mut pending = live;
-        while !pending.is_empty() {
+        let mut pending = targets;
+        while let Some(&first) = pending.first() {
             let ev = if kicked {
                 self.next_event_spinning()
-                    .map_err(|_| VmError::VcpuGone(pending[0]))?
+                    .map_err(|_| VmError::VcpuGone(first))?
             } else {
                 match self.events.recv_deadline(deadline) {
                     Ok(ev) => ev,
@@ -573,14 +558,16 @@ impl Vm {
                         continue;
                     }
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        return Err(VmError::VcpuGone(pending[0]))
+                        return Err(VmError::VcpuGone(first))
                     }
                 }
             };
             self.note(&ev);
             match ev {
                 Event::Done { vcpu } => pending.retain(|v| *v != vcpu),
-                Event::Exited { vcpu, .. } => return Err(VmError::VcpuGone(vcpu)),
+                Event::Exited { vcpu, .. } if pending.contains(&vcpu) => {
+                    return Err(VmError::VcpuGone(vcpu))
+                }
                 _ => {}
             }
         }
